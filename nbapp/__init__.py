@@ -1,0 +1,59 @@
+"""nbapp: panoptic segmentation of organelles in electron microscopy.
+
+The public API is small; torch-backed names are imported on first use so that ``import nbapp``
+stays light.
+
+>>> import nbapp
+>>> nbapp.SliceParams().seg_threshold
+0.5
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from nbapp.errors import InputError, LabelOverflowError, ModelError, NbappError, ParameterError
+from nbapp.params import SliceParams
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "nbapp.models",
+    "Model": "nbapp.models",
+    "Engine": "nbapp.engine",
+    "SliceSegmenter": "nbapp.inference",
+    "segment_image": "nbapp.inference",
+    "segment_heads": "nbapp.postprocess",
+    "Heads": "nbapp.heads",
+    "read_image": "nbapp.io",
+    "write_labels": "nbapp.io",
+}
+
+__all__ = [
+    "Engine",
+    "Heads",
+    "InputError",
+    "LabelOverflowError",
+    "Model",
+    "ModelError",
+    "NbappError",
+    "ParameterError",
+    "SliceParams",
+    "SliceSegmenter",
+    "load_model",
+    "read_image",
+    "segment_heads",
+    "segment_image",
+    "write_labels",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nbapp' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

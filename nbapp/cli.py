@@ -1,0 +1,228 @@
+"""The ``nbapp`` command line: ``segment``, ``info``, ``evaluate``, ``train``.
+
+Every user error is one line on stderr, ``nbapp: error: ...``, and a non-zero exit; no output
+file is written unless the run completes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nbapp.errors import InputError, NbappError, ParameterError
+from nbapp.params import SliceParams
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``nbapp: error: ...``) instead of usage dumps."""
+
+    def error(self, message: str):  # noqa: D401 (argparse API)
+        raise NbappError(f"{message} (see {self.prog} --help)")
+
+
+def _add_2d_options(p: argparse.ArgumentParser) -> None:
+    d = SliceParams()
+    g = p.add_argument_group("2D inference (SPEC section 2)")
+    g.add_argument("--downsampling", type=int, default=d.downsampling, metavar="N",
+                   help="Image Downsampling: 1, 2, 4, ..., 64 (default %(default)s)")
+    g.add_argument("--seg-threshold", type=float, default=d.seg_threshold, metavar="F",
+                   help="Segmentation Confidence Threshold, 0.1-0.9 (default %(default)s)")
+    g.add_argument("--center-threshold", type=float, default=d.center_threshold, metavar="F",
+                   help="Center Confidence Threshold, 0.05-0.9 (default %(default)s)")
+    g.add_argument("--min-distance", type=int, default=d.min_distance, metavar="N",
+                   help="Centers Minimum Distance, 1-35 (default %(default)s)")
+    g.add_argument("--fine-boundaries", action="store_true",
+                   help="group pixels at full resolution instead of the 1/4 grid")
+    g.add_argument("--label-divisor", type=int, default=d.label_divisor, metavar="N",
+                   help="Max objects per class; 0 numbers objects 1..N (default %(default)s)")
+    g.add_argument("--semantic-only", action="store_true", help="no instances, classes only")
+    g.add_argument("--fill-holes", action="store_true", help="fill holes inside each instance")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nbapp", description="Panoptic segmentation of organelles in EM.")
+    from nbapp import __version__
+
+    parser.add_argument("--version", action="version", version=f"nbapp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    seg = sub.add_parser("segment", help="segment an image, a stack of images or a volume")
+    seg.add_argument("input", metavar="INPUT",
+                     help=".tif/.tiff, .npy, .zarr (array or OME-Zarr), .mrc, FILE.h5:dataset, .png")
+    seg.add_argument("-o", "--output", required=True, metavar="OUTPUT", help=".tif/.tiff or .zarr")
+    seg.add_argument("--model", default="default",
+                     help="'default', an empanada-format CONFIG.yaml or a TorchScript FILE.pth")
+    seg.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    seg.add_argument("--mode", choices=("2d", "batch", "3d"), default=None,
+                     help="2d (default for 2D input), batch (each slice of a stack on its own), 3d")
+    seg.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass")
+    _add_2d_options(seg)
+
+    info = sub.add_parser("info", help="describe a model")
+    info.add_argument("model", nargs="?", default="default", metavar="MODEL",
+                      help="'default', CONFIG.yaml or a TorchScript file")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--device", default="cpu")
+
+    ev = sub.add_parser("evaluate", help="compare predicted labels with ground truth")
+    ev.add_argument("pred", metavar="PRED")
+    ev.add_argument("gt", metavar="GT")
+    ev.add_argument("--json", action="store_true", help="print JSON")
+
+    try:
+        from nbapp import train as _train
+    except ImportError:  # the training module is optional in minimal installs
+        _train = None
+    if _train is not None and hasattr(_train, "add_arguments"):
+        tr = sub.add_parser("train", help="train a model on volumes with instance labels")
+        _train.add_arguments(tr)
+    return parser
+
+
+def _slice_params(args) -> SliceParams:
+    return SliceParams(
+        downsampling=args.downsampling,
+        seg_threshold=args.seg_threshold,
+        center_threshold=args.center_threshold,
+        min_distance=args.min_distance,
+        fine_boundaries=args.fine_boundaries,
+        label_divisor=args.label_divisor,
+        semantic_only=args.semantic_only,
+        fill_holes=args.fill_holes,
+        batch_mode=args.mode == "batch",
+    )
+
+
+def _cmd_segment(args) -> int:
+    from nbapp.io import READ_FORMATS, WRITE_FORMATS, read_image, split_h5_path, write_labels
+
+    params = _slice_params(args)
+    out = Path(args.output)
+    if out.suffix.lower() not in WRITE_FORMATS:
+        raise InputError(f"cannot write {str(out)!r}: OUTPUT must end with {' or '.join(WRITE_FORMATS)}")
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise InputError(f"output folder {str(out.parent)!r} does not exist")
+    if Path(split_h5_path(args.input)[0]).suffix.lower() not in READ_FORMATS:
+        raise InputError(f"cannot read {args.input!r}: use one of {', '.join(READ_FORMATS)}")
+    if args.batch_size < 1:
+        raise ParameterError(f"--batch-size must be >= 1, got {args.batch_size}")
+    image, meta = read_image(args.input)
+    image = np.asarray(image)
+    mode = args.mode
+    if image.ndim == 3 and image.shape[-1] in (3, 4) and min(image.shape[:2]) > 4:
+        raise InputError(f"{args.input} looks like an RGB(A) image of shape {image.shape}; "
+                         "save it as a single-channel grey image")
+    if image.ndim not in (2, 3):
+        raise InputError(f"{args.input} has shape {image.shape}: expected a 2D image (H, W) or "
+                         "a stack / volume (Z, Y, X)")
+    if mode is None:
+        mode = "2d" if image.ndim == 2 else None
+    if mode == "3d":
+        raise InputError("--mode 3d (volume inference with tracking and ortho-plane consensus) is "
+                         "not available in this version yet; use --mode batch to segment each "
+                         "slice on its own")
+    if mode is None:
+        raise InputError(f"{args.input} is a 3D stack of shape {image.shape}: use --mode batch to "
+                         "segment each slice as an unrelated 2D image (--mode 3d arrives later)")
+    if mode == "2d" and image.ndim != 2:
+        raise InputError(f"--mode 2d needs a 2D image, got shape {image.shape}; use --mode batch")
+
+    from nbapp.inference import SliceSegmenter
+
+    t0 = time.perf_counter()
+    seg = SliceSegmenter(args.model, device=args.device, cache_size=1, batch_size=args.batch_size)
+    t_load = time.perf_counter() - t0
+    if mode == "batch":
+        labels = seg.segment_batch(image if image.ndim == 3 else image[None], params)
+        n = sum(int(np.count_nonzero(np.unique(s))) for s in labels)
+    else:
+        labels = seg(image, params)
+        n = int(np.count_nonzero(np.unique(labels)))
+    write_labels(out, labels)
+    t = seg.timings
+    print(f"nbapp: wrote {out} {labels.shape} int32, {n} objects "
+          f"(model load {t_load:.2f} s, network {t.get('network_s', 0):.2f} s, "
+          f"post-processing {t.get('postprocess_s', 0):.2f} s)", file=sys.stderr)
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from nbapp.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    info = model.info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    cfg = model.config
+    print(f"{cfg.name}: {info['parameters']:,} parameters on {info['device']}")
+    print(f"  config:         {cfg.config_path or '(none)'}")
+    print(f"  weights:        {model.weights or '(in memory)'}")
+    print(f"  classes:        {', '.join(f'{k}={v}' for k, v in cfg.class_names.items())}")
+    print(f"  thing classes:  {list(cfg.thing_list)}")
+    print(f"  padding factor: {cfg.padding_factor}")
+    print(f"  norms:          mean {cfg.norms[0]:g}, std {cfg.norms[1]:g}")
+    if cfg.description:
+        print()
+        print(cfg.description)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from nbapp.io import read_image
+
+    try:
+        from nbapp import metrics
+    except ImportError:
+        raise NbappError("evaluation needs nbapp.metrics, which this installation lacks") from None
+    pred = np.asarray(read_image(args.pred)[0])
+    gt = np.asarray(read_image(args.gt)[0])
+    if pred.shape != gt.shape:
+        raise InputError(f"PRED has shape {pred.shape} but GT has shape {gt.shape}")
+    for name, a in (("PRED", pred), ("GT", gt)):
+        if not np.issubdtype(a.dtype, np.integer):
+            raise InputError(f"{name} must hold integer labels, got dtype {a.dtype}")
+    scores = metrics.evaluate(pred, gt)
+    if args.json:
+        print(json.dumps(scores, indent=2, default=float))
+    else:
+        for k, v in scores.items():
+            print(f"{k:>12}: {v:.4f}" if isinstance(v, float) else f"{k:>12}: {v}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``nbapp`` console script; returns the exit status."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        handler = {"segment": _cmd_segment, "info": _cmd_info, "evaluate": _cmd_evaluate}.get(
+            args.command)
+        if handler is None:
+            from nbapp import train
+
+            return int(train.run(args) or 0)
+        return handler(args)
+    except NbappError as exc:
+        print(f"nbapp: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print("nbapp: error: out of memory; use --downsampling or a smaller input", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nbapp: error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

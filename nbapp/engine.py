@@ -1,0 +1,142 @@
+"""The engine: the only place that runs the network (SPEC.md section 2, steps 1-3).
+
+numpy images in, :class:`~nbapp.heads.Heads` out. It resizes with anti-aliasing, normalises
+with the config's norms, pads to the padding factor, batches, runs the model under
+``torch.inference_mode()`` on one device and crops the outputs back.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nbapp.errors import InputError, ParameterError
+from nbapp.heads import Heads
+from nbapp.intensity import check_image_values, intensity_range, to_unit
+from nbapp.models.loader import Model, load_model
+from nbapp.params import DOWNSAMPLING_FACTORS
+
+__all__ = ["Engine"]
+
+
+class Engine:
+    """Runs a loaded model on batches of 2D images.
+
+    Parameters
+    ----------
+    model : Model, str or torch.nn.Module
+        Anything :func:`nbapp.load_model` accepts; loaded (and warmed up) once, here.
+    device : str, optional
+        Device for the model when ``model`` is not already a loaded :class:`Model`.
+    batch_size : int
+        Images per forward pass.
+
+    Examples
+    --------
+    >>> engine = Engine("default", device="cpu")              # doctest: +SKIP
+    >>> heads = engine.infer(image, downsampling=2)[0]       # doctest: +SKIP
+    """
+
+    def __init__(self, model="default", device=None, batch_size: int = 4):
+        self.model = model if isinstance(model, Model) and device is None else load_model(model, device)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ParameterError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def input_shape(self, shape: tuple, downsampling: int) -> tuple[int, int]:
+        """(H, W) of the model input (before padding) for an image of ``shape``."""
+        return math.ceil(shape[0] / downsampling), math.ceil(shape[1] / downsampling)
+
+    def check_image(self, images: np.ndarray, downsampling: int = 1) -> np.ndarray:
+        """Validate a (H, W) image or (N, H, W) stack; return it as (N, H, W)."""
+        arr = np.asarray(images)
+        if arr.ndim not in (2, 3):
+            raise InputError(f"expected a 2D image (H, W) or a stack (N, H, W), got shape {arr.shape}")
+        check_image_values(arr)
+        if arr.ndim == 2:
+            arr = arr[None]
+        if downsampling not in DOWNSAMPLING_FACTORS:
+            raise ParameterError(f"downsampling must be one of {DOWNSAMPLING_FACTORS}, got {downsampling!r}")
+        hd, wd = self.input_shape(arr.shape[1:], downsampling)
+        pf = self.model.config.padding_factor
+        if min(hd, wd) < pf:
+            raise InputError(
+                f"image of {arr.shape[1]}x{arr.shape[2]} pixels is too small: after downsampling by "
+                f"{downsampling} it is {hd}x{wd}, smaller than the model's padding factor {pf}; "
+                "use a larger image or less downsampling"
+            )
+        return arr
+
+    def infer(self, images: np.ndarray, downsampling: int = 1, fine_boundaries: bool = False,
+              intensity: tuple | None = None) -> list[Heads]:
+        """Network outputs for each image of a (H, W) image or an (N, H, W) stack.
+
+        Parameters
+        ----------
+        images : (H, W) or (N, H, W) array
+            Grey-level images (any integer or float dtype).
+        downsampling : int
+            Reduce the image by this factor before the model (1, 2, 4, ..., 64).
+        fine_boundaries : bool
+            Ask the model for centre and offset maps at full input resolution.
+        intensity : (lo, hi) or (lo, hi, note), optional
+            Grey values mapped to 0 and 1. Default: :func:`nbapp.intensity.intensity_range`
+            of all the given images together (pass one range for all slices of a volume).
+        """
+        arr = self.check_image(images, downsampling)
+        if intensity is None:
+            intensity = intensity_range(arr)
+        lo, hi = float(intensity[0]), float(intensity[1])
+        note = intensity[2] if len(intensity) > 2 else f"given range {lo:g}-{hi:g}"
+        out: list[Heads] = []
+        for start in range(0, arr.shape[0], self.batch_size):
+            t0 = time.perf_counter()
+            batch = self._forward(arr[start : start + self.batch_size], lo, hi, downsampling,
+                                  fine_boundaries)
+            per_image = (time.perf_counter() - t0) / len(batch)
+            for sem, ctr, off in batch:
+                meta = {"intensity": note, "intensity_range": (lo, hi), "network_s": per_image,
+                        "model": self.model.config.name, "device": str(self.device)}
+                out.append(Heads(sem, ctr, off, downsampling, 1 if fine_boundaries else 4, meta))
+        return out
+
+    def _forward(self, batch: np.ndarray, lo: float, hi: float, ds: int, fine: bool) -> list:
+        cfg = self.model.config
+        n, hgt, wid = batch.shape
+        hd, wd = self.input_shape((hgt, wid), ds)
+        multiple = math.lcm(cfg.padding_factor, 4)
+        hp, wp = -(-hd // multiple) * multiple, -(-wd // multiple) * multiple
+        mean, std = cfg.norms
+        dev = self.device
+        with torch.inference_mode():
+            x = torch.from_numpy(to_unit(batch, lo, hi))[:, None]
+            x = x.to(dev) if dev.type != "mps" or ds == 1 else x
+            if ds > 1:
+                x = F.interpolate(x, size=(hd, wd), mode="bilinear", antialias=True, align_corners=False)
+                x = x.to(dev)
+            x = (x - mean) / std
+            x = F.pad(x, (0, wp - wd, 0, hp - hd))
+            res = self.model(x, render_steps=2 + int(math.log2(ds)), interpolate_ins=fine)
+            logits = res["sem_logits"].float()
+            s = logits.shape[-2] // hp
+            logits = logits[..., : hd * s, : wd * s]
+            prob = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+            if (hd * s, wd * s) != (hgt, wid):
+                if s == ds:
+                    prob = prob[..., :hgt, :wid]
+                else:
+                    prob = F.interpolate(prob, size=(hgt, wid), mode="bilinear", align_corners=False)
+            g = 1 if fine else 4
+            gh, gw = -(-hd // g), -(-wd // g)
+            ctr = res["ctr_hmp"][:, 0, :gh, :gw].float()
+            off = res["offsets"][:, :, :gh, :gw].float()
+            prob, ctr, off = (t.cpu().numpy() for t in (prob, ctr, off))
+        return [(np.array(prob[i]), np.array(ctr[i]), np.array(off[i])) for i in range(n)]

@@ -1,0 +1,223 @@
+"""Empanada-format model configs (YAML) and the download cache for model files.
+
+A config names the classes, the TorchScript file (local path or URL), the padding factor and
+the intensity normalisation. MitoNet_v1.yaml, MitoNet_v1_mini.yaml and user-made configs in that
+format load unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from nbapp.errors import ModelError
+
+__all__ = ["ModelConfig", "read_config", "cache_dir", "fetch"]
+
+REQUIRED_FIELDS = ("class_names", "labels", "thing_list", "model", "padding_factor", "norms")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What nbapp knows about a model besides its weights.
+
+    Attributes
+    ----------
+    name : str
+        Short name (the YAML's file stem, or the model file's stem).
+    class_names : dict of int to str
+        Semantic class ids and names (background 0 is implicit).
+    labels : tuple of int
+        Class ids the model predicts.
+    thing_list : tuple of int
+        Classes with instances; the others are "stuff".
+    model : str
+        Path or URL of the TorchScript file.
+    padding_factor : int
+        Input height and width must be multiples of this.
+    norms : tuple of (float, float)
+        (mean, std) of intensities, as fractions of the intensity range.
+    description : str
+        Free text from the config.
+    config_path : str or None
+        The YAML the config came from.
+    model_quantized : str or None
+        Optional quantized model path or URL.
+    sha256 : str or None
+        Expected SHA-256 of the model file, if the config gives one.
+    """
+
+    name: str
+    class_names: dict = field(default_factory=lambda: {1: "mito"})
+    labels: tuple = (1,)
+    thing_list: tuple = (1,)
+    model: str = ""
+    padding_factor: int = 16
+    norms: tuple = (0.57571, 0.12765)
+    description: str = ""
+    config_path: str | None = None
+    model_quantized: str | None = None
+    sha256: str | None = None
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.model, self.config_path, self.padding_factor, self.norms))
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "class_names": {int(k): str(v) for k, v in self.class_names.items()},
+            "labels": list(self.labels),
+            "thing_list": list(self.thing_list),
+            "model": self.model,
+            "padding_factor": self.padding_factor,
+            "norms": {"mean": self.norms[0], "std": self.norms[1]},
+            "description": self.description,
+            "config": self.config_path,
+        }
+
+
+def _fail(path, msg: str) -> ModelError:
+    return ModelError(f"model config {path}: {msg}")
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """Read and check an empanada-format YAML config.
+
+    Relative model paths are resolved against the YAML's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise _fail(path, f"is not valid YAML ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(raw, dict):
+        raise _fail(path, f"must be a mapping of fields, got {type(raw).__name__}")
+    missing = [f for f in REQUIRED_FIELDS if f not in raw]
+    if missing:
+        raise _fail(path, f"missing required field(s): {', '.join(missing)} "
+                          f"(an empanada config needs {', '.join(REQUIRED_FIELDS)})")
+    class_names = raw["class_names"]
+    if not isinstance(class_names, dict) or not class_names:
+        raise _fail(path, "class_names must be a non-empty mapping {id: name}")
+    try:
+        class_names = {int(k): str(v) for k, v in class_names.items()}
+        labels = tuple(int(v) for v in raw["labels"])
+        thing_list = tuple(int(v) for v in (raw["thing_list"] or ()))
+    except (TypeError, ValueError):
+        raise _fail(path, "class_names keys, labels and thing_list must be integer class ids") from None
+    if not labels:
+        raise _fail(path, "labels must list at least one class id")
+    unknown = [t for t in thing_list if t not in labels]
+    if unknown:
+        raise _fail(path, f"thing_list has classes {unknown} that are not in labels {list(labels)}")
+    pf = raw["padding_factor"]
+    if isinstance(pf, bool) or not isinstance(pf, int) or pf < 1:
+        raise _fail(path, f"padding_factor must be a positive integer, got {pf!r}")
+    norms = raw["norms"]
+    if not isinstance(norms, dict) or "mean" not in norms or "std" not in norms:
+        raise _fail(path, "norms must be a mapping with 'mean' and 'std'")
+    try:
+        mean, std = float(norms["mean"]), float(norms["std"])
+    except (TypeError, ValueError):
+        raise _fail(path, f"norms mean and std must be numbers, got {norms!r}") from None
+    if not std > 0:
+        raise _fail(path, f"norms std must be > 0, got {std}")
+    model = raw["model"]
+    if not isinstance(model, str) or not model:
+        raise _fail(path, "model must be a path or URL of a TorchScript file")
+    quant = raw.get("model_quantized")
+    return ModelConfig(
+        name=path.stem,
+        class_names=class_names,
+        labels=labels,
+        thing_list=thing_list,
+        model=_resolve(model, path.parent),
+        padding_factor=pf,
+        norms=(mean, std),
+        description=str(raw.get("description") or "").strip(),
+        config_path=str(path.resolve()),
+        model_quantized=_resolve(quant, path.parent) if isinstance(quant, str) and quant else None,
+        sha256=raw.get("sha256"),
+    )
+
+
+def _is_url(s: str) -> bool:
+    return urllib.parse.urlparse(s).scheme in ("http", "https", "ftp", "file")
+
+
+def _resolve(model: str, base: Path) -> str:
+    if _is_url(model):
+        return model
+    p = Path(os.path.expanduser(model))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def cache_dir() -> Path:
+    """Where downloaded model files live: ``$NBAPP_CACHE`` or ``~/.cache/nbapp``."""
+    return Path(os.environ.get("NBAPP_CACHE") or Path.home() / ".cache" / "nbapp")
+
+
+def fetch(location: str, sha256: str | None = None, progress: bool = True) -> Path:
+    """Return a local path for ``location``; download a URL once into :func:`cache_dir`.
+
+    The cached file's SHA-256 is recorded beside it (``.sha256``) and checked against
+    ``sha256`` when given. A download goes to a temporary file that is renamed when complete,
+    so an interrupted download never looks cached.
+    """
+    if not _is_url(location):
+        p = Path(location)
+        if not p.is_file():
+            raise ModelError(f"model file {p} does not exist")
+        return p
+    parsed = urllib.parse.urlparse(location)
+    name = Path(urllib.parse.unquote(parsed.path)).name or "model.pt"
+    key = hashlib.sha256(location.encode()).hexdigest()[:16]
+    target = cache_dir() / key / name
+    record = target.with_name(target.name + ".sha256")
+    if target.is_file() and record.is_file():
+        digest = json.loads(record.read_text())["sha256"]
+        if sha256 and digest != sha256:
+            raise ModelError(f"cached {target} has SHA-256 {digest}, the config expects {sha256}; "
+                             f"delete {target.parent} to download it again")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                resp = urllib.request.urlopen(location, timeout=30)  # noqa: S310 (http/file only)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"cannot download model from {location}: {exc} "
+                                 "(offline? download it by hand and give the local path)") from None
+            with resp:
+                total = int(resp.headers.get("Content-Length") or 0) or None
+                from tqdm.auto import tqdm
+
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}",
+                          disable=not progress) as bar:
+                    while chunk := resp.read(1 << 20):
+                        out.write(chunk)
+                        h.update(chunk)
+                        bar.update(len(chunk))
+        digest = h.hexdigest()
+        if sha256 and digest != sha256:
+            raise ModelError(f"download of {location} has SHA-256 {digest}, "
+                             f"the config expects {sha256}")
+        shutil.move(tmp, target)
+        record.write_text(json.dumps({"url": location, "sha256": digest}))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

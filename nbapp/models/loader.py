@@ -1,0 +1,270 @@
+"""One loader for every kind of model: the shipped default, empanada YAML configs, TorchScript
+files and in-memory ``nn.Module`` objects. It always returns an eval-mode :class:`Model` that
+knows its config and checks the model contract on first use.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from nbapp.errors import ModelError
+from nbapp.models.config import ModelConfig, fetch, read_config
+
+__all__ = ["Model", "load_model", "resolve_device", "default_config_path", "check_outputs"]
+
+_EXTRA_CONFIG = "nbapp_config.yaml"
+
+
+def default_config_path() -> Path:
+    """Path of the YAML config of the model shipped inside the package."""
+    return Path(__file__).resolve().parent / "default" / "nbapp_mito.yaml"
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """Check a device name and return it; ``None`` picks CUDA, then MPS, then CPU.
+
+    Raises :class:`ModelError` naming the problem for unknown or unavailable devices.
+    """
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ModelError(f"device {device!r} requested but no CUDA GPU is available; use cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ModelError(f"device {device!r} requested but only {n} CUDA device(s) exist")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelError("device 'mps' requested but Apple MPS is not available; use cpu")
+    elif dev.type != "cpu":
+        raise ModelError(f"unsupported device {device!r}: use cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def check_outputs(out, x_shape: tuple, render_steps: int, interpolate_ins: bool) -> None:
+    """Raise :class:`ModelError` unless ``out`` honours the model contract for input ``x_shape``.
+
+    Expected: a dict with "sem_logits" (N, C, H*s, W*s) for s a power of two up to
+    2**(render_steps - 2) (at least input size), "ctr_hmp" (N, 1, h, w) and "offsets"
+    (N, 2, h, w) with (h, w) = (H, W) if ``interpolate_ins`` else (H/4, W/4).
+    """
+    n, _, hgt, wid = x_shape
+    if not isinstance(out, dict):
+        raise ModelError(
+            "model must return a dict with keys 'sem_logits', 'ctr_hmp', 'offsets'; "
+            f"got {type(out).__name__}"
+        )
+    missing = [k for k in ("sem_logits", "ctr_hmp", "offsets") if k not in out]
+    if missing:
+        raise ModelError(f"model output is missing key(s) {missing}; expected 'sem_logits', "
+                         f"'ctr_hmp', 'offsets', got {sorted(out)}")
+    for k in ("sem_logits", "ctr_hmp", "offsets"):
+        if not isinstance(out[k], torch.Tensor) or out[k].ndim != 4:
+            got = tuple(out[k].shape) if isinstance(out[k], torch.Tensor) else type(out[k]).__name__
+            raise ModelError(f"model output {k!r} must be a 4D tensor (N, C, H, W), got {got}")
+    sem = out["sem_logits"]
+    sn, sc, sh, sw = sem.shape
+    scale = sh / hgt
+    max_scale = 2 ** max(render_steps - 2, 0)
+    if sn != n or sc < 1 or sh * wid != sw * hgt or scale < 1 or scale > max_scale or (
+        scale != int(scale) or int(scale) & (int(scale) - 1)
+    ):
+        raise ModelError(
+            f"model output 'sem_logits' has shape {tuple(sem.shape)}; expected ({n}, C, {hgt}*s, "
+            f"{wid}*s) with s a power of two <= {max_scale} for input {tuple(x_shape)}"
+        )
+    gh, gw = (hgt, wid) if interpolate_ins else (hgt // 4, wid // 4)
+    for k, c in (("ctr_hmp", 1), ("offsets", 2)):
+        if tuple(out[k].shape) != (n, c, gh, gw):
+            raise ModelError(
+                f"model output {k!r} has shape {tuple(out[k].shape)}; expected {(n, c, gh, gw)} "
+                f"for input {tuple(x_shape)} with interpolate_ins={interpolate_ins}"
+            )
+
+
+class Model:
+    """An eval-mode segmentation model with its config, on one device.
+
+    Call it like the raw model: ``model(x, render_steps, interpolate_ins)``; the first call for
+    each ``interpolate_ins`` value checks the outputs against the contract.
+
+    Attributes
+    ----------
+    config : ModelConfig
+    module : torch.nn.Module
+    device : torch.device
+    weights : str or None
+        Path of the file the weights came from.
+    """
+
+    def __init__(self, module: torch.nn.Module, config: ModelConfig, device: torch.device,
+                 weights: str | None = None):
+        self.module = module.eval()
+        self.config = config
+        self.device = device
+        self.weights = weights
+        self._checked: set = set()
+
+    @property
+    def parameters(self) -> int:
+        """Number of parameters of the network."""
+        return int(sum(p.numel() for p in self.module.parameters()))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.config.labels)
+
+    def __call__(self, x: torch.Tensor, render_steps: int = 2, interpolate_ins: bool = True) -> dict:
+        try:
+            out = self.module(x, render_steps=render_steps, interpolate_ins=interpolate_ins)
+        except (RuntimeError, TypeError) as exc:
+            if interpolate_ins in self._checked:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"model {self.config.name!r} failed on an input of shape {tuple(x.shape)} "
+                f"(it must accept (x, render_steps: int, interpolate_ins: bool)): {first}"
+            ) from None
+        if interpolate_ins not in self._checked:
+            check_outputs(out, tuple(x.shape), render_steps, interpolate_ins)
+            self._checked.add(interpolate_ins)
+        return out
+
+    def to(self, device) -> "Model":
+        """Return this model on ``device`` (a new wrapper sharing nothing mutable)."""
+        dev = resolve_device(device)
+        if dev == self.device:
+            return self
+        return Model(_copy_module(self.module).to(dev), self.config, dev, self.weights)
+
+    def info(self) -> dict:
+        """Description as a JSON-able dict (what ``nbapp info --json`` prints)."""
+        d = self.config.to_dict()
+        d.update(weights=self.weights, parameters=self.parameters, device=str(self.device),
+                 classes=[self.config.class_names.get(c, str(c)) for c in self.config.labels])
+        return d
+
+    def warm_up(self) -> None:
+        """Run one small forward pass (checks the contract, primes kernels and allocators)."""
+        side = max(self.config.padding_factor, 64)
+        side = -(-side // self.config.padding_factor) * self.config.padding_factor
+        x = torch.zeros((1, 1, side, side), device=self.device)
+        with torch.inference_mode():
+            self(x, render_steps=2, interpolate_ins=False)
+
+    def __repr__(self) -> str:
+        return (f"Model({self.config.name!r}, parameters={self.parameters:,}, "
+                f"device={str(self.device)!r})")
+
+
+def _copy_module(module: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(module, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(module, buf)
+        buf.seek(0)
+        return torch.jit.load(buf, map_location="cpu")
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def _load_torchscript(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict | None]:
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path} is not a TorchScript model file (not a zip archive); "
+                         "export the model with torch.jit.script(...).save(path)")
+    extra = {_EXTRA_CONFIG: ""}
+    try:
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except (RuntimeError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path} is not a loadable TorchScript model ({msg}); a plain state "
+                         "dict needs its architecture: export with torch.jit.script") from None
+    cfg = None
+    if extra[_EXTRA_CONFIG]:
+        cfg = yaml.safe_load(extra[_EXTRA_CONFIG])
+    return module, cfg
+
+
+def _config_for_file(path: Path, embedded: dict | None) -> ModelConfig:
+    for ext in (".yaml", ".yml"):
+        sibling = path.with_suffix(ext)
+        if sibling.is_file():
+            return read_config(sibling)
+    if embedded:
+        norms = embedded.get("norms", {})
+        return ModelConfig(
+            name=path.stem,
+            class_names={int(k): str(v) for k, v in embedded.get("class_names", {1: "mito"}).items()},
+            labels=tuple(int(v) for v in embedded.get("labels", (1,))),
+            thing_list=tuple(int(v) for v in embedded.get("thing_list", (1,))),
+            model=str(path),
+            padding_factor=int(embedded.get("padding_factor", 16)),
+            norms=(float(norms.get("mean", 0.57571)), float(norms.get("std", 0.12765))),
+            description=str(embedded.get("description", "")).strip(),
+        )
+    return ModelConfig(
+        name=path.stem,
+        model=str(path),
+        description="TorchScript model without a config: assumed one thing class (1), "
+                    "padding factor 16 and MitoNet's intensity norms.",
+    )
+
+
+def load_model(spec="default", device=None, warm_up: bool = True) -> Model:
+    """Load a segmentation model and return it in eval mode on ``device``.
+
+    Parameters
+    ----------
+    spec : str, path, Model or torch.nn.Module
+        ``"default"`` (the model shipped with nbapp), an empanada-format ``.yaml`` config (its
+        ``model`` may be a URL, downloaded once into the cache), a TorchScript file (a config
+        beside it with the same stem is used when present), a :class:`Model`, or a module.
+    device : str or torch.device, optional
+        ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; default: the first GPU, else CPU.
+    warm_up : bool
+        Run one small forward pass now (checks the contract; later calls are fast).
+    """
+    dev = resolve_device(device)
+    if isinstance(spec, Model):
+        return spec.to(dev)
+    if isinstance(spec, torch.nn.Module):
+        name = type(spec).__name__
+        model = Model(spec.to(dev), ModelConfig(name=name, description=f"in-memory {name}"), dev)
+    else:
+        if not isinstance(spec, (str, os.PathLike)):
+            raise ModelError(f"model must be 'default', a path or a torch module, got {type(spec).__name__}")
+        if str(spec) == "default":
+            spec = default_config_path()
+            if not spec.is_file():
+                raise ModelError(f"the default model is missing from this installation ({spec})")
+        path = Path(spec)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            config = read_config(path)
+            weights = fetch(config.model, config.sha256)
+            module, _ = _load_torchscript(Path(weights), dev)
+            model = Model(module, config, dev, str(weights))
+        else:
+            if not path.exists():
+                raise ModelError(f"model {str(spec)!r} does not exist: give 'default', a .yaml "
+                                 "config or a TorchScript file")
+            module, embedded = _load_torchscript(path, dev)
+            model = Model(module, _config_for_file(path, embedded), dev, str(path))
+    if warm_up:
+        model.warm_up()
+    return model

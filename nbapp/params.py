@@ -1,0 +1,123 @@
+"""Frozen, validated parameter sets shared by the API, the CLI, the app and the tests.
+
+Names, defaults and ranges follow SPEC.md (the empanada-napari widget's meanings). Objects are
+immutable, hashable (usable as cache keys, safe to hand to threads) and changed with
+:func:`dataclasses.replace`.
+
+>>> p = SliceParams(seg_threshold=0.6)
+>>> p.center_threshold
+0.1
+>>> import dataclasses
+>>> dataclasses.replace(p, min_distance=5).min_distance
+5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from nbapp.errors import ParameterError
+
+__all__ = ["SliceParams", "DOWNSAMPLING_FACTORS", "NETWORK_FIELDS", "LABELS"]
+
+DOWNSAMPLING_FACTORS = (1, 2, 4, 8, 16, 32, 64)
+
+#: Fields of SliceParams that change what the network sees (a change re-runs the model).
+NETWORK_FIELDS = ("downsampling", "fine_boundaries")
+
+#: The visible label of each parameter (empanada-napari's widget wording).
+LABELS = {
+    "downsampling": "Image Downsampling",
+    "seg_threshold": "Segmentation Confidence Threshold",
+    "center_threshold": "Center Confidence Threshold",
+    "min_distance": "Centers Minimum Distance",
+    "fine_boundaries": "Fine boundaries",
+    "label_divisor": "Max objects per class",
+    "semantic_only": "Semantic only",
+    "fill_holes": "Fill holes in segmentation",
+    "batch_mode": "Batch mode",
+}
+
+
+def _check_range(name: str, value, lo, hi, kind=float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        kind is int and not float(value).is_integer()
+    ):
+        raise ParameterError(
+            f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+        )
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ParameterError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ParameterError(f"{name} must be True or False, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SliceParams:
+    """Parameters of 2D inference (one image or one slice), SPEC.md section 2.
+
+    Parameters
+    ----------
+    downsampling : int
+        The image is resized by 1/downsampling before the model; one of 1, 2, 4, ..., 64.
+    seg_threshold : float
+        Segmentation Confidence Threshold, 0.1-0.9: sigmoid probability >= threshold is
+        foreground (ignored by multi-class models, which use argmax).
+    center_threshold : float
+        Center Confidence Threshold, 0.05-0.9: a centre must have heat-map value > threshold.
+    min_distance : int
+        Centers Minimum Distance, 1-35: NMS window on the heat-map grid (1 disables NMS).
+    fine_boundaries : bool
+        Group pixels at full input resolution instead of the 1/4 grid.
+    label_divisor : int
+        Max objects per class: panoptic id = class * label_divisor + instance. 0 numbers all
+        objects 1..N.
+    semantic_only : bool
+        Skip instances: every foreground pixel gets its class id.
+    fill_holes : bool
+        Fill holes inside each instance (using only that instance's mask).
+    batch_mode : bool
+        Treat a stack as unrelated 2D images, each inferred on its own.
+    """
+
+    downsampling: int = 1
+    seg_threshold: float = 0.5
+    center_threshold: float = 0.1
+    min_distance: int = 3
+    fine_boundaries: bool = False
+    label_divisor: int = 10000
+    semantic_only: bool = False
+    fill_holes: bool = False
+    batch_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if self.downsampling not in DOWNSAMPLING_FACTORS or isinstance(self.downsampling, bool):
+            raise ParameterError(
+                f"downsampling must be one of {DOWNSAMPLING_FACTORS}, got {self.downsampling!r}"
+            )
+        _check_range("seg_threshold", self.seg_threshold, 0.1, 0.9)
+        _check_range("center_threshold", self.center_threshold, 0.05, 0.9)
+        _check_range("min_distance", self.min_distance, 1, 35, int)
+        _check_range("label_divisor", self.label_divisor, 0, 2**31 - 1, int)
+        for name in ("fine_boundaries", "semantic_only", "fill_holes", "batch_mode"):
+            _check_bool(name, getattr(self, name))
+        # Normalise numeric types so that equal values give equal cache keys.
+        object.__setattr__(self, "downsampling", int(self.downsampling))
+        object.__setattr__(self, "min_distance", int(self.min_distance))
+        object.__setattr__(self, "label_divisor", int(self.label_divisor))
+        object.__setattr__(self, "seg_threshold", float(self.seg_threshold))
+        object.__setattr__(self, "center_threshold", float(self.center_threshold))
+
+    @property
+    def network_key(self) -> tuple:
+        """The part of the parameters that the network outputs depend on."""
+        return (self.downsampling, self.fine_boundaries)
+
+    def replace(self, **changes) -> "SliceParams":
+        """Return a copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
