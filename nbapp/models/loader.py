@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -190,7 +191,11 @@ def _load_torchscript(path: Path, device: torch.device) -> tuple[torch.nn.Module
                          "export the model with torch.jit.script(...).save(path)")
     extra = {_EXTRA_CONFIG: ""}
     try:
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        with warnings.catch_warnings():
+            # TorchScript is deprecated in torch >= 2.10 but it is the MitoNet / empanada format
+            warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated",
+                                    category=DeprecationWarning)
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except (RuntimeError, ValueError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path} is not a loadable TorchScript model ({msg}); a plain state "

@@ -1,0 +1,212 @@
+"""Model configs (empanada YAML), the download cache, loading and the model contract."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+
+import pytest
+import torch
+from models import BadNet, TinyNet
+
+from nbapp import ModelError
+from nbapp.models import fetch, load_model, read_config, resolve_device
+
+MITONET_LIKE = """\
+class_names:
+  1: mito
+description: |
+  MitoNet-like config for tests.
+labels: [1]
+model: {model}
+model_quantized: https://example.org/never_used_quantized.pth
+norms: {{mean: 0.57571, std: 0.12765}}
+padding_factor: 16
+thing_list: [1]
+"""
+
+
+@pytest.fixture
+def scripted(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.jit.script(TinyNet()).save(str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NBAPP_CACHE", str(tmp_path / "cache"))
+
+
+def test_mitonet_style_config_loads_unchanged(tmp_path, scripted):
+    cfg_path = tmp_path / "MitoNet_like.yaml"
+    cfg_path.write_text(MITONET_LIKE.format(model="tiny.pt"))
+    cfg = read_config(cfg_path)
+    assert cfg.name == "MitoNet_like"
+    assert cfg.class_names == {1: "mito"} and cfg.labels == (1,) and cfg.thing_list == (1,)
+    assert cfg.padding_factor == 16 and cfg.norms == (0.57571, 0.12765)
+    assert cfg.model == str(scripted.resolve())  # relative to the YAML's folder
+    assert cfg.description.startswith("MitoNet-like")
+
+
+@pytest.mark.parametrize("missing", ["class_names", "labels", "thing_list", "model",
+                                     "padding_factor", "norms"])
+def test_missing_required_field_is_named(tmp_path, missing):
+    text = "\n".join(line for line in MITONET_LIKE.format(model="m.pt").splitlines()
+                     if not line.startswith(missing) and not (missing == "class_names" and "mito" in line))
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ModelError, match=f"missing required field.*{missing}"):
+        read_config(p)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: [1, 2\n", "not valid YAML"),
+    ("- just\n- a list\n", "must be a mapping"),
+    (MITONET_LIKE.format(model="m.pt").replace("thing_list: [1]", "thing_list: [2]"), "not in labels"),
+    (MITONET_LIKE.format(model="m.pt").replace("padding_factor: 16", "padding_factor: -2"), "padding_factor"),
+    (MITONET_LIKE.format(model="m.pt").replace("std: 0.12765", "std: 0"), "std must be > 0"),
+    (MITONET_LIKE.format(model="m.pt").replace("{mean: 0.57571, std: 0.12765}", "[1, 2]"), "norms must be"),
+    (MITONET_LIKE.format(model="m.pt").replace("labels: [1]", "labels: [mito]"), "integer class ids"),
+    (MITONET_LIKE.format(model="m.pt").replace("labels: [1]", "labels: []"), "at least one"),
+    (MITONET_LIKE.format(model="m.pt").replace("  1: mito\n", "").replace("class_names:", "class_names: {}"),
+     "class_names must be"),
+    (MITONET_LIKE.format(model="''"), "model must be a path or URL"),
+    (MITONET_LIKE.format(model="m.pt").replace("std: 0.12765", "std: abc"), "must be numbers"),
+])
+def test_bad_configs_say_what_is_wrong(tmp_path, text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ModelError, match=message):
+        read_config(p)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        read_config(tmp_path / "nope.yaml")
+
+
+def test_url_is_downloaded_once_with_hash_recorded(tmp_path, scripted):
+    url = scripted.resolve().as_uri()
+    first = fetch(url, progress=False)
+    digest = hashlib.sha256(scripted.read_bytes()).hexdigest()
+    record = json.loads(first.with_name(first.name + ".sha256").read_text())
+    assert record == {"url": url, "sha256": digest}
+    scripted.unlink()  # the source is gone: a second fetch must come from the cache
+    assert fetch(url, digest, progress=False) == first
+    assert not list(first.parent.glob("*.part"))
+
+
+def test_download_hash_mismatch_is_an_error_and_leaves_nothing(tmp_path, scripted):
+    with pytest.raises(ModelError, match="SHA-256"):
+        fetch(scripted.resolve().as_uri(), sha256="0" * 64, progress=False)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_cached_file_with_other_hash_is_an_error(scripted):
+    url = scripted.resolve().as_uri()
+    fetch(url, progress=False)
+    with pytest.raises(ModelError, match="delete"):
+        fetch(url, sha256="f" * 64, progress=False)
+
+
+def test_unreachable_url_is_a_clear_error():
+    with pytest.raises(ModelError, match="cannot download.*offline"):
+        fetch("http://127.0.0.1:9/MitoNet_v1.pth", progress=False)
+
+
+def test_missing_local_model_file(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        fetch(str(tmp_path / "none.pt"))
+
+
+def test_yaml_with_url_loads_through_cache(tmp_path, scripted):
+    cfg = tmp_path / "remote.yaml"
+    cfg.write_text(MITONET_LIKE.format(model=scripted.resolve().as_uri()))
+    model = load_model(cfg, device="cpu")
+    assert model.weights.startswith(str(tmp_path / "cache"))
+    info = model.info()
+    assert info["name"] == "remote" and info["classes"] == ["mito"]
+    assert info["parameters"] == sum(p.numel() for p in TinyNet().parameters())
+    assert not model.module.training
+
+
+def test_torchscript_file_without_config_gets_documented_defaults(scripted):
+    model = load_model(scripted, device="cpu")
+    assert model.config.name == "tiny" and model.config.padding_factor == 16
+    assert "without a config" in model.config.description
+
+
+def test_torchscript_file_uses_sibling_yaml(tmp_path, scripted):
+    (tmp_path / "tiny.yaml").write_text(MITONET_LIKE.format(model="tiny.pt").replace("16", "32"))
+    assert load_model(scripted, device="cpu").config.padding_factor == 32
+
+
+def test_config_embedded_in_torchscript(tmp_path):
+    path = tmp_path / "emb.pt"
+    torch.jit.save(torch.jit.script(TinyNet()), str(path), _extra_files={
+        "nbapp_config.yaml": "class_names: {1: mito}\nlabels: [1]\nthing_list: [1]\n"
+                             "padding_factor: 32\nnorms: {mean: 0.5, std: 0.2}\ndescription: hi\n"})
+    cfg = load_model(path, device="cpu").config
+    assert (cfg.padding_factor, cfg.norms, cfg.description) == (32, (0.5, 0.2), "hi")
+
+
+def test_module_is_wrapped_in_eval_mode():
+    net = TinyNet().train()
+    model = load_model(net, device="cpu")
+    assert not model.module.training and model.device == torch.device("cpu")
+    assert load_model(model, device="cpu") is model
+
+
+@pytest.mark.parametrize("content", [b"not a model at all", b"PK\x03\x04 truncated zip"])
+def test_junk_model_files(tmp_path, content):
+    p = tmp_path / "junk.pth"
+    p.write_bytes(content)
+    with pytest.raises(ModelError, match="TorchScript"):
+        load_model(p, device="cpu")
+
+
+def test_zip_that_is_not_torchscript(tmp_path):
+    p = tmp_path / "weights.pth"
+    torch.save({"w": torch.zeros(2)}, p)  # a plain state dict (also a zip)
+    assert zipfile.is_zipfile(p)
+    with pytest.raises(ModelError, match="not a loadable TorchScript"):
+        load_model(p, device="cpu")
+
+
+def test_unknown_specs():
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model("no_such_model", device="cpu")
+    with pytest.raises(ModelError, match="must be 'default'"):
+        load_model(42, device="cpu")
+
+
+@pytest.mark.parametrize("how, message", [
+    ("keys", r"missing key\(s\) \['offsets'\]"),
+    ("tensor", "must return a dict"),
+    ("ctr_shape", r"'ctr_hmp' has shape .*expected \(1, 1, 16, 16\)"),
+    ("sem_shape", "'sem_logits' has shape"),
+    ("offsets_channels", r"'offsets' has shape \(1, 3, 16, 16\)"),
+    ("signature", r"must accept \(x, render_steps"),
+])
+def test_contract_violations_are_named_on_first_use(how, message):
+    with pytest.raises(ModelError, match=message):
+        load_model(BadNet(how), device="cpu")  # warm-up checks the contract
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:7", "CUDA"), ("foo", "unknown device"), ("mps", "MPS"), ("meta", "unsupported device")])
+def test_bad_devices(device, message):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("MPS is available here")
+    with pytest.raises(ModelError, match=message):
+        resolve_device(device)
+
+
+def test_default_device_is_cpu_without_gpus():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert resolve_device(None).type in ("cpu", "mps")
