@@ -6,7 +6,7 @@ these heads exactly must give back the labels it was made from.
 >>> import numpy as np
 >>> lab = np.zeros((9, 9), np.int32); lab[2:5, 2:5] = 7
 >>> t = panoptic_targets(lab, sigma=1.0)
->>> float(t.heatmap[3, 3]), t.semantic[3, 3], t.offsets[:, 2, 2].tolist()
+>>> float(t.heatmap[3, 3]), int(t.semantic[3, 3]), t.offsets[:, 2, 2].tolist()
 (1.0, 1, [1.0, 1.0])
 """
 
