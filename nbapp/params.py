@@ -20,9 +20,14 @@ from dataclasses import dataclass
 
 from nbapp.errors import ParameterError
 
-__all__ = ["SliceParams", "DOWNSAMPLING_FACTORS", "NETWORK_FIELDS", "LABELS"]
+__all__ = [
+    "SliceParams", "ConsensusParams", "VolumeParams", "DOWNSAMPLING_FACTORS", "NETWORK_FIELDS",
+    "LABELS", "PLANES", "MEDIAN_SIZES",
+]
 
 DOWNSAMPLING_FACTORS = (1, 2, 4, 8, 16, 32, 64)
+PLANES = ("xy", "xz", "yz")
+MEDIAN_SIZES = (1, 3, 5, 7, 9, 11)
 
 #: Fields of SliceParams that change what the network sees (a change re-runs the model).
 NETWORK_FIELDS = ("downsampling", "fine_boundaries")
@@ -38,6 +43,14 @@ LABELS = {
     "semantic_only": "Semantic only",
     "fill_holes": "Fill holes in segmentation",
     "batch_mode": "Batch mode",
+    "plane": "Inference plane",
+    "orthoplane": "Run ortho-plane",
+    "median_size": "Median Filter Size",
+    "min_size": "Min Size",
+    "min_extent": "Min Box Extent",
+    "vote_threshold": "Voxel Vote Threshold Out of 3",
+    "allow_one_view": "Permit detections found in 1 stack into consensus",
+    "return_stacks": "Return xy, xz, yz stacks",
 }
 
 
@@ -120,4 +133,79 @@ class SliceParams:
 
     def replace(self, **changes) -> "SliceParams":
         """Return a copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ConsensusParams:
+    """Parameters of the ortho-plane consensus and of the 3D object filters (SPEC section 3).
+
+    They can be changed after a 3D job: :func:`nbapp.consensus` re-runs from stored stacks.
+
+    Parameters
+    ----------
+    vote_threshold : int
+        Voxel Vote Threshold Out of 3 (1-3): voxels of a consensus object must be covered by
+        this many detections.
+    allow_one_view : bool
+        Permit detections found in 1 stack into consensus.
+    min_size : int
+        Min Size: delete 3D objects with fewer voxels (0-1e6).
+    min_extent : int
+        Min Box Extent: delete 3D objects whose bounding box is thinner than this along any
+        axis (0-1000).
+    """
+
+    vote_threshold: int = 2
+    allow_one_view: bool = False
+    min_size: int = 500
+    min_extent: int = 5
+
+    def __post_init__(self) -> None:
+        _check_range("vote_threshold", self.vote_threshold, 1, 3, int)
+        _check_bool("allow_one_view", self.allow_one_view)
+        _check_range("min_size", self.min_size, 0, 1_000_000, int)
+        _check_range("min_extent", self.min_extent, 0, 1000, int)
+        for name in ("vote_threshold", "min_size", "min_extent"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+
+    def replace(self, **changes) -> "ConsensusParams":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class VolumeParams:
+    """Parameters of 3D inference: the 2D ones per slice plus stacking, tracking and consensus.
+
+    >>> VolumeParams().orthoplane, VolumeParams().median_size, VolumeParams().slice.seg_threshold
+    (True, 3, 0.5)
+    """
+
+    slice: SliceParams = SliceParams()
+    plane: str = "xy"
+    orthoplane: bool = True
+    median_size: int = 3
+    consensus: ConsensusParams = ConsensusParams()
+    return_stacks: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.slice, SliceParams):
+            raise ParameterError(f"slice must be SliceParams, got {type(self.slice).__name__}")
+        if not isinstance(self.consensus, ConsensusParams):
+            raise ParameterError(f"consensus must be ConsensusParams, got {type(self.consensus).__name__}")
+        if self.plane not in PLANES:
+            raise ParameterError(f"plane must be one of {PLANES}, got {self.plane!r}")
+        _check_bool("orthoplane", self.orthoplane)
+        _check_bool("return_stacks", self.return_stacks)
+        if isinstance(self.median_size, bool) or self.median_size not in MEDIAN_SIZES:
+            raise ParameterError(f"median_size must be an odd number in {MEDIAN_SIZES}, "
+                                 f"got {self.median_size!r}")
+        object.__setattr__(self, "median_size", int(self.median_size))
+
+    @property
+    def planes(self) -> tuple:
+        """The planes a job runs: all three for ortho-plane, else the chosen one."""
+        return PLANES if self.orthoplane else (self.plane,)
+
+    def replace(self, **changes) -> "VolumeParams":
         return dataclasses.replace(self, **changes)
