@@ -1,0 +1,186 @@
+"""The job runner: runs long computations (generators that yield progress) in the background.
+
+It owns the threads and nothing else (STYLE #11): one job at a time (a second submit while one
+runs is refused), cancel at any time, wait, shutdown, and a synchronous mode for tests. Each
+change of state is published as a new immutable :class:`Snapshot` (STYLE #12) to an optional
+callback, called from the worker thread: a UI must marshal it to its own thread.
+No widgets here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator
+
+from nbapp.errors import NbappError
+
+__all__ = ["JobState", "Snapshot", "JobRunner", "JobBusyError"]
+
+
+class JobBusyError(NbappError, RuntimeError):
+    """A job was submitted while another one runs."""
+
+
+class JobState(str, enum.Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state of a job at one moment (replaced, never mutated).
+
+    ``planes`` maps each plane seen so far to ``(done, total)`` of its current stage.
+    """
+
+    job_id: int = 0
+    state: JobState = JobState.IDLE
+    plane: str | None = None
+    stage: str | None = None
+    done: int = 0
+    total: int = 0
+    planes: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+    started: float | None = None
+    elapsed: float = 0.0
+    eta: float | None = None
+    error: str | None = None
+    result: Any = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+def _eta(elapsed: float, done: int, total: int) -> float | None:
+    if done <= 0 or total <= 0 or done > total:
+        return None
+    return elapsed * (total - done) / done
+
+
+class JobRunner:
+    """Run one generator-based job at a time in a worker thread.
+
+    Parameters
+    ----------
+    on_update : callable, optional
+        Called with every new :class:`Snapshot` (from the worker thread).
+    synchronous : bool
+        Run jobs in the caller's thread (tests, scripts).
+
+    A job is a zero-argument callable returning a generator; the generator yields objects with
+    ``plane``, ``stage``, ``done`` and ``total`` attributes (e.g. :class:`nbapp.volume.Progress`)
+    and returns the result. It is closed (``GeneratorExit`` inside it) when cancelled.
+    """
+
+    def __init__(self, on_update: Callable[[Snapshot], None] | None = None, synchronous: bool = False):
+        self.on_update = on_update
+        self.synchronous = synchronous
+        self._lock = threading.Lock()
+        self._snapshot = Snapshot()
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._finished = threading.Event()
+        self._finished.set()
+        self._next_id = 1
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @property
+    def busy(self) -> bool:
+        return not self._finished.is_set()
+
+    def _publish(self, **changes) -> Snapshot:
+        with self._lock:
+            snap = dataclasses.replace(self._snapshot, **changes)
+            if snap.started is not None and not self._snapshot.finished:
+                snap = dataclasses.replace(snap, elapsed=time.monotonic() - snap.started)
+            self._snapshot = snap
+        if self.on_update is not None:
+            try:
+                self.on_update(snap)
+            except Exception:  # a broken observer must not kill the job; it is reported once
+                traceback.print_exc()
+        return snap
+
+    def submit(self, job: Callable[[], Generator], name: str = "") -> int:
+        """Start ``job``; return its id. Raises :class:`JobBusyError` while another job runs."""
+        with self._lock:
+            if not self._finished.is_set():
+                raise JobBusyError("a job is already running: wait for it or cancel it first")
+            self._finished.clear()
+            self._cancel.clear()
+            job_id = self._next_id
+            self._next_id += 1
+        self._publish(job_id=job_id, state=JobState.RUNNING, plane=None, stage="starting",
+                      done=0, total=0, planes={}, stages={}, started=time.monotonic(),
+                      elapsed=0.0, eta=None, error=None, result=None)
+        if self.synchronous:
+            self._run(job)
+        else:
+            self._thread = threading.Thread(target=self._run, args=(job,), name=f"nbapp-job-{job_id}",
+                                            daemon=True)
+            self._thread.start()
+        return job_id
+
+    def _run(self, job: Callable[[], Generator]) -> None:
+        gen = None
+        try:
+            gen = job()
+            while True:
+                if self._cancel.is_set():
+                    gen.close()
+                    self._publish(state=JobState.CANCELLED, error="cancelled by the user", eta=None)
+                    return
+                try:
+                    p = next(gen)
+                except StopIteration as stop:
+                    self._publish(state=JobState.DONE, result=stop.value, stage="done", eta=0.0)
+                    return
+                snap = self._snapshot
+                planes = dict(snap.planes)
+                planes[p.plane] = (p.done, p.total)
+                stages = dict(snap.stages)
+                stages[p.plane] = p.stage
+                elapsed = time.monotonic() - (snap.started or time.monotonic())
+                self._publish(plane=p.plane, stage=p.stage, done=p.done, total=p.total,
+                              planes=planes, stages=stages,
+                              eta=_eta(elapsed, p.done, p.total) if p.stage == "network" else None)
+        except BaseException as exc:  # noqa: BLE001 - a failed job reports any error it had
+            if gen is not None:
+                gen.close()
+            msg = str(exc) if isinstance(exc, NbappError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, MemoryError):
+                msg = "out of memory: use more downsampling, a smaller volume or single-plane mode"
+            self._publish(state=JobState.FAILED, error=msg, eta=None)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._finished.set()
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at its next step (no-op when idle)."""
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> Snapshot:
+        """Block until the current job ends (or ``timeout`` passes); return the snapshot."""
+        self._finished.wait(timeout)
+        t = self._thread
+        if t is not None and self._finished.is_set():
+            t.join(timeout)
+        return self._snapshot
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Cancel any running job and wait for its thread to end."""
+        self.cancel()
+        self.wait(timeout)
