@@ -7,6 +7,7 @@ file is written unless the run completes.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -48,7 +49,9 @@ def _add_2d_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fill-holes", action="store_true", help="fill holes inside each instance")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
+    """The ``nbapp`` argument parser; ``with_train=False`` leaves out the training options
+    (and the torch import they need), for commands other than ``train``."""
     parser = _Parser(prog="nbapp", description="Panoptic segmentation of organelles in EM.")
     from nbapp import __version__
 
@@ -79,13 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("gt", metavar="GT")
     ev.add_argument("--json", action="store_true", help="print JSON")
 
-    try:
-        from nbapp import train as _train
-    except ImportError:  # the training module is optional in minimal installs
-        _train = None
-    if _train is not None and hasattr(_train, "add_arguments"):
+    if importlib.util.find_spec("nbapp.train") is not None:  # optional in minimal installs
         tr = sub.add_parser("train", help="train a model on volumes with instance labels")
-        _train.add_arguments(tr)
+        if with_train:  # importing the trainer imports torch: only when the command is train
+            from nbapp import train
+
+            train.add_arguments(tr)
     return parser
 
 
@@ -103,22 +105,38 @@ def _slice_params(args) -> SliceParams:
     )
 
 
+def _check_output(out: Path, source: str) -> None:
+    """Fail before any work when OUTPUT cannot be written or would overwrite the input."""
+    from nbapp.io import WRITE_FORMATS
+
+    if out.suffix.lower() not in WRITE_FORMATS:
+        raise InputError(f"cannot write {str(out)!r}: OUTPUT must end with "
+                         f"{' or '.join(WRITE_FORMATS)}")
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise InputError(f"output folder {str(out.parent)!r} does not exist")
+    src, dst = Path(source).resolve(), out.resolve()
+    if src == dst or dst in src.parents:
+        raise InputError(f"OUTPUT {str(out)!r} would overwrite the input {source!r}; "
+                         "choose another name")
+
+
 def _cmd_segment(args) -> int:
-    from nbapp.io import READ_FORMATS, WRITE_FORMATS, read_image, split_h5_path, write_labels
+    from nbapp.io import read_image, source_file, write_labels
 
     params = _slice_params(args)
     out = Path(args.output)
-    if out.suffix.lower() not in WRITE_FORMATS:
-        raise InputError(f"cannot write {str(out)!r}: OUTPUT must end with {' or '.join(WRITE_FORMATS)}")
-    if not (out.parent if str(out.parent) else Path(".")).is_dir():
-        raise InputError(f"output folder {str(out.parent)!r} does not exist")
-    if Path(split_h5_path(args.input)[0]).suffix.lower() not in READ_FORMATS:
-        raise InputError(f"cannot read {args.input!r}: use one of {', '.join(READ_FORMATS)}")
+    _check_output(out, source_file(args.input))
     if args.batch_size < 1:
         raise ParameterError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.mode == "3d":
+        raise InputError("--mode 3d (volume inference with tracking and ortho-plane consensus) is "
+                         "not available in this version yet; use --mode batch to segment each "
+                         "slice on its own")
     image, meta = read_image(args.input)
     image = np.asarray(image)
     mode = args.mode
+    if image.size == 0:
+        raise InputError(f"{args.input} is empty (shape {image.shape})")
     if image.ndim == 3 and image.shape[-1] in (3, 4) and min(image.shape[:2]) > 4:
         raise InputError(f"{args.input} looks like an RGB(A) image of shape {image.shape}; "
                          "save it as a single-channel grey image")
@@ -126,14 +144,11 @@ def _cmd_segment(args) -> int:
         raise InputError(f"{args.input} has shape {image.shape}: expected a 2D image (H, W) or "
                          "a stack / volume (Z, Y, X)")
     if mode is None:
-        mode = "2d" if image.ndim == 2 else None
-    if mode == "3d":
-        raise InputError("--mode 3d (volume inference with tracking and ortho-plane consensus) is "
-                         "not available in this version yet; use --mode batch to segment each "
-                         "slice on its own")
-    if mode is None:
-        raise InputError(f"{args.input} is a 3D stack of shape {image.shape}: use --mode batch to "
-                         "segment each slice as an unrelated 2D image (--mode 3d arrives later)")
+        if image.ndim == 3:
+            raise InputError(f"{args.input} is a 3D stack of shape {image.shape}: use --mode batch "
+                             "to segment each slice as an unrelated 2D image (--mode 3d arrives "
+                             "later)")
+        mode = "2d"
     if mode == "2d" and image.ndim != 2:
         raise InputError(f"--mode 2d needs a 2D image, got shape {image.shape}; use --mode batch")
 
@@ -145,12 +160,13 @@ def _cmd_segment(args) -> int:
     if mode == "batch":
         labels = seg.segment_batch(image if image.ndim == 3 else image[None], params)
         n = sum(int(np.count_nonzero(np.unique(s))) for s in labels)
+        labels = labels.reshape(image.shape)  # a 2D input gives a 2D output
     else:
         labels = seg(image, params)
         n = int(np.count_nonzero(np.unique(labels)))
     write_labels(out, labels)
     t = seg.timings
-    print(f"nbapp: wrote {out} {labels.shape} int32, {n} objects "
+    print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {n} objects "
           f"(model load {t_load:.2f} s, network {t.get('network_s', 0):.2f} s, "
           f"post-processing {t.get('postprocess_s', 0):.2f} s)", file=sys.stderr)
     return 0
@@ -192,7 +208,9 @@ def _cmd_evaluate(args) -> int:
     for name, a in (("PRED", pred), ("GT", gt)):
         if not np.issubdtype(a.dtype, np.integer):
             raise InputError(f"{name} must hold integer labels, got dtype {a.dtype}")
-    scores = metrics.evaluate(pred, gt)
+        if a.size and a.min() < 0:
+            raise InputError(f"{name} holds negative labels (min {a.min()}); 0 is background")
+    scores = metrics.instance_metrics(pred, gt)
     if args.json:
         print(json.dumps(scores, indent=2, default=float))
     else:
@@ -201,11 +219,29 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _one_line(message: str) -> str:
+    """Collapse a (possibly multi-line) message onto one line.
+
+    >>> _one_line("bad YAML\\n  in line 2:\\n    ^")
+    'bad YAML in line 2: ^'
+    """
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+_OOM = ("nbapp: error: out of memory; use --downsampling, a smaller --batch-size or a smaller "
+        "input")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nbapp`` console script; returns the exit status."""
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        words = sys.argv[1:] if argv is None else list(argv)
+        command = next((w for w in words if not w.startswith("-")), None)
+        parser = build_parser(with_train=command == "train")
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help and --version
+            return exc.code if isinstance(exc.code, int) else 0
         handler = {"segment": _cmd_segment, "info": _cmd_info, "evaluate": _cmd_evaluate}.get(
             args.command)
         if handler is None:
@@ -214,10 +250,15 @@ def main(argv: list[str] | None = None) -> int:
             return int(train.run(args) or 0)
         return handler(args)
     except NbappError as exc:
-        print(f"nbapp: error: {exc}", file=sys.stderr)
+        print(f"nbapp: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except MemoryError:
-        print("nbapp: error: out of memory; use --downsampling or a smaller input", file=sys.stderr)
+        print(_OOM, file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch's (GPU) out-of-memory error
+            raise
+        print(_OOM, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("nbapp: error: interrupted", file=sys.stderr)

@@ -17,7 +17,8 @@ import numpy as np
 
 from nbapp.errors import InputError
 
-__all__ = ["read_image", "write_labels", "READ_FORMATS", "WRITE_FORMATS", "split_h5_path"]
+__all__ = ["read_image", "write_labels", "READ_FORMATS", "WRITE_FORMATS", "split_h5_path",
+           "split_zarr_path", "source_file"]
 
 READ_FORMATS = (".tif", ".tiff", ".npy", ".zarr", ".mrc", ".map", ".rec", ".h5", ".hdf5",
                 ".png", ".jpg", ".jpeg")
@@ -40,6 +41,34 @@ def split_h5_path(path: str) -> tuple[str, str | None]:
     return path, None
 
 
+def split_zarr_path(path: str) -> tuple[str, str | None]:
+    """Split ``STORE.zarr/inner/path`` into the store and the path of a node inside it.
+
+    >>> split_zarr_path("vol.zarr/labels/0")
+    ('vol.zarr', 'labels/0')
+    >>> split_zarr_path("vol.zarr/")
+    ('vol.zarr', None)
+    >>> split_zarr_path("runs.zarr/img.tif")  # a file in a folder named .zarr
+    ('runs.zarr/img.tif', None)
+    """
+    i = path.lower().find(".zarr/")
+    if i < 0 or _suffix(path) in READ_FORMATS and _suffix(path) != ".zarr":
+        return path, None
+    cut = i + len(".zarr")
+    return path[:cut], path[cut + 1 :].strip("/") or None
+
+
+def source_file(path: str | os.PathLike) -> str:
+    """The file or folder that ``path`` reads from (without an HDF5 dataset or zarr node).
+
+    >>> source_file("vol.h5:raw"), source_file("vol.zarr/0"), source_file("a.tif")
+    ('vol.h5', 'vol.zarr', 'a.tif')
+    """
+    spath = os.fspath(path)
+    file, _ = split_h5_path(spath)
+    return split_zarr_path(file)[0]
+
+
 def _suffix(path: str) -> str:
     return Path(path.rstrip("/")).suffix.lower()
 
@@ -50,9 +79,9 @@ def read_image(path: str | os.PathLike, lazy: bool = False) -> tuple[np.ndarray,
     Parameters
     ----------
     path : str
-        ``.tif``/``.tiff``, ``.npy``, ``.zarr`` (an array, or OME-Zarr: level 0), ``.mrc``,
-        ``FILE.h5:dataset`` (the dataset may be omitted when the file holds only one),
-        ``.png``/``.jpg`` (RGB is converted to grey).
+        ``.tif``/``.tiff``, ``.npy``, ``.zarr`` (an array, or OME-Zarr: level 0; a node inside
+        a store as ``STORE.zarr/path/to/node``), ``.mrc``, ``FILE.h5:dataset`` (the dataset may
+        be omitted when the file holds only one), ``.png``/``.jpg`` (RGB is converted to grey).
     lazy : bool
         Return a memory-mapped or zarr array where possible instead of loading into memory.
 
@@ -61,9 +90,15 @@ def read_image(path: str | os.PathLike, lazy: bool = False) -> tuple[np.ndarray,
     array : (H, W) or (Z, Y, X) array
     meta : dict
         ``path``, ``format`` and, when known, ``voxel_size`` (Z, Y, X) in nm.
+
+    Raises
+    ------
+    InputError
+        The file is missing, of an unknown type, corrupt, or does not say which array to read.
     """
     spath = os.fspath(path)
     file, dataset = split_h5_path(spath)
+    file, node = split_zarr_path(file)
     ext = _suffix(file)
     if ext not in READ_FORMATS:
         raise InputError(f"cannot read {spath!r}: unknown file type {ext or '(none)'}; "
@@ -77,7 +112,7 @@ def read_image(path: str | os.PathLike, lazy: bool = False) -> tuple[np.ndarray,
         elif ext == ".npy":
             arr = np.load(file, mmap_mode="r" if lazy else None, allow_pickle=False)
         elif ext == ".zarr":
-            arr = _read_zarr(file, lazy, meta)
+            arr = _read_zarr(file, node, lazy, meta)
         elif ext in (".mrc", ".map", ".rec"):
             arr = _read_mrc(file, lazy, meta)
         elif ext in (".h5", ".hdf5"):
@@ -126,33 +161,73 @@ def _read_tiff(file: str, lazy: bool, meta: dict) -> np.ndarray:
         return tif.asarray()
 
 
-def _read_zarr(file: str, lazy: bool, meta: dict) -> np.ndarray:
+#: OME-NGFF length units -> nanometres.
+_UNITS_NM = {"angstrom": 0.1, "nanometer": 1.0, "micrometer": 1000.0, "millimeter": 1e6,
+             "centimeter": 1e7, "meter": 1e9}
+
+
+def _ome_level0(group, file: str, meta: dict):
+    """Level 0 of an OME-Zarr multiscale group, with its voxel size in nm when known."""
+    attrs = dict(group.attrs)
+    ome = attrs.get("ome", attrs)
+    multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
+    if not multiscales:
+        return None
+    try:
+        ms = multiscales[0]
+        ds = ms["datasets"][0]
+        arr = group[ds["path"]]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise InputError(f"OME-Zarr {file!r} has malformed multiscales metadata "
+                         f"(no level 0: {exc!s})") from None
+    meta["format"] = "ome-zarr"
+    axes = ms.get("axes") or []
+    scale = None
+    for t in ds.get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            scale = [float(v) for v in t["scale"]]
+    if scale is not None:
+        if len(axes) == len(scale) and all(isinstance(a, dict) for a in axes):
+            spatial = [(s, a.get("unit")) for s, a in zip(scale, axes) if a.get("type") == "space"]
+        else:
+            spatial = [(s, None) for s in scale[-3:]]
+        meta["voxel_size"] = tuple(s * _UNITS_NM.get(u, 1.0) for s, u in spatial)
+    return arr
+
+
+def _read_zarr(file: str, node: str | None, lazy: bool, meta: dict) -> np.ndarray:
     import zarr
 
     try:
-        node = zarr.open(file, mode="r")
+        root = zarr.open(file, mode="r")
     except Exception as exc:  # zarr raises many types for non-zarr folders
-        raise InputError(f"cannot open {file!r} as zarr: {exc}") from None
-    if hasattr(node, "shape") and hasattr(node, "dtype"):
-        arr = node
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot open {file!r} as zarr: {msg}") from None
+    where = file
+    if node:
+        where = f"{file}/{node}"
+        try:
+            root = root[node]
+        except (KeyError, TypeError):
+            raise InputError(f"zarr store {file!r} has no array or group {node!r}") from None
+    if hasattr(root, "shape") and hasattr(root, "dtype"):
+        arr = root
     else:
-        attrs = dict(node.attrs)
-        ome = attrs.get("ome", attrs)
-        multiscales = ome.get("multiscales")
-        if multiscales:
-            ds = multiscales[0]["datasets"][0]
-            arr = node[ds["path"]]
-            meta["format"] = "ome-zarr"
-            for t in ds.get("coordinateTransformations", []):
-                if t.get("type") == "scale":
-                    meta["voxel_size"] = tuple(float(v) for v in t["scale"][-3:])
-        else:
-            names = [k for k, v in node.arrays()] if hasattr(node, "arrays") else []
+        arr = _ome_level0(root, where, meta)
+        if arr is None:
+            names = sorted(k for k, _ in root.arrays())
             if len(names) != 1:
-                raise InputError(f"zarr group {file!r} holds arrays {names}: give the array's path "
-                                 f"(e.g. {file}/{names[0] if names else 'name'})")
-            arr = node[names[0]]
-    return arr if lazy else np.asarray(arr[...])
+                raise InputError(
+                    f"zarr group {where!r} holds {len(names)} arrays {names}: give the array's "
+                    f"path, e.g. {where}/{names[0] if names else 'name'}")
+            arr = root[names[0]]
+    if lazy:
+        return arr
+    data = np.asarray(arr[...])
+    if meta["format"] == "ome-zarr":  # (t, c, z, y, x) files with one time point and channel
+        while data.ndim > 3 and data.shape[0] == 1:
+            data = data[0]
+    return data
 
 
 def _read_mrc(file: str, lazy: bool, meta: dict) -> np.ndarray:
@@ -160,19 +235,26 @@ def _read_mrc(file: str, lazy: bool, meta: dict) -> np.ndarray:
         import mrcfile
     except ImportError:
         raise InputError("reading MRC files needs mrcfile: pip install 'nbapp[io]'") from None
-    if lazy:
-        mrc = mrcfile.mmap(file, mode="r", permissive=True)
-    else:
-        mrc = mrcfile.open(file, mode="r", permissive=True)
-    if mrc.data is None:
-        raise InputError(f"MRC file {file!r} has no data (corrupt header?)")
-    vs = mrc.voxel_size
-    if float(vs.x) > 0:
-        meta["voxel_size"] = (float(vs.z) / 10, float(vs.y) / 10, float(vs.x) / 10)  # Å -> nm
-    data = mrc.data if lazy else np.array(mrc.data)
-    if not lazy:
-        mrc.close()
-    return data
+    import warnings
+
+    # permissive: read files with slightly non-standard headers; problems come back as warnings,
+    # which are reported in the error (one line) instead of being printed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mrc = (mrcfile.mmap if lazy else mrcfile.open)(file, mode="r", permissive=True)
+    try:
+        if mrc.data is None:
+            why = f": {caught[0].message}" if caught else ""
+            raise InputError(f"MRC file {file!r} has no readable data{why}")
+        vs = mrc.voxel_size
+        if float(vs.x) > 0:
+            meta["voxel_size"] = (float(vs.z) / 10, float(vs.y) / 10, float(vs.x) / 10)  # Å -> nm
+        if lazy:
+            return mrc.data
+        return np.array(mrc.data)
+    finally:
+        if not lazy or mrc.data is None:
+            mrc.close()
 
 
 def _read_h5(file: str, dataset: str | None, meta: dict) -> np.ndarray:
@@ -183,10 +265,12 @@ def _read_h5(file: str, dataset: str | None, meta: dict) -> np.ndarray:
     with h5py.File(file, "r") as f:
         names: list[str] = []
         f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        if not names:
+            raise InputError(f"HDF5 file {file!r} holds no datasets")
         if dataset is None:
             if len(names) != 1:
                 raise InputError(f"HDF5 file {file!r} holds datasets {names}: name one as "
-                                 f"{file}:{names[0] if names else 'dataset'}")
+                                 f"{file}:{names[0]}")
             dataset = names[0]
         if dataset.strip("/") not in names:
             raise InputError(f"HDF5 file {file!r} has no dataset {dataset!r}; it holds {names}")
@@ -198,34 +282,43 @@ def _read_h5(file: str, dataset: str | None, meta: dict) -> np.ndarray:
 
 
 def _read_picture(file: str, meta: dict) -> np.ndarray:
-    from skimage import io as skio
+    """PNG / JPEG with Pillow: grey as it is, RGB(A) and palette images converted to grey."""
+    from PIL import Image
 
-    arr = skio.imread(file)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        rgb = arr[..., :3]
-        if np.all(rgb[..., 0] == rgb[..., 1]) and np.all(rgb[..., 1] == rgb[..., 2]):
-            arr = np.ascontiguousarray(rgb[..., 0])
-        else:
-            from skimage.color import rgb2gray
-
-            arr = (rgb2gray(rgb) * 255).round().astype(np.uint8)
-            meta["converted"] = "RGB converted to grey"
-    return arr
+    with Image.open(file) as im:
+        if im.mode in ("L", "1", "I", "I;16", "I;16B", "F"):
+            return np.array(im)
+        if im.mode == "LA":
+            return np.array(im.getchannel("L"))
+        rgb = np.array(im.convert("RGB"))
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+        return np.ascontiguousarray(rgb[..., 0])
+    meta["converted"] = "RGB converted to grey"
+    return np.array(Image.fromarray(rgb).convert("L"))
 
 
 def write_labels(path: str | os.PathLike, labels: np.ndarray, chunks: tuple | None = None) -> Path:
     """Write a label image or volume to ``.tif``/``.tiff`` or ``.zarr`` atomically.
 
-    The data goes to a temporary name in the target folder and is renamed when complete; an
-    existing target is replaced only then.
+    The data goes to a temporary (hidden) name in the target folder and is renamed when
+    complete; an existing target is replaced only then. A failed write leaves the target as it
+    was and no temporary files.
+
+    Raises
+    ------
+    InputError
+        Unknown extension, missing folder, or the write failed (disk full, permissions, ...).
     """
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in WRITE_FORMATS:
-        raise InputError(f"cannot write labels to {str(path)!r}: use one of {', '.join(WRITE_FORMATS)}")
+        raise InputError(f"cannot write labels to {str(path)!r}: use one of "
+                         f"{', '.join(WRITE_FORMATS)}")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"output folder {str(folder)!r} does not exist")
+    if ext != ".zarr" and path.is_dir():
+        raise InputError(f"cannot write {str(path)!r}: it is an existing folder")
     labels = np.asarray(labels)
     tmp = folder / f".{path.name}.{uuid.uuid4().hex[:8]}.part{ext}"
     try:
@@ -240,17 +333,31 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, chunks: tuple | No
             store = zarr.open(str(tmp), mode="w", shape=labels.shape, dtype=labels.dtype,
                               chunks=chunks or _default_chunks(labels.shape))
             store[...] = labels
-            if path.exists():
-                old = Path(tempfile.mkdtemp(dir=folder, prefix=f".{path.name}.old."))
-                os.replace(path, old / path.name)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            _replace_tree(tmp, path)
+    except OSError as exc:
+        raise InputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
     return path
+
+
+def _replace_tree(new: Path, target: Path) -> None:
+    """Rename folder ``new`` to ``target``, replacing ``target`` (file or folder) if it exists;
+    on failure ``target`` is restored."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+    try:
+        os.replace(target, old / target.name)
+        try:
+            os.replace(new, target)
+        except OSError:
+            os.replace(old / target.name, target)
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _default_chunks(shape: tuple) -> tuple:

@@ -66,7 +66,9 @@ def test_missing_required_field_is_named(tmp_path, missing):
     ("- just\n- a list\n", "must be a mapping"),
     (MITONET_LIKE.format(model="m.pt").replace("thing_list: [1]", "thing_list: [2]"), "not in labels"),
     (MITONET_LIKE.format(model="m.pt").replace("padding_factor: 16", "padding_factor: -2"), "padding_factor"),
-    (MITONET_LIKE.format(model="m.pt").replace("std: 0.12765", "std: 0"), "std must be > 0"),
+    (MITONET_LIKE.format(model="m.pt").replace("std: 0.12765", "std: 0"), "std finite and > 0"),
+    (MITONET_LIKE.format(model="m.pt").replace("std: 0.12765", "std: .inf"), "std finite"),
+    (MITONET_LIKE.format(model="m.pt").replace("mean: 0.57571", "mean: .nan"), "mean must be finite"),
     (MITONET_LIKE.format(model="m.pt").replace("{mean: 0.57571, std: 0.12765}", "[1, 2]"), "norms must be"),
     (MITONET_LIKE.format(model="m.pt").replace("labels: [1]", "labels: [mito]"), "integer class ids"),
     (MITONET_LIKE.format(model="m.pt").replace("labels: [1]", "labels: []"), "at least one"),
@@ -210,3 +212,26 @@ def test_default_device_is_cpu_without_gpus():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert resolve_device(None).type in ("cpu", "mps")
+
+
+class _FailsOnBigInputs(torch.nn.Module):
+    def forward(self, x, render_steps: int = 2, interpolate_ins: bool = True):
+        if x.shape[-1] > 64:
+            raise RuntimeError("kernel size can't be greater than actual input size")
+        return BadNet("none")(x, render_steps, interpolate_ins)
+
+
+def test_model_failure_after_the_first_call_is_still_a_model_error():
+    model = load_model(_FailsOnBigInputs(), device="cpu")
+    with pytest.raises(ModelError, match="failed on an input of shape \\(1, 1, 128, 128\\)"):
+        model(torch.zeros(1, 1, 128, 128), 2, False)
+
+
+class _OOM(torch.nn.Module):
+    def forward(self, x, render_steps: int = 2, interpolate_ins: bool = True):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_is_a_memory_error():
+    with pytest.raises(MemoryError, match="out of memory"):
+        load_model(_OOM(), device="cpu")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -131,8 +132,8 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         mean, std = float(norms["mean"]), float(norms["std"])
     except (TypeError, ValueError):
         raise _fail(path, f"norms mean and std must be numbers, got {norms!r}") from None
-    if not std > 0:
-        raise _fail(path, f"norms std must be > 0, got {std}")
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise _fail(path, f"norms mean must be finite and std finite and > 0, got {mean}, {std}")
     model = raw["model"]
     if not isinstance(model, str) or not model:
         raise _fail(path, "model must be a path or URL of a TorchScript file")

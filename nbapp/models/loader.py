@@ -133,9 +133,11 @@ class Model:
         try:
             out = self.module(x, render_steps=render_steps, interpolate_ins=interpolate_ins)
         except (RuntimeError, TypeError) as exc:
-            if interpolate_ins in self._checked:
-                raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip()
+            first = text.splitlines()[0] if text else type(exc).__name__
+            if "out of memory" in text or "can't allocate memory" in text:
+                raise MemoryError(f"out of memory running model {self.config.name!r} on an input "
+                                  f"of shape {tuple(x.shape)} on {self.device}: {first}") from None
             raise ModelError(
                 f"model {self.config.name!r} failed on an input of shape {tuple(x.shape)} "
                 f"(it must accept (x, render_steps: int, interpolate_ins: bool)): {first}"
