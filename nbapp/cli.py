@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nbapp.errors import InputError, NbappError, ParameterError
-from nbapp.params import SliceParams
+from nbapp.params import ConsensusParams, SliceParams, VolumeParams
 
 __all__ = ["main", "build_parser"]
 
@@ -49,6 +49,50 @@ def _add_2d_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fill-holes", action="store_true", help="fill holes inside each instance")
 
 
+def _add_consensus_options(p: argparse.ArgumentParser) -> None:
+    d = ConsensusParams()
+    g = p.add_argument_group("consensus and 3D filters (SPEC section 3)")
+    g.add_argument("--vote", type=int, default=d.vote_threshold, metavar="N",
+                   help="Voxel Vote Threshold Out of 3, 1-3 (default %(default)s)")
+    g.add_argument("--allow-one-view", action="store_true",
+                   help="Permit detections found in 1 stack into consensus")
+    g.add_argument("--min-size", type=int, default=d.min_size, metavar="N",
+                   help="Min Size in voxels, 0-1e6 (default %(default)s)")
+    g.add_argument("--min-extent", type=int, default=d.min_extent, metavar="N",
+                   help="Min Box Extent, 0-1000 (default %(default)s)")
+
+
+def _add_3d_options(p: argparse.ArgumentParser) -> None:
+    d = VolumeParams()
+    g = p.add_argument_group("3D inference (--mode 3d, SPEC section 3)")
+    g.add_argument("--plane", default=d.plane, help="Inference plane: xy, xz or yz (default %(default)s)")
+    g.add_argument("--orthoplane", action=argparse.BooleanOptionalAction, default=d.orthoplane,
+                   help="Run ortho-plane: xy, xz and yz stacks and their consensus (default: on)")
+    g.add_argument("--median", type=int, default=d.median_size, metavar="N",
+                   help="Median Filter Size: 1, 3, 5, 7, 9 or 11 (default %(default)s)")
+    g.add_argument("--return-stacks", action="store_true",
+                   help="also write OUTPUT_xy, OUTPUT_xz, OUTPUT_yz beside OUTPUT")
+    g.add_argument("--devices", default=None, metavar="LIST",
+                   help="devices for the job, e.g. cpu or cuda:0,cuda:1 (default: all GPUs, else cpu)")
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run on a Dask cluster (needs nbapp[dask]), e.g. tcp://10.0.0.1:8786")
+    _add_consensus_options(p)
+
+
+def _consensus_params(args) -> ConsensusParams:
+    return ConsensusParams(vote_threshold=args.vote, allow_one_view=args.allow_one_view,
+                           min_size=args.min_size, min_extent=args.min_extent)
+
+
+def stack_paths(out: Path) -> dict:
+    """Where ``--return-stacks`` writes the per-plane stacks: OUT_xy.ext, OUT_xz.ext, OUT_yz.ext.
+
+    >>> sorted(p.name for p in stack_paths(Path("d/labels.zarr")).values())
+    ['labels_xy.zarr', 'labels_xz.zarr', 'labels_yz.zarr']
+    """
+    return {p: out.with_name(f"{out.stem}_{p}{out.suffix}") for p in ("xy", "xz", "yz")}
+
+
 def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     """The ``nbapp`` argument parser; ``with_train=False`` leaves out the training options
     (and the torch import they need), for commands other than ``train``."""
@@ -70,6 +114,20 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
                      help="2d (default for 2D input), batch (each slice of a stack on its own), 3d")
     seg.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass")
     _add_2d_options(seg)
+    _add_3d_options(seg)
+
+    con = sub.add_parser("consensus", help="ortho-plane consensus from stored xy, xz, yz stacks")
+    for name in ("xy", "xz", "yz"):
+        con.add_argument(name, metavar=name.upper(), help=f"the {name} stack (.tif or .zarr)")
+    con.add_argument("-o", "--output", required=True, metavar="OUTPUT", help=".tif/.tiff or .zarr")
+    _add_consensus_options(con)
+
+    demo = sub.add_parser("demo", help="segment the bundled demo volume with the default model")
+    demo.add_argument("-o", "--output", default="nbapp_demo_labels.tif", metavar="OUTPUT")
+    demo.add_argument("--model", default="default")
+    demo.add_argument("--device", default=None)
+    demo.add_argument("--mode", choices=("2d", "batch", "3d"), default="3d",
+                      help="3d (default: ortho-plane with consensus), batch, or 2d (middle slice)")
 
     info = sub.add_parser("info", help="describe a model")
     info.add_argument("model", nargs="?", default="default", metavar="MODEL",
@@ -129,9 +187,7 @@ def _cmd_segment(args) -> int:
     if args.batch_size < 1:
         raise ParameterError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.mode == "3d":
-        raise InputError("--mode 3d (volume inference with tracking and ortho-plane consensus) is "
-                         "not available in this version yet; use --mode batch to segment each "
-                         "slice on its own")
+        return _segment_3d(args, params, out)
     image, meta = read_image(args.input)
     image = np.asarray(image)
     mode = args.mode
@@ -145,9 +201,9 @@ def _cmd_segment(args) -> int:
                          "a stack / volume (Z, Y, X)")
     if mode is None:
         if image.ndim == 3:
-            raise InputError(f"{args.input} is a 3D stack of shape {image.shape}: use --mode batch "
-                             "to segment each slice as an unrelated 2D image (--mode 3d arrives "
-                             "later)")
+            raise InputError(f"{args.input} is a 3D stack of shape {image.shape}: use --mode 3d "
+                             "for volume inference, or --mode batch to segment each slice as an "
+                             "unrelated 2D image")
         mode = "2d"
     if mode == "2d" and image.ndim != 2:
         raise InputError(f"--mode 2d needs a 2D image, got shape {image.shape}; use --mode batch")
@@ -169,6 +225,154 @@ def _cmd_segment(args) -> int:
     print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {n} objects "
           f"(model load {t_load:.2f} s, network {t.get('network_s', 0):.2f} s, "
           f"post-processing {t.get('postprocess_s', 0):.2f} s)", file=sys.stderr)
+    return 0
+
+
+def _segment_3d(args, sp: SliceParams, out: Path) -> int:
+    from nbapp.io import read_image, source_file, write_labels
+
+    params = VolumeParams(slice=sp.replace(batch_mode=False), plane=args.plane,
+                          orthoplane=args.orthoplane, median_size=args.median,
+                          consensus=_consensus_params(args), return_stacks=args.return_stacks)
+    if args.return_stacks:
+        for p in stack_paths(out).values():
+            _check_output(p, source_file(args.input))
+    client = _dask_client(args.scheduler) if args.scheduler else None
+    volume, meta = read_image(args.input, lazy=True)
+    if len(volume.shape) != 3:
+        raise InputError(f"--mode 3d needs a volume (Z, Y, X); {args.input} has shape "
+                         f"{tuple(volume.shape)}")
+    from tqdm.auto import tqdm
+
+    from nbapp.volume import segment_volume
+
+    bars: dict = {}
+
+    def progress(p) -> None:
+        bar = bars.get((p.plane, p.stage))
+        if bar is None:
+            for other in bars.values():
+                other.close()
+            bar = bars[(p.plane, p.stage)] = tqdm(total=p.total, desc=f"{p.plane} {p.stage}",
+                                                  unit="slice" if p.stage == "network" else "step",
+                                                  leave=True, file=sys.stderr)
+        bar.n = p.done
+        bar.refresh()
+
+    t0 = time.perf_counter()
+    try:
+        result = segment_volume(volume, args.model, params, devices=args.devices or args.device,
+                                client=client, progress=progress, batch_size=args.batch_size)
+    finally:
+        for bar in bars.values():
+            bar.close()
+        if client is not None:
+            client.close()
+    labels, stacks = result if args.return_stacks else (result, {})
+    for plane, path in stack_paths(out).items():
+        if plane in stacks:
+            write_labels(path, stacks[plane])
+    write_labels(out, labels)
+    n = int(labels.max())
+    print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {n} objects in "
+          f"{time.perf_counter() - t0:.1f} s" + (", and the xy/xz/yz stacks" if stacks else ""),
+          file=sys.stderr)
+    return 0
+
+
+def _dask_client(address: str):
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise NbappError("--scheduler needs Dask: pip install 'nbapp[dask]'") from None
+    try:
+        return Client(address, timeout="10s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise NbappError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+
+
+def _cmd_consensus(args) -> int:
+    from nbapp.io import read_image, write_labels
+    from nbapp.volume import consensus
+
+    params = _consensus_params(args)
+    out = Path(args.output)
+    for src in (args.xy, args.xz, args.yz):
+        _check_output(out, src)
+    stacks = {}
+    for name in ("xy", "xz", "yz"):
+        arr = np.asarray(read_image(getattr(args, name))[0])
+        if arr.ndim != 3:
+            raise InputError(f"the {name} stack must be a volume (Z, Y, X), got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise InputError(f"the {name} stack must hold integer labels, got dtype {arr.dtype}")
+        stacks[name] = arr
+    shapes = {k: v.shape for k, v in stacks.items()}
+    if len(set(shapes.values())) != 1:
+        raise InputError(f"the stacks have different shapes {shapes}: they must come from the "
+                         "same volume")
+    t0 = time.perf_counter()
+    labels = consensus(stacks, params)
+    write_labels(out, labels)
+    print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {int(labels.max())} objects "
+          f"(consensus {time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from nbapp.io import write_labels
+    from nbapp.metrics import instance_metrics
+    from nbapp.samples import demo_volume
+
+    out = Path(args.output)
+    _check_output(out, "")
+    image, truth = demo_volume()
+    print(f"nbapp demo: synthetic EM-like volume {image.shape} with {int(truth.max())} "
+          f"mitochondria (nbapp.samples.demo_volume)", file=sys.stderr)
+    t0 = time.perf_counter()
+    if args.mode == "3d":
+        from tqdm.auto import tqdm
+
+        from nbapp.volume import segment_volume
+
+        bars: dict = {}
+
+        def progress(p) -> None:
+            key = (p.plane, p.stage)
+            if key not in bars:
+                for b in bars.values():
+                    b.close()
+                bars[key] = tqdm(total=p.total, desc=f"{p.plane} {p.stage}", file=sys.stderr)
+            bars[key].n = p.done
+            bars[key].refresh()
+
+        labels = segment_volume(image, args.model, VolumeParams(), devices=args.device,
+                                progress=progress)
+        for b in bars.values():
+            b.close()
+        gt = truth
+    else:
+        from skimage.measure import label as cc
+
+        from nbapp.inference import SliceSegmenter
+
+        seg = SliceSegmenter(args.model, device=args.device)
+        if args.mode == "batch":
+            labels = seg.segment_batch(image)
+            gt = np.stack([cc(t, connectivity=2) for t in truth])
+        else:
+            z = image.shape[0] // 2
+            labels, gt = seg(image[z]), cc(truth[z], connectivity=2)
+    elapsed = time.perf_counter() - t0
+    write_labels(out, labels)
+    if args.mode == "batch":
+        scores = [instance_metrics(p, g) for p, g in zip(labels, gt)]
+        m = {k: float(np.mean([s[k] for s in scores])) for k in ("fg_iou", "f1", "f1@0.75", "pq")}
+    else:
+        m = instance_metrics(labels, gt)
+    print(f"nbapp demo: wrote {out} {labels.shape} in {elapsed:.1f} s; against the ground truth: "
+          f"FG IoU {m['fg_iou']:.3f}, F1@0.5 {m['f1']:.3f}, F1@0.75 {m['f1@0.75']:.3f}, "
+          f"PQ {m['pq']:.3f}", file=sys.stderr)
     return 0
 
 
@@ -242,8 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # --help and --version
             return exc.code if isinstance(exc.code, int) else 0
-        handler = {"segment": _cmd_segment, "info": _cmd_info, "evaluate": _cmd_evaluate}.get(
-            args.command)
+        handler = {"segment": _cmd_segment, "info": _cmd_info, "evaluate": _cmd_evaluate,
+                   "consensus": _cmd_consensus, "demo": _cmd_demo}.get(args.command)
         if handler is None:
             from nbapp import train
 

@@ -1,0 +1,361 @@
+"""3D inference as generators: per-plane stacks, tracking, ortho-plane consensus (SPEC section 3).
+
+The algorithm is written as generators that yield :class:`Progress` and return their result
+(STYLE #10); threads, progress bars and cancellation live outside, in :mod:`nbapp.jobs` and the
+CLI. :func:`segment_volume` is the synchronous recipe.
+
+Memory: network outputs are streamed; only a window of ``median_size`` slices of outputs is held
+at a time. Each plane's labels are one int32 volume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Generator
+
+import numpy as np
+
+from nbapp.errors import InputError
+from nbapp.heads import Heads
+from nbapp.intensity import check_image_values, intensity_range
+from nbapp.params import PLANES, ConsensusParams, VolumeParams
+from nbapp.postprocess import segment_heads
+
+__all__ = ["Progress", "VolumeResult", "Cancelled", "plane_axis", "get_slice", "median_window",
+           "plane_stack_steps", "volume_steps", "segment_volume", "consensus",
+           "volume_intensity"]
+
+#: Per-slice label divisor used inside 3D jobs: large enough that no slice overflows.
+_SLICE_DIVISOR = 1 << 20
+
+
+class Cancelled(Exception):
+    """Raised inside a job when its cancel event is set."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report of a 3D job (immutable)."""
+
+    plane: str
+    stage: str  # "network", "tracking", "consensus", "done"
+    done: int
+    total: int
+
+
+@dataclass
+class VolumeResult:
+    """Labels of a 3D job, the per-plane stacks (when kept) and where the time went."""
+
+    labels: np.ndarray
+    stacks: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+def plane_axis(plane: str) -> int:
+    """Axis of (Z, Y, X) that a plane slices along: xy -> 0, xz -> 1, yz -> 2."""
+    if plane not in PLANES:
+        raise InputError(f"unknown plane {plane!r}: use one of {', '.join(PLANES)}")
+    return PLANES.index(plane)
+
+
+def get_slice(volume, plane: str, i: int) -> np.ndarray:
+    """Slice ``i`` of ``volume`` in ``plane`` (works on numpy, memory-mapped and zarr arrays)."""
+    ax = plane_axis(plane)
+    index = (slice(None),) * ax + (i,)
+    return np.asarray(volume[index])
+
+
+def median_window(probs: list[np.ndarray]) -> np.ndarray:
+    """Per-pixel median of a list of (C, H, W) probability maps (an odd or even count).
+
+    >>> a, b, c = (np.full((1, 1, 2), v, np.float32) for v in (0.1, 0.9, 0.5))
+    >>> median_window([a, b, c]).ravel().tolist()
+    [0.5, 0.5]
+    """
+    if len(probs) == 1:
+        return probs[0]
+    if len(probs) == 3:
+        a, b, c = probs
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        return np.maximum(lo, np.minimum(hi, c))
+    return np.median(np.stack(probs), axis=0).astype(np.float32)
+
+
+def volume_intensity(volume) -> tuple:
+    """One intensity range for a whole volume (numpy: subsampled; lazy arrays: 16 z slices)."""
+    if isinstance(volume, np.ndarray):
+        return intensity_range(volume)
+    zs = np.unique(np.linspace(0, volume.shape[0] - 1, min(16, volume.shape[0])).astype(int))
+    return intensity_range(np.stack([np.asarray(volume[int(z)]) for z in zs]))
+
+
+def _check_volume(volume) -> None:
+    shape = getattr(volume, "shape", None)
+    if shape is None or len(shape) != 3:
+        raise InputError(f"3D inference needs a volume (Z, Y, X), got shape {shape}")
+    if min(shape) < 1:
+        raise InputError(f"volume of shape {tuple(shape)} is empty")
+
+
+def slice_batches(n: int, batch_size: int) -> list[range]:
+    """Consecutive blocks of slice indices.
+
+    >>> [list(b) for b in slice_batches(5, 2)]
+    [[0, 1], [2, 3], [4]]
+    """
+    return [range(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+
+
+def infer_batch(engine, volume, plane: str, batch: range, sp, intensity) -> list[Heads]:
+    """Network outputs of one block of slices of ``plane`` (reads the slices lazily)."""
+    imgs = np.stack([get_slice(volume, plane, i) for i in batch])
+    check_image_values(imgs, f"{plane} slices {batch.start}-{batch.stop - 1}")
+    return engine.infer(imgs, sp.downsampling, sp.fine_boundaries, intensity)
+
+
+def sequential_heads(engine, volume, plane: str, sp, intensity):
+    """Yield ``(i, Heads)`` for every slice of ``plane`` in order, on one engine."""
+    n = volume.shape[plane_axis(plane)]
+    for batch in slice_batches(n, engine.batch_size):
+        yield from zip(batch, infer_batch(engine, volume, plane, batch, sp, intensity))
+
+
+def plane_stack_steps(source, shape: tuple, plane: str, params: VolumeParams,
+                      thing_list: tuple = (1,)) -> Generator[Progress, None, np.ndarray]:
+    """Median and 2D post-processing for every slice of one plane, as the network outputs arrive.
+
+    Parameters
+    ----------
+    source : iterator of (int, Heads)
+        Network outputs of the plane's slices, in slice order (see :func:`sequential_heads` and
+        :class:`nbapp.jobs.DevicePool`).
+
+    Yields :class:`Progress` after each slice; returns the (Z, Y, X) int32 stack of per-slice
+    panoptic labels (``class * 2**20 + instance``, numbered per slice). Only a window of
+    ``median_size`` slices of network outputs is held at a time.
+    """
+    ax = plane_axis(plane)
+    n = shape[ax]
+    r = (params.median_size - 1) // 2
+    sp = params.slice.replace(label_divisor=_SLICE_DIVISOR)
+    out = np.zeros(shape, np.int32)
+    view = np.moveaxis(out, ax, 0)
+    window: dict[int, Heads] = {}
+    next_post = 0
+    arrived = 0
+    for i_arr, heads in source:
+        window[i_arr] = heads
+        arrived = i_arr + 1
+        while next_post < n and (next_post + r < arrived or arrived == n):
+            i = next_post
+            lo, hi = max(0, i - r), min(n - 1, i + r)
+            sem = median_window([window[k].sem for k in range(lo, hi + 1)])
+            view[i] = segment_heads(dataclasses.replace(window[i], sem=sem), sp, thing_list)
+            for k in [k for k in window if k < i + 1 - r]:
+                del window[k]
+            next_post += 1
+            yield Progress(plane, "network", next_post, n)
+    if next_post != n:
+        raise RuntimeError(f"{plane}: got network outputs for {arrived} of {n} slices")
+    return out
+
+
+def block_labels(engine, block: np.ndarray, plane_params: VolumeParams, intensity: tuple,
+                 thing_list: tuple, start: int, stop: int, first: int) -> np.ndarray:
+    """Per-slice labels of slices ``start:stop`` of a plane from a block of slices with halo.
+
+    ``block`` holds slices ``first:first + len(block)`` of the plane (slicing axis first) and
+    includes ``(median_size - 1) // 2`` neighbours on each side where the volume has them, so
+    the result equals that of a whole-plane run. Returns (stop - start, H, W) int32.
+    """
+    sp = plane_params.slice.replace(label_divisor=_SLICE_DIVISOR)
+    gen = plane_stack_steps(sequential_heads(engine, block, "xy", sp, intensity), block.shape, "xy",
+                            plane_params, thing_list)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop_:
+            raw = stop_.value
+            break
+    return raw[start - first : stop - first]
+
+
+def _track_plane(stack: np.ndarray, plane: str, thing_list: tuple, cp: ConsensusParams) -> np.ndarray:
+    """Track instances through one plane's stack (per thing class) and filter them.
+
+    Returns (Z, Y, X) int32 ids 1..N (objects of all thing classes numbered together, ordered by
+    first appearance).
+    """
+    from nbapp.tracking import relabel_by_first_appearance, track_and_filter
+
+    ax = plane_axis(plane)
+    cls = stack // _SLICE_DIVISOR
+    out = np.zeros(stack.shape, np.int64)
+    offset = 0
+    for c in thing_list:
+        sub = np.where(cls == c, stack, 0)
+        if not sub.any():
+            continue
+        tracked = np.moveaxis(
+            track_and_filter(np.ascontiguousarray(np.moveaxis(sub, ax, 0)), cp.min_size, cp.min_extent),
+            0, ax)
+        out[tracked > 0] = tracked[tracked > 0] + offset
+        offset = int(out.max())
+    return relabel_by_first_appearance(out).astype(np.int32)
+
+
+def consensus(stacks: dict, params: ConsensusParams = ConsensusParams()) -> np.ndarray:
+    """Ortho-plane consensus from stored per-plane stacks ({"xy", "xz", "yz"} -> (Z, Y, X) ids).
+
+    Re-running it with other vote / allow-one-view / size / extent settings costs seconds, not a
+    new job.
+    """
+    from nbapp.consensus import orthoplane_consensus
+
+    missing = [p for p in PLANES if p not in stacks]
+    if missing:
+        raise InputError(f"consensus needs the xy, xz and yz stacks; missing {missing}")
+    return orthoplane_consensus(stacks["xy"], stacks["xz"], stacks["yz"], params)
+
+
+def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
+                 intensity: tuple | None = None, heads_source=None, plane_runner=None
+                 ) -> Generator[Progress, None, VolumeResult]:
+    """The whole 3D job as a generator: every plane, tracking, consensus.
+
+    ``heads_source(engine, volume, plane, slice_params, intensity)`` yields ``(i, Heads)`` in
+    slice order; default :func:`sequential_heads` (one engine, in this thread).
+    ``plane_runner(volume, plane, params, intensity, thing_list)``, when given, replaces the
+    network + post-processing of a plane (a generator returning the raw per-slice stack, as
+    :func:`plane_stack_steps` does); the Dask path uses it.
+    """
+    _check_volume(volume)
+    if intensity is None:
+        intensity = volume_intensity(volume)
+    thing_list = tuple(engine.model.config.thing_list)
+    timings = {"network+postprocess_s": 0.0, "tracking_s": 0.0, "consensus_s": 0.0}
+    stacks = {}
+    for plane in params.planes:
+        t0 = time.perf_counter()
+        if plane_runner is not None:
+            raw = yield from plane_runner(volume, plane, params, intensity, thing_list)
+        else:
+            source = (heads_source or sequential_heads)(
+                engine, volume, plane, params.slice.replace(label_divisor=_SLICE_DIVISOR), intensity)
+            raw = yield from plane_stack_steps(source, tuple(volume.shape), plane, params, thing_list)
+        t1 = time.perf_counter()
+        yield Progress(plane, "tracking", 0, 1)
+        stacks[plane] = _track_plane(raw, plane, thing_list, params.consensus)
+        del raw
+        t2 = time.perf_counter()
+        timings["network+postprocess_s"] += t1 - t0
+        timings["tracking_s"] += t2 - t1
+        yield Progress(plane, "tracking", 1, 1)
+    if params.orthoplane:
+        yield Progress("all", "consensus", 0, 1)
+        t0 = time.perf_counter()
+        labels = consensus(stacks, params.consensus)
+        timings["consensus_s"] = time.perf_counter() - t0
+        yield Progress("all", "consensus", 1, 1)
+    else:
+        labels = stacks[params.plane]
+    meta = {"intensity": intensity[2] if len(intensity) > 2 else None,
+            "model": engine.model.config.name, "params": params}
+    return VolumeResult(labels, stacks if (params.return_stacks or params.orthoplane) else {},
+                        timings, meta)
+
+
+def _drain(gen, progress: Callable | None, cancel) -> VolumeResult:
+    while True:
+        if cancel is not None and cancel.is_set():
+            gen.close()
+            raise Cancelled("the job was cancelled")
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(p)
+
+
+def available_devices() -> list[str]:
+    """All CUDA GPUs if there are any, else the CPU (the default device list of a 3D job)."""
+    import torch
+
+    n = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
+
+
+def parse_devices(devices) -> list[str]:
+    """``None`` -> all available; ``"cpu,cuda:0"`` or a list -> that list (checked)."""
+    from nbapp.models import resolve_device
+
+    if devices is None:
+        return available_devices()
+    items = devices.split(",") if isinstance(devices, str) else list(devices)
+    items = [str(d).strip() for d in items if str(d).strip()]
+    if not items:
+        raise InputError("the device list is empty: give e.g. cpu or cuda:0,cuda:1")
+    for d in items:
+        resolve_device(d)
+    return items
+
+
+def make_engines(model, devices, batch_size: int = 4) -> list:
+    """One engine per device, sharing one loaded model (copied to each device)."""
+    from nbapp.engine import Engine
+    from nbapp.models import load_model
+
+    devs = parse_devices(devices)
+    base = load_model(model, device=devs[0])
+    return [Engine(base.to(d), batch_size=batch_size) for d in devs]
+
+
+def segment_volume(volume, model="default", params: VolumeParams = VolumeParams(), devices=None,
+                   client=None, progress: Callable | None = None, cancel=None,
+                   batch_size: int = 4) -> np.ndarray | tuple[np.ndarray, dict]:
+    """Segment a (Z, Y, X) volume: single plane or ortho-plane with consensus.
+
+    Parameters
+    ----------
+    volume : (Z, Y, X) array (numpy, memory-mapped or zarr)
+    model : str, Model or torch.nn.Module
+        What :func:`nbapp.load_model` accepts.
+    params : VolumeParams
+    devices : list of str or str, optional
+        Devices to run on, one worker each; default: all CUDA GPUs, else the CPU.
+    client : dask.distributed.Client, optional
+        Run the network and 2D post-processing as tasks on a Dask cluster.
+    progress : callable, optional
+        Called with each :class:`Progress` (in the calling thread).
+    cancel : threading.Event, optional
+        Set it to stop the job (raises :class:`Cancelled`).
+
+    Returns
+    -------
+    labels : (Z, Y, X) int32
+        ids 1..N.
+    stacks : dict, only when ``params.return_stacks``
+        {"xy", "xz", "yz"} -> (Z, Y, X) int32 per-plane labels.
+    """
+    from nbapp.jobs import DevicePool
+
+    if not isinstance(params, VolumeParams):
+        raise InputError(f"params must be VolumeParams, got {type(params).__name__}")
+    _check_volume(volume)
+    engines = make_engines(model, devices, batch_size)
+    if client is not None:
+        from nbapp.cluster import DaskPlanes
+
+        steps = volume_steps(engines[0], volume, params,
+                             plane_runner=DaskPlanes(client, model, batch_size))
+    else:
+        steps = volume_steps(engines[0], volume, params, heads_source=DevicePool(engines))
+    result = _drain(steps, progress, cancel)
+    if params.return_stacks:
+        return result.labels, result.stacks
+    return result.labels
