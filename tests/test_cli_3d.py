@@ -1,0 +1,113 @@
+"""The command line in 3D: --mode 3d, --return-stacks, nbapp consensus, and bad 3D input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from models import TinyNet
+
+from nbapp.cli import main
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = tmp_path / "tiny.pt"
+    torch.jit.script(TinyNet(seed=1)).save(str(model))
+    vol = (np.random.default_rng(0).random((20, 32, 36)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "vol.tif", vol)
+    return tmp_path, str(model)
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_3d_with_stacks_then_consensus_from_files_matches(setup, capsys):
+    d, model = setup
+    code, err = run(capsys, "segment", d / "vol.tif", "-o", d / "out.tif", "--mode", "3d", "--model",
+                    model, "--return-stacks", "--min-size", "0", "--min-extent", "0", "--median", "3")
+    assert code == 0, err
+    full = tifffile.imread(d / "out.tif")
+    stacks = [tifffile.imread(d / f"out_{p}.tif") for p in ("xy", "xz", "yz")]
+    assert full.shape == (20, 32, 36) and all(s.shape == full.shape for s in stacks)
+    assert "xy network" in err  # the progress bars went to the terminal
+    code, err = run(capsys, "consensus", d / "out_xy.tif", d / "out_xz.tif", d / "out_yz.tif",
+                    "-o", d / "again.tif", "--min-size", "0", "--min-extent", "0")
+    assert code == 0, err
+    np.testing.assert_array_equal(tifffile.imread(d / "again.tif"), full)
+    # other settings: a stricter vote can only remove foreground
+    code, _ = run(capsys, "consensus", d / "out_xy.tif", d / "out_xz.tif", d / "out_yz.tif",
+                  "-o", d / "vote3.tif", "--vote", "3", "--min-size", "0", "--min-extent", "0")
+    assert code == 0
+    assert np.count_nonzero(tifffile.imread(d / "vote3.tif")) <= np.count_nonzero(full)
+
+
+def test_single_plane_to_zarr(setup, capsys):
+    import zarr
+
+    d, model = setup
+    code, err = run(capsys, "segment", d / "vol.tif", "-o", d / "out.zarr", "--mode", "3d", "--model",
+                    model, "--no-orthoplane", "--plane", "yz", "--min-size", "0", "--min-extent", "0")
+    assert code == 0, err
+    assert zarr.open(str(d / "out.zarr"), mode="r").shape == (20, 32, 36)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--median", "4"], "median_size must be an odd number"),
+    (["--median", "13"], "median_size"),
+    (["--plane", "zz"], "plane must be one of"),
+    (["--vote", "0"], "vote_threshold must be in"),
+    (["--vote", "4"], "vote_threshold must be in"),
+    (["--min-size", "-5"], "min_size"),
+    (["--min-extent", "5000"], "min_extent"),
+    (["--devices", "cuda:9"], "CUDA"),
+    (["--devices", ","], "device list is empty"),
+])
+def test_bad_3d_options(setup, capsys, extra, message):
+    d, model = setup
+    code, err = run(capsys, "segment", d / "vol.tif", "-o", d / "out.tif", "--mode", "3d",
+                    "--model", model, *extra)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nbapp: error:") and message in lines[0]
+    assert not (d / "out.tif").exists()
+    assert sorted(p.name for p in d.iterdir()) == ["tiny.pt", "vol.tif"]
+
+
+def test_2d_input_in_3d_mode(setup, capsys):
+    d, model = setup
+    tifffile.imwrite(d / "img.tif", np.zeros((32, 32), np.uint8))
+    code, err = run(capsys, "segment", d / "img.tif", "-o", d / "out.tif", "--mode", "3d",
+                    "--model", model)
+    assert code == 2 and "needs a volume (Z, Y, X)" in err and not (d / "out.tif").exists()
+
+
+def test_consensus_stacks_of_different_shapes(setup, capsys):
+    d, _ = setup
+    for name, shape in (("a", (4, 8, 8)), ("b", (4, 8, 8)), ("c", (4, 8, 9))):
+        tifffile.imwrite(d / f"{name}.tif", np.zeros(shape, np.int32), photometric="minisblack")
+    code, err = run(capsys, "consensus", d / "a.tif", d / "b.tif", d / "c.tif", "-o", d / "o.tif")
+    assert code == 2 and "different shapes" in err and not (d / "o.tif").exists()
+
+
+def test_consensus_of_float_or_2d_stacks(setup, capsys):
+    d, _ = setup
+    tifffile.imwrite(d / "f.tif", np.zeros((4, 8, 8), np.float32), photometric="minisblack")
+    tifffile.imwrite(d / "i.tif", np.zeros((4, 8, 8), np.int32), photometric="minisblack")
+    tifffile.imwrite(d / "two.tif", np.zeros((8, 8), np.int32))
+    code, err = run(capsys, "consensus", d / "f.tif", d / "i.tif", d / "i.tif", "-o", d / "o.tif")
+    assert code == 2 and "integer labels" in err
+    code, err = run(capsys, "consensus", d / "two.tif", d / "i.tif", d / "i.tif", "-o", d / "o.tif")
+    assert code == 2 and "must be a volume" in err
+
+
+def test_unreachable_scheduler(setup, capsys):
+    pytest.importorskip("distributed")
+    d, model = setup
+    code, err = run(capsys, "segment", d / "vol.tif", "-o", d / "out.tif", "--mode", "3d",
+                    "--model", model, "--scheduler", "tcp://127.0.0.1:9")
+    assert code == 2 and "cannot reach the Dask scheduler" in err
+    assert not (d / "out.tif").exists()
