@@ -319,20 +319,25 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, chunks: tuple | No
         raise InputError(f"output folder {str(folder)!r} does not exist")
     if ext != ".zarr" and path.is_dir():
         raise InputError(f"cannot write {str(path)!r}: it is an existing folder")
-    labels = np.asarray(labels)
+    labels = labels if hasattr(labels, "shape") and hasattr(labels, "dtype") else np.asarray(labels)
     tmp = folder / f".{path.name}.{uuid.uuid4().hex[:8]}.part{ext}"
     try:
         if ext in (".tif", ".tiff"):
             import tifffile
 
-            tifffile.imwrite(tmp, labels, compression="zlib", photometric="minisblack")
+            tifffile.imwrite(tmp, np.asarray(labels), compression="zlib", photometric="minisblack")
             os.replace(tmp, path)
         else:
             import zarr
 
+            chunks = chunks or _default_chunks(labels.shape)
             store = zarr.open(str(tmp), mode="w", shape=labels.shape, dtype=labels.dtype,
-                              chunks=chunks or _default_chunks(labels.shape))
-            store[...] = labels
+                              chunks=chunks)
+            # slab by slab (one chunk row along the first axis at a time): works for arrays that
+            # are memory-mapped or lazily computed without materialising a second full copy
+            step = chunks[0] if labels.ndim > 2 else labels.shape[0]
+            for s0 in range(0, labels.shape[0], max(1, step)):
+                store[s0 : s0 + step] = np.asarray(labels[s0 : s0 + step])
             _replace_tree(tmp, path)
     except OSError as exc:
         raise InputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None

@@ -125,7 +125,8 @@ def sequential_heads(engine, volume, plane: str, sp, intensity):
 
 
 def plane_stack_steps(source, shape: tuple, plane: str, params: VolumeParams,
-                      thing_list: tuple = (1,)) -> Generator[Progress, None, np.ndarray]:
+                      thing_list: tuple = (1,), timings: dict | None = None
+                      ) -> Generator[Progress, None, np.ndarray]:
     """Median and 2D post-processing for every slice of one plane, as the network outputs arrive.
 
     Parameters
@@ -136,8 +137,13 @@ def plane_stack_steps(source, shape: tuple, plane: str, params: VolumeParams,
 
     Yields :class:`Progress` after each slice; returns the (Z, Y, X) int32 stack of per-slice
     panoptic labels (``class * 2**20 + instance``, numbered per slice). Only a window of
-    ``median_size`` slices of network outputs is held at a time.
+    ``median_size`` slices of network outputs is held at a time. ``timings`` (if given)
+    accumulates ``network_s`` (engine time, possibly in other threads), ``median_s`` and
+    ``postprocess_s``.
     """
+    t = timings if timings is not None else {}
+    for k in ("network_s", "median_s", "postprocess_s"):
+        t.setdefault(k, 0.0)
     ax = plane_axis(plane)
     n = shape[ax]
     r = (params.median_size - 1) // 2
@@ -149,12 +155,17 @@ def plane_stack_steps(source, shape: tuple, plane: str, params: VolumeParams,
     arrived = 0
     for i_arr, heads in source:
         window[i_arr] = heads
+        t["network_s"] += heads.meta.get("network_s", 0.0)
         arrived = i_arr + 1
         while next_post < n and (next_post + r < arrived or arrived == n):
             i = next_post
             lo, hi = max(0, i - r), min(n - 1, i + r)
+            t0 = time.perf_counter()
             sem = median_window([window[k].sem for k in range(lo, hi + 1)])
+            t1 = time.perf_counter()
             view[i] = segment_heads(dataclasses.replace(window[i], sem=sem), sp, thing_list)
+            t["median_s"] += t1 - t0
+            t["postprocess_s"] += time.perf_counter() - t1
             for k in [k for k in window if k < i + 1 - r]:
                 del window[k]
             next_post += 1
@@ -237,7 +248,8 @@ def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
     if intensity is None:
         intensity = volume_intensity(volume)
     thing_list = tuple(engine.model.config.thing_list)
-    timings = {"network+postprocess_s": 0.0, "tracking_s": 0.0, "consensus_s": 0.0}
+    timings = {"network_s": 0.0, "median_s": 0.0, "postprocess_s": 0.0, "stacks_wall_s": 0.0,
+               "tracking_s": 0.0, "consensus_s": 0.0}
     stacks = {}
     for plane in params.planes:
         t0 = time.perf_counter()
@@ -246,13 +258,14 @@ def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
         else:
             source = (heads_source or sequential_heads)(
                 engine, volume, plane, params.slice.replace(label_divisor=_SLICE_DIVISOR), intensity)
-            raw = yield from plane_stack_steps(source, tuple(volume.shape), plane, params, thing_list)
+            raw = yield from plane_stack_steps(source, tuple(volume.shape), plane, params, thing_list,
+                                               timings)
         t1 = time.perf_counter()
         yield Progress(plane, "tracking", 0, 1)
         stacks[plane] = _track_plane(raw, plane, thing_list, params.consensus)
         del raw
         t2 = time.perf_counter()
-        timings["network+postprocess_s"] += t1 - t0
+        timings["stacks_wall_s"] += t1 - t0
         timings["tracking_s"] += t2 - t1
         yield Progress(plane, "tracking", 1, 1)
     if params.orthoplane:
