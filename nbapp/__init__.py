@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 
 from nbapp.errors import InputError, LabelOverflowError, ModelError, NbappError, ParameterError
-from nbapp.params import SliceParams
+from nbapp.params import ConsensusParams, SliceParams, VolumeParams
 
 __version__ = "0.1.0"
 
@@ -27,10 +27,18 @@ _LAZY = {
     "Heads": "nbapp.heads",
     "read_image": "nbapp.io",
     "write_labels": "nbapp.io",
+    "segment_volume": "nbapp.volume",
+    "consensus": "nbapp.volume",
+    "JobRunner": "nbapp.jobs",
 }
 
 __all__ = [
+    "ConsensusParams",
     "Engine",
+    "JobRunner",
+    "VolumeParams",
+    "consensus",
+    "segment_volume",
     "Heads",
     "InputError",
     "LabelOverflowError",
