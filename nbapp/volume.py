@@ -24,7 +24,7 @@ from nbapp.params import PLANES, ConsensusParams, VolumeParams
 from nbapp.postprocess import segment_heads
 
 __all__ = ["Progress", "VolumeResult", "Cancelled", "plane_axis", "get_slice", "median_window",
-           "plane_stack_steps", "volume_steps", "segment_volume", "consensus",
+           "plane_stack_steps", "volume_steps", "segment_volume", "consensus", "semantic_consensus",
            "volume_intensity"]
 
 #: Per-slice label divisor used inside 3D jobs: large enough that no slice overflows.
@@ -233,6 +233,25 @@ def consensus(stacks: dict, params: ConsensusParams = ConsensusParams()) -> np.n
     return orthoplane_consensus(stacks["xy"], stacks["xz"], stacks["yz"], params)
 
 
+def semantic_consensus(stacks: dict, vote_threshold: int = 2) -> np.ndarray:
+    """Per-voxel class vote of three semantic stacks (class ids, 0 background): a voxel takes
+    a class when at least ``vote_threshold`` views agree on it (SPEC: semantic-only classes).
+
+    >>> a = np.array([[[1, 1, 0]]]); b = np.array([[[1, 0, 0]]]); c = np.array([[[0, 1, 2]]])
+    >>> semantic_consensus({"xy": a, "xz": b, "yz": c}, 2).tolist()
+    [[[1, 1, 0]]]
+    """
+    from nbapp.consensus import semantic_vote
+
+    out = np.zeros(stacks["xy"].shape, np.int32)
+    classes = np.union1d(np.union1d(np.unique(stacks["xy"]), np.unique(stacks["xz"])),
+                         np.unique(stacks["yz"]))
+    for c in classes[classes > 0]:
+        masks = [stacks[p] == c for p in PLANES]
+        out[semantic_vote(masks, vote_threshold)] = c
+    return out
+
+
 def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
                  intensity: tuple | None = None, heads_source=None, plane_runner=None
                  ) -> Generator[Progress, None, VolumeResult]:
@@ -262,7 +281,10 @@ def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
                                                timings)
         t1 = time.perf_counter()
         yield Progress(plane, "tracking", 0, 1)
-        stacks[plane] = _track_plane(raw, plane, thing_list, params.consensus)
+        if params.slice.semantic_only:  # no instances: the class of each voxel
+            stacks[plane] = (raw // _SLICE_DIVISOR).astype(np.int32)
+        else:
+            stacks[plane] = _track_plane(raw, plane, thing_list, params.consensus)
         del raw
         t2 = time.perf_counter()
         timings["stacks_wall_s"] += t1 - t0
@@ -271,11 +293,16 @@ def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
     if params.orthoplane:
         yield Progress("all", "consensus", 0, 1)
         t0 = time.perf_counter()
-        labels = consensus(stacks, params.consensus)
+        if params.slice.semantic_only:
+            labels = semantic_consensus(stacks, params.consensus.vote_threshold)
+        else:
+            labels = consensus(stacks, params.consensus)
         timings["consensus_s"] = time.perf_counter() - t0
         yield Progress("all", "consensus", 1, 1)
     else:
         labels = stacks[params.plane]
+    if params.slice.semantic_only and params.slice.label_divisor:
+        labels = labels * np.int32(params.slice.label_divisor)
     meta = {"intensity": intensity[2] if len(intensity) > 2 else None,
             "model": engine.model.config.name, "params": params}
     return VolumeResult(labels, stacks if (params.return_stacks or params.orthoplane) else {},

@@ -203,3 +203,15 @@ def test_dask_needs_a_model_file():
     with pytest.raises(InputError, match="model file"):
         model_spec_for_workers(TinyNet())
     assert model_spec_for_workers("default") == "default"
+
+
+@pytest.mark.parametrize("orthoplane", [False, True])
+def test_semantic_only_3d_is_a_voxel_vote(orthoplane):
+    truth = ellipsoids(seed=2)
+    sp = SliceParams(semantic_only=True, label_divisor=0)
+    res, _ = run(LabelEngine(), truth.astype(np.float32),
+                 VolumeParams(slice=sp, orthoplane=orthoplane, median_size=1))
+    np.testing.assert_array_equal(res.labels, (truth > 0).astype(np.int32))
+    res, _ = run(LabelEngine(), truth.astype(np.float32),
+                 VolumeParams(slice=sp.replace(label_divisor=1000), orthoplane=orthoplane, median_size=1))
+    assert set(np.unique(res.labels)) == {0, 1000}
