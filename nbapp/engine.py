@@ -63,17 +63,24 @@ class Engine:
         check_image_values(arr)
         if arr.ndim == 2:
             arr = arr[None]
+        self.check_size(arr.shape[1:], downsampling)
+        return arr
+
+    def check_size(self, shape: tuple, downsampling: int = 1, what: str = "image") -> None:
+        """Raise :class:`InputError` if (H, W) images are too small for the model.
+
+        ``what`` names the image in the message ("image", "xz slice", ...).
+        """
         if downsampling not in DOWNSAMPLING_FACTORS:
             raise ParameterError(f"downsampling must be one of {DOWNSAMPLING_FACTORS}, got {downsampling!r}")
-        hd, wd = self.input_shape(arr.shape[1:], downsampling)
+        hd, wd = self.input_shape(shape, downsampling)
         pf = self.model.config.padding_factor
         if min(hd, wd) < pf:
             raise InputError(
-                f"image of {arr.shape[1]}x{arr.shape[2]} pixels is too small: after downsampling by "
+                f"{what} of {shape[0]}x{shape[1]} pixels is too small: after downsampling by "
                 f"{downsampling} it is {hd}x{wd}, smaller than the model's padding factor {pf}; "
                 "use a larger image or less downsampling"
             )
-        return arr
 
     def infer(self, images: np.ndarray, downsampling: int = 1, fine_boundaries: bool = False,
               intensity: tuple | None = None) -> list[Heads]:

@@ -184,3 +184,77 @@ class JobRunner:
         """Cancel any running job and wait for its thread to end."""
         self.cancel()
         self.wait(timeout)
+
+
+class DevicePool:
+    """One worker thread per engine (one engine per device) computing network outputs.
+
+    Blocks of slices are dealt to whichever worker is free; :meth:`heads` yields the outputs in
+    slice order, so the caller's post-processing runs in parallel with the network and adding
+    devices keeps scaling. At most ``prefetch`` blocks per worker are held ahead of the consumer
+    (bounded memory). Closing the iterator (cancel) stops and joins the workers.
+
+    Use it as ``heads_source`` of :func:`nbapp.volume.volume_steps`.
+    """
+
+    def __init__(self, engines: list, prefetch: int = 2):
+        if not engines:
+            raise ValueError("DevicePool needs at least one engine")
+        self.engines = list(engines)
+        self.prefetch = max(1, int(prefetch))
+
+    def __call__(self, _engine, volume, plane: str, sp, intensity):
+        return self.heads(volume, plane, sp, intensity)
+
+    def heads(self, volume, plane: str, sp, intensity):
+        """Yield ``(i, Heads)`` for every slice of ``plane``, in order."""
+        from nbapp.volume import infer_batch, plane_axis, slice_batches
+
+        n = volume.shape[plane_axis(plane)]
+        batches = slice_batches(n, self.engines[0].batch_size)
+        results: dict[int, list] = {}
+        errors: list[BaseException] = []
+        cond = threading.Condition()
+        stop = threading.Event()
+        slots = threading.Semaphore(self.prefetch * len(self.engines))
+        counter = iter(range(len(batches)))
+
+        def worker(engine):
+            while not stop.is_set():
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                with cond:
+                    b = next(counter, None)
+                if b is None:
+                    slots.release()
+                    return
+                try:
+                    out = infer_batch(engine, volume, plane, batches[b], sp, intensity)
+                except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                    with cond:
+                        errors.append(exc)
+                        cond.notify_all()
+                    return
+                with cond:
+                    results[b] = out
+                    cond.notify_all()
+
+        threads = [threading.Thread(target=worker, args=(e,), name=f"nbapp-device-{e.device}",
+                                    daemon=True) for e in self.engines]
+        for t in threads:
+            t.start()
+        try:
+            for b, batch in enumerate(batches):
+                with cond:
+                    while b not in results and not errors:
+                        cond.wait()
+                    if errors:
+                        raise errors[0]
+                    out = results.pop(b)
+                slots.release()
+                yield from zip(batch, out)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()

@@ -267,6 +267,13 @@ def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
     if intensity is None:
         intensity = volume_intensity(volume)
     thing_list = tuple(engine.model.config.thing_list)
+    check = getattr(engine, "check_size", None)
+    for plane in params.planes:  # fail before any work, not after the first plane
+        ax = plane_axis(plane)
+        shape2d = tuple(s for i, s in enumerate(volume.shape) if i != ax)
+        if check is not None:
+            check(shape2d, params.slice.downsampling,
+                  f"{plane} slice (volume {'x'.join(map(str, volume.shape))})")
     timings = {"network_s": 0.0, "median_s": 0.0, "postprocess_s": 0.0, "stacks_wall_s": 0.0,
                "tracking_s": 0.0, "consensus_s": 0.0}
     stacks = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Dict
 
 import numpy as np
@@ -239,4 +241,26 @@ def ellipsoids(shape=(32, 48, 48), n: int = 5, seed: int = 0) -> np.ndarray:
             continue
         k += 1
         lab[m] = k
+    return lab
+
+
+DATA = Path(os.environ.get("NBAPP_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def data_path(*parts: str) -> Path:
+    """Path under the shared real-EM data folder; skips the test when it is absent."""
+    import pytest
+
+    p = DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real EM data not available ({p}); set NBAPP_DATA to its folder")
+    return p
+
+
+def disks(shape=(96, 128), centres=((30, 30), (30, 52), (70, 90)), radius=12) -> np.ndarray:
+    """Instance labels of a few disks (the first two touch), ids 1..K."""
+    yy, xx = np.indices(shape)
+    lab = np.zeros(shape, np.int32)
+    for i, (cy, cx) in enumerate(centres, start=1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i
     return lab

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import data_path
+from models import data_path
 from models import OracleNet, Recorder, TinyNet, dense_labels, f1_score, oracle_images, save_oracle
 
 from nbapp import InputError, ParameterError, SliceParams, SliceSegmenter, segment_image

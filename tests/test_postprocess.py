@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import data_path, disks
+from models import data_path, disks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import dense_labels, f1_score, ideal_heads

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import data_path
+from models import data_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import data_path
+from models import data_path
 from models import LabelEngine, TinyNet, ellipsoids
 
 from nbapp import InputError, ParameterError

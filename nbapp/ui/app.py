@@ -1,0 +1,132 @@
+"""The app: data & model, 2D parameter testing, 3D job and results, status and log.
+
+>>> from nbapp.ui import App                    # doctest: +SKIP
+>>> App()          # displays in a notebook      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ipywidgets as W
+
+from nbapp.ui.controls import Controls2D, Controls3D, DataPanel, ModelPanel, StatusArea
+from nbapp.ui.session import Session, available_device_names
+from nbapp.ui.state import AppState
+from nbapp.ui.threads import add_error_sink, remove_error_sink
+from nbapp.ui.viewer2d import CompareView, HeadsView, Viewer2D
+from nbapp.ui.viewer3d import LabelsView3D, ObjectTable, StacksView
+
+__all__ = ["App", "app"]
+
+
+class App(W.VBox):
+    """The nbapp widget app (display it in a notebook, or serve it with Voila).
+
+    Parameters
+    ----------
+    volume : array or str, optional
+        A 2D image or 3D stack / volume (numpy array) or a path to read; default: the bundled
+        demo volume.
+    model : str, Model or torch.nn.Module, optional
+        ``"default"`` (default), a YAML config, a TorchScript file or a loaded model.
+    device : str, optional
+        ``cpu``, ``cuda:N`` or ``mps``; default: the first GPU, else the CPU.
+    data_root : path, optional
+        Voila mode: typed paths (data, models, exports) must stay inside this folder.
+    upload_limit_mb : float
+        Largest accepted upload.
+    synchronous : bool
+        Run 2D work and 3D jobs in the caller's thread (tests, scripts).
+    debounce_s : float
+        Slider changes closer than this are coalesced into one computation.
+
+    Attributes
+    ----------
+    state : AppState
+        The observable state (what the views show).
+    session : Session
+        The actions (load, segment, run, export), usable without the widgets.
+    """
+
+    def __init__(self, volume=None, model=None, device=None, data_root=None,
+                 upload_limit_mb: float = 200.0, synchronous: bool = False,
+                 debounce_s: float = 0.05, **kwargs):
+        super().__init__(**kwargs)
+        self.add_class("nbapp-app")
+        self.state = state = AppState()
+        try:
+            devices = available_device_names()
+        except Exception:  # noqa: BLE001 - torch problems are reported when a model loads
+            devices = ["cpu"]
+        state.devices = devices
+        state.device = device or (devices[1] if len(devices) > 1 else "cpu")
+        self.session = session = Session(state, data_root, upload_limit_mb, synchronous, debounce_s)
+        self.status = StatusArea(state)
+        add_error_sink(self._ui_error)
+
+        self.data_panel = DataPanel(state, session)
+        self.model_panel = ModelPanel(state, session, devices)
+        self.viewer2d = Viewer2D(state, on_box=session.suggest_from_box)
+        self.controls2d = Controls2D(state, session, on_box_mode=self.viewer2d.set_box_mode)
+        self.heads_view = HeadsView(state)
+        self.compare_view = CompareView(state)
+        self.controls3d = Controls3D(state, session)
+        self.stacks_view = StacksView(state)
+        self.view3d = LabelsView3D(state)
+        self.table = ObjectTable(state)
+
+        tab_data = W.VBox([self.data_panel.widget, self.model_panel.widget])
+        tab_2d = W.VBox([W.HBox([self.controls2d.widget, self.viewer2d.widget]),
+                         self.heads_view.widget, self.compare_view.widget])
+        results = W.VBox([self.stacks_view.widget,
+                          W.HBox([self.view3d.widget, self.table.widget]),
+                          self.controls3d.export_widget])
+        tab_3d = W.VBox([self.controls3d.widget, results])
+        self.tabs = W.Tab(children=[tab_data, tab_2d, tab_3d],
+                          titles=("Data & model", "2D parameter testing", "3D inference"))
+        self.children = [W.HTML("<h3 style='margin:4px 0'>nbapp: mitochondria segmentation</h3>"),
+                         self.tabs, self.status.widget]
+
+        if isinstance(volume, str):
+            session.load_path(volume)
+        elif volume is not None:
+            session.set_volume(volume, "array")
+        else:
+            session.load_demo()
+        # the model last, so that a model problem is what the status line shows
+        session.load_model("default" if model is None else model, device or state.device)
+        if model is not None and not isinstance(model, str):
+            state.model_spec = "(in-memory model)"
+            self.model_panel.spec.value = state.model_spec
+
+    def _ui_error(self, text: str) -> None:
+        self.state.say("a view update failed (see the log)", "error", text)
+
+    @property
+    def widget(self) -> "App":
+        """The widget to display (the app itself)."""
+        return self
+
+    def close(self) -> None:
+        """Stop jobs and threads, remove uploads, close the widgets."""
+        remove_error_sink(self._ui_error)
+        self.session.close()
+        todo, seen = [self], set()
+        while todo:  # every widget of the tree (figures' canvases and toolbars included)
+            w = todo.pop()
+            if id(w) in seen:
+                continue
+            seen.add(id(w))
+            todo.extend(getattr(w, "children", ()) or ())
+            toolbar = getattr(w, "toolbar", None)
+            if isinstance(toolbar, W.Widget):
+                todo.append(toolbar)
+            if w is not self:
+                w.close()
+        super().close()
+
+
+def app(volume=None, model=None, device=None, data_root=None, upload_limit_mb: float = 200.0,
+        **kwargs) -> App:
+    """Build the app (a widget: make it the last expression of a cell to show it)."""
+    return App(volume=volume, model=model, device=device, data_root=data_root,
+               upload_limit_mb=upload_limit_mb, **kwargs)

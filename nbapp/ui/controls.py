@@ -1,0 +1,361 @@
+"""Control panels: they set the state (through the session's actions) and follow it.
+
+Every parameter widget carries its SPEC label (:data:`nbapp.params.LABELS`) as ``description``.
+"""
+
+from __future__ import annotations
+
+import html
+
+import ipywidgets as W
+
+from nbapp.errors import NbappError
+from nbapp.jobs import JobState
+from nbapp.params import DOWNSAMPLING_FACTORS, LABELS, MEDIAN_SIZES, PLANES
+from nbapp.ui.session import Session
+from nbapp.ui.state import AppState
+
+__all__ = ["StatusArea", "DataPanel", "ModelPanel", "Controls2D", "Controls3D", "ProgressBars"]
+
+_WIDE = {"description_width": "initial"}
+_COLOURS = {"info": "#333", "ok": "#1a7f37", "warning": "#9a6700", "error": "#cf222e"}
+
+
+def _layout(width="420px"):
+    return W.Layout(width=width)
+
+
+class StatusArea:
+    """The status line (last message, coloured by level) and the log (every message and
+    traceback). Updated only from the state, i.e. in the UI thread."""
+
+    def __init__(self, state: AppState):
+        self.state = state
+        self.line = W.HTML("")
+        self.log = W.Output(layout=W.Layout(max_height="160px", overflow="auto",
+                                            border="1px solid #ddd"))
+        self.log_box = W.Accordion(children=[self.log], titles=("Log",))
+        self.log_box.selected_index = None
+        self.widget = W.VBox([self.line, self.log_box])
+        self._seen = 0
+        state.observe(self._status, names=["status", "status_level"])
+        state.observe(self._messages, names=["messages"])
+
+    def _status(self, change=None) -> None:
+        st = self.state
+        colour = _COLOURS.get(st.status_level, "#333")
+        self.line.value = (f"<div class='nbapp-status nbapp-{st.status_level}' style='color:{colour}'>"
+                           f"{html.escape(st.status)}</div>")
+
+    def _messages(self, change) -> None:
+        new = change.new[len(change.old):] if len(change.new) >= len(change.old) else change.new[-1:]
+        for line in new:
+            self.log.append_stdout(line + "\n")
+
+
+class DataPanel:
+    """Path box (restricted to the data root in Voila mode), upload, demo, data info."""
+
+    def __init__(self, state: AppState, session: Session):
+        self.state, self.session = state, session
+        root = session.data_root
+        self.path = W.Text(placeholder=("a path inside " + str(root)) if root else "path to a file",
+                           description="Path", layout=_layout("420px"))
+        self.load = W.Button(description="Load", icon="folder-open")
+        self.upload = W.FileUpload(accept=",".join(
+            (".tif", ".tiff", ".png", ".jpg", ".npy", ".mrc", ".h5", ".hdf5")), multiple=False,
+            description=f"Upload (≤ {session.upload_limit_mb:g} MB)",
+            layout=W.Layout(width="220px"))
+        self.demo = W.Button(description="Demo volume")
+        self.info = W.HTML("<i>no data</i>")
+        self.load.on_click(lambda _: session.load_path(self.path.value))
+        self.demo.on_click(lambda _: session.load_demo())
+        self.upload.observe(self._uploaded, names=["value"])
+        self.widget = W.VBox([W.HTML("<b>Data</b>"), W.HBox([self.path, self.load]),
+                              W.HBox([self.upload, self.demo]), self.info])
+        state.observe(self._data, names=["data", "slice_params"])
+
+    def _uploaded(self, change) -> None:
+        for item in change.new:
+            self.session.load_upload(item["name"], item["content"], item.get("size"))
+        if change.new:
+            self.upload.value = ()
+
+    def _data(self, change=None) -> None:
+        d = self.state.data
+        if d is None:
+            self.info.value = "<i>no data</i>"
+            return
+        kind = self.session.effective_kind()
+        vs = ("voxel size " + " x ".join(f"{v:g}" for v in d.voxel_size) + " nm"
+              if d.voxel_size else "voxel size unknown")
+        note = d.intensity[2] if d.intensity and len(d.intensity) > 2 else ""
+        self.info.value = (f"<b>{html.escape(d.name)}</b>: {' x '.join(map(str, d.shape))} "
+                           f"{d.array.dtype} &middot; <b>{kind}</b> (detected: {d.detected}) "
+                           f"&middot; {vs}<br><small>{html.escape(note)}</small>")
+
+
+class ModelPanel:
+    """Model choice, device choice and the model info."""
+
+    def __init__(self, state: AppState, session: Session, devices: list[str]):
+        self.state, self.session = state, session
+        self.spec = W.Combobox(value=state.model_spec, options=self._choices(session.data_root),
+                               description="Model", placeholder="default, config .yaml or TorchScript .pt",
+                               ensure_option=False, layout=_layout("420px"))
+        self.device = W.Dropdown(options=devices, value=state.device if state.device in devices
+                                 else devices[0], description="Device")
+        self.load = W.Button(description="Load model", icon="cube")
+        self.info = W.HTML("<i>no model loaded</i>")
+        self.load.on_click(self._load)
+        self.widget = W.VBox([W.HTML("<b>Model</b>"), W.HBox([self.spec, self.load]), self.device,
+                              self.info])
+        state.observe(self._info, names=["model_info"])
+
+    @staticmethod
+    def _choices(root) -> list[str]:
+        """"default" and the model files at the top of the data root."""
+        from pathlib import Path
+
+        found = []
+        if root is not None and Path(root).is_dir():
+            found = sorted(p.name for p in Path(root).iterdir()
+                           if p.suffix.lower() in (".yaml", ".yml", ".pt", ".pth") and p.is_file())
+        return ["default", *found[:50]]
+
+    def _load(self, _=None) -> None:
+        self.state.model_spec = self.spec.value.strip() or "default"
+        self.session.load_model(self.state.model_spec, self.device.value)
+
+    def _info(self, change=None) -> None:
+        i = self.state.model_info
+        if not i:
+            self.info.value = "<i>no model loaded</i>"
+            return
+        norms = i.get("norms") or {}
+        rows = [("name", i.get("name")), ("classes", ", ".join(map(str, i.get("classes", [])))),
+                ("thing classes", i.get("thing_list")),
+                ("norms", f"mean {norms.get('mean')}, std {norms.get('std')}"),
+                ("padding factor", i.get("padding_factor")),
+                ("parameters", f"{i.get('parameters', 0):,}"), ("device", i.get("device")),
+                ("description", i.get("description"))]
+        self.info.value = "<table class='nbapp-model-info'>" + "".join(
+            f"<tr><th style='text-align:left;padding-right:8px'>{k}</th>"
+            f"<td>{html.escape(str(v))}</td></tr>" for k, v in rows) + "</table>"
+
+
+class Controls2D:
+    """Plane, slice and every 2D parameter; opacity; network outputs; compare; box tool."""
+
+    def __init__(self, state: AppState, session: Session, on_box_mode=None):
+        self.state, self.session = state, session
+        sp = state.slice_params
+        self.plane = W.ToggleButtons(options=PLANES, value=state.plane, description="Plane")
+        self.index = W.IntSlider(0, min=0, max=0, description="Slice", continuous_update=True,
+                                 layout=_layout())
+        w = {
+            "downsampling": W.Dropdown(options=DOWNSAMPLING_FACTORS, value=sp.downsampling),
+            "seg_threshold": W.FloatSlider(sp.seg_threshold, min=0.1, max=0.9, step=0.05,
+                                           layout=_layout()),
+            "center_threshold": W.FloatSlider(sp.center_threshold, min=0.05, max=0.9, step=0.05,
+                                              layout=_layout()),
+            "min_distance": W.IntSlider(sp.min_distance, min=1, max=35, layout=_layout()),
+            "fine_boundaries": W.Checkbox(sp.fine_boundaries),
+            "label_divisor": W.BoundedIntText(sp.label_divisor, min=0, max=2**31 - 1),
+            "semantic_only": W.Checkbox(sp.semantic_only),
+            "fill_holes": W.Checkbox(sp.fill_holes),
+            "batch_mode": W.Checkbox(sp.batch_mode),
+        }
+        for name, widget in w.items():
+            widget.description = LABELS[name]
+            widget.style = _WIDE
+            widget.observe(self._param(name), names=["value"])
+        self.widgets = w
+        self.opacity = W.FloatSlider(state.opacity, min=0, max=1, step=0.05,
+                                     description="Label opacity", style=_WIDE, layout=_layout())
+        W.link((self.opacity, "value"), (state, "opacity"))
+        self.show_heads = W.ToggleButton(False, description="Network outputs", icon="eye")
+        W.link((self.show_heads, "value"), (state, "show_heads"))
+        self.compare = W.Button(description="Compare downsampling", icon="th-large")
+        self.compare.on_click(lambda _: session.compare_downsampling())
+        self.run_batch = W.Button(description="Run batch", icon="play", disabled=not sp.batch_mode)
+        self.run_batch.on_click(lambda _: session.run_batch())
+        self.box = W.ToggleButton(False, description="Draw box", icon="square-o",
+                                  tooltip="draw a box around the smallest object to keep")
+        if on_box_mode is not None:
+            self.box.observe(lambda c: on_box_mode(c.new), names=["value"])
+        self.suggestion = W.HTML("")
+        self.apply = W.Button(description="Apply suggestion", disabled=True)
+        self.apply.on_click(lambda _: session.apply_suggestion())
+        self.plane.observe(lambda c: setattr(state, "plane", c.new), names=["value"])
+        self.index.observe(lambda c: setattr(state, "index", c.new), names=["value"])
+        state.observe(self._from_state, names=["slice_params", "plane", "index", "data"])
+        state.observe(self._suggest, names=["suggestion"])
+        self.widget = W.VBox([
+            W.HBox([self.plane]), self.index, *w.values(), self.opacity,
+            W.HBox([self.show_heads, self.compare, self.run_batch]),
+            W.HBox([self.box, self.apply]), self.suggestion,
+        ])
+
+    def _param(self, name):
+        def handler(change):
+            st = self.state
+            try:
+                st.slice_params = st.slice_params.replace(**{name: change.new})
+            except NbappError as exc:
+                self.session.report(exc, LABELS[name])
+        return handler
+
+    def _from_state(self, change=None) -> None:
+        st = self.state
+        sp = st.slice_params
+        for name, widget in self.widgets.items():
+            v = getattr(sp, name)
+            if widget.value != v:
+                widget.value = v
+        kind = self.session.effective_kind()
+        self.plane.disabled = kind != "volume"
+        if kind != "volume" and st.plane != "xy":
+            st.plane = "xy"
+        if self.plane.value != st.plane:
+            self.plane.value = st.plane
+        n = self.session.slice_count()
+        self.index.max = max(n - 1, 0)
+        self.index.disabled = n <= 1
+        if self.index.value != st.index:
+            self.index.value = min(st.index, self.index.max)
+        if st.index > self.index.max:
+            st.index = self.index.max
+        self.run_batch.disabled = kind != "stack"
+
+    def _suggest(self, change=None) -> None:
+        s = self.state.suggestion
+        parts = []
+        if "min_size" in s:
+            parts.append(f"{LABELS['min_size']} <b>{s['min_size']}</b>")
+            parts.append(f"{LABELS['min_extent']} <b>{s['min_extent']}</b>")
+        if "median_size" in s:
+            parts.append(f"{LABELS['median_size']} <b>{s['median_size']}</b> (from the voxel size)")
+        self.suggestion.value = ("Suggested: " + ", ".join(parts)) if parts else ""
+        self.apply.disabled = not parts
+
+
+class ProgressBars:
+    """One progress bar per plane (and one for the consensus) fed by job snapshots."""
+
+    ROWS = (*PLANES, "all")
+
+    def __init__(self, state: AppState):
+        self.state = state
+        self.bars = {p: W.IntProgress(0, min=0, max=1, description=p if p != "all" else "consensus",
+                                      style=_WIDE, layout=_layout("300px")) for p in self.ROWS}
+        self.labels = {p: W.Label("") for p in self.ROWS}
+        self.summary = W.HTML("")
+        self.widget = W.VBox([self.summary] + [W.HBox([self.bars[p], self.labels[p]]) for p in self.ROWS])
+        state.observe(self._update, names=["job"])
+
+    def _update(self, change=None) -> None:
+        snap = self.state.job
+        for p in self.ROWS:
+            if p in snap.planes:
+                done, total = snap.planes[p]
+                stage = snap.stages.get(p, "")
+                bar = self.bars[p]
+                if stage == "network" or p == "all":
+                    bar.max = max(total, 1)
+                    bar.value = min(done, max(total, 1))
+                else:  # tracking after the network: the slices are all done
+                    bar.value = bar.max
+                text = f"{stage} {done}/{total}" if stage == "network" else (
+                    f"{stage} {'done' if done >= total else '...'}")
+                if p == snap.plane and snap.state == JobState.RUNNING:
+                    text += f" · {snap.elapsed:.1f} s"
+                    if snap.eta is not None:
+                        text += f" · ETA {snap.eta:.0f} s"
+                self.labels[p].value = text
+            elif snap.state == JobState.RUNNING and snap.stage == "starting":
+                self.bars[p].value = 0
+                self.labels[p].value = ""
+            style = {JobState.DONE: "success", JobState.FAILED: "danger",
+                     JobState.CANCELLED: "warning"}.get(snap.state, "info")
+            self.bars[p].bar_style = style
+        extra = f" · {snap.error}" if snap.error else ""
+        self.summary.value = (f"job {snap.job_id}: <b>{snap.state.value}</b>"
+                              f" · {snap.elapsed:.1f} s{html.escape(extra)}" if snap.job_id else "")
+
+
+class Controls3D:
+    """Every 3D parameter; Run / Cancel; progress; re-run consensus; exports."""
+
+    def __init__(self, state: AppState, session: Session):
+        self.state, self.session = state, session
+        vp = state.volume_params
+        cp = vp.consensus
+        w = {
+            "plane": W.Dropdown(options=PLANES, value=vp.plane),
+            "orthoplane": W.Checkbox(vp.orthoplane),
+            "median_size": W.Dropdown(options=MEDIAN_SIZES, value=vp.median_size),
+            "min_size": W.BoundedIntText(cp.min_size, min=0, max=1_000_000),
+            "min_extent": W.BoundedIntText(cp.min_extent, min=0, max=1000),
+            "vote_threshold": W.IntSlider(cp.vote_threshold, min=1, max=3),
+            "allow_one_view": W.Checkbox(cp.allow_one_view),
+            "return_stacks": W.Checkbox(vp.return_stacks),
+        }
+        for name, widget in w.items():
+            widget.description = LABELS[name]
+            widget.style = _WIDE
+            widget.observe(self._param(name), names=["value"])
+        self.widgets = w
+        self.run = W.Button(description="Run", icon="play", button_style="primary")
+        self.cancel = W.Button(description="Cancel", icon="stop", disabled=True)
+        self.rerun = W.Button(description="Re-run consensus", icon="refresh", disabled=True)
+        self.run.on_click(lambda _: session.run_3d())
+        self.cancel.on_click(lambda _: session.cancel_3d())
+        self.rerun.on_click(lambda _: session.rerun_consensus())
+        self.progress = ProgressBars(state)
+        self.export_path = W.Text(value="labels.tif", description="Export to", style=_WIDE,
+                                  placeholder="NAME.tif or NAME.zarr" + (
+                                      " (inside the data root)" if session.data_root else ""))
+        self.export_labels = W.Button(description="Export labels", icon="download")
+        self.table_path = W.Text(value="objects.csv", description="Table to", style=_WIDE)
+        self.export_table = W.Button(description="Export table (CSV)", icon="table")
+        self.export_labels.on_click(lambda _: session.export_labels(self.export_path.value))
+        self.export_table.on_click(lambda _: session.export_table(self.table_path.value))
+        state.observe(self._from_state, names=["volume_params"])
+        state.observe(self._job, names=["job", "stacks"])
+        self.widget = W.VBox([
+            *w.values(), W.HBox([self.run, self.cancel, self.rerun]), self.progress.widget,
+        ])
+        self.export_widget = W.VBox([W.HBox([self.export_path, self.export_labels]),
+                                     W.HBox([self.table_path, self.export_table])])
+
+    def _param(self, name):
+        def handler(change):
+            st = self.state
+            vp = st.volume_params
+            try:
+                if name in ("vote_threshold", "allow_one_view", "min_size", "min_extent"):
+                    vp = vp.replace(consensus=vp.consensus.replace(**{name: change.new}))
+                else:
+                    vp = vp.replace(**{name: change.new})
+            except NbappError as exc:
+                self.session.report(exc, LABELS[name])
+                return
+            st.volume_params = vp
+        return handler
+
+    def _from_state(self, change=None) -> None:
+        vp = self.state.volume_params
+        for name, widget in self.widgets.items():
+            src = vp.consensus if name in ("vote_threshold", "allow_one_view", "min_size",
+                                           "min_extent") else vp
+            v = getattr(src, name)
+            if widget.value != v:
+                widget.value = v
+        self.widgets["plane"].disabled = vp.orthoplane
+
+    def _job(self, change=None) -> None:
+        running = self.state.job.state == JobState.RUNNING
+        self.run.disabled = running
+        self.cancel.disabled = not running
+        self.rerun.disabled = running or not all(p in self.state.stacks for p in PLANES)

@@ -1,0 +1,668 @@
+"""What the app does, without widgets: load data and models, 2D live inference, the 3D job,
+consensus, suggestions and exports. It reads and writes :class:`~nbapp.ui.state.AppState`;
+results of worker threads reach the state only through :func:`nbapp.ui.threads.call_in_ui`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from nbapp.errors import InputError, ModelError, NbappError
+from nbapp.intensity import intensity_range
+from nbapp.jobs import JobRunner, JobState, Snapshot
+from nbapp.params import PLANES
+from nbapp.ui.state import AppState, CompareResult, DataSet, Result2D
+from nbapp.ui.threads import LatestRunner, call_in_ui
+
+__all__ = ["Session", "resolve_in_root", "suggest_filters", "suggest_median", "object_table",
+           "detect_kind", "available_device_names", "describe_error", "COMPARE_FACTORS", "ALL_GPUS"]
+
+COMPARE_FACTORS = (1, 2, 4, 8)
+#: Device choice that runs 3D jobs on every CUDA device (2D uses the first).
+ALL_GPUS = "all GPUs"
+UPLOAD_FORMATS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".mrc", ".map", ".rec",
+                  ".h5", ".hdf5")
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def resolve_in_root(path: str, root: str | os.PathLike | None) -> Path:
+    """The real path that ``path`` names, checked to stay inside ``root`` (when given).
+
+    Relative paths are taken from ``root``. Rejected: ``..`` components, absolute paths outside
+    the root, and symbolic links that lead out of it.
+
+    >>> resolve_in_root("a/../../etc/passwd", "/data")
+    Traceback (most recent call last):
+    ...
+    nbapp.errors.InputError: path 'a/../../etc/passwd' contains '..': give a path inside the data root
+    """
+    text = str(path).strip()
+    if not text:
+        raise InputError("no path given")
+    if root is None:
+        return Path(text).expanduser()
+    if ".." in Path(text.replace("\\", "/")).parts:
+        raise InputError(f"path {text!r} contains '..': give a path inside the data root")
+    root_real = Path(os.path.realpath(root))
+    p = Path(text)
+    if not p.is_absolute():
+        p = Path(root) / p
+    real = Path(os.path.realpath(p))
+    try:
+        real.relative_to(root_real)
+    except ValueError:
+        raise InputError(f"path {text!r} is outside the data root {str(root)!r}") from None
+    return real
+
+
+def detect_kind(shape: tuple, voxel_size=None) -> str:
+    """Guess what an array is: ``image`` (2D), ``stack`` (few unrelated 2D images) or ``volume``.
+
+    >>> detect_kind((64, 64)), detect_kind((3, 64, 64)), detect_kind((40, 64, 64))
+    ('image', 'stack', 'volume')
+    """
+    if len(shape) == 2:
+        return "image"
+    if len(shape) != 3:
+        raise InputError(f"expected a 2D image or a 3D stack / volume, got shape {tuple(shape)}")
+    if voxel_size is None and shape[0] < 8:
+        return "stack"
+    return "volume"
+
+
+def suggest_filters(height: float, width: float) -> dict:
+    """Min Size and Min Box Extent suggested by a box drawn around the smallest object to keep.
+
+    The third side of the box is taken as the smaller drawn side; an ellipsoid fills about half
+    of its box, so Min Size is half the box volume minus a 20 % margin; Min Box Extent is the
+    smallest side minus 2 voxels.
+
+    >>> suggest_filters(20, 30)
+    {'min_size': 4800, 'min_extent': 18}
+    """
+    h, w = abs(float(height)), abs(float(width))
+    third = min(h, w)
+    volume = h * w * third
+    return {"min_size": int(min(1_000_000, math.floor(volume / 2 * 0.8))),
+            "min_extent": int(max(0, min(1000, math.floor(min(h, w, third)) - 2)))}
+
+
+def suggest_median(voxel_size) -> int | None:
+    """Median Filter Size for a voxel size in nm (the spacing along Z, the xy stacking axis):
+    3 above 20 nm, 5 from 10 to 20 nm, 7 below 10 nm, 9 below 5 nm.
+
+    >>> [suggest_median((s, 5, 5)) for s in (30, 15, 8, 4)]
+    [3, 5, 7, 9]
+    """
+    if not voxel_size:
+        return None
+    z = float(voxel_size[0])
+    if not math.isfinite(z) or z <= 0:
+        return None
+    if z >= 20:
+        return 3
+    if z >= 10:
+        return 5
+    if z >= 5:
+        return 7
+    return 9
+
+
+def object_table(labels: np.ndarray) -> list[dict]:
+    """One row per object of a (Z, Y, X) label volume: id, voxels, bounding box (start
+    inclusive, stop exclusive), centroid and extent (Z, Y, X).
+
+    >>> lab = np.zeros((2, 3, 4), np.int32); lab[0, 1:3, 1:4] = 5
+    >>> object_table(lab)[0]["bbox"], object_table(lab)[0]["voxels"]
+    ((0, 1, 1, 1, 3, 4), 6)
+    """
+    labels = np.asarray(labels)
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    if ids.size == 0:
+        return []
+    objs = ndi.find_objects(labels.astype(np.int64, copy=False), max_label=int(ids.max()))
+    rows = []
+    for i in ids:
+        sl = objs[int(i) - 1]
+        mask = labels[sl] == i
+        coords = np.nonzero(mask)
+        n = int(coords[0].size)
+        centroid = tuple(round(float(c.mean()) + s.start, 1) for c, s in zip(coords, sl))
+        starts = tuple(int(s.start) for s in sl)
+        stops = tuple(int(s.stop) for s in sl)
+        rows.append({"id": int(i), "voxels": n, "bbox": starts + stops, "centroid": centroid,
+                     "extent": tuple(b - a for a, b in zip(starts, stops))})
+    return rows
+
+
+def available_device_names() -> list[str]:
+    """cpu, every CUDA device and mps when present."""
+    import torch
+
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    names = ["cpu"] + cuda + ([ALL_GPUS] if len(cuda) > 1 else [])
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
+def describe_error(exc: BaseException) -> tuple[str, str | None]:
+    """(one line for the status, traceback for the log or None) for an exception."""
+    if isinstance(exc, NbappError):
+        return str(exc), None
+    if isinstance(exc, MemoryError):
+        return (f"out of memory: {exc or 'use more downsampling, a smaller volume or single-plane'}",
+                None)
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return f"{type(exc).__name__}: {exc}", tb
+
+
+# ---------------------------------------------------------------- the session
+
+class Session:
+    """The app's actions on one :class:`AppState`.
+
+    Parameters
+    ----------
+    state : AppState
+    data_root : path, optional
+        Voila mode: paths typed by the user must stay inside it; exports go there.
+    upload_limit_mb : float
+        Largest accepted upload.
+    synchronous : bool
+        Run 2D requests and 3D jobs in the caller's thread (tests, scripts).
+    debounce_s : float
+        Slider requests closer than this are coalesced (threaded mode).
+    """
+
+    def __init__(self, state: AppState, data_root=None, upload_limit_mb: float = 200.0,
+                 synchronous: bool = False, debounce_s: float = 0.05):
+        self.state = state
+        self.data_root = None if data_root is None else Path(data_root)
+        self.upload_limit_mb = float(upload_limit_mb)
+        self.synchronous = synchronous
+        self.runner2d = LatestRunner(debounce_s=debounce_s, synchronous=synchronous)
+        self.jobs = JobRunner(on_update=self._job_update, synchronous=synchronous)
+        self.segmenter = None
+        self._engines: dict = {}
+        self._upload_dir: str | None = None
+        self._job_devices: list[str] | None = None  # None: the model's device
+        self._quiet = False  # set while several state changes make one 2D request
+        state.observe(self._params_changed, names=["slice_params", "plane", "index"])
+
+    # -- errors
+    def report(self, exc: BaseException, what: str = "") -> None:
+        line, tb = describe_error(exc)
+        self.state.say(f"{what}: {line}" if what else line, "error", tb)
+
+    # -- data
+    def set_volume(self, array, name: str = "array", voxel_size=None, meta: dict | None = None) -> None:
+        """Use ``array`` (2D image or 3D stack / volume) as the data."""
+        try:
+            arr = np.asarray(array) if not hasattr(array, "shape") else array
+            kind = detect_kind(tuple(arr.shape), voxel_size)
+            if not hasattr(arr, "dtype") or arr.dtype == bool or np.iscomplexobj(arr):
+                raise InputError(f"{name}: cannot segment data of dtype {getattr(arr, 'dtype', '?')}")
+            arr = np.asarray(arr)
+            if kind == "volume":
+                from nbapp.volume import volume_intensity
+
+                intensity = volume_intensity(arr)
+            else:
+                intensity = intensity_range(arr)
+        except Exception as exc:  # noqa: BLE001 - every load problem reaches the status area
+            self.report(exc, f"cannot use {name}")
+            return
+        st = self.state
+        ds = DataSet(arr, name, kind, tuple(voxel_size) if voxel_size else None, intensity,
+                     dict(meta or {}))
+        self._quiet = True
+        try:
+            self._reset_for(ds, kind)
+        finally:
+            self._quiet = False
+        vs = f", voxel size {'x'.join(f'{v:g}' for v in ds.voxel_size)} nm" if ds.voxel_size else ""
+        st.say(f"loaded {name}: {kind} {'x'.join(map(str, arr.shape))} {arr.dtype}{vs}", "ok")
+        self.request_2d()
+
+    def _reset_for(self, ds: DataSet, kind: str) -> None:
+        st, arr = self.state, ds.array
+        with st.hold_trait_notifications():
+            st.data = ds
+            st.result2d = None
+            st.compare = []
+            st.batch_labels = None
+            st.stacks = {}
+            st.labels3d = None
+            st.table = []
+            st.plane = "xy"
+            st.index = arr.shape[0] // 2 if kind != "image" else 0
+            st.result_slice = arr.shape[0] // 2 if arr.ndim == 3 else 0
+            st.slice_params = st.slice_params.replace(batch_mode=kind == "stack")
+            med = suggest_median(ds.voxel_size)
+            sug = {k: v for k, v in st.suggestion.items() if k != "median_size"}
+            if med is not None:
+                sug["median_size"] = med
+            st.suggestion = sug
+
+    def load_path(self, path: str) -> None:
+        """Read a file typed in the path box (restricted to the data root in Voila mode)."""
+        from nbapp.io import read_image, source_file
+
+        try:
+            text = str(path).strip()
+            resolve_in_root(source_file(text) if text else text, self.data_root)
+            full = text if self.data_root is None or os.path.isabs(text) else str(self.data_root / text)
+            arr, meta = read_image(full)
+        except Exception as exc:  # noqa: BLE001
+            self.report(exc, "cannot load")
+            return
+        self.set_volume(arr, Path(source_file(text)).name, meta.get("voxel_size"), meta)
+
+    def load_upload(self, name: str, content: bytes, size: int | None = None) -> None:
+        """Read an uploaded file (size-limited; written to a private temporary folder)."""
+        from nbapp.io import read_image
+
+        try:
+            size = len(content) if size is None else int(size)
+            if size > self.upload_limit_mb * 1e6:
+                raise InputError(f"upload {name!r} is {size / 1e6:.1f} MB, over the limit of "
+                                 f"{self.upload_limit_mb:g} MB: put the file in the data folder "
+                                 "and give its path instead")
+            base = Path(str(name).replace("\\", "/")).name
+            ext = Path(base).suffix.lower()
+            if ext not in UPLOAD_FORMATS:
+                raise InputError(f"cannot read upload {base!r}: use one of {', '.join(UPLOAD_FORMATS)}")
+            if self._upload_dir is None:
+                self._upload_dir = tempfile.mkdtemp(prefix="nbapp-upload-")
+            target = Path(self._upload_dir) / base
+            target.write_bytes(bytes(content))
+            arr, meta = read_image(target)
+            arr = np.array(arr)
+        except Exception as exc:  # noqa: BLE001
+            self.report(exc, "upload failed")
+            return
+        self.set_volume(arr, base, meta.get("voxel_size"), meta)
+
+    def load_demo(self, shape=None, n_mito=None) -> None:
+        from nbapp.samples import demo_volume
+
+        kw = {k: v for k, v in (("shape", shape), ("n_mito", n_mito)) if v is not None}
+        img, _ = demo_volume(**kw)
+        self.set_volume(img, "demo volume", (5.0, 5.0, 5.0), {"format": "synthetic"})
+
+    # -- model
+    def load_model(self, spec=None, device: str | None = None) -> bool:
+        """Load a model (``default``, a YAML config, a TorchScript file or a Model); True if ok."""
+        from nbapp.inference import SliceSegmenter
+        from nbapp.models import load_model
+
+        st = self.state
+        spec = st.model_spec if spec is None else spec
+        device = device or st.device or "cpu"
+        all_gpus = device == ALL_GPUS
+        try:
+            if all_gpus:
+                import torch
+
+                self._job_devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+                device = self._job_devices[0] if self._job_devices else "cpu"
+            else:
+                self._job_devices = None
+            if isinstance(spec, (str, os.PathLike)) and str(spec).strip() != "default":
+                text = str(spec).strip()
+                real = resolve_in_root(text, self.data_root)
+                spec = str(real) if self.data_root is not None else text
+            model = load_model(spec, device=device)
+            seg = SliceSegmenter(model)
+        except Exception as exc:  # noqa: BLE001
+            self.report(exc, "cannot load the model")
+            return False
+        self.segmenter = seg
+        self._engines = {}
+        info = model.info()
+        with st.hold_trait_notifications():
+            st.model = model
+            st.model_info = info
+            st.device = ALL_GPUS if all_gpus else str(model.device)
+            st.result2d = None
+            st.compare = []
+        st.say(f"model {info.get('name')!r} loaded on {model.device} "
+               f"({info.get('parameters', 0):,} parameters)", "ok")
+        self.request_2d()
+        return True
+
+    # -- 2D
+    def effective_kind(self) -> str | None:
+        d = self.state.data
+        if d is None:
+            return None
+        if d.array.ndim == 2:
+            return "image"
+        return "stack" if self.state.slice_params.batch_mode else "volume"
+
+    def slice_image(self, plane: str, index: int) -> tuple[np.ndarray, tuple]:
+        """The 2D image shown for (plane, index) and its intensity range."""
+        d = self.state.data
+        kind = self.effective_kind()
+        if kind == "image":
+            return d.array, d.intensity
+        if kind == "stack":
+            img = np.asarray(d.array[index])
+            return img, intensity_range(img)
+        from nbapp.volume import get_slice
+
+        return get_slice(d.array, plane, index), d.intensity
+
+    def slice_count(self, plane: str | None = None) -> int:
+        d = self.state.data
+        if d is None or d.array.ndim == 2:
+            return 1
+        kind = self.effective_kind()
+        plane = "xy" if kind == "stack" else (plane or self.state.plane)
+        return d.array.shape[PLANES.index(plane)]
+
+    def _params_changed(self, change) -> None:
+        if not self._quiet:
+            self.request_2d()
+
+    def request_2d(self) -> None:
+        """Segment the current slice (latest request wins; cached heads when only
+        post-processing parameters changed)."""
+        st = self.state
+        if st.data is None or self.segmenter is None:
+            return
+        kind = self.effective_kind()
+        plane = st.plane if kind == "volume" else "xy"
+        index = min(max(st.index, 0), self.slice_count(plane) - 1)
+        sp = st.slice_params
+        seg = self.segmenter
+        data = st.data
+        st.busy2d = True
+
+        def work():
+            return self._compute_2d(seg, data, kind, plane, index, sp)
+
+        def deliver(result, error):
+            call_in_ui(lambda: self._apply_2d(result, error))
+
+        self.runner2d.submit("slice", work, deliver)
+
+    def _compute_2d(self, seg, data, kind, plane, index, sp) -> Result2D:
+        from nbapp.postprocess import find_centres
+
+        img, intensity = self.slice_image(plane, index)
+        heads = seg.heads(img, sp, key=(id(data), kind, plane, index), intensity=intensity)
+        timing = dict(seg.timings)
+        t0 = time.perf_counter()
+        labels = seg.postprocess(heads, sp)
+        post = time.perf_counter() - t0
+        centres = find_centres(heads.ctr, sp.center_threshold, sp.min_distance)
+        count = int(np.count_nonzero(np.unique(labels)))
+        return Result2D(img, labels, heads, centres, count, float(timing.get("network_s", 0.0)),
+                        post, bool(timing.get("cached", False)), plane, index, sp)
+
+    def _apply_2d(self, result, error) -> None:
+        st = self.state
+        st.busy2d = False
+        if error is not None:
+            self.report(error, "2D inference failed")
+            return
+        st.result2d = result
+
+    def compare_downsampling(self) -> None:
+        """Run the current slice at downsampling 1, 2, 4 and 8 (one panel each)."""
+        st = self.state
+        if st.data is None or self.segmenter is None:
+            st.say("load data and a model first", "warning")
+            return
+        kind = self.effective_kind()
+        plane = st.plane if kind == "volume" else "xy"
+        index = min(max(st.index, 0), self.slice_count(plane) - 1)
+        sp, seg, data = st.slice_params, self.segmenter, st.data
+
+        def work():
+            out = []
+            for ds in COMPARE_FACTORS:
+                try:
+                    r = self._compute_2d(seg, data, kind, plane, index, sp.replace(downsampling=ds))
+                    out.append(CompareResult(ds, r.image, r.labels, r.count, r.network_s,
+                                             r.postprocess_s))
+                except NbappError as exc:
+                    img, _ = self.slice_image(plane, index)
+                    out.append(CompareResult(ds, img, None, 0, 0.0, 0.0, str(exc)))
+            return out
+
+        def deliver(result, error):
+            def apply():
+                if error is not None:
+                    self.report(error, "compare downsampling failed")
+                else:
+                    st.compare = result
+                    st.say("compared downsampling " + ", ".join(
+                        f"{c.downsampling}: {c.count if c.error is None else 'too small'}"
+                        for c in result), "ok")
+            call_in_ui(apply)
+
+        self.runner2d.submit("compare", work, deliver)
+
+    def run_batch(self) -> None:
+        """Batch mode: segment every image of the stack on its own."""
+        st = self.state
+        if st.data is None or self.segmenter is None or st.data.array.ndim != 3:
+            st.say("batch mode needs a stack of 2D images and a model", "warning")
+            return
+        seg, arr, sp = self.segmenter, st.data.array, st.slice_params
+
+        def deliver(result, error):
+            def apply():
+                if error is not None:
+                    self.report(error, "batch inference failed")
+                    return
+                st.batch_labels = result
+                n = sum(int(np.count_nonzero(np.unique(s))) for s in result)
+                st.say(f"batch mode: {n} instances in {len(result)} images", "ok")
+            call_in_ui(apply)
+
+        self.runner2d.submit("batch", lambda: seg.segment_batch(np.asarray(arr), sp), deliver)
+
+    def suggest_from_box(self, height: float, width: float) -> dict:
+        st = self.state
+        sug = {k: v for k, v in st.suggestion.items() if k == "median_size"}
+        sug.update(suggest_filters(height, width))
+        st.box = (float(abs(height)), float(abs(width)))
+        st.suggestion = sug
+        return sug
+
+    def apply_suggestion(self) -> None:
+        st = self.state
+        sug = st.suggestion
+        if not sug:
+            st.say("draw a box around the smallest object first", "warning")
+            return
+        try:
+            cp = st.volume_params.consensus.replace(
+                **{k: sug[k] for k in ("min_size", "min_extent") if k in sug})
+            vp = st.volume_params.replace(consensus=cp)
+            if "median_size" in sug:
+                vp = vp.replace(median_size=sug["median_size"])
+        except NbappError as exc:
+            self.report(exc, "cannot apply the suggestion")
+            return
+        st.volume_params = vp
+        st.say(f"applied: Min Size {cp.min_size}, Min Box Extent {cp.min_extent}, "
+               f"Median Filter Size {vp.median_size}", "ok")
+
+    # -- 3D
+    def _engines_for(self, model) -> list:
+        from nbapp.volume import make_engines
+
+        devices = tuple(self._job_devices or [str(model.device)])
+        key = (id(model), devices)
+        if key not in self._engines:
+            self._engines = {key: make_engines(model, list(devices))}
+        return self._engines[key]
+
+    def run_3d(self) -> bool:
+        """Start the 3D job (in JobRunner's thread); False if it could not start."""
+        from nbapp.jobs import DevicePool
+        from nbapp.volume import volume_steps
+
+        st = self.state
+        try:
+            if st.data is None:
+                raise InputError("load a volume first")
+            if self.effective_kind() != "volume":
+                raise InputError(f"3D inference needs a volume; the data is a "
+                                 f"{self.effective_kind()} (turn Batch mode off for a volume)")
+            if st.model is None:
+                raise ModelError("load a model first")
+            vp = st.volume_params.replace(slice=st.slice_params.replace(batch_mode=False))
+            engines = self._engines_for(st.model)
+            volume, intensity = st.data.array, st.data.intensity
+
+            def job():
+                return volume_steps(engines[0], volume, vp, intensity=intensity,
+                                    heads_source=DevicePool(engines))
+
+            st.say(f"3D job started: {'ortho-plane' if vp.orthoplane else vp.plane} on "
+                   f"{', '.join(str(e.device) for e in engines)}", "info")
+            self.jobs.submit(job, name="3d")
+        except Exception as exc:  # noqa: BLE001
+            self.report(exc, "cannot start the 3D job")
+            return False
+        return True
+
+    def cancel_3d(self) -> None:
+        if self.jobs.busy:
+            self.jobs.cancel()
+            self.state.say("cancelling the 3D job ...", "warning")
+
+    def _job_update(self, snap: Snapshot) -> None:
+        call_in_ui(lambda: self._apply_job(snap))
+
+    def _apply_job(self, snap: Snapshot) -> None:
+        st = self.state
+        if snap.job_id < st.job.job_id:
+            return
+        st.job = snap
+        if snap.state == JobState.DONE and snap.result is not None:
+            res = snap.result
+            with st.hold_trait_notifications():
+                st.stacks = dict(res.stacks)
+                st.labels3d = res.labels
+                st.table = object_table(res.labels)
+                st.result_slice = min(st.result_slice, res.labels.shape[0] - 1)
+            t = res.timings
+            st.say(f"3D job done in {snap.elapsed:.1f} s: {len(st.table)} objects "
+                   f"(network {t.get('network_s', 0):.1f} s, tracking {t.get('tracking_s', 0):.1f} s, "
+                   f"consensus {t.get('consensus_s', 0):.1f} s)", "ok")
+        elif snap.state == JobState.CANCELLED:
+            st.say("3D job cancelled", "warning")
+        elif snap.state == JobState.FAILED:
+            st.say(f"3D job failed: {snap.error}", "error")
+
+    def rerun_consensus(self) -> None:
+        """Consensus again from the stored stacks with the current vote / min size / min extent /
+        permit-one-stack (no network)."""
+        from nbapp.volume import consensus
+
+        st = self.state
+        try:
+            if not all(p in st.stacks for p in PLANES):
+                raise InputError("re-running the consensus needs the xy, xz and yz stacks of an "
+                                 "ortho-plane 3D job: run one first")
+            t0 = time.perf_counter()
+            labels = consensus(st.stacks, st.volume_params.consensus)
+        except Exception as exc:  # noqa: BLE001
+            self.report(exc, "consensus failed")
+            return
+        with st.hold_trait_notifications():
+            st.labels3d = labels
+            st.table = object_table(labels)
+        cp = st.volume_params.consensus
+        st.say(f"consensus re-run in {time.perf_counter() - t0:.2f} s (vote {cp.vote_threshold}, "
+               f"min size {cp.min_size}, min extent {cp.min_extent}, one stack "
+               f"{'allowed' if cp.allow_one_view else 'not allowed'}): {len(st.table)} objects", "ok")
+
+    # -- export
+    def _export_target(self, path: str) -> Path:
+        text = str(path).strip()
+        if not text:
+            raise InputError("give a file name to export to")
+        if self.data_root is None:
+            return Path(text).expanduser()
+        if ".." in Path(text).parts:
+            raise InputError(f"path {text!r} contains '..': give a path inside the data root")
+        target = Path(text) if Path(text).is_absolute() else self.data_root / text
+        resolve_in_root(str(target.parent), self.data_root)
+        return target
+
+    def current_labels(self) -> np.ndarray | None:
+        st = self.state
+        if st.labels3d is not None:
+            return st.labels3d
+        if st.batch_labels is not None:
+            return st.batch_labels
+        return None if st.result2d is None else st.result2d.labels
+
+    def export_labels(self, path: str) -> Path | None:
+        from nbapp.io import write_labels
+
+        try:
+            labels = self.current_labels()
+            if labels is None:
+                raise InputError("nothing to export yet: segment a slice or run a 3D job")
+            target = write_labels(self._export_target(path), labels)
+        except Exception as exc:  # noqa: BLE001
+            self.report(exc, "export failed")
+            return None
+        self.state.say(f"labels written to {target}", "ok")
+        return target
+
+    def export_table(self, path: str) -> Path | None:
+        st = self.state
+        try:
+            if not st.table:
+                raise InputError("no object table yet: run a 3D job first")
+            target = self._export_target(path)
+            if target.suffix.lower() != ".csv":
+                raise InputError(f"the table is written as CSV: give a .csv name, not {target.name!r}")
+            if not target.parent.is_dir():
+                raise InputError(f"output folder {str(target.parent)!r} does not exist")
+            tmp = target.with_name(f".{target.name}.part")
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["id", "voxels", "z0", "y0", "x0", "z1", "y1", "x1",
+                            "centroid_z", "centroid_y", "centroid_x", "extent_z", "extent_y",
+                            "extent_x"])
+                for r in st.table:
+                    w.writerow([r["id"], r["voxels"], *r["bbox"], *r["centroid"], *r["extent"]])
+            os.replace(tmp, target)
+        except Exception as exc:  # noqa: BLE001
+            self.report(exc, "table export failed")
+            return None
+        st.say(f"table ({len(st.table)} objects) written to {target}", "ok")
+        return target
+
+    # -- lifetime
+    def close(self) -> None:
+        self.jobs.shutdown()
+        self.runner2d.shutdown()
+        if self._upload_dir is not None:
+            shutil.rmtree(self._upload_dir, ignore_errors=True)
+            self._upload_dir = None
+

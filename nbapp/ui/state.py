@@ -1,0 +1,122 @@
+"""The one observable state of the app (STYLE #13): views observe it, controls set it.
+
+No widgets here. Values that flow into computations are immutable (params dataclasses,
+:class:`DataSet`, :class:`Result2D`, job :class:`~nbapp.jobs.Snapshot`), so a worker thread can
+hold them while the user moves on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import traitlets
+from traitlets import Any, Bool, Dict, Float, HasTraits, Instance, Int, List, Unicode
+
+from nbapp.jobs import Snapshot
+from nbapp.params import ConsensusParams, SliceParams, VolumeParams
+
+__all__ = ["AppState", "DataSet", "Result2D", "CompareResult", "KINDS"]
+
+#: What the loaded data is: one 2D image, a stack of unrelated 2D images, or a 3D volume.
+KINDS = ("image", "stack", "volume")
+
+
+@dataclass(frozen=True, eq=False)
+class DataSet:
+    """A loaded image or volume and what is known about it.
+
+    ``array`` is (H, W) for an image and (Z, Y, X) for a stack or volume; ``intensity`` is the
+    one grey-value range used for every slice of a volume (as in a 3D job); ``voxel_size`` is
+    (Z, Y, X) in nm when the file gives it.
+    """
+
+    array: np.ndarray
+    name: str
+    detected: str
+    voxel_size: tuple | None = None
+    intensity: tuple | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.array.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Result2D:
+    """One 2D result: labels of a slice, with the network outputs it came from."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    heads: object
+    centres: np.ndarray
+    count: int
+    network_s: float
+    postprocess_s: float
+    cached: bool
+    plane: str
+    index: int
+    params: SliceParams
+
+
+@dataclass(frozen=True, eq=False)
+class CompareResult:
+    """One panel of "Compare downsampling": labels (or the error) at one factor."""
+
+    downsampling: int
+    image: np.ndarray
+    labels: np.ndarray | None
+    count: int
+    network_s: float
+    postprocess_s: float
+    error: str | None = None
+
+
+class AppState(HasTraits):
+    """Everything the views show; set by the controls and by the session's workers (through
+    :func:`nbapp.ui.threads.call_in_ui`)."""
+
+    # data
+    data = Instance(DataSet, allow_none=True)
+    # model
+    model_spec = Unicode("default")
+    model = Any(None, allow_none=True)
+    model_info = Dict()
+    device = Unicode("cpu")
+    devices = List(Unicode())
+    # parameters
+    slice_params = Instance(SliceParams, default_value=SliceParams())
+    volume_params = Instance(VolumeParams, default_value=VolumeParams())
+    # 2D view
+    plane = Unicode("xy")
+    index = Int(0)
+    opacity = Float(0.5)
+    show_heads = Bool(False)
+    result2d = Instance(Result2D, allow_none=True)
+    busy2d = Bool(False)
+    compare = List()
+    batch_labels = Any(None, allow_none=True)
+    box = Any(None, allow_none=True)  # (height, width) of the last drawn box, in pixels
+    suggestion = Dict()  # min_size, min_extent, median_size (each optional), why
+    # 3D
+    job = Instance(Snapshot, default_value=Snapshot())
+    stacks = Dict()  # plane -> (Z, Y, X) labels of the last 3D job
+    labels3d = Any(None, allow_none=True)  # consensus (or single-plane) labels
+    table = List()  # per-object rows of labels3d
+    result_slice = Int(0)
+    # messages
+    status = Unicode("")
+    status_level = traitlets.Enum(("info", "ok", "warning", "error"), default_value="info")
+    messages = List(Unicode())
+
+    @property
+    def consensus_params(self) -> ConsensusParams:
+        return self.volume_params.consensus
+
+    def say(self, text: str, level: str = "info", detail: str | None = None) -> None:
+        """Show ``text`` in the status line and append it (and ``detail``) to the log."""
+        self.status_level = level
+        self.status = text
+        lines = [f"[{level}] {text}"] + ([detail.rstrip()] if detail else [])
+        self.messages = [*self.messages, *lines][-500:]

@@ -1,0 +1,260 @@
+"""2D views: the slice with its label overlay, the network outputs, the downsampling comparison.
+
+Figures are built once (matplotlib ``Figure`` on an ipympl canvas, which is the widget) and
+updated in place: ``set_data`` / ``set_extent`` / ``draw_idle``, never rebuilt.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import ipywidgets as W
+from matplotlib.colors import ListedColormap, hsv_to_rgb
+from matplotlib.figure import Figure
+from matplotlib.widgets import RectangleSelector
+
+from nbapp.ui.state import AppState
+
+__all__ = ["figure_widget", "label_cmap", "label_display", "Viewer2D", "HeadsView", "CompareView"]
+
+_N_COLOURS = 255
+
+
+def figure_widget(figsize=(5, 5), **kw) -> Figure:
+    """A matplotlib Figure whose canvas is an ipympl widget (with zoom / pan toolbar), made
+    without pyplot (no global figure registry)."""
+    from ipympl.backend_nbagg import Canvas, FigureManager
+
+    fig = Figure(figsize=figsize, **kw)
+    canvas = Canvas(fig)
+    with warnings.catch_warnings():
+        # ipympl 0.10's Toolbar passes the canvas on to traitlets' HasTraits.__init__
+        warnings.filterwarnings("ignore", message=r"Passing unrecognized arguments to super\(Toolbar\)",
+                                category=DeprecationWarning)
+        canvas.manager = FigureManager(canvas, 0)
+    canvas.header_visible = False
+    canvas.footer_visible = False
+    canvas.resizable = False
+    return fig
+
+
+def label_cmap(seed: int = 0) -> ListedColormap:
+    """255 shuffled bright colours after a transparent 0."""
+    rng = np.random.default_rng(seed)
+    hues = rng.permutation(_N_COLOURS) / _N_COLOURS
+    sat = rng.uniform(0.6, 1.0, _N_COLOURS)
+    val = rng.uniform(0.75, 1.0, _N_COLOURS)
+    rgb = hsv_to_rgb(np.stack([hues, sat, val], axis=1))
+    colours = np.concatenate([[[0, 0, 0, 0]], np.concatenate([rgb, np.ones((_N_COLOURS, 1))], 1)])
+    return ListedColormap(colours, name="nbapp-labels")
+
+
+def label_display(labels: np.ndarray) -> np.ndarray:
+    """Label ids -> colour indices 0..255 (0 stays 0; neighbouring ids get different colours).
+
+    >>> label_display(np.array([[0, 1, 10001, 255]])).tolist()
+    [[0, 1, 56, 255]]
+    """
+    lab = np.asarray(labels).astype(np.int64, copy=False)
+    out = (lab - 1) % _N_COLOURS + 1
+    out[lab == 0] = 0
+    return out.astype(np.uint8)
+
+
+def _setup_image_axes(ax, shape=(2, 2), cmap=None, overlay=True, opacity=0.5):
+    ax.set_axis_off()
+    base = ax.imshow(np.zeros(shape, np.float32), cmap="gray", vmin=0, vmax=1,
+                     interpolation="nearest")
+    over = None
+    if overlay:
+        over = ax.imshow(np.zeros(shape, np.uint8), cmap=cmap or label_cmap(), vmin=0,
+                         vmax=_N_COLOURS, interpolation="nearest", alpha=opacity)
+    return base, over
+
+
+def _show(image_artist, array, clim=None) -> None:
+    """Put ``array`` into an existing AxesImage, fitting extent and limits to its shape."""
+    h, w = array.shape[:2]
+    old = image_artist.get_array().shape[:2]
+    image_artist.set_data(array)
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+    if tuple(image_artist.get_extent()) != extent:
+        image_artist.set_extent(extent)
+    if clim is not None:
+        image_artist.set_clim(*clim)
+    if old != (h, w):
+        image_artist.axes.set_xlim(-0.5, w - 0.5)
+        image_artist.axes.set_ylim(h - 0.5, -0.5)
+
+
+def _image_clim(img: np.ndarray) -> tuple:
+    lo, hi = np.percentile(img, (0.5, 99.5)) if img.size else (0, 1)
+    return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+
+
+class Viewer2D:
+    """The slice, its labels (opacity), the count and timings, and a box tool."""
+
+    def __init__(self, state: AppState, on_box=None):
+        self.state = state
+        self.on_box = on_box
+        self.figure = figure_widget((5.5, 5.5))
+        self.ax = self.figure.add_axes((0, 0, 1, 1))
+        self.image, self.overlay = _setup_image_axes(self.ax, opacity=state.opacity)
+        self.canvas = self.figure.canvas
+        self.info = W.HTML("")
+        self.selector = RectangleSelector(self.ax, self._selected, useblit=False, interactive=True,
+                                          button=[1], minspanx=1, minspany=1, spancoords="data")
+        self.selector.set_active(False)
+        self.widget = W.VBox([self.canvas, self.info])
+        state.observe(self._result, names=["result2d"])
+        state.observe(self._opacity, names=["opacity"])
+        state.observe(self._busy, names=["busy2d"])
+        self.draws = 0
+
+    def set_box_mode(self, on: bool) -> None:
+        self.selector.set_active(bool(on))
+        if not on:
+            self.selector.set_visible(False)
+            self.canvas.draw_idle()
+
+    def _selected(self, eclick, erelease) -> None:
+        x0, x1, y0, y1 = self.selector.extents
+        if self.on_box is not None:
+            self.on_box(y1 - y0, x1 - x0)
+
+    def _busy(self, change) -> None:
+        if change.new:
+            self.info.value = self._text(self.state.result2d, busy=True)
+
+    def _text(self, r, busy=False) -> str:
+        if r is None:
+            return "<i>computing ...</i>" if busy else "<i>no result yet</i>"
+        net = "cached" if r.cached else f"{1000 * r.network_s:.0f} ms"
+        txt = (f"<b>{r.count}</b> instances &middot; network {net} &middot; post-processing "
+               f"{1000 * r.postprocess_s:.0f} ms &middot; {r.plane} slice {r.index}")
+        return txt + (" &middot; <i>updating ...</i>" if busy else "")
+
+    def _result(self, change=None) -> None:
+        r = self.state.result2d
+        if r is None:
+            self.info.value = self._text(None)
+            return
+        labels = r.labels
+        _show(self.image, r.image, _image_clim(r.image))
+        _show(self.overlay, label_display(labels))
+        self.info.value = self._text(r)
+        self.draws += 1
+        self.canvas.draw_idle()
+
+    def _opacity(self, change) -> None:
+        self.overlay.set_alpha(float(change.new))
+        self.canvas.draw_idle()
+
+
+def offsets_to_rgb(offsets: np.ndarray) -> np.ndarray:
+    """(2, h, w) (dy, dx) -> (h, w, 3) colour wheel: hue = direction, value = length."""
+    dy, dx = offsets
+    ang = (np.arctan2(dy, dx) + np.pi) / (2 * np.pi)
+    mag = np.hypot(dy, dx)
+    val = mag / (np.percentile(mag, 99) + 1e-6)
+    hsv = np.stack([ang, np.ones_like(ang), np.clip(val, 0, 1)], axis=-1)
+    return hsv_to_rgb(hsv).astype(np.float32)
+
+
+class HeadsView:
+    """What the network predicts, for teaching: semantic probability, centre heat-map with the
+    detected centres, offset field (colour wheel: hue = direction, brightness = length)."""
+
+    def __init__(self, state: AppState):
+        self.state = state
+        self.figure = figure_widget((9, 3.2))
+        axes = self.figure.subplots(1, 3)
+        self.axes = axes
+        titles = ("semantic probability", "centre heat-map + centres", "offsets (direction)")
+        self.images = []
+        for ax, t in zip(axes, titles):
+            ax.set_axis_off()
+            ax.set_title(t, fontsize=9)
+        self.images.append(axes[0].imshow(np.zeros((2, 2)), cmap="magma", vmin=0, vmax=1,
+                                          interpolation="nearest"))
+        self.images.append(axes[1].imshow(np.zeros((2, 2)), cmap="viridis", interpolation="nearest"))
+        self.images.append(axes[2].imshow(np.zeros((2, 2, 3)), interpolation="nearest"))
+        (self.centres,) = axes[1].plot([], [], "r+", markersize=8, markeredgewidth=1.5)
+        self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.05)
+        self.canvas = self.figure.canvas
+        self.widget = W.VBox([self.canvas])
+        self.widget.layout.display = "none"
+        state.observe(self._update, names=["result2d"])
+        state.observe(self._toggle, names=["show_heads"])
+
+    def _toggle(self, change) -> None:
+        self.widget.layout.display = None if change.new else "none"
+        if change.new:
+            self._update()
+
+    def _update(self, change=None) -> None:
+        r = self.state.result2d
+        if r is None or not self.state.show_heads:
+            return
+        h = r.heads
+        H, Wd = h.shape
+        sem = h.sem[0] if h.sem.shape[0] == 1 else 1.0 - h.sem[0]
+        _show(self.images[0], sem)
+        ctr = h.ctr
+        for img, arr in ((self.images[1], ctr), (self.images[2], offsets_to_rgb(h.offsets))):
+            _show(img, arr)
+            img.set_extent((-0.5, Wd - 0.5, H - 0.5, -0.5))
+            img.axes.set_xlim(-0.5, Wd - 0.5)
+            img.axes.set_ylim(H - 0.5, -0.5)
+        self.images[1].set_clim(float(ctr.min()), float(max(ctr.max(), ctr.min() + 1e-6)))
+        g, ds = h.grid_step, h.downsampling
+        c = np.asarray(r.centres, float).reshape(-1, 2)
+        ys = (c[:, 0] * g + (g - 1) / 2 + 0.5) * ds - 0.5
+        xs = (c[:, 1] * g + (g - 1) / 2 + 0.5) * ds - 0.5
+        self.centres.set_data(xs, ys)
+        self.axes[1].set_title(f"centre heat-map + {len(c)} centres", fontsize=9)
+        self.canvas.draw_idle()
+
+
+class CompareView:
+    """Four panels: the current slice at downsampling 1, 2, 4, 8 with counts and times."""
+
+    def __init__(self, state: AppState, n: int = 4):
+        self.state = state
+        self.figure = figure_widget((10, 2.9))
+        self.axes = list(self.figure.subplots(1, n))
+        cmap = label_cmap()
+        self.panels = [_setup_image_axes(ax, cmap=cmap, opacity=state.opacity) for ax in self.axes]
+        for ax in self.axes:
+            ax.set_title("", fontsize=9)
+        self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.05)
+        self.canvas = self.figure.canvas
+        self.widget = W.VBox([self.canvas])
+        self.widget.layout.display = "none"
+        state.observe(self._update, names=["compare"])
+        state.observe(self._opacity, names=["opacity"])
+
+    def _opacity(self, change) -> None:
+        for _, over in self.panels:
+            over.set_alpha(float(change.new))
+        self.canvas.draw_idle()
+
+    def _update(self, change=None) -> None:
+        results = self.state.compare
+        if not results:
+            self.widget.layout.display = "none"
+            return
+        self.widget.layout.display = None
+        for (base, over), ax, c in zip(self.panels, self.axes, results):
+            _show(base, c.image, _image_clim(c.image))
+            if c.labels is None:
+                _show(over, np.zeros(c.image.shape, np.uint8))
+                ax.set_title(f"downsampling {c.downsampling}: too small", fontsize=9)
+            else:
+                _show(over, label_display(c.labels))
+                net = 1000 * c.network_s
+                ax.set_title(f"ds {c.downsampling}: {c.count} objects, "
+                             f"{net:.0f}+{1000 * c.postprocess_s:.0f} ms", fontsize=9)
+        self.canvas.draw_idle()

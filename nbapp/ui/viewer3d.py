@@ -1,0 +1,174 @@
+"""3D results: the xy / xz / yz stacks and the consensus side by side at one slice, a 3D view of
+the labels (an ipyvolume ``Figure`` widget, shown directly), and the per-object table."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import ipywidgets as W
+from matplotlib.colors import to_hex
+
+from nbapp.params import PLANES
+from nbapp.ui.state import AppState
+from nbapp.ui.viewer2d import _setup_image_axes, _show, figure_widget, label_cmap, label_display
+
+__all__ = ["StacksView", "LabelsView3D", "ObjectTable", "object_meshes"]
+
+PANELS = (*PLANES, "consensus")
+
+
+class StacksView:
+    """Four small panels (xy, xz, yz stacks and the consensus) at a shared z slice."""
+
+    def __init__(self, state: AppState):
+        self.state = state
+        self.figure = figure_widget((10, 2.9))
+        self.axes = list(self.figure.subplots(1, len(PANELS)))
+        cmap = label_cmap()
+        self.panels = [_setup_image_axes(ax, cmap=cmap, opacity=0.6) for ax in self.axes]
+        for ax, name in zip(self.axes, PANELS):
+            ax.set_title(f"{name}: -", fontsize=9)
+        self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.05)
+        self.canvas = self.figure.canvas
+        self.slider = W.IntSlider(0, min=0, max=0, description="Result slice (z)",
+                                  continuous_update=True, style={"description_width": "initial"},
+                                  layout=W.Layout(width="420px"))
+        W.link((self.slider, "value"), (state, "result_slice"))
+        self.widget = W.VBox([self.slider, self.canvas])
+        state.observe(self._update, names=["stacks", "labels3d", "result_slice", "data"])
+
+    def _update(self, change=None) -> None:
+        st = self.state
+        vols = [st.stacks.get(p) for p in PLANES] + [st.labels3d]
+        shape = next((v.shape for v in vols if v is not None), None)
+        if shape is None:
+            return
+        self.slider.max = shape[0] - 1
+        z = min(max(st.result_slice, 0), shape[0] - 1)
+        img = None
+        if st.data is not None and st.data.array.ndim == 3 and st.data.shape == tuple(shape):
+            img = np.asarray(st.data.array[z], np.float32)
+        for (base, over), ax, name, v in zip(self.panels, self.axes, PANELS, vols):
+            _show(base, img if img is not None else np.zeros(shape[1:], np.float32),
+                  (float(img.min()), float(img.max()) + 1e-6) if img is not None else (0, 1))
+            if v is None:
+                _show(over, np.zeros(shape[1:], np.uint8))
+                ax.set_title(f"{name}: -", fontsize=9)
+            else:
+                _show(over, label_display(v[z]))
+                n = int(np.count_nonzero(np.unique(v)))
+                ax.set_title(f"{name}: {n} objects", fontsize=9)
+        self.canvas.draw_idle()
+
+
+def object_meshes(labels: np.ndarray, voxel_size=None, max_objects: int = 64,
+                  max_side: int = 96) -> list[dict]:
+    """Surfaces of the largest objects of a (Z, Y, X) label volume (marching cubes on a
+    downsampled copy): dicts with id, x, y, z (vertex coordinates in voxels of the original,
+    scaled by the voxel size) and triangles."""
+    from skimage.measure import marching_cubes
+
+    labels = np.asarray(labels)
+    step = max(1, int(np.ceil(max(labels.shape) / max_side)))
+    small = labels[::step, ::step, ::step]
+    ids, counts = np.unique(small[small > 0], return_counts=True)
+    order = ids[np.argsort(-counts, kind="stable")][:max_objects]
+    scale = np.asarray(voxel_size if voxel_size else (1.0, 1.0, 1.0), float)
+    scale = scale / scale.min()
+    from scipy import ndimage as ndi
+
+    objs = ndi.find_objects(small.astype(np.int64, copy=False))
+    meshes = []
+    for i in sorted(int(k) for k in order):
+        sl = objs[i - 1]
+        if sl is None:
+            continue
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        mask = np.pad(small[sl] == i, 1).astype(np.float32)
+        if mask.sum() < 2:
+            continue
+        try:
+            verts, faces, _, _ = marching_cubes(mask, 0.5)
+        except (ValueError, RuntimeError):
+            continue
+        offset = np.array([s.start - 1 for s in sl], float)
+        verts = (verts + offset) * step * scale
+        meshes.append({"id": i, "z": verts[:, 0], "y": verts[:, 1], "x": verts[:, 2],
+                       "triangles": faces.astype(np.uint32)})
+    return meshes
+
+
+class LabelsView3D:
+    """The labels in 3D: one coloured surface per object in an ipyvolume Figure widget."""
+
+    def __init__(self, state: AppState, width: int = 420, height: int = 420):
+        import ipyvolume as ipv
+
+        self.state = state
+        self.figure = ipv.Figure(width=width, height=height)
+        self.figure.camera_control = "orbit"
+        self.cmap = label_cmap()
+        self.note = W.HTML("<i>run a 3D job to see the objects in 3D</i>")
+        self.widget = W.VBox([self.note, self.figure])
+        state.observe(self._update, names=["labels3d"])
+
+    def _update(self, change=None) -> None:
+        import ipyvolume as ipv
+
+        labels = self.state.labels3d
+        if labels is None:
+            self.figure.meshes = []
+            return
+        vs = self.state.data.voxel_size if self.state.data is not None else None
+        parts = object_meshes(labels, vs)
+        meshes = []
+        for m in parts:
+            colour = to_hex(self.cmap(label_display(np.array([m["id"]]))[0]))
+            meshes.append(ipv.Mesh(x=m["x"].astype(np.float32), y=m["y"].astype(np.float32),
+                                   z=m["z"].astype(np.float32), triangles=m["triangles"],
+                                   color=colour))
+        self.figure.meshes = meshes
+        shape = np.asarray(labels.shape, float) * (
+            np.asarray(vs, float) / min(vs) if vs else 1.0)
+        self.figure.xlim = (0.0, float(shape[2]))
+        self.figure.ylim = (0.0, float(shape[1]))
+        self.figure.zlim = (0.0, float(shape[0]))
+        n = int(np.count_nonzero(np.unique(labels)))
+        self.note.value = (f"{len(meshes)} of {n} objects shown"
+                           + (" (the largest)" if len(meshes) < n else ""))
+
+
+class ObjectTable:
+    """Per-object table (id, voxels, bounding box, centroid, extent) as HTML."""
+
+    def __init__(self, state: AppState, max_rows: int = 200):
+        self.state = state
+        self.max_rows = max_rows
+        self.html = W.HTML("")
+        self.widget = W.VBox([self.html], layout=W.Layout(max_height="320px", overflow="auto"))
+        state.observe(self._update, names=["table"])
+
+    @property
+    def rows(self) -> int:
+        return min(len(self.state.table), self.max_rows)
+
+    def _update(self, change=None) -> None:
+        rows = self.state.table
+        if not rows:
+            self.html.value = "<i>no objects</i>"
+            return
+        head = ("<tr><th>id</th><th>voxels</th><th>bounding box (z0, y0, x0)-(z1, y1, x1)</th>"
+                "<th>centroid (z, y, x)</th><th>extent (z, y, x)</th></tr>")
+        body = []
+        for r in rows[: self.max_rows]:
+            b = r["bbox"]
+            cells = (r["id"], r["voxels"], f"({b[0]}, {b[1]}, {b[2]})-({b[3]}, {b[4]}, {b[5]})",
+                     "({}, {}, {})".format(*r["centroid"]), "({}, {}, {})".format(*r["extent"]))
+            body.append("<tr class='nbapp-obj'>" + "".join(
+                f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        more = (f"<p>{len(rows) - self.max_rows} more rows in the CSV export</p>"
+                if len(rows) > self.max_rows else "")
+        self.html.value = (f"<p>{len(rows)} objects</p><table class='nbapp-table' "
+                           "style='border-collapse:collapse;font-size:12px'>" + head
+                           + "".join(body) + "</table>" + more)

@@ -1,0 +1,564 @@
+"""The widget app without a browser: build it on a tiny model and a small volume, move the
+controls, assert on the state, the views and the jobs (STYLE #13, #15, #16, #18)."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ipywidgets")
+pytest.importorskip("ipympl")
+pytest.importorskip("ipyvolume")
+pytest.importorskip("matplotlib")
+
+import torch  # noqa: E402
+
+from models import Recorder, TinyNet  # noqa: E402
+from nbapp.jobs import JobState  # noqa: E402
+from nbapp.models import default_config_path, load_model  # noqa: E402
+from nbapp.params import LABELS  # noqa: E402
+from nbapp.samples import demo_volume  # noqa: E402
+
+pytestmark = [
+    # bqscales (imported by ipyvolume) builds traits with constructor metadata at import time
+    pytest.mark.filterwarnings("ignore:metadata .* was set from the constructor:DeprecationWarning"),
+]
+
+SHAPE = (16, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def volume():
+    img, _ = demo_volume(shape=SHAPE, n_mito=3)
+    return img
+
+
+def recorder_model():
+    return load_model(Recorder(TinyNet()), device="cpu")
+
+
+def make_app(volume, model=None, **kw):
+    from nbapp.ui import App
+
+    kw.setdefault("synchronous", True)
+    app = App(volume=volume, model=model if model is not None else recorder_model(),
+              device="cpu", **kw)
+    return app
+
+
+@pytest.fixture
+def app(volume):
+    a = make_app(volume)
+    yield a
+    a.close()
+
+
+def descriptions(widget) -> list[str]:
+    """Every ``description`` in a widget tree."""
+    import ipywidgets as W
+
+    out, todo = [], [widget]
+    while todo:
+        w = todo.pop()
+        d = getattr(w, "description", None)
+        if isinstance(d, str) and d:
+            out.append(d)
+        if isinstance(w, W.Box):
+            todo.extend(w.children)
+    return out
+
+
+def small_lab(app):
+    """Consensus settings that keep objects of the tiny random model."""
+    st = app.state
+    st.volume_params = st.volume_params.replace(
+        consensus=st.volume_params.consensus.replace(min_size=10, min_extent=1, vote_threshold=1,
+                                                     allow_one_view=True))
+
+
+# ---------------------------------------------------------------- 2D
+
+def test_app_segments_the_middle_slice_and_shows_every_spec_label(app):
+    st = app.state
+    assert st.data.shape == SHAPE and st.data.detected == "volume"
+    r = st.result2d
+    assert r.labels.shape == SHAPE[1:] and r.labels.dtype == np.int32
+    assert r.index == SHAPE[0] // 2 and r.plane == "xy"
+    assert r.count == np.count_nonzero(np.unique(r.labels))
+    assert r.network_s > 0 and r.postprocess_s > 0 and not r.cached
+    text = app.viewer2d.info.value
+    assert f"<b>{r.count}</b> instances" in text and "network" in text and "post-processing" in text
+    found = set(descriptions(app))
+    missing = [label for label in LABELS.values() if label not in found]
+    assert not missing
+    assert st.model_info["parameters"] > 0 and "padding factor" in app.model_panel.info.value
+
+
+def test_threshold_change_reuses_cached_heads_slice_change_runs_the_network(app):
+    rec = app.state.model.module
+    c = app.controls2d
+    calls = rec.calls
+    before = app.state.result2d
+    c.widgets["seg_threshold"].value = 0.3
+    c.widgets["center_threshold"].value = 0.2
+    c.widgets["min_distance"].value = 7
+    c.widgets["label_divisor"].value = 0
+    assert rec.calls == calls
+    r = app.state.result2d
+    assert r is not before and r.cached and r.network_s == 0.0
+    assert r.params.seg_threshold == 0.3 and r.params.min_distance == 7
+    assert r.labels.max() < 10000  # divisor 0: ids from 1
+    c.index.value = 3
+    assert rec.calls == calls + 1 and app.state.result2d.index == 3
+    c.plane.value = "xz"
+    assert rec.calls == calls + 2 and app.state.result2d.labels.shape == (SHAPE[0], SHAPE[2])
+    assert c.index.max == SHAPE[1] - 1
+    c.widgets["downsampling"].value = 2  # 16 / 2 is under the padding factor: error, no crash
+    assert app.state.status_level == "error" and "too small" in app.state.status
+
+
+def test_viewer_updates_the_same_artists_in_place(app):
+    v = app.viewer2d
+    fig, image, overlay = v.figure, v.image, v.overlay
+    old = overlay.get_array().copy()
+    draws = v.draws
+    app.controls2d.index.value = 2
+    app.controls2d.plane.value = "yz"
+    assert v.figure is fig and v.image is image and v.overlay is overlay
+    assert list(v.ax.images) == [image, overlay]
+    assert v.draws == draws + 2
+    assert overlay.get_array().shape == (SHAPE[0], SHAPE[1]) != old.shape
+    np.testing.assert_array_equal(image.get_array(), app.state.result2d.image)
+    app.controls2d.opacity.value = 0.8
+    assert overlay.get_alpha() == 0.8
+
+
+def test_network_outputs_view_marks_the_detected_centres(app):
+    hv = app.heads_view
+    assert hv.widget.layout.display == "none"
+    app.controls2d.show_heads.value = True
+    assert hv.widget.layout.display is None
+    r = app.state.result2d
+    xs, _ = hv.centres.get_data()
+    assert len(xs) == len(r.centres)
+    np.testing.assert_allclose(hv.images[0].get_array(), r.heads.sem[0])
+    assert hv.images[2].get_array().shape == (*r.heads.offsets.shape[1:], 3)
+
+
+def test_compare_downsampling_fills_four_panels(app):
+    app.controls2d.compare.click()
+    res = app.state.compare
+    assert [c.downsampling for c in res] == [1, 2, 4, 8]
+    assert res[0].labels is not None and res[0].count == app.state.result2d.count
+    assert res[3].labels is None and res[3].error  # 64 / 8 < padding factor 16
+    titles = [ax.get_title() for ax in app.compare_view.axes]
+    assert len(titles) == 4 and titles[0].startswith("ds 1:") and "too small" in titles[3]
+
+
+def test_box_suggests_min_size_and_extent_and_apply_sets_them(app):
+    v = app.viewer2d
+    app.controls2d.box.value = True
+    assert v.selector.get_active()
+    v.selector.extents = (10, 40, 5, 25)  # x0, x1, y0, y1: a 20 x 30 box
+    v._selected(None, None)
+    sug = app.state.suggestion
+    assert sug["min_size"] == 4800 and sug["min_extent"] == 18  # 20*30*20/2*0.8, 20-2
+    assert "4800" in app.controls2d.suggestion.value and not app.controls2d.apply.disabled
+    app.controls2d.apply.click()
+    cp = app.state.volume_params.consensus
+    assert (cp.min_size, cp.min_extent) == (4800, 18)
+    assert app.controls3d.widgets["min_size"].value == 4800
+    app.controls3d.widgets["min_size"].value = 123  # the suggestion stays overridable
+    assert app.state.volume_params.consensus.min_size == 123
+
+
+@pytest.mark.parametrize("vs, median", [((30.0, 5.0, 5.0), 3), ((8.0, 8.0, 8.0), 7),
+                                        ((4.0, 4.0, 4.0), 9)])
+def test_voxel_size_suggests_the_median_filter_size(app, volume, vs, median):
+    app.session.set_volume(volume, "v", voxel_size=vs)
+    assert app.state.suggestion["median_size"] == median
+    assert "Median Filter Size" in app.controls2d.suggestion.value
+    app.controls2d.apply.click()
+    assert app.state.volume_params.median_size == median
+    assert app.controls3d.widgets["median_size"].value == median
+
+
+def test_batch_mode_detects_a_stack_and_segments_every_image(app, volume):
+    app.session.set_volume(volume[:3], "stack")
+    st = app.state
+    assert st.data.detected == "stack" and st.slice_params.batch_mode
+    assert app.controls2d.widgets["batch_mode"].value and app.controls2d.plane.disabled
+    app.controls2d.run_batch.click()
+    assert st.batch_labels.shape == (3, *SHAPE[1:])
+    app.controls2d.widgets["batch_mode"].value = False  # the same data as a volume
+    assert app.session.effective_kind() == "volume" and not app.controls2d.plane.disabled
+
+
+# ---------------------------------------------------------------- threads
+
+def test_latest_request_wins_and_stale_results_are_dropped():
+    from nbapp.ui.threads import LatestRunner
+
+    runner = LatestRunner(debounce_s=0)
+    started, gate = threading.Event(), threading.Event()
+    ran, delivered = [], []
+
+    def job(i):
+        def fn():
+            ran.append(i)
+            if i == 1:
+                started.set()
+                gate.wait(10)
+            return i
+        return fn
+
+    runner.submit("slice", job(1), lambda r, e: delivered.append(r))
+    assert started.wait(10)
+    for i in (2, 3, 4):
+        runner.submit("slice", job(i), lambda r, e: delivered.append(r))
+    gate.set()
+    assert runner.wait_idle(10)
+    runner.shutdown()
+    assert ran == [1, 4]  # 2 and 3 were replaced while 1 ran
+    assert delivered == [4]  # 1 finished after newer requests: stale, dropped
+
+
+def test_debounce_coalesces_a_drag_into_one_run():
+    from nbapp.ui.threads import LatestRunner
+
+    runner = LatestRunner(debounce_s=60)  # only flush ends the wait: no sleeps, no timing
+    delivered = []
+    for v in range(5):
+        runner.submit("slice", lambda v=v: v * 10, lambda r, e: delivered.append(r))
+    assert runner.wait_idle(10)
+    runner.shutdown()
+    assert [k for k, _ in runner.ran] == ["slice"] and delivered == [40]
+
+
+def test_call_in_ui_defers_worker_calls_to_the_kernel_loop(monkeypatch):
+    from nbapp.ui import threads
+
+    queued = []
+
+    class Loop:
+        def add_callback(self, fn, *args):
+            queued.append((fn, args))
+
+    monkeypatch.setattr(threads, "_kernel_loop", lambda: Loop())
+    done = []
+    t = threading.Thread(target=threads.call_in_ui, args=(lambda: done.append("worker"),))
+    t.start()
+    t.join()
+    assert done == [] and len(queued) == 1
+    fn, args = queued[0]
+    fn(*args)  # what the loop does, in the main thread
+    threads.call_in_ui(lambda: done.append("main"))
+    assert done == ["worker", "main"]
+
+
+def test_threaded_app_stays_responsive_and_shows_the_result(volume):
+    a = make_app(volume, synchronous=False)
+    try:
+        assert a.session.runner2d.wait_idle(30)
+        assert a.state.result2d is not None
+        a.controls2d.widgets["seg_threshold"].value = 0.35
+        a.controls2d.widgets["seg_threshold"].value = 0.4
+        assert a.session.runner2d.wait_idle(30)
+        assert a.state.result2d.params.seg_threshold == 0.4 and not a.state.busy2d
+    finally:
+        a.close()
+
+
+# ---------------------------------------------------------------- 3D
+
+def test_3d_job_feeds_progress_bars_and_shows_stacks_3d_view_and_table(app):
+    small_lab(app)
+    seen = []
+    app.state.observe(lambda c: seen.append(c.new), names=["job"])
+    app.controls3d.run.click()
+    st = app.state
+    assert st.job.state == JobState.DONE, st.status
+    assert any(s.state == JobState.RUNNING and s.planes for s in seen)
+    bars = app.controls3d.progress.bars
+    for p in ("xy", "xz", "yz"):
+        assert bars[p].value == bars[p].max == SHAPE[("xy", "xz", "yz").index(p)]
+    assert bars["all"].bar_style == "success"
+    assert set(st.stacks) == {"xy", "xz", "yz"} and st.labels3d.shape == SHAPE
+    n = int(np.count_nonzero(np.unique(st.labels3d)))
+    assert n > 0 and len(st.table) == n
+    assert app.table.html.value.count("<tr class='nbapp-obj'>") == n
+    titles = [ax.get_title() for ax in app.stacks_view.axes]
+    assert titles[3] == f"consensus: {n} objects" and all("objects" in t for t in titles)
+    assert len(app.view3d.figure.meshes) == min(n, 64)
+    assert not app.controls3d.rerun.disabled and "3D job done" in st.status
+    row = st.table[0]
+    assert set(row) == {"id", "voxels", "bbox", "centroid", "extent"}
+
+
+def test_rerun_consensus_uses_stored_stacks_without_the_network(app, tmp_path):
+    small_lab(app)
+    app.session.run_3d()
+    rec = app.state.model.module
+    calls = rec.calls
+    first = app.state.labels3d.copy()
+    app.controls3d.widgets["vote_threshold"].value = 3
+    app.controls3d.widgets["allow_one_view"].value = False
+    app.controls3d.rerun.click()
+    assert rec.calls == calls
+    assert "consensus re-run" in app.state.status
+    assert not np.array_equal(first, app.state.labels3d)
+    assert len(app.state.table) == np.count_nonzero(np.unique(app.state.labels3d))
+
+
+def test_cancel_mid_job_leaves_the_state_cancelled(app):
+    small_lab(app)
+    st = app.state
+
+    def cancel_on_first_progress(change):
+        if change.new.state == JobState.RUNNING and change.new.planes:
+            app.controls3d.cancel.click()
+
+    st.observe(cancel_on_first_progress, names=["job"])
+    app.session.run_3d()
+    assert st.job.state == JobState.CANCELLED
+    assert st.status == "3D job cancelled" and st.status_level == "warning"
+    assert st.labels3d is None and app.controls3d.progress.bars["xy"].bar_style == "warning"
+    assert not app.controls3d.run.disabled and app.controls3d.cancel.disabled
+
+
+class GateNet(torch.nn.Module):
+    """TinyNet that waits for ``gate`` on every forward pass once ``armed`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = TinyNet()
+        self.armed, self.gate, self.entered = threading.Event(), threading.Event(), threading.Event()
+
+    def forward(self, x, render_steps: int = 2, interpolate_ins: bool = True):
+        if self.armed.is_set():
+            self.entered.set()
+            self.gate.wait(30)
+        return self.inner(x, render_steps=render_steps, interpolate_ins=interpolate_ins)
+
+
+def test_threaded_3d_job_runs_in_the_background_and_cancels(volume):
+    net = GateNet()
+    a = make_app(volume, model=load_model(net, device="cpu"), synchronous=False)
+    try:
+        assert a.session.runner2d.wait_idle(30)
+        net.armed.set()
+        assert a.session.run_3d()
+        assert net.entered.wait(30)  # the job is inside the network, and we are back here
+        assert a.session.jobs.busy and a.controls3d.cancel.disabled is False
+        a.controls3d.cancel.click()
+        net.gate.set()
+        snap = a.session.jobs.wait(30)
+        assert snap.state == JobState.CANCELLED and a.state.job.state == JobState.CANCELLED
+        assert a.state.status == "3D job cancelled"
+    finally:
+        net.gate.set()
+        a.close()
+
+
+def test_3d_needs_a_volume(app, volume):
+    app.session.set_volume(volume[8], "image")
+    app.controls3d.run.click()
+    assert app.state.status_level == "error" and "needs a volume" in app.state.status
+
+
+# ---------------------------------------------------------------- data, errors, exports
+
+def test_path_box_errors_show_in_the_status_area(volume, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    np.save(root / "vol.npy", volume)
+    (tmp_path / "secret.npy").write_bytes(b"x")
+    (root / "link.npy").symlink_to(tmp_path / "secret.npy")
+    a = make_app(volume, data_root=root)
+    try:
+        st, panel = a.state, a.data_panel
+
+        def load(path):
+            panel.path.value = path
+            panel.load.click()
+            return st.status_level, st.status
+
+        assert load("missing.tif")[0] == "error" and "does not exist" in st.status
+        assert load("../secret.npy")[0] == "error" and "'..'" in st.status
+        assert load(str(tmp_path / "secret.npy"))[0] == "error" and "outside the data root" in st.status
+        assert load("link.npy")[0] == "error" and "outside the data root" in st.status
+        assert "nbapp-error" in a.status.line.value and "outside the data root" in a.status.line.value
+        assert load("vol.npy")[0] == "ok" and st.data.name == "vol.npy"
+        assert sum("[error]" in m for m in st.messages) == 4
+        a.model_panel.spec.value = "no/such/model.pt"
+        a.model_panel.load.click()
+        assert st.status_level == "error" and "cannot load the model" in st.status
+        a.model_panel.spec.value = "../model.pt"
+        a.model_panel.load.click()
+        assert "'..'" in st.status
+    finally:
+        a.close()
+
+
+def _tiff_bytes(arr):
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr)
+    return buf.getvalue()
+
+
+def _png_bytes(arr):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _npy_bytes(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name, encode, kind", [("v.tif", _tiff_bytes, "volume"),
+                                                ("s.png", _png_bytes, "image"),
+                                                ("v.npy", _npy_bytes, "volume")])
+def test_upload_reads_tiff_png_npy(app, volume, name, encode, kind):
+    arr = volume if kind == "volume" else volume[4]
+    data = encode(arr)
+    app.data_panel.upload.set_trait("value", ({"name": name, "type": "", "size": len(data),
+                                               "content": memoryview(data),
+                                               "last_modified": datetime.datetime.now(datetime.timezone.utc)},))
+    st = app.state
+    assert st.status_level == "ok", st.status
+    assert st.data.name == name and st.data.detected == kind
+    np.testing.assert_array_equal(st.data.array, arr)
+    assert app.data_panel.upload.value == ()
+
+
+def test_upload_errors(volume):
+    a = make_app(volume, upload_limit_mb=0.01)
+    try:
+        big = _npy_bytes(volume)
+        a.session.load_upload("big.npy", big)
+        assert a.state.status_level == "error" and "over the limit of 0.01 MB" in a.state.status
+        a.session.load_upload("notes.txt", b"hello")
+        assert "cannot read upload 'notes.txt'" in a.state.status
+        a.session.load_upload("broken.tif", b"not a tiff")
+        assert a.state.status_level == "error" and "broken.tif" in a.state.status
+    finally:
+        a.close()
+
+
+def test_exports_go_inside_the_data_root(volume, tmp_path):
+    import csv
+
+    import tifffile
+
+    a = make_app(volume, data_root=tmp_path)
+    try:
+        small_lab(a)
+        a.session.run_3d()
+        c = a.controls3d
+        c.export_path.value = "out.tif"
+        c.export_labels.click()
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), a.state.labels3d)
+        c.export_path.value = "out.zarr"
+        c.export_labels.click()
+        assert (tmp_path / "out.zarr").is_dir() and a.state.status_level == "ok"
+        c.table_path.value = "objects.csv"
+        c.export_table.click()
+        with open(tmp_path / "objects.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        assert rows[0][:2] == ["id", "voxels"] and len(rows) == len(a.state.table) + 1
+        c.export_path.value = "../escape.tif"
+        c.export_labels.click()
+        assert a.state.status_level == "error" and not (tmp_path.parent / "escape.tif").exists()
+    finally:
+        a.close()
+
+
+def test_missing_default_model_is_reported_in_the_status(volume):
+    from nbapp.ui import App
+
+    a = App(volume=volume, synchronous=True, device="cpu")
+    try:
+        if default_config_path().is_file():
+            assert a.state.model is not None
+        else:
+            assert a.state.model is None and a.state.status_level == "error"
+            assert "default model is missing" in a.state.status
+            assert a.state.result2d is None and a.state.data is not None
+    finally:
+        a.close()
+
+
+def test_unexpected_errors_show_type_and_traceback_in_the_log(app):
+    def boom(change):
+        raise RuntimeError("view exploded")
+
+    from nbapp.ui.threads import call_in_ui
+
+    call_in_ui(lambda: boom(None))
+    assert app.state.status_level == "error" and "view update failed" in app.state.status
+    assert any("RuntimeError: view exploded" in m for m in app.state.messages)
+    try:
+        {}["k"]
+    except KeyError as exc:
+        app.session.report(exc, "2D inference failed")
+    assert app.state.status == "2D inference failed: KeyError: 'k'"
+    assert "Traceback" in app.state.messages[-1]
+
+
+class FailNet(torch.nn.Module):
+    """TinyNet that raises ``message`` once ``armed`` (after the warm-up)."""
+
+    def __init__(self, message: str):
+        super().__init__()
+        self.inner = TinyNet()
+        self.message = message
+        self.armed = False
+
+    def forward(self, x, render_steps: int = 2, interpolate_ins: bool = True):
+        if self.armed:
+            raise RuntimeError(self.message)
+        return self.inner(x, render_steps=render_steps, interpolate_ins=interpolate_ins)
+
+
+@pytest.mark.parametrize("message, shown", [
+    ("shapes do not match", "3D job failed: model 'FailNet' failed on an input of shape"),
+    ("CUDA out of memory. Tried to allocate 2 GiB", "3D job failed: out of memory"),
+])
+def test_failed_and_out_of_memory_jobs_show_in_the_status(volume, message, shown):
+    net = FailNet(message)
+    a = make_app(volume, model=load_model(net, device="cpu"))
+    try:
+        net.armed = True
+        a.controls3d.run.click()
+        assert a.state.job.state == JobState.FAILED
+        assert a.state.status_level == "error" and a.state.status.startswith(shown)
+        assert a.controls3d.progress.bars["xy"].bar_style == "danger"
+        a.controls2d.index.value = 1  # 2D errors, too
+        assert a.state.status.startswith("2D inference failed:")
+    finally:
+        a.close()
+
+
+def test_bad_model_config_in_the_data_root_is_reported(volume, tmp_path):
+    (tmp_path / "broken.yaml").write_text("class_names: {1: mito}\n")
+    (tmp_path / "notes.txt").write_text("not a model")
+    a = make_app(volume, data_root=tmp_path)
+    try:
+        assert a.model_panel.spec.options == ("default", "broken.yaml")
+        a.model_panel.spec.value = "broken.yaml"
+        a.model_panel.load.click()
+        assert a.state.status_level == "error" and "broken.yaml" in a.state.status
+        assert a.state.model is not None  # the previous model stays in use
+    finally:
+        a.close()
