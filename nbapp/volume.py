@@ -25,7 +25,7 @@ from nbapp.postprocess import segment_heads
 
 __all__ = ["Progress", "VolumeResult", "Cancelled", "plane_axis", "get_slice", "median_window",
            "plane_stack_steps", "volume_steps", "segment_volume", "consensus", "semantic_consensus",
-           "volume_intensity"]
+           "volume_intensity", "filter_stack"]
 
 #: Per-slice label divisor used inside 3D jobs: large enough that no slice overflows.
 _SLICE_DIVISOR = 1 << 20
@@ -47,7 +47,11 @@ class Progress:
 
 @dataclass
 class VolumeResult:
-    """Labels of a 3D job, the per-plane stacks (when kept) and where the time went."""
+    """Labels of a 3D job, the per-plane stacks (when kept) and where the time went.
+
+    ``stacks`` are the tracked per-plane labels BEFORE the size / extent filters, so that
+    :func:`consensus` and :func:`filter_stack` can re-apply any settings later.
+    """
 
     labels: np.ndarray
     stacks: dict = field(default_factory=dict)
@@ -195,11 +199,12 @@ def block_labels(engine, block: np.ndarray, plane_params: VolumeParams, intensit
     return raw[start - first : stop - first]
 
 
-def _track_plane(stack: np.ndarray, plane: str, thing_list: tuple, cp: ConsensusParams) -> np.ndarray:
-    """Track instances through one plane's stack (per thing class) and filter them.
+def _track_plane(stack: np.ndarray, plane: str, thing_list: tuple) -> np.ndarray:
+    """Track instances through one plane's stack (per thing class), without size filters.
 
     Returns (Z, Y, X) int32 ids 1..N (objects of all thing classes numbered together, ordered by
-    first appearance).
+    first appearance). The filters are applied later (:func:`filter_stack`, :func:`consensus`),
+    so that stored stacks can be re-filtered with other settings.
     """
     from nbapp.tracking import relabel_by_first_appearance, track_and_filter
 
@@ -212,25 +217,39 @@ def _track_plane(stack: np.ndarray, plane: str, thing_list: tuple, cp: Consensus
         if not sub.any():
             continue
         tracked = np.moveaxis(
-            track_and_filter(np.ascontiguousarray(np.moveaxis(sub, ax, 0)), cp.min_size, cp.min_extent),
-            0, ax)
+            track_and_filter(np.ascontiguousarray(np.moveaxis(sub, ax, 0)), 0, 0), 0, ax)
         out[tracked > 0] = tracked[tracked > 0] + offset
         offset = int(out.max())
     return relabel_by_first_appearance(out).astype(np.int32)
 
 
+def filter_stack(stack: np.ndarray, params: ConsensusParams = ConsensusParams()) -> np.ndarray:
+    """A plane's stack with the Min Size / Min Box Extent filters applied, ids 1..N again."""
+    from nbapp.tracking import filter_objects, relabel_by_first_appearance
+
+    return relabel_by_first_appearance(filter_objects(stack, params.min_size, params.min_extent))
+
+
 def consensus(stacks: dict, params: ConsensusParams = ConsensusParams()) -> np.ndarray:
     """Ortho-plane consensus from stored per-plane stacks ({"xy", "xz", "yz"} -> (Z, Y, X) ids).
 
-    Re-running it with other vote / allow-one-view / size / extent settings costs seconds, not a
-    new job.
+    Each stack is filtered with ``params`` first (a no-op on stacks already filtered with the
+    same settings), then the views are merged and filtered again. Re-running it on the stacks
+    of a job (``VolumeResult.stacks``, which are not size-filtered) with other vote /
+    allow-one-view / size / extent settings gives exactly what a full run with those settings
+    gives, in seconds.
     """
     from nbapp.consensus import orthoplane_consensus
 
     missing = [p for p in PLANES if p not in stacks]
     if missing:
         raise InputError(f"consensus needs the xy, xz and yz stacks; missing {missing}")
-    return orthoplane_consensus(stacks["xy"], stacks["xz"], stacks["yz"], params)
+    shapes = {p: tuple(np.shape(stacks[p])) for p in PLANES}
+    if len(set(shapes.values())) != 1:
+        raise InputError(f"the stacks have different shapes {shapes}: they must come from the "
+                         "same volume")
+    filtered = [filter_stack(np.asarray(stacks[p]), params) for p in PLANES]
+    return orthoplane_consensus(*filtered, params)
 
 
 def semantic_consensus(stacks: dict, vote_threshold: int = 2) -> np.ndarray:
@@ -291,7 +310,7 @@ def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
         if params.slice.semantic_only:  # no instances: the class of each voxel
             stacks[plane] = (raw // _SLICE_DIVISOR).astype(np.int32)
         else:
-            stacks[plane] = _track_plane(raw, plane, thing_list, params.consensus)
+            stacks[plane] = _track_plane(raw, plane, thing_list)
         del raw
         t2 = time.perf_counter()
         timings["stacks_wall_s"] += t1 - t0
@@ -306,8 +325,10 @@ def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
             labels = consensus(stacks, params.consensus)
         timings["consensus_s"] = time.perf_counter() - t0
         yield Progress("all", "consensus", 1, 1)
-    else:
+    elif params.slice.semantic_only:
         labels = stacks[params.plane]
+    else:
+        labels = filter_stack(stacks[params.plane], params.consensus)
     if params.slice.semantic_only and params.slice.label_divisor:
         labels = labels * np.int32(params.slice.label_divisor)
     meta = {"intensity": intensity[2] if len(intensity) > 2 else None,
@@ -404,5 +425,7 @@ def segment_volume(volume, model="default", params: VolumeParams = VolumeParams(
         steps = volume_steps(engines[0], volume, params, heads_source=DevicePool(engines))
     result = _drain(steps, progress, cancel)
     if params.return_stacks:
-        return result.labels, result.stacks
+        if params.slice.semantic_only:
+            return result.labels, result.stacks
+        return result.labels, {p: filter_stack(st, params.consensus) for p, st in result.stacks.items()}
     return result.labels

@@ -215,3 +215,14 @@ def test_semantic_only_3d_is_a_voxel_vote(orthoplane):
     res, _ = run(LabelEngine(), truth.astype(np.float32),
                  VolumeParams(slice=sp.replace(label_divisor=1000), orthoplane=orthoplane, median_size=1))
     assert set(np.unique(res.labels)) == {0, 1000}
+
+
+def test_rerun_consensus_with_lower_min_size_equals_a_full_run():
+    truth = ellipsoids(seed=4, n=6)
+    strict = VolumeParams(consensus=ConsensusParams(min_size=10**5, min_extent=2))
+    loose = VolumeParams(consensus=ConsensusParams(min_size=20, min_extent=2))
+    res, _ = run(LabelEngine(), truth.astype(np.float32), strict)
+    assert not res.labels.any()  # everything was filtered out in the job
+    full, _ = run(LabelEngine(), truth.astype(np.float32), loose)
+    np.testing.assert_array_equal(consensus(res.stacks, loose.consensus), full.labels)
+    assert full.labels.max() == truth.max()
