@@ -1,0 +1,119 @@
+"""Tests of nbapp.metrics on literal label arrays with hand-computed answers."""
+
+import numpy as np
+import pytest
+
+from nbapp.metrics import fg_iou, instance_metrics, iou_table, match_instances
+
+
+def test_identical_labels_are_perfect():
+    lab = np.array([[1, 1, 0, 2], [1, 1, 0, 2], [0, 0, 0, 0], [3, 3, 3, 0]])
+    m = instance_metrics(lab * 7, lab)  # ids differ, objects identical
+    assert m["tp"] == 3 and m["fp"] == 0 and m["fn"] == 0
+    assert m["f1"] == m["f1@0.75"] == m["pq"] == m["fg_iou"] == 1.0
+
+
+def test_hand_computed_pair():
+    gt = np.array([[1, 1, 1, 1, 0, 2, 2]])
+    pred = np.array([[5, 5, 5, 0, 0, 6, 0]])
+    # 5-1: 3/4 = 0.75; 6-2: 1/2 = 0.5
+    p, g, iou = iou_table(pred, gt)
+    assert p.tolist() == [5, 6] and g.tolist() == [1, 2]
+    np.testing.assert_allclose(iou, [[0.75, 0.0], [0.0, 0.5]])
+    m = instance_metrics(pred, gt)
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 0, 0)
+    assert m["pq"] == pytest.approx((0.75 + 0.5) / 2)
+    assert m["f1@0.75"] == pytest.approx(0.5)
+    assert m["fg_iou"] == pytest.approx(4 / 6)
+
+
+def test_one_to_one_split_and_merge():
+    gt = np.array([[1, 1, 1, 1, 2, 2, 2, 2]])
+    merged = np.array([[9, 9, 9, 9, 9, 9, 9, 9]])  # one prediction over two objects: IoU 0.5 each
+    m = match_instances(merged, gt, 0.5)
+    assert (m.tp, m.fp, m.fn) == (1, 0, 1)
+    assert m.precision == 1.0 and m.recall == 0.5 and m.f1 == pytest.approx(2 / 3)
+    m = match_instances(merged, gt, 0.6)
+    assert (m.tp, m.fp, m.fn) == (0, 1, 2) and m.f1 == 0.0
+
+
+def test_hungarian_beats_greedy():
+    # pred 1 covers 6 px of gt 1 and 3 px of gt 2; pred 2 covers the other 4 px of gt 1.
+    # IoU(1, 1) = 6/13, IoU(1, 2) = 3/16, IoU(2, 1) = 4/10. Greedy takes (1, 1) and leaves
+    # pred 2 unmatched; the optimal one-to-one assignment at thresh 0.15 finds two pairs.
+    gt = np.array([[1] * 10 + [2] * 10])
+    pred = np.array([[2] * 4 + [1] * 9 + [0] * 7])
+    m = match_instances(pred, gt, 0.15)
+    assert m.tp == 2
+    assert sorted(zip(m.pred_ids.tolist(), m.gt_ids.tolist())) == [(1, 2), (2, 1)]
+    np.testing.assert_allclose(sorted(m.ious), [3 / 16, 4 / 10])
+    assert match_instances(pred, gt, 0.5).tp == 0
+
+
+def test_3d_and_empty():
+    gt = np.zeros((2, 3, 3), np.uint16)
+    gt[:, :2, :2] = 4
+    pred = np.zeros((2, 3, 3), np.int64)
+    pred[0, :2, :2] = 1
+    m = instance_metrics(pred, gt)
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 0, 0) and m["pq"] == pytest.approx(0.5)
+    empty = np.zeros((2, 3, 3), np.int32)
+    assert match_instances(empty, empty).f1 == 1.0
+    assert fg_iou(empty, empty) == 1.0
+    m = match_instances(empty, gt)
+    assert (m.tp, m.fp, m.fn, m.f1) == (0, 0, 1, 0.0)
+
+
+def test_agrees_with_brute_force_on_random_labels():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        gt = rng.integers(0, 5, (12, 12))
+        pred = rng.integers(0, 4, (12, 12))
+        _, _, iou = iou_table(pred, gt)
+        for i, a in enumerate(np.unique(pred[pred > 0])):
+            for j, b in enumerate(np.unique(gt[gt > 0])):
+                inter = np.sum((pred == a) & (gt == b))
+                union = np.sum((pred == a) | (gt == b))
+                assert iou[i, j] == pytest.approx(inter / union)
+
+
+@pytest.mark.parametrize(
+    "pred, gt, thresh, match",
+    [
+        (np.zeros((2, 2)), np.zeros((2, 2), int), 0.5, "integer label"),
+        (np.zeros((2, 2), int), np.zeros((3, 2), int), 0.5, "same shape"),
+        (-np.ones((2, 2), int), np.zeros((2, 2), int), 0.5, "negative"),
+        (np.zeros((2, 2), int), np.zeros((2, 2), int), 0.0, "thresh"),
+    ],
+)
+def test_validation_errors(pred, gt, thresh, match):
+    with pytest.raises(ValueError, match=match):
+        match_instances(pred, gt, thresh)
+
+
+def test_against_stardist_if_available():
+    matching = pytest.importorskip("stardist.matching")
+    rng = np.random.default_rng(1)
+    gt = np.kron(rng.integers(0, 6, (6, 6)), np.ones((4, 4), int))
+    pred = np.roll(gt, 1, axis=1)
+    for t in (0.5, 0.75):
+        ref = matching.matching(gt, pred, thresh=t)
+        m = match_instances(pred, gt, t)
+        assert (m.tp, m.fp, m.fn) == (ref.tp, ref.fp, ref.fn)
+
+
+def test_bad_thresholds_in_instance_metrics():
+    from nbapp.metrics import instance_metrics
+
+    a = np.array([[1, 0]])
+    with pytest.raises(ValueError, match=r"thresholds must be in \(0, 1\]"):
+        instance_metrics(a, a, thresholds=(0.5, 0.0))
+
+
+def test_large_ids_use_the_sparse_path():
+    from nbapp.metrics import instance_metrics
+
+    a = np.array([[2**40, 0, 7]], np.int64)
+    b = np.array([[3, 0, 2**41]], np.int64)
+    m = instance_metrics(a, b)
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 0, 0)
