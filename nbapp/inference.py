@@ -20,7 +20,7 @@ from nbapp.errors import InputError, ParameterError
 from nbapp.heads import Heads
 from nbapp.intensity import intensity_range, to_unit
 from nbapp.params import SliceParams
-from nbapp.postprocess import segment_heads
+from nbapp.postprocess import count_objects, segment_heads
 
 __all__ = ["SliceSegmenter", "segment_image"]
 
@@ -123,7 +123,7 @@ class SliceSegmenter:
             "model": self.engine.model.config.name,
             "params": params,
             "intensity": heads.meta.get("intensity"),
-            "instances": int(np.unique(labels).size - (labels.min() == 0)) if labels.size else 0,
+            "instances": count_objects(labels),
             **timings,
         }
         return labels

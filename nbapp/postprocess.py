@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
 from skimage.measure import label as _cc_label
 
 from nbapp.errors import LabelOverflowError
@@ -33,6 +34,7 @@ __all__ = [
     "panoptic_from_instances",
     "semantic_labels",
     "fill_instance_holes",
+    "count_objects",
     "STUFF_AREA",
 ]
 
@@ -40,6 +42,8 @@ __all__ = [
 STUFF_AREA = 64
 
 _CHUNK = 1 << 16
+#: Above this many centres, grouping uses a k-d tree (ties are then broken arbitrarily).
+_KDTREE_MIN_CENTRES = 32
 
 
 def segment_heads(
@@ -76,7 +80,8 @@ def segment_heads(
     cells = group_pixels(centres, heads.offsets, heads.grid_step, cell_mask)
     instances = upsample_cells(cells, sem.shape, factor)
     instances[~things] = 0
-    labels = panoptic_from_instances(sem, instances, thing_list, params.label_divisor)
+    labels = panoptic_from_instances(sem, instances, thing_list, params.label_divisor,
+                                     min_fragment=(2 * 4 * heads.downsampling) ** 2)
     if params.fill_holes:
         labels = fill_instance_holes(labels)
     return labels
@@ -151,7 +156,9 @@ def group_pixels(
     """Assign each grid cell to the nearest detected centre (step 6).
 
     Each cell's predicted centre is its position plus its offset (model-input pixels); it joins
-    the nearest centre (Euclidean, ties to the lowest index).
+    the nearest centre (Euclidean, ties to the lowest index; with more than 32 centres a k-d tree
+    finds it, and exact ties, which real offsets practically never produce, are broken by the
+    tree).
 
     Parameters
     ----------
@@ -185,16 +192,20 @@ def group_pixels(
         return out
     py = ys * float(grid_step) + offsets[0, ys, xs]
     px = xs * float(grid_step) + offsets[1, ys, xs]
-    # argmin_k |p - c_k|^2 = argmin_k (|c_k|^2 - 2 p.c_k): one small matrix product per chunk
     c = centres.astype(np.float64) * grid_step
-    c2 = (c * c).sum(axis=1)
     pts = np.stack([py, px], axis=1).astype(np.float64)
-    best = np.empty(ys.size, np.int32)
-    step = max(1, _CHUNK * 16 // max(len(centres), 1))
-    for s in range(0, ys.size, step):
-        d = pts[s : s + step] @ (-2.0 * c.T)
-        d += c2
-        best[s : s + step] = np.argmin(d, axis=1)
+    if len(c) > _KDTREE_MIN_CENTRES:
+        # nearest centre by k-d tree: O(cells log K) instead of O(cells K)
+        best = cKDTree(c).query(pts, k=1)[1].astype(np.int32)
+    else:
+        # argmin_k |p - c_k|^2 = argmin_k (|c_k|^2 - 2 p.c_k); exact ties go to the lowest index
+        c2 = (c * c).sum(axis=1)
+        best = np.empty(ys.size, np.int32)
+        step = max(1, _CHUNK * 16 // max(len(c), 1))
+        for s in range(0, ys.size, step):
+            d = pts[s : s + step] @ (-2.0 * c.T)
+            d += c2
+            best[s : s + step] = np.argmin(d, axis=1)
     out[ys, xs] = best + 1
     return out
 
@@ -224,27 +235,36 @@ def _majority_class(instances: np.ndarray, sem: np.ndarray, n: int) -> np.ndarra
     return counts.reshape(n + 1, classes).argmax(axis=1)
 
 
-def _fragment_merges(comps: np.ndarray, ncomp: int, inst_of: np.ndarray) -> np.ndarray:
+def _fragment_merges(comps: np.ndarray, ncomp: int, inst_of: np.ndarray,
+                     min_area: int = 0) -> np.ndarray:
     """Map each component to the component it is merged into (the identity when none is).
 
-    A fragment is a connected component of an instance that is not that instance's largest
-    component and touches another instance. Coarse (1/4 grid) grouping leaves such slivers along
+    A fragment is a connected component that touches another instance and either is not its
+    instance's largest component, or has fewer than ``min_area`` pixels (smaller than the
+    grouping grid can resolve). Coarse (1/4 grid) grouping leaves such slivers along
     the blocky boundary between touching objects; each joins the instance it touches most
     (smallest fragments first). Merged sets are named by their smallest component id, which is
     the one whose first pixel comes first in raster order.
     """
     parent = np.arange(ncomp + 1)
     per_inst = np.bincount(inst_of[1:])
-    if per_inst.size == 0 or per_inst.max() <= 1:
-        return parent  # every instance is one component: nothing to do
+    split = per_inst.size > 0 and per_inst.max() > 1
+    if not split and min_area <= 0:
+        return parent  # every instance is one component and no size rule: nothing to do
     area = np.bincount(comps.ravel(), minlength=ncomp + 1)
-    multi = np.flatnonzero(per_inst > 1)
-    candidates = np.flatnonzero(np.isin(inst_of, multi))
-    candidates = candidates[candidates > 0]
-    # the largest component of each split instance stays; the others are fragments
-    order = candidates[np.lexsort((candidates, -area[candidates], inst_of[candidates]))]
-    first_of_inst = np.r_[True, inst_of[order[1:]] != inst_of[order[:-1]]]
-    fragments = order[~first_of_inst]
+    area[0] = 0
+    fragments = np.zeros(0, np.int64)
+    if split:
+        multi = np.flatnonzero(per_inst > 1)
+        candidates = np.flatnonzero(np.isin(inst_of, multi))
+        candidates = candidates[candidates > 0]
+        # the largest component of each split instance stays; the others are fragments
+        order = candidates[np.lexsort((candidates, -area[candidates], inst_of[candidates]))]
+        first_of_inst = np.r_[True, inst_of[order[1:]] != inst_of[order[:-1]]]
+        fragments = order[~first_of_inst]
+    if min_area > 0:
+        small = np.flatnonzero(area[1:] < min_area) + 1
+        fragments = np.union1d(fragments, small)
     if fragments.size == 0:
         return parent
 
@@ -280,13 +300,15 @@ def _fragment_merges(comps: np.ndarray, ncomp: int, inst_of: np.ndarray) -> np.n
 
 
 def panoptic_from_instances(
-    sem: np.ndarray, instances: np.ndarray, thing_list: tuple = (1,), label_divisor: int = 10000
+    sem: np.ndarray, instances: np.ndarray, thing_list: tuple = (1,), label_divisor: int = 10000,
+    min_fragment: int = 0,
 ) -> np.ndarray:
     """Merge semantic classes and instance indices into panoptic labels (steps 7 and 8).
 
     Each instance takes the majority class of its pixels; disconnected pieces of an instance
     become separate objects (8-connectivity), except stray fragments touching another instance,
-    which join the instance they touch most. Objects are numbered from
+    which join the instance they touch most (so do pieces smaller than ``min_fragment`` pixels
+    that touch another instance). Objects are numbered from
     ``class * label_divisor + 1`` in raster order of their first pixel; stuff classes with at
     least :data:`STUFF_AREA` pixels get ``class * label_divisor``. With ``label_divisor`` 0 all
     objects are numbered 1..N and stuff regions follow.
@@ -306,7 +328,7 @@ def panoptic_from_instances(
         comps, ncomp = _cc_label(inst, background=0, connectivity=2, return_num=True)
         inst_of = np.zeros(ncomp + 1, np.int64)
         inst_of[comps.ravel()] = inst.ravel()
-        root = _fragment_merges(comps, ncomp, inst_of)
+        root = _fragment_merges(comps, ncomp, inst_of, min_fragment)
         inst_of = inst_of[root]  # a merged fragment takes the instance it joined
         cls_of_inst = _majority_class(instances, sem, n)
         comp_cls = cls_of_inst[inst_of]
@@ -327,7 +349,8 @@ def panoptic_from_instances(
                 new_id[sel] = int(c) * label_divisor + np.arange(1, sel.size + 1)
         nobj = roots.size
         out = new_id[root][comps]
-    stuff_classes = [c for c in np.unique(sem) if c != 0 and c not in thing_list]
+    present = np.flatnonzero(np.bincount(sem.ravel(), minlength=2)) if sem.size else []
+    stuff_classes = [c for c in present if c != 0 and c not in thing_list]
     next_id = nobj + 1
     for c in stuff_classes:
         region = sem == c
@@ -353,6 +376,22 @@ def semantic_labels(sem: np.ndarray, label_divisor: int = 10000) -> np.ndarray:
     """
     sem = sem.astype(np.int64)
     return _to_int32(sem * label_divisor if label_divisor else sem)
+
+
+def count_objects(labels: np.ndarray) -> int:
+    """Number of distinct non-zero labels (O(pixels) for ids below 2**24).
+
+    >>> count_objects(np.array([[0, 10001, 10001, 10002]]))
+    2
+    """
+    if labels.size == 0:
+        return 0
+    top = int(labels.max())
+    if top <= 0:
+        return 0
+    if top < 1 << 24 and labels.min() >= 0:
+        return int(np.count_nonzero(np.bincount(labels.ravel(), minlength=top + 1)[1:]))
+    return int(np.count_nonzero(np.unique(labels)))
 
 
 def fill_instance_holes(labels: np.ndarray) -> np.ndarray:

@@ -111,3 +111,12 @@ def test_unreachable_scheduler(setup, capsys):
                     "--model", model, "--scheduler", "tcp://127.0.0.1:9")
     assert code == 2 and "cannot reach the Dask scheduler" in err
     assert not (d / "out.tif").exists()
+
+
+def test_train_user_errors_are_one_line_and_create_nothing(tmp_path, capsys):
+    np.save(tmp_path / "raw.npy", np.zeros((4, 32, 32), np.uint8))
+    out = tmp_path / "run"
+    code, err = run(capsys, "train", "--raw", tmp_path / "raw.npy", "--labels", tmp_path / "nope.tif",
+                    "--out", out)
+    assert code == 2 and err.strip().startswith("nbapp: error:") and "does not exist" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -188,7 +188,7 @@ def test_round_trip_dense_touching_objects(coarse):
 def test_coarse_sliver_fix_is_what_makes_dense_round_trip_work(monkeypatch):
     labs = [dense_labels(seed=s) for s in range(4)]
     fixed = np.mean([f1_score(pp.segment_heads(ideal_heads(lab, True)), lab) for lab in labs])
-    monkeypatch.setattr(pp, "_fragment_merges", lambda comps, n, inst_of: np.arange(n + 1))
+    monkeypatch.setattr(pp, "_fragment_merges", lambda comps, n, inst_of, min_area=0: np.arange(n + 1))
     raw = np.mean([f1_score(pp.segment_heads(ideal_heads(lab, True)), lab) for lab in labs])
     assert fixed > raw + 0.01
 
@@ -285,3 +285,28 @@ def test_fill_holes_never_changes_labelled_pixels(seed):
     filled = pp.fill_instance_holes(out)
     assert (filled[out > 0] == out[out > 0]).all()
     assert np.count_nonzero(filled) >= np.count_nonzero(out)
+
+
+def test_specks_below_the_grid_resolution_join_the_instance_they_touch():
+    inst = np.zeros((20, 20), np.int32)
+    inst[:, :12] = 1
+    inst[5:9, 12:15] = 2  # a 12-pixel instance of its own, glued to instance 1
+    inst[15:20, 16:20] = 3  # a 20-pixel instance touching nothing: a real small object
+    sem = (inst > 0).astype(np.uint8)
+    out = pp.panoptic_from_instances(sem, inst, (1,), 100, min_fragment=64)
+    assert (out[5:9, 12:15] == out[0, 0]).all()
+    assert len(np.unique(out[out > 0])) == 2
+    kept = pp.panoptic_from_instances(sem, inst, (1,), 100, min_fragment=0)
+    assert len(np.unique(kept[kept > 0])) == 3
+
+
+def test_many_centres_use_the_kd_tree_with_the_same_answer():
+    rng = np.random.default_rng(0)
+    off = rng.normal(0, 2, (2, 30, 30)).astype(np.float32)
+    centres = np.argwhere(rng.random((30, 30)) < 0.1)  # ~90 centres: the k-d tree path
+    assert len(centres) > pp._KDTREE_MIN_CENTRES
+    got = pp.group_pixels(centres, off, 4)
+    ys, xs = np.indices((30, 30))
+    py, px = ys * 4 + off[0], xs * 4 + off[1]
+    d = (py[..., None] - centres[:, 0] * 4) ** 2 + (px[..., None] - centres[:, 1] * 4) ** 2
+    np.testing.assert_array_equal(got, d.argmin(-1) + 1)

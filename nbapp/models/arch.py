@@ -1,0 +1,251 @@
+"""nbapp's default network: a compact Panoptic-DeepLab-style model for 1-channel EM.
+
+The network is a small residual encoder (strides 2 to 32, depthwise-separable blocks, dilated
+convolutions at 1/16 and 1/32), a feature-pyramid decoder back to 1/4 of the input, and three
+heads on the 1/4 grid: semantic logits (refined at 1/2 with the stem features), centre heat-map
+and offsets. It honours the model contract of SPEC.md section 1 and is TorchScript-scriptable.
+
+Outputs for an input of shape (N, 1, H, W), H and W multiples of :data:`PADDING_FACTOR`:
+
+- ``"sem_logits"``: (N, 1, H, W) logits of the single class (``render_steps`` is accepted and
+  ignored; the engine upsamples the probabilities when the input was downsampled);
+- ``"ctr_hmp"``: (N, 1, H/4, W/4) raw centre heat-map, or (N, 1, H, W) if ``interpolate_ins``;
+- ``"offsets"``: (N, 2, H/4, W/4) (dy, dx) to the object centre in input pixels, or
+  (N, 2, H, W) if ``interpolate_ins`` (bilinear x4, values not rescaled).
+
+Cell ``i`` of the 1/4 grid stands for input pixel coordinate ``4 * i + 1.5`` (consistent with
+bilinear x4 upsampling with ``align_corners=False``).
+
+>>> import torch
+>>> net = build_model().eval()
+>>> out = net(torch.zeros(1, 1, 64, 96), 2, False)
+>>> [tuple(out[k].shape) for k in ("sem_logits", "ctr_hmp", "offsets")]
+[(1, 1, 64, 96), (1, 1, 16, 24), (1, 2, 16, 24)]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import copy
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+__all__ = ["NBMitoNet", "build_model", "ARCH_DEFAULTS", "PADDING_FACTOR", "count_parameters",
+           "fuse_batchnorm", "to_torchscript", "save_torchscript"]
+
+#: H and W of the input must be multiples of this (the encoder reaches 1/32).
+PADDING_FACTOR = 32
+
+#: Default hyper-parameters of :func:`build_model` (stored in checkpoints).
+ARCH_DEFAULTS: Dict[str, Any] = {
+    "widths": [16, 32, 64, 128, 192],
+    "depths": [0, 1, 2, 3, 2],
+    "decoder_width": 64,
+    "offset_scale": 16.0,
+    "ctr_smooth": 0.0,
+    "ctr_gate": False,
+}
+
+
+class ConvBNReLU(nn.Sequential):
+    """Dense k x k convolution, batch norm, ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, k: int = 3) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class SepConv(nn.Sequential):
+    """Depthwise 3 x 3 (optionally strided or dilated) then pointwise 1 x 1, each with BN."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1,
+                 last_relu: bool = True) -> None:
+        layers: List[nn.Module] = [
+            nn.Conv2d(cin, cin, 3, stride, dilation, dilation, groups=cin, bias=False),
+            nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        ]
+        if last_relu:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class ResBlock(nn.Module):
+    """Residual block of two depthwise-separable convolutions: ``relu(x + f(x))``."""
+
+    def __init__(self, c: int, dilation: int = 1) -> None:
+        super().__init__()
+        self.f = nn.Sequential(SepConv(c, c, 1, dilation), SepConv(c, c, 1, 1, last_relu=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x + self.f(x))
+
+
+class NBMitoNet(nn.Module):
+    """Compact Panoptic-DeepLab-style network (see the module docstring for the contract).
+
+    Parameters
+    ----------
+    widths : list of 5 int
+        Channels at strides 2, 4, 8, 16, 32.
+    depths : list of 5 int
+        Residual blocks after the downsampling at each stride.
+    decoder_width : int
+        Channels of the decoder at strides 4 to 32.
+    offset_scale : float
+        Fixed gain applied to the raw offset outputs (eases regression of offsets of tens of
+        pixels).
+    ctr_smooth : float
+        Standard deviation, in 1/4-grid cells, of a fixed Gaussian blur of the centre heat-map
+        (0 = none). Set at export to suppress small spurious peaks; no trainable weights.
+    ctr_gate : bool
+        Multiply the centre heat-map by the semantic probability pooled to the 1/4 grid, so
+        that centres are only found on foreground.
+    """
+
+    def __init__(self, widths: List[int], depths: List[int], decoder_width: int = 64,
+                 offset_scale: float = 16.0, ctr_smooth: float = 0.0,
+                 ctr_gate: bool = False) -> None:
+        super().__init__()
+        if len(widths) != 5 or len(depths) != 5:
+            raise ValueError(f"widths and depths need 5 entries, got {widths} and {depths}")
+        w, d, dw = widths, depths, decoder_width
+        self.offset_scale = float(offset_scale)
+        self.ctr_gate = bool(ctr_gate)
+        radius = int(math.ceil(3 * ctr_smooth)) if ctr_smooth > 0 else 0
+        self.ctr_radius = radius
+        g = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2
+                      / (2 * max(ctr_smooth, 1e-6) ** 2))
+        g = g / g.sum()
+        self.register_buffer("ctr_kernel", (g[:, None] * g[None, :])[None, None],
+                             persistent=False)
+        self.stem = ConvBNReLU(1, w[0], stride=2)
+        dil = [1, 1, 1, 2, 2]
+        stages: List[nn.Module] = []
+        for i in range(1, 5):
+            down: nn.Module = (ConvBNReLU(w[i - 1], w[i], stride=2) if i == 1
+                               else SepConv(w[i - 1], w[i], stride=2))
+            blocks = [ResBlock(w[i], dil[i] if (j % 2 == 1) else 1) for j in range(d[i])]
+            stages.append(nn.Sequential(down, *blocks))
+        self.stages = nn.ModuleList(stages)
+        self.lat_top = nn.Sequential(nn.Conv2d(w[4], dw, 1, bias=False), nn.BatchNorm2d(dw))
+        self.lateral = nn.ModuleList([nn.Sequential(nn.Conv2d(w[i], dw, 1, bias=False),
+                                                    nn.BatchNorm2d(dw)) for i in (3, 2, 1)])
+        self.context = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(w[4], dw, 1), nn.ReLU())
+        self.smooth = nn.ModuleList([SepConv(dw, dw) for _ in range(3)])
+        self.sem_head = nn.Sequential(SepConv(dw, dw), nn.Conv2d(dw, 8, 1))
+        self.sem_refine = nn.Sequential(ConvBNReLU(8 + w[0], 8, k=1), nn.Conv2d(8, 1, 3, 1, 1))
+        self.ins_head = nn.Sequential(SepConv(dw, dw), SepConv(dw, 32))
+        self.ctr_out = nn.Conv2d(32, 1, 1)
+        self.off_out = nn.Conv2d(32, 2, 1)
+        nn.init.zeros_(self.ctr_out.bias)
+
+    def forward(self, x: Tensor, render_steps: int = 2,
+                interpolate_ins: bool = True) -> Dict[str, Tensor]:
+        """Run the network.
+
+        Parameters
+        ----------
+        x : (N, 1, H, W) float32 tensor
+            Normalised image; H and W multiples of :data:`PADDING_FACTOR`.
+        render_steps : int
+            Accepted for compatibility; the semantic map is always at input resolution.
+        interpolate_ins : bool
+            Return the centre heat-map and offsets at input resolution instead of 1/4.
+
+        Returns
+        -------
+        dict of str to Tensor
+            ``sem_logits`` (N, 1, H, W), ``ctr_hmp`` (N, 1, h, w), ``offsets`` (N, 2, h, w),
+            with (h, w) = (H/4, W/4), or (H, W) when ``interpolate_ins``.
+        """
+        h, w = x.shape[-2], x.shape[-1]
+        s2 = self.stem(x)
+        feats: List[Tensor] = []
+        f = s2
+        for stage in self.stages:
+            f = stage(f)
+            feats.append(f)
+        p = self.lat_top(feats[3]) + self.context(feats[3])
+        for i, (lat, sm) in enumerate(zip(self.lateral, self.smooth)):
+            skip = feats[2 - i]
+            p = F.interpolate(p, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            p = sm(lat(skip) + p)
+        sem4 = self.sem_head(p)
+        sem2 = F.interpolate(sem4, size=s2.shape[-2:], mode="bilinear", align_corners=False)
+        sem2 = self.sem_refine(torch.cat([sem2, s2], dim=1))
+        sem = F.interpolate(sem2, size=(h, w), mode="bilinear", align_corners=False)
+        ins = self.ins_head(p)
+        ctr = self.ctr_out(ins)
+        if self.ctr_radius > 0:
+            r = self.ctr_radius
+            ctr = F.conv2d(F.pad(ctr, (r, r, r, r), mode="replicate"), self.ctr_kernel)
+        if self.ctr_gate:
+            ctr = ctr * F.avg_pool2d(torch.sigmoid(sem), 4, 4)
+        off = self.off_out(ins) * self.offset_scale
+        if interpolate_ins:
+            ctr = F.interpolate(ctr, size=(h, w), mode="bilinear", align_corners=False)
+            off = F.interpolate(off, size=(h, w), mode="bilinear", align_corners=False)
+        return {"sem_logits": sem, "ctr_hmp": ctr, "offsets": off}
+
+
+def build_model(**hparams: Any) -> NBMitoNet:
+    """Build an :class:`NBMitoNet` from :data:`ARCH_DEFAULTS` updated with ``hparams``."""
+    unknown = set(hparams) - set(ARCH_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown architecture hyper-parameters {sorted(unknown)}; "
+                         f"known: {sorted(ARCH_DEFAULTS)}")
+    cfg = {**ARCH_DEFAULTS, **hparams}
+    return NBMitoNet(list(cfg["widths"]), list(cfg["depths"]), int(cfg["decoder_width"]),
+                     float(cfg["offset_scale"]), float(cfg["ctr_smooth"]), bool(cfg["ctr_gate"]))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def fuse_batchnorm(model: nn.Module) -> nn.Module:
+    """Return an eval-mode copy of ``model`` with each Conv2d + BatchNorm2d pair folded into one conv.
+
+    The copy computes the same function in eval mode (up to float rounding), runs faster on
+    CPU and keeps its weights as parameters, so ``.to(device)`` still moves them.
+    """
+    fused = copy.deepcopy(model).eval()
+    for seq in fused.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                seq[i] = fuse_conv_bn_eval(conv, bn)
+                seq[i + 1] = nn.Identity()
+    return fused
+
+
+def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
+    """Script an eval-mode, batch-norm-folded copy of ``model`` for shipping (CPU).
+
+    TorchScript is what MitoNet-compatible tools load; torch >= 2.10 marks ``torch.jit`` as
+    deprecated, so that warning is silenced here, deliberately and only here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.*", category=DeprecationWarning)
+        return torch.jit.script(fuse_batchnorm(model).cpu())
+
+
+def save_torchscript(model: nn.Module, path: "str | Path") -> None:
+    """Write :func:`to_torchscript` of ``model`` to ``path``."""
+    scripted = to_torchscript(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.*", category=DeprecationWarning)
+        torch.jit.save(scripted, str(path))

@@ -1,0 +1,566 @@
+"""Train nbapp's default mitochondria model (:mod:`nbapp.models.arch`) on an EM volume.
+
+The recipe (:func:`run`) reads a volume and its 3D instance labels, holds out the last
+``--val-slices`` Z slices, and trains on 2D patches sampled from the xy, xz and yz planes of the
+rest. Each patch is cut by a random similarity transform (rotation, flip, scale, slight aspect
+change; bilinear for the image, nearest for the labels), the labels of the patch are split into
+2D connected components and turned into Panoptic-DeepLab targets with
+:func:`nbapp.targets.panoptic_targets` AFTER the geometric transform (so rotated offsets are
+right by construction), then the image gets photometric noise (brightness, contrast, gamma,
+noise, blur, loss of resolution).
+
+Loss: binary cross-entropy on the hardest pixels plus a soft Dice term (semantic), MSE on the
+centre heat-map (weight 200), L1 on the offsets of foreground pixels (weight 0.01), the two 1/4
+heads being upsampled x4 to the targets' resolution. AdamW with a warm-up then cosine schedule.
+
+Outputs in ``--out``: ``last.pth`` (resumable), ``best.pth`` (best validation score; state
+dict + architecture hyper-parameters + normalisation, loadable with
+``torch.load(..., weights_only=True)``), ``nbapp_mito.pt`` (TorchScript, batch norm folded),
+``nbapp_mito.yaml`` (empanada-format config) and ``metrics.json``.
+
+Example::
+
+    python -m nbapp.train --raw train_raw.tif --labels train_mito_instances_3d_cc.tif \\
+        --out runs/mito --steps 6000 --time-limit 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nbapp.errors import InputError, ParameterError
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+from skimage.measure import label as cc_label
+
+from nbapp.metrics import instance_metrics
+from nbapp.models.arch import (ARCH_DEFAULTS, PADDING_FACTOR, build_model, count_parameters,
+                               save_torchscript)
+from nbapp.targets import panoptic_targets
+
+__all__ = ["add_arguments", "run", "main", "PatchSampler", "compute_norms", "panoptic_loss",
+           "export_model", "config_dict"]
+
+PLANES = ("xy", "xz", "yz")
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def read_volume(path: str | Path) -> np.ndarray:
+    """Read a 3D (Z, Y, X) array with :func:`nbapp.io.read_image` (TIFF, zarr, HDF5, MRC, ...)."""
+    from nbapp.io import read_image
+
+    arr = np.asarray(read_image(str(path))[0])
+    if arr.ndim != 3:
+        raise InputError(f"{path}: expected a 3D (Z, Y, X) volume, got shape {arr.shape}")
+    return arr
+
+
+def to_unit_range(raw: np.ndarray) -> tuple[np.ndarray, float]:
+    """Return ``(raw as float32 in [0, 1], range R)`` using the engine's rule (255 for uint8).
+
+    Other dtypes are rescaled from their 0.1 and 99.9 percentiles (SPEC.md section 2, step 2).
+    """
+    if raw.dtype == np.uint8:
+        return raw.astype(np.float32) / 255.0, 255.0
+    if raw.dtype.kind == "f" and raw.min() >= 0 and raw.max() <= 1:
+        return raw.astype(np.float32), 1.0
+    lo, hi = np.percentile(raw, [0.1, 99.9])
+    scale = float(hi - lo) if hi > lo else 1.0
+    return np.clip((raw.astype(np.float32) - lo) / scale, 0, 1), scale
+
+
+def compute_norms(unit: np.ndarray) -> dict:
+    """Mean and standard deviation of an intensity array already in [0, 1]."""
+    return {"mean": round(float(unit.mean()), 4), "std": round(float(unit.std()), 4)}
+
+
+def _plane(vol: np.ndarray, plane: str, index: int) -> np.ndarray:
+    if plane == "xy":
+        return vol[index]
+    if plane == "xz":
+        return vol[:, index]
+    return vol[:, :, index]
+
+
+@dataclass
+class AugmentConfig:
+    """Ranges of the random augmentations."""
+
+    scale_lo: float = 0.75
+    scale_hi: float = 1.35
+    zoom_out_p: float = 0.2
+    zoom_out_hi: float = 3.0
+    contrast: tuple = (0.7, 1.4)
+    brightness: float = 0.12
+    gamma: tuple = (0.7, 1.5)
+    noise_p: float = 0.3
+    noise_hi: float = 0.06
+    blur_p: float = 0.2
+    lowres_p: float = 0.2
+
+
+class PatchSampler:
+    """Random augmented 2D training patches and their Panoptic-DeepLab targets.
+
+    Parameters
+    ----------
+    unit : (Z, Y, X) float32
+        Image in [0, 1].
+    labels : (Z, Y, X) int
+        3D instance labels.
+    patch : int
+        Side of the square patches.
+    rng : numpy.random.Generator
+        Source of all randomness.
+    sigma : float
+        Heat-map Gaussian sigma (pixels).
+    aug : AugmentConfig
+        Augmentation ranges.
+    """
+
+    def __init__(self, unit: np.ndarray, labels: np.ndarray, patch: int,
+                 rng: np.random.Generator, sigma: float = 6.0,
+                 aug: AugmentConfig | None = None) -> None:
+        self.unit, self.labels, self.patch, self.rng = unit, labels, patch, rng
+        self.sigma = sigma
+        self.aug = aug or AugmentConfig()
+
+    def sample(self) -> dict:
+        """One patch: ``image`` (P, P) float32 in [0, 1], ``semantic`` (P, P) float32,
+        ``heatmap`` (P, P) float32, ``offsets`` (2, P, P) float32, ``fg`` (P, P) bool."""
+        rng, p, a = self.rng, self.patch, self.aug
+        plane = PLANES[int(rng.integers(3))]
+        axis = PLANES.index(plane)
+        index = int(rng.integers(self.unit.shape[axis]))
+        img = _plane(self.unit, plane, index)
+        lab = _plane(self.labels, plane, index)
+        if rng.random() < a.zoom_out_p:
+            scale = float(np.exp(rng.uniform(np.log(a.scale_hi), np.log(a.zoom_out_hi))))
+        else:
+            scale = float(np.exp(rng.uniform(np.log(a.scale_lo), np.log(a.scale_hi))))
+        aspect = float(np.exp(rng.uniform(-0.1, 0.1)))
+        theta = rng.uniform(0, 2 * np.pi)
+        flip = -1.0 if rng.random() < 0.5 else 1.0
+        c, s = np.cos(theta), np.sin(theta)
+        mat = np.array([[c, -s], [s, c]]) @ np.diag([scale * aspect, flip * scale / aspect])
+        centre = np.array([rng.uniform(0, img.shape[0]), rng.uniform(0, img.shape[1])])
+        grid = np.stack(np.meshgrid(np.arange(p), np.arange(p), indexing="ij"), 0)
+        grid = grid.reshape(2, -1) - (p - 1) / 2.0
+        coords = mat @ grid + centre[:, None]
+        lo = np.clip(np.floor(coords.min(1)).astype(int) - 2, 0, None)
+        hi = np.minimum(np.ceil(coords.max(1)).astype(int) + 3, img.shape)
+        crop = np.ascontiguousarray(img[lo[0]:hi[0], lo[1]:hi[1]])
+        lcrop = np.ascontiguousarray(lab[lo[0]:hi[0], lo[1]:hi[1]])
+        coords -= lo[:, None]
+        if scale > 1.3:
+            crop = ndi.gaussian_filter(crop, 0.4 * scale, mode="mirror")
+        image = ndi.map_coordinates(crop, coords, order=1, mode="mirror").reshape(p, p)
+        labs = ndi.map_coordinates(lcrop, coords, order=0, mode="mirror").reshape(p, p)
+        inst = cc_label(labs, connectivity=2)
+        t = panoptic_targets(inst, sigma=self.sigma)
+        image = self._photometric(image.astype(np.float32))
+        return {"image": image, "semantic": t.semantic.astype(np.float32),
+                "heatmap": t.heatmap, "offsets": t.offsets, "fg": inst != 0}
+
+    def _photometric(self, img: np.ndarray) -> np.ndarray:
+        rng, a = self.rng, self.aug
+        if rng.random() < a.lowres_p:
+            f = rng.uniform(2.0, 4.0)
+            p = img.shape[0]
+            small = F.interpolate(torch.from_numpy(img)[None, None], size=int(round(p / f)),
+                                  mode="area")
+            img = F.interpolate(small, size=p, mode="bilinear", align_corners=False)[0, 0].numpy()
+        if rng.random() < a.blur_p:
+            img = ndi.gaussian_filter(img, rng.uniform(0.5, 1.5))
+        m = float(img.mean())
+        img = (img - m) * rng.uniform(*a.contrast) + m + rng.uniform(-a.brightness, a.brightness)
+        img = np.clip(img, 0, 1) ** rng.uniform(*a.gamma)
+        if rng.random() < a.noise_p:
+            img = img + rng.normal(0, rng.uniform(0.01, a.noise_hi), img.shape)
+        return np.clip(img, 0, 1).astype(np.float32)
+
+    def batch(self, n: int, norms: dict) -> dict:
+        """Stack ``n`` samples into tensors; the image is normalised with ``norms``."""
+        items = [self.sample() for _ in range(n)]
+        out = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
+        out["image"] = ((out["image"] - norms["mean"]) / norms["std"])[:, None]
+        out["semantic"] = out["semantic"][:, None]
+        out["heatmap"] = out["heatmap"][:, None]
+        out["fg"] = out["fg"][:, None]
+        return out
+
+
+# ----------------------------------------------------------------------------------------- loss
+
+
+def panoptic_loss(out: dict, batch: dict, hard_frac: float = 0.2, w_dice: float = 0.5,
+                  w_ctr: float = 200.0, w_off: float = 0.01) -> tuple[torch.Tensor, dict]:
+    """Panoptic-DeepLab loss of network outputs (``interpolate_ins=False``) against targets.
+
+    Parameters
+    ----------
+    out : dict
+        ``sem_logits`` (N, 1, H, W), ``ctr_hmp`` (N, 1, H/4, W/4), ``offsets`` (N, 2, H/4, W/4).
+    batch : dict
+        ``semantic`` (N, 1, H, W), ``heatmap`` (N, 1, H, W), ``offsets`` (N, 2, H, W),
+        ``fg`` (N, 1, H, W) bool.
+
+    Returns
+    -------
+    total : scalar tensor
+    parts : dict of str to float
+        ``sem``, ``ctr`` and ``off`` terms (weighted).
+    """
+    size = batch["semantic"].shape[-2:]
+    logits = out["sem_logits"]
+    bce = F.binary_cross_entropy_with_logits(logits, batch["semantic"], reduction="none")
+    k = max(1, int(hard_frac * bce.numel()))
+    sem = bce.flatten().topk(k).values.mean()
+    prob = torch.sigmoid(logits)
+    inter = (prob * batch["semantic"]).sum()
+    dice = 1 - (2 * inter + 1) / (prob.sum() + batch["semantic"].sum() + 1)
+    sem = sem + w_dice * dice
+    ctr = F.interpolate(out["ctr_hmp"], size=size, mode="bilinear", align_corners=False)
+    ctr_loss = w_ctr * F.mse_loss(ctr, batch["heatmap"])
+    off = F.interpolate(out["offsets"], size=size, mode="bilinear", align_corners=False)
+    fg = batch["fg"].to(off.dtype)
+    off_loss = w_off * ((off - batch["offsets"]).abs() * fg).sum() / (2 * fg.sum() + 1)
+    total = sem + ctr_loss + off_loss
+    return total, {"sem": sem.item(), "ctr": ctr_loss.item(), "off": off_loss.item()}
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def _simple_segment(sem: np.ndarray, ctr: np.ndarray, off: np.ndarray, seg_thr: float = 0.5,
+                    ctr_thr: float = 0.1, nms: int = 3) -> np.ndarray:
+    """Minimal coarse-grid Panoptic-DeepLab grouping (used when nbapp.postprocess is absent)."""
+    fg = sem >= seg_thr
+    peak = (ctr > ctr_thr) & (ctr == ndi.maximum_filter(ctr, size=nms, mode="constant",
+                                                         cval=-np.inf))
+    cy, cx = np.nonzero(peak)
+    h4, w4 = ctr.shape
+    out = np.zeros(sem.shape, np.int32)
+    if cy.size == 0:
+        return out
+    centres = np.stack([cy * 4 + 1.5, cx * 4 + 1.5], 1)
+    gy, gx = np.meshgrid(np.arange(h4) * 4 + 1.5, np.arange(w4) * 4 + 1.5, indexing="ij")
+    pts = np.stack([(gy + off[0]).ravel(), (gx + off[1]).ravel()], 1)
+    d = ((pts[:, None, :] - centres[None]) ** 2).sum(-1)
+    cells = (d.argmin(1) + 1).reshape(h4, w4)
+    full = np.repeat(np.repeat(cells, 4, 0), 4, 1)[: sem.shape[0], : sem.shape[1]]
+    out[fg] = full[fg]
+    return cc_label(out, connectivity=2).astype(np.int32)
+
+
+def _segment(sem: np.ndarray, ctr: np.ndarray, off: np.ndarray) -> np.ndarray:
+    try:
+        from nbapp.heads import Heads
+        from nbapp.postprocess import segment_heads
+    except ImportError:
+        return _simple_segment(sem, ctr, off)
+    return segment_heads(Heads(sem[None], ctr, off, 1, 4))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, unit: np.ndarray, labels: np.ndarray, norms: dict,
+             device: torch.device, every: int = 1) -> dict:
+    """Validation metrics on the xy slices of a held-out block, default post-processing.
+
+    Parameters
+    ----------
+    unit : (Z, Y, X) float32 in [0, 1]
+    labels : (Z, Y, X) int, 3D instances (split into 2D connected components per slice)
+    every : int
+        Use every ``every``-th slice.
+
+    Returns
+    -------
+    dict
+        ``fg_iou`` over the whole block; ``f1``, ``f1@0.75``, ``pq``, ``precision``, ``recall``
+        from instance counts pooled over slices.
+    """
+    was_training = model.training
+    model.eval()
+    z, h, w = unit.shape
+    ph = math.ceil(h / PADDING_FACTOR) * PADDING_FACTOR
+    pw = math.ceil(w / PADDING_FACTOR) * PADDING_FACTOR
+    inter = union = 0
+    tot = {t: {"tp": 0, "fp": 0, "fn": 0, "iou": 0.0} for t in (0.5, 0.75)}
+    from nbapp.metrics import match_instances
+
+    for i in range(0, z, every):
+        x = torch.from_numpy((unit[i] - norms["mean"]) / norms["std"])[None, None]
+        x = F.pad(x, (0, pw - w, 0, ph - h)).to(device)
+        o = model(x, 2, False)
+        sem = torch.sigmoid(o["sem_logits"])[0, 0, :h, :w].cpu().numpy()
+        ctr = o["ctr_hmp"][0, 0, : math.ceil(h / 4), : math.ceil(w / 4)].cpu().numpy()
+        off = o["offsets"][0, :, : math.ceil(h / 4), : math.ceil(w / 4)].cpu().numpy()
+        pred = _segment(sem, ctr, off)
+        gt = cc_label(labels[i], connectivity=2)
+        inter += int(np.count_nonzero((pred != 0) & (gt != 0)))
+        union += int(np.count_nonzero((pred != 0) | (gt != 0)))
+        for t, acc in tot.items():
+            m = match_instances(pred, gt, t)
+            acc["tp"] += m.tp
+            acc["fp"] += m.fp
+            acc["fn"] += m.fn
+            acc["iou"] += float(m.ious.sum())
+    model.train(was_training)
+    res = {"fg_iou": inter / union if union else 1.0}
+    for t, acc in tot.items():
+        denom = 2 * acc["tp"] + acc["fp"] + acc["fn"]
+        res[f"f1@{t:g}"] = 2 * acc["tp"] / denom if denom else 1.0
+        res[f"pq@{t:g}"] = acc["iou"] / (denom / 2) if denom else 1.0
+    res["precision"] = tot[0.5]["tp"] / max(tot[0.5]["tp"] + tot[0.5]["fp"], 1)
+    res["recall"] = tot[0.5]["tp"] / max(tot[0.5]["tp"] + tot[0.5]["fn"], 1)
+    return res
+
+
+# --------------------------------------------------------------------------------------- export
+
+
+def config_dict(norms: dict, description: str, model_file: str = "nbapp_mito.pt") -> dict:
+    """The empanada-format YAML config of a model trained here."""
+    return {
+        "class_names": {1: "mito"},
+        "labels": [1],
+        "thing_list": [1],
+        "model": model_file,
+        "padding_factor": PADDING_FACTOR,
+        "norms": {"mean": float(norms["mean"]), "std": float(norms["std"])},
+        "description": description,
+    }
+
+
+def export_model(model: torch.nn.Module, path: str | Path, ctr_smooth: float = 0.0,
+                 ctr_gate: bool = False) -> None:
+    """Save ``model`` as TorchScript (eval mode, batch norm folded into the convolutions).
+
+    ``ctr_smooth`` and ``ctr_gate`` set the export-only heat-map smoothing and foreground
+    gating of :class:`nbapp.models.arch.NBMitoNet` (they have no weights).
+    """
+    if ctr_smooth or ctr_gate:
+        shipped = build_model(ctr_smooth=ctr_smooth, ctr_gate=ctr_gate)
+        shipped.load_state_dict(model.state_dict())
+        model = shipped
+    save_torchscript(model, path)
+
+
+def _write_yaml(cfg: dict, path: Path) -> None:
+    import yaml
+
+    class _Block(yaml.SafeDumper):
+        pass
+
+    def _str(dumper: yaml.SafeDumper, s: str) -> yaml.Node:
+        style = "|" if "\n" in s else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", s, style=style)
+
+    _Block.add_representer(str, _str)
+    path.write_text(yaml.dump(cfg, Dumper=_Block, sort_keys=False, allow_unicode=True))
+
+
+# --------------------------------------------------------------------------------------- recipe
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the training options to ``parser`` (used by ``python -m nbapp.train`` and the CLI)."""
+    parser.add_argument("--raw", required=True, help="image volume (TIFF or .zarr), (Z, Y, X)")
+    parser.add_argument("--labels", required=True, help="3D instance labels, same shape")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--val-slices", type=int, default=35,
+                        help="last Z slices held out for validation (never trained on)")
+    parser.add_argument("--steps", type=int, default=6000, help="optimiser steps (LR schedule)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--patch", type=int, default=256, help="patch side (multiple of 32)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of steps")
+    parser.add_argument("--sigma", type=float, default=6.0, help="heat-map Gaussian sigma (px)")
+    parser.add_argument("--w-ctr", type=float, default=200.0)
+    parser.add_argument("--w-off", type=float, default=0.01)
+    parser.add_argument("--val-every", type=int, default=500, help="validate every N steps")
+    parser.add_argument("--val-stride", type=int, default=1, help="use every Nth val slice")
+    parser.add_argument("--save-minutes", type=float, default=3.0,
+                        help="write last.pth at least this often")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="stop gracefully after this many minutes of training in total "
+                             "(including minutes before --resume) and still save; the learning "
+                             "rate schedule then follows max(step / steps, minutes / limit), so "
+                             "it anneals in time even on a slow or busy machine")
+    parser.add_argument("--resume", default=None, help="checkpoint (last.pth) to resume from")
+    parser.add_argument("--export-ctr-smooth", type=float, default=1.0,
+                        help="heat-map Gaussian smoothing (1/4-grid cells) of the exported model")
+    parser.add_argument("--no-export-ctr-gate", dest="export_ctr_gate", action="store_false",
+                        help="do not gate the exported heat-map by the foreground probability")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return parser
+
+
+def _lr_factor(progress: float, warmup: float) -> float:
+    """Linear warm-up over the first ``warmup`` of training, then cosine decay to 1 %."""
+    if progress < warmup:
+        return max(progress / warmup, 1e-3)
+    t = min(1.0, (progress - warmup) / (1.0 - warmup))
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _score(m: dict) -> float:
+    return 0.5 * (m["fg_iou"] + m["f1@0.5"])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train with the options of :func:`add_arguments`; return a process exit code."""
+    t_start = time.monotonic()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.patch % PADDING_FACTOR:
+        raise ParameterError(f"--patch must be a multiple of {PADDING_FACTOR}, got {args.patch}")
+    from nbapp.models import resolve_device
+
+    device = resolve_device(args.device)
+    raw, labels = read_volume(args.raw), read_volume(args.labels)
+    if raw.shape != labels.shape:
+        raise InputError(f"raw {raw.shape} and labels {labels.shape} differ in shape")
+    if not 0 < args.val_slices < raw.shape[0]:
+        raise ParameterError(f"--val-slices must be in (0, {raw.shape[0]}), got {args.val_slices}")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unit, _ = to_unit_range(raw)
+    labels = labels.astype(np.int32)
+    split = raw.shape[0] - args.val_slices
+    train_unit, train_lab = unit[:split], labels[:split]
+    val_unit, val_lab = unit[split:], labels[split:]
+    norms = compute_norms(train_unit)
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    model = build_model().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step, best, history, minutes_before = 0, -1.0, [], 0.0
+    if args.resume:
+        ck = torch.load(args.resume, map_location=device, weights_only=True)
+        model.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        step, best, history = int(ck["step"]), float(ck["best"]), list(ck["history"])
+        rng.bit_generator.state = json.loads(ck["numpy_rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        norms = dict(ck["norms"])
+        minutes_before = float(ck["minutes"])
+    sampler = PatchSampler(train_unit, train_lab, args.patch, rng, sigma=args.sigma)
+
+    def elapsed() -> float:
+        return minutes_before + (time.monotonic() - t_start) / 60
+    n_params = count_parameters(model)
+    print(f"nbapp.train: {n_params} parameters, norms {norms}, train z < {split}, "
+          f"{args.steps} steps of {args.batch_size}x{args.patch}^2 on {device}", flush=True)
+
+    def checkpoint(path: Path, with_opt: bool, metrics: dict | None = None) -> None:
+        ck = {"state_dict": model.state_dict(), "arch": dict(ARCH_DEFAULTS), "norms": norms,
+              "step": step, "best": best, "history": history, "metrics": metrics or {},
+              "minutes": elapsed(),
+              "padding_factor": PADDING_FACTOR}
+        if with_opt:
+            ck.update(optimizer=opt.state_dict(), numpy_rng=json.dumps(rng.bit_generator.state),
+                      torch_rng=torch.get_rng_state())
+        tmp = path.with_suffix(".tmp")
+        torch.save(ck, tmp)
+        tmp.replace(path)
+
+    def validate() -> None:
+        nonlocal best
+        m = evaluate(model, val_unit, val_lab, norms, device, args.val_stride)
+        m["step"] = step
+        m["minutes"] = round(elapsed(), 2)
+        history.append(m)
+        msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in m.items())
+        print(f"val {msg}", flush=True)
+        if _score(m) > best:
+            best = _score(m)
+            checkpoint(out_dir / "best.pth", False, m)
+            export_model(model, out_dir / "nbapp_mito.pt", args.export_ctr_smooth,
+                         args.export_ctr_gate)
+            desc = (f"nbapp default mitochondria model (NBMitoNet, {n_params} parameters), "
+                    f"trained on Lucchi++ train.\nValidation (held-out block) at step {step}: "
+                    f"FG IoU {m['fg_iou']:.3f}, F1@0.5 {m['f1@0.5']:.3f}.\n")
+            _write_yaml(config_dict(norms, desc), out_dir / "nbapp_mito.yaml")
+        (out_dir / "metrics.json").write_text(json.dumps(history, indent=1))
+
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    bar = None
+    if tqdm is not None and not args.no_progress:
+        bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, file=sys.stdout,
+                   mininterval=5)
+    model.train()
+    last_save = time.monotonic()
+    limit = args.time_limit if args.time_limit is not None else math.inf
+    ema: dict = {}
+    stopped_early = False
+    while step < args.steps:
+        if elapsed() >= limit:
+            stopped_early = True
+            break
+        for g in opt.param_groups:
+            g["lr"] = args.lr * _lr_factor(max(step / args.steps, elapsed() / limit),
+                                           args.warmup)
+        b = {k: v.to(device) for k, v in sampler.batch(args.batch_size, norms).items()}
+        out = model(b["image"], 2, False)
+        loss, parts = panoptic_loss(out, b, w_ctr=args.w_ctr, w_off=args.w_off)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        step += 1
+        for k, v in {"loss": loss.item(), **parts}.items():
+            ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({**{k: f"{v:.3f}" for k, v in ema.items()},
+                             "best": f"{best:.3f}"}, refresh=False)
+        elif step % 50 == 0:
+            print(f"step {step} " + " ".join(f"{k}={v:.4f}" for k, v in ema.items()), flush=True)
+        if step % args.val_every == 0:
+            validate()
+        if time.monotonic() - last_save > 60 * args.save_minutes:
+            checkpoint(out_dir / "last.pth", True)
+            last_save = time.monotonic()
+    if bar is not None:
+        bar.close()
+    if not history or history[-1]["step"] != step:
+        validate()
+    checkpoint(out_dir / "last.pth", True)
+    minutes = elapsed()
+    reason = "time limit" if stopped_early else "done"
+    print(f"nbapp.train: {reason} at step {step} after {minutes:.1f} min; best score "
+          f"{best:.4f}; outputs in {out_dir}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: ``python -m nbapp.train --help``."""
+    parser = argparse.ArgumentParser(prog="python -m nbapp.train", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run(add_arguments(parser).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

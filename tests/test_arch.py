@@ -1,0 +1,142 @@
+"""Tests of the default network (nbapp.models.arch): model contract, TorchScript, size, training."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nbapp.models.arch import (ARCH_DEFAULTS, PADDING_FACTOR, build_model, count_parameters,
+                               fuse_batchnorm, save_torchscript, to_torchscript)
+
+# torch >= 2.10 deprecates torch.jit; TorchScript is still the MitoNet model format.
+JIT_LOAD_OK = pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+
+SHIPPED = Path(__file__).resolve().parents[1] / "nbapp" / "models" / "default" / "nbapp_mito.pt"
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return build_model().eval()
+
+
+@pytest.mark.parametrize("interpolate_ins", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 64, 64), (2, 1, 96, 160)])
+def test_contract_shapes(net, shape, interpolate_ins):
+    n, _, h, w = shape
+    with torch.inference_mode():
+        out = net(torch.randn(shape), 2, interpolate_ins)
+    assert set(out) == {"sem_logits", "ctr_hmp", "offsets"}
+    hh, ww = (h, w) if interpolate_ins else (h // 4, w // 4)
+    assert out["sem_logits"].shape == (n, 1, h, w)
+    assert out["ctr_hmp"].shape == (n, 1, hh, ww)
+    assert out["offsets"].shape == (n, 2, hh, ww)
+    assert all(v.dtype == torch.float32 for v in out.values())
+
+
+def test_interpolated_heads_are_bilinear_x4_of_coarse(net):
+    x = torch.randn(1, 1, 64, 96)
+    with torch.inference_mode():
+        coarse, fine = net(x, 2, False), net(x, 2, True)
+    for key in ("ctr_hmp", "offsets"):
+        up = torch.nn.functional.interpolate(coarse[key], scale_factor=4, mode="bilinear",
+                                             align_corners=False)
+        torch.testing.assert_close(fine[key], up)
+    torch.testing.assert_close(fine["sem_logits"], coarse["sem_logits"])
+
+
+def test_defaults_and_render_steps_are_accepted(net):
+    x = torch.randn(1, 1, 32, 32)
+    with torch.inference_mode():
+        a = net(x)
+        b = net(x, 4, True)
+    assert a["ctr_hmp"].shape == (1, 1, 32, 32)
+    torch.testing.assert_close(a["sem_logits"], b["sem_logits"])
+
+
+@JIT_LOAD_OK
+def test_torchscript_round_trip_and_fused_equivalence(net, tmp_path):
+    path = tmp_path / "m.pt"
+    save_torchscript(net, path)
+    loaded = torch.jit.load(str(path))
+    x = torch.randn(2, 1, 64, 64)
+    with torch.inference_mode():
+        ref = net(x, 2, False)
+        got = loaded(x, 2, False)
+        got_fine = loaded(x, render_steps=3, interpolate_ins=True)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-4)
+    assert got_fine["offsets"].shape == (2, 2, 64, 64)
+
+
+def test_size_limits(net, tmp_path):
+    n = count_parameters(net)
+    assert 200_000 <= n <= 4_000_000
+    fused = fuse_batchnorm(net)
+    assert count_parameters(fused) < n
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert isinstance(to_torchscript(net), torch.jit.ScriptModule)
+    save_torchscript(net, tmp_path / "m.pt")
+    assert (tmp_path / "m.pt").stat().st_size <= 15 * 2**20
+    assert PADDING_FACTOR in (16, 32)
+
+
+def test_build_model_rejects_unknown_hyperparameters():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model(depth=3)
+    with pytest.raises(ValueError, match="5 entries"):
+        build_model(widths=[8, 16])
+    assert build_model(**ARCH_DEFAULTS) is not None
+
+
+def test_train_steps_reduce_loss():
+    from nbapp.train import panoptic_loss
+
+    torch.manual_seed(0)
+    model = build_model(widths=[8, 8, 16, 16, 16], depths=[0, 1, 1, 1, 1], decoder_width=16)
+    model.train()
+    x = torch.randn(2, 1, 64, 64)
+    sem = torch.zeros(2, 1, 64, 64)
+    sem[:, :, 16:40, 20:44] = 1
+    heat = torch.zeros(2, 1, 64, 64)
+    heat[:, :, 28, 32] = 1
+    offsets = torch.zeros(2, 2, 64, 64)
+    batch = {"image": x + 2 * sem, "semantic": sem, "heatmap": heat, "offsets": offsets,
+             "fg": sem > 0}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss, _ = panoptic_loss(model(batch["image"], 2, False), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@JIT_LOAD_OK
+@pytest.mark.skipif(not SHIPPED.exists(), reason="shipped default model not built yet")
+def test_shipped_model_contract():
+    model = torch.jit.load(str(SHIPPED))
+    model.eval()
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 1, 64, 64), 2, False)
+    assert out["sem_logits"].shape == (1, 1, 64, 64)
+    assert out["offsets"].shape == (1, 2, 16, 16)
+    assert SHIPPED.stat().st_size <= 15 * 2**20
+
+
+def test_export_heatmap_smoothing_and_gating():
+    torch.manual_seed(0)
+    plain = build_model().eval()
+    shipped = build_model(ctr_smooth=1.0, ctr_gate=True).eval()
+    shipped.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 1, 64, 64)
+    with torch.inference_mode():
+        a, b = plain(x, 2, False), shipped(x, 2, False)
+        c = to_torchscript(shipped)(x, 2, True)
+    torch.testing.assert_close(a["sem_logits"], b["sem_logits"])
+    torch.testing.assert_close(a["offsets"], b["offsets"])
+    assert b["ctr_hmp"].shape == (1, 1, 16, 16) and c["ctr_hmp"].shape == (1, 1, 64, 64)
+    prob = torch.nn.functional.avg_pool2d(torch.sigmoid(a["sem_logits"]), 4)
+    assert torch.all(b["ctr_hmp"].abs() <= a["ctr_hmp"].abs().max() * prob.max() + 1e-6)

@@ -1,0 +1,116 @@
+"""Tests of the training pipeline (nbapp.train) on tiny synthetic volumes."""
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from nbapp.train import PatchSampler, add_arguments, config_dict, run
+
+tifffile = pytest.importorskip("tifffile")
+
+
+def _blob_volume(shape=(24, 64, 64), seed=0):
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.indices(shape)
+    labels = np.zeros(shape, np.uint16)
+    for i in range(1, 6):
+        c = rng.uniform([4, 10, 10], [shape[0] - 4, shape[1] - 10, shape[2] - 10])
+        r = rng.uniform(4, 8)
+        labels[((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < r**2] = i
+    raw = (120 + 80 * (labels > 0) + rng.normal(0, 10, shape)).clip(0, 255).astype(np.uint8)
+    return raw, labels
+
+
+def test_sampler_offsets_point_at_heatmap_peaks_after_rotation():
+    raw, labels = _blob_volume()
+    sampler = PatchSampler(raw.astype(np.float32) / 255, labels.astype(np.int32), 64,
+                           np.random.default_rng(3))
+    seen = 0
+    for _ in range(12):
+        s = sampler.sample()
+        assert s["image"].shape == (64, 64) and s["image"].dtype == np.float32
+        assert s["offsets"].shape == (2, 64, 64)
+        assert 0.0 <= s["image"].min() and s["image"].max() <= 1.0
+        yy, xx = np.nonzero(s["fg"])
+        if yy.size == 0:
+            continue
+        seen += 1
+        np.testing.assert_array_equal(s["semantic"] > 0, s["fg"])
+        cy = np.round(yy + s["offsets"][0, yy, xx]).astype(int)
+        cx = np.round(xx + s["offsets"][1, yy, xx]).astype(int)
+        inside = (cy >= 0) & (cy < 64) & (cx >= 0) & (cx < 64)
+        assert s["heatmap"][cy[inside], cx[inside]].min() > 0.95
+        assert np.all(s["offsets"][:, ~s["fg"]] == 0)
+    assert seen > 3
+
+
+def test_sampler_is_reproducible():
+    raw, labels = _blob_volume()
+    unit, lab = raw.astype(np.float32) / 255, labels.astype(np.int32)
+    a = PatchSampler(unit, lab, 32, np.random.default_rng(7)).batch(2, {"mean": 0.5, "std": 0.2})
+    b = PatchSampler(unit, lab, 32, np.random.default_rng(7)).batch(2, {"mean": 0.5, "std": 0.2})
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    assert a["image"].shape == (2, 1, 32, 32) and a["offsets"].shape == (2, 2, 32, 32)
+
+
+def test_config_dict_is_empanada_format():
+    cfg = config_dict({"mean": 0.5, "std": 0.1}, "line one\nline two\n")
+    assert cfg["class_names"] == {1: "mito"} and cfg["labels"] == [1]
+    assert cfg["thing_list"] == [1] and cfg["model"] == "nbapp_mito.pt"
+    assert cfg["padding_factor"] % 16 == 0
+
+
+def _args(tmp_path, raw, labels, **kw):
+    parser = add_arguments(argparse.ArgumentParser())
+    argv = ["--raw", str(raw), "--labels", str(labels), "--out", str(tmp_path / "out"),
+            "--steps", "2", "--batch-size", "2", "--patch", "64", "--val-slices", "4",
+            "--val-every", "1", "--val-stride", "2", "--no-progress", "--threads", "1"]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return parser.parse_args(argv)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_run_writes_outputs_and_resumes(tmp_path):
+    raw, labels = _blob_volume()
+    rp, lp = tmp_path / "raw.tif", tmp_path / "lab.tif"
+    tifffile.imwrite(rp, raw)
+    tifffile.imwrite(lp, labels)
+    assert run(_args(tmp_path, rp, lp)) == 0
+    out = tmp_path / "out"
+    ck = torch.load(out / "best.pth", weights_only=True)
+    assert set(ck) >= {"state_dict", "arch", "norms", "metrics"}
+    last = torch.load(out / "last.pth", weights_only=True)
+    assert last["step"] == 2
+    cfg = yaml.safe_load((out / "nbapp_mito.yaml").read_text())
+    assert cfg["model"] == "nbapp_mito.pt" and set(cfg["norms"]) == {"mean", "std"}
+    model = torch.jit.load(str(out / "nbapp_mito.pt"))
+    assert model(torch.zeros(1, 1, 64, 64), 2, True)["offsets"].shape == (1, 2, 64, 64)
+    assert run(_args(tmp_path, rp, lp, steps=3, resume=out / "last.pth")) == 0
+    assert torch.load(out / "last.pth", weights_only=True)["step"] == 3
+
+
+def test_time_limit_stops_and_still_saves(tmp_path):
+    raw, labels = _blob_volume((12, 32, 32))
+    rp, lp = tmp_path / "raw.tif", tmp_path / "lab.tif"
+    tifffile.imwrite(rp, raw)
+    tifffile.imwrite(lp, labels)
+    assert run(_args(tmp_path, rp, lp, time_limit=0, patch=32)) == 0
+    last = torch.load(tmp_path / "out" / "last.pth", weights_only=True)
+    assert last["step"] == 0 and (tmp_path / "out" / "nbapp_mito.pt").exists()
+
+
+@pytest.mark.parametrize("kw, match", [({"patch": 48}, "multiple of"),
+                                       ({"val_slices": 0}, "val-slices")])
+def test_bad_arguments(tmp_path, kw, match):
+    raw, labels = _blob_volume((12, 32, 32))
+    rp, lp = tmp_path / "raw.tif", tmp_path / "lab.tif"
+    tifffile.imwrite(rp, raw)
+    tifffile.imwrite(lp, labels)
+    with pytest.raises(ValueError, match=match):
+        run(_args(tmp_path, rp, lp, **kw))
