@@ -135,6 +135,13 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("--device", default="cpu")
 
+    app = sub.add_parser("app", help="serve the widget app as a web page (Voila, 127.0.0.1)")
+    app.add_argument("--port", type=int, default=8866, metavar="N",
+                     help="port on 127.0.0.1 (default %(default)s)")
+    app.add_argument("--no-browser", action="store_true", help="do not open a web browser")
+    app.add_argument("--data-root", default=None, metavar="DIR",
+                     help="the only folder the app's path box may read (default: this folder)")
+
     ev = sub.add_parser("evaluate", help="compare predicted labels with ground truth")
     ev.add_argument("pred", metavar="PRED")
     ev.add_argument("gt", metavar="GT")
@@ -423,6 +430,12 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_app(args) -> int:
+    from nbapp.serve import serve
+
+    return serve(port=args.port, open_browser=not args.no_browser, data_root=args.data_root)
+
+
 def _one_line(message: str) -> str:
     """Collapse a (possibly multi-line) message onto one line.
 
@@ -447,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as exc:  # --help and --version
             return exc.code if isinstance(exc.code, int) else 0
         handler = {"segment": _cmd_segment, "info": _cmd_info, "evaluate": _cmd_evaluate,
-                   "consensus": _cmd_consensus, "demo": _cmd_demo}.get(args.command)
+                   "consensus": _cmd_consensus, "demo": _cmd_demo,
+                   "app": _cmd_app}.get(args.command)
         if handler is None:
             from nbapp import train
 

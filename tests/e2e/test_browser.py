@@ -1,0 +1,180 @@
+"""End to end: ``nbapp app`` (Voila on 127.0.0.1) driven in Debian's Chromium by Playwright.
+
+The tests share one page (loading it starts a kernel and the model) and run in file order:
+load, labels, 2D key press, 3D run, errors; the last one opens and closes a page of its own.
+Each checks that the page raised no error. With the default model they also write the README
+screenshots to docs/screenshots/.
+
+``NBAPP_E2E_MODEL=FILE.yaml`` runs them with another model (its folder is copied into the data
+root).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from browser import MODEL_ENV, AppPage, missing, watch
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(missing() is not None, reason=str(missing())),
+]
+
+#: Every parameter label of SPEC sections 2 and 3 that the app must show.
+SPEC_LABELS = (
+    "Segmentation Confidence Threshold", "Center Confidence Threshold", "Centers Minimum Distance",
+    "Fine boundaries", "Max objects per class", "Image Downsampling", "Batch mode",
+    "Median Filter Size", "Min Size", "Min Box Extent", "Voxel Vote Threshold Out of 3",
+    "Permit detections found in 1 stack into consensus", "Return xy, xz, yz stacks",
+    "Inference plane", "Run ortho-plane", "Semantic only", "Fill holes in segmentation",
+)
+
+
+def needs_model(app) -> None:
+    """Skip while the default model is not in the installation (as tests/test_cli.py does)."""
+    error = app.load_times["error"]
+    if error and "default model is missing" in error:
+        pytest.skip(f"the default model is not bundled yet: {error}")
+    assert error is None, error
+
+
+def assert_no_page_errors(app) -> None:
+    assert app.rec.problems() == []
+    assert app.rec.unexpected_external() == []
+
+
+def screenshot(app, name: str) -> None:
+    """Write docs/screenshots/NAME (the README's pictures: default model only)."""
+    if os.environ.get(MODEL_ENV):
+        return
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    app.page.locator(".nbapp-app").screenshot(path=str(SCREENSHOTS / name))
+
+
+def not_blank(png: bytes) -> bool:
+    """True when a PNG has more than one colour (something was drawn)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    lo, hi = zip(*img.getextrema())
+    return any(h - l > 16 for l, h in zip(lo, hi))
+
+
+def test_page_loads_with_the_model_and_no_errors(app, server):
+    needs_model(app)
+    assert app.load_times["model_s"] > 0
+    assert "loaded on" in app.status().inner_text()
+    assert app.page.locator(".nbapp-model-info").count() == 1
+    assert_no_page_errors(app)
+    assert "Error at server while executing cell" not in server.log_text()
+
+
+def test_every_spec_parameter_label_is_in_the_page(app):
+    text = app.text()
+    missing_labels = [label for label in SPEC_LABELS if label not in text]
+    assert missing_labels == []
+    for tab, labels in (("2D parameter testing", SPEC_LABELS[:7] + SPEC_LABELS[-2:]),
+                        ("3D inference", SPEC_LABELS[7:-2])):
+        app.tab(tab)
+        for label in labels:
+            assert app.page.get_by_text(label).filter(visible=True).count() >= 1, label
+    assert_no_page_errors(app)
+
+
+def test_arrow_key_on_the_threshold_slider_repaints_the_viewer(app):
+    needs_model(app)
+    app.tab("2D parameter testing")
+    app.wait_for_text("instances")
+    slider = app.slider("Segmentation Confidence Threshold")
+    readout = slider.locator(".widget-readout")
+    canvas = app.viewer_canvas()
+    app.page.wait_for_function("c => (c.__paints || 0) > 0", arg=canvas.element_handle())
+    before_value = readout.inner_text()
+    before_image = app.image_signature(canvas)
+    slider.locator(".noUi-handle").focus()
+    changed = False
+    for _ in range(6):  # one step can leave every pixel as it was; the repaint must happen
+        app.page.keyboard.press("ArrowRight")
+        ms = app.wait_for_paint_after_key(canvas)
+        assert ms > 0
+        if app.image_signature(canvas) != before_image:
+            changed = True
+            break
+    assert changed, "the viewer was repainted but its image never changed"
+    assert float(readout.inner_text()) > float(before_value)
+    assert "network cached" in app.page.locator(".nbapp-app").inner_text()
+    screenshot(app, "app_2d.png")
+    assert_no_page_errors(app)
+
+
+def test_3d_run_shows_the_stacks_and_a_webgl_view(app):
+    needs_model(app)
+    app.tab("3D inference")
+    page = app.page
+    stacks = page.locator(".jupyter-matplotlib-canvas-div canvas:visible").first
+    draws = app.draws(stacks)
+    page.locator("button:visible").filter(has_text=re.compile(r"^\s*Run\s*$")).click()
+    page.wait_for_function(
+        "/job \\d+: (done|failed|cancelled)/.test(document.body.innerText)", timeout=600_000)
+    assert re.search(r"job \d+: done", page.locator(".nbapp-app").inner_text())
+    app.wait_for_text("objects shown")  # the 3D view follows the job's end
+    body = page.locator(".nbapp-app").inner_text()
+    assert body.count("tracking done") == 3 and "consensus done" in body, body[-2000:]
+    app.wait_for_draw(stacks, draws)  # the xy / xz / yz / consensus panels were repainted
+    assert "objects shown" in body and " objects" in body
+    gl = page.locator("canvas:visible").evaluate_all(
+        "cs => cs.filter(c => /webgl/.test(c.__ctxType || '') && c.width > 0 && c.height > 0)"
+        ".map(c => c.__ctxType)")
+    assert gl, "no WebGL canvas in the 3D tab"
+    webgl = [c for c in page.locator("canvas:visible").all()
+             if "webgl" in (c.evaluate("c => c.__ctxType || ''"))]
+    webgl[0].scroll_into_view_if_needed()
+    assert not_blank(webgl[0].screenshot()), "the WebGL 3D view is blank"
+    page.set_viewport_size({"width": 1400, "height": 1700})
+    screenshot(app, "app_3d.png")
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    assert_no_page_errors(app)
+
+
+@pytest.mark.parametrize("path, needle", [
+    ("no_such_volume.tif", "does not exist"),
+    ("not_an_image.tif", "not_an_image.tif"),
+    ("/etc/passwd", "data root"),
+])
+def test_errors_show_in_the_page(app, path, needle):
+    app.tab("Data & model")
+    box = app.page.locator(".widget-text:visible", has=app.page.locator("label", has_text="Path"))
+    box.locator("input").fill(path)
+    app.page.locator("button:visible").filter(has_text=re.compile(r"^\s*Load\s*$")).click()
+    app.page.wait_for_function(
+        "t => { const s = document.querySelector('.nbapp-status.nbapp-error');"
+        " return s && s.textContent.includes(t); }", arg=needle, timeout=60_000)
+    assert needle in app.status().inner_text()
+    assert_no_page_errors(app)
+
+
+def test_closing_the_tab_shuts_its_kernel_down(server, browser):
+    """The page's shutdown request on unload passes the XSRF check (voila issue 1458)."""
+    ctx, rec = browser
+    page = ctx.new_page()
+    watch(page, rec)
+    other = AppPage(page, rec)
+    other.open(server.url)
+    kernel = page.evaluate("JSON.parse(document.getElementById('jupyter-config-data')"
+                           ".textContent).kernelId")
+    assert f"Kernel started: {kernel}" in server.log_text()
+    page.close(run_before_unload=True)
+    deadline = time.monotonic() + 30
+    while f"Kernel shutdown: {kernel}" not in server.log_text():
+        assert time.monotonic() < deadline, server.log_text()[-3000:]
+        time.sleep(0.2)  # polling the server log, bounded by the deadline
+    assert "403 POST /voila/api/shutdown" not in server.log_text()

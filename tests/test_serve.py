@@ -1,0 +1,206 @@
+"""``nbapp app``: the Voila command and its settings, argument errors, and a live server.
+
+The unit tests check the argv and that Voila really applies it (culling, 127.0.0.1, no port
+hopping, no served files) without starting a server; one slow test starts ``nbapp app`` in a
+child process and talks HTTP to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from app_server import free_port, http, missing_app_modules, running_app
+from nbapp import cli, serve
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_app = pytest.mark.skipif(bool(missing_app_modules()),
+                               reason=f"app packages missing: {missing_app_modules()}")
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    rc = cli.main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
+    assert rc == cli.EXIT_USAGE
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nbapp: error: "), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+
+
+def test_voila_command_binds_localhost_without_browser_and_culls_deliberately():
+    cmd = serve.voila_command(9001)
+    assert cmd[:4] == [sys.executable, "-m", "nbapp.serve", str(serve.app_notebook())]
+    for arg in ("--port=9001", "--Voila.ip=127.0.0.1", "--Voila.port_retries=0", "--no-browser",
+                "--Voila.open_browser=False", "--VoilaConfiguration.show_tracebacks=False",
+                "--VoilaConfiguration.file_denylist=.*",
+                "--MappingKernelManager.cull_idle_timeout=3600",
+                "--MappingKernelManager.cull_interval=300",
+                "--MappingKernelManager.cull_busy=False",
+                "--MappingKernelManager.cull_connected=False"):
+        assert arg in cmd, arg
+    assert not any("xsrf" in a.lower() or "token" in a.lower() for a in cmd), cmd
+
+
+def test_voila_command_opens_a_browser_unless_told_not_to():
+    cmd = serve.voila_command(8866, open_browser=True)
+    assert "--Voila.open_browser=True" in cmd and "--no-browser" not in cmd
+
+
+def test_data_root_reaches_the_kernel_environment(tmp_path):
+    env = serve.voila_environment(tmp_path, base={"PATH": "/bin"})
+    assert env == {"PATH": "/bin", serve.DATA_ROOT_ENV: str(tmp_path)}
+
+
+def test_data_root_defaults_to_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert serve.resolve_data_root(None) == tmp_path.resolve()
+    assert serve.resolve_data_root(tmp_path / ".") == tmp_path.resolve()
+
+
+@needs_app
+def test_voila_applies_the_settings(tmp_path):
+    """Voila itself parses the argv: culling reaches its kernel manager, the server binds
+    127.0.0.1 only, and XSRF checks are not disabled."""
+    from voila.app import Voila
+
+    previous = signal.getsignal(signal.SIGTERM)  # Voila.initialize installs a SIGTERM handler
+    try:
+        app = Voila(config=serve.voila_config())  # what python -m nbapp.serve does
+        app.initialize(serve.voila_command(free_port())[3:])
+        app.connection_dir = str(tmp_path)
+        settings = app.init_settings()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    km = app.kernel_manager
+    assert (km.cull_idle_timeout, km.cull_interval, km.cull_busy, km.cull_connected) == (
+        3600, 300, False, False)
+    assert (app.ip, app.port_retries, app.open_browser) == ("127.0.0.1", 0, False)
+    assert app.notebook_path == str(serve.app_notebook())
+    assert app.voila_configuration.file_denylist == [".*"]
+    assert app.voila_configuration.show_tracebacks is False
+    assert app.voila_configuration.prelaunch_hook is serve.set_xsrf_cookie
+    assert not settings.get("disable_check_xsrf", False)
+
+
+# --------------------------------------------------------------------------------------------
+# the app notebook
+
+
+def _code(path: Path) -> str:
+    nb = json.loads(path.read_text())
+    return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def test_packaged_app_notebook_reads_the_data_root_and_matches_notebooks_app():
+    code = _code(serve.app_notebook())
+    assert "from nbapp.ui import App" in code
+    assert serve.DATA_ROOT_ENV in code
+    assert code == _code(ROOT / "notebooks" / "app.ipynb")
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "app.ipynb" in data["nbapp"]
+
+
+# --------------------------------------------------------------------------------------------
+# errors: one line, exit status 2, nothing started
+
+
+def test_missing_data_root_is_an_error(capsys, tmp_path):
+    rc, err = run(capsys, "app", "--no-browser", "--data-root", tmp_path / "nope")
+    assert_one_line_error(rc, err, "--data-root", "does not exist")
+
+
+def test_data_root_that_is_a_file_is_an_error(capsys, tmp_path):
+    (tmp_path / "f.tif").write_bytes(b"")
+    rc, err = run(capsys, "app", "--no-browser", "--data-root", tmp_path / "f.tif")
+    assert_one_line_error(rc, err, "is not a folder")
+
+
+def test_taken_port_is_an_error(capsys, tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        rc, err = run(capsys, "app", "--no-browser", "--port", port, "--data-root", tmp_path)
+    assert_one_line_error(rc, err, f"port {port}", "already in use", "--port")
+
+
+@pytest.mark.parametrize("port", ["0", "70000"])
+def test_port_out_of_range_is_an_error(capsys, tmp_path, port):
+    rc, err = run(capsys, "app", "--no-browser", "--port", port, "--data-root", tmp_path)
+    assert_one_line_error(rc, err, "--port must be between 1 and 65535")
+
+
+def test_missing_voila_says_how_to_install_it(capsys, tmp_path, monkeypatch):
+    real = serve.importlib.util.find_spec
+    monkeypatch.setattr(serve.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "voila" else real(name, *a))
+    rc, err = run(capsys, "app", "--no-browser", "--port", free_port(), "--data-root", tmp_path)
+    assert_one_line_error(rc, err, "voila", "pip install 'nbapp[app]'")
+
+
+def test_app_help(capsys):
+    assert cli.main(["app", "--help"]) == 0
+    out = capsys.readouterr().out
+    for opt in ("--port", "--no-browser", "--data-root"):
+        assert opt in out
+
+
+# --------------------------------------------------------------------------------------------
+# a live server
+
+
+@needs_app
+@pytest.mark.slow
+def test_live_server_serves_the_page_with_xsrf_checks_and_stops_cleanly(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    with running_app(tmp_path, data) as app:
+        status, headers, body = http(app.url)
+        assert status == 200, app.log_text()
+        assert b"<html" in body.lower()
+        # the page gets the XSRF cookie its own POSTs need (kernel shutdown on tab close)
+        assert any(c.startswith("_xsrf=") for c in headers.get_all("Set-Cookie")), headers
+        shutdown = app.url + "voila/api/shutdown/no-such-kernel"
+        # a POST without an XSRF token is refused
+        status, _, body = http(shutdown, "POST")
+        assert status == 403 and b"_xsrf" in body, body
+        # a mismatching token too
+        status, _, _ = http(shutdown, "POST", {"Cookie": "_xsrf=aaaa", "X-XSRFToken": "bbbb"})
+        assert status == 403
+        # a matching cookie and header pass the XSRF check (and reach the handler: no kernel)
+        status, _, body = http(shutdown, "POST", {"Cookie": "_xsrf=abcd", "X-XSRFToken": "abcd"})
+        assert status == 404 and b"Kernel does not exist" in body, body
+        # files beside the notebook are not served
+        status, _, _ = http(app.url + "voila/files/app.ipynb")
+        assert status == 403
+        log = app.log_text()
+        assert f"http://127.0.0.1:{app.port}/" in log
+        assert f"data root {data.resolve()}" in log
+        assert "Culling kernels with idle durations > 3600 seconds at 300 second intervals" in log
+    assert app.proc.returncode == 0, app.log_text()
+    serve.check_port(app.port)  # nothing listens there any more
+
+
+@needs_app
+@pytest.mark.slow
+def test_ctrl_c_stops_the_server_with_status_0(tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground group: the wrapper waits for Voila."""
+    with running_app(tmp_path, tmp_path) as app:
+        os.killpg(app.proc.pid, signal.SIGINT)
+        assert app.proc.wait(30) == 0, app.log_text()
+    assert "Traceback" not in app.log_text()
