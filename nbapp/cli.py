@@ -249,9 +249,35 @@ def _segment_3d(args, sp: SliceParams, out: Path) -> int:
     if len(volume.shape) != 3:
         raise InputError(f"--mode 3d needs a volume (Z, Y, X); {args.input} has shape "
                          f"{tuple(volume.shape)}")
-    from tqdm.auto import tqdm
-
     from nbapp.volume import segment_volume
+
+    progress, close_bars = _progress_bars()
+    t0 = time.perf_counter()
+    try:
+        result = segment_volume(volume, args.model, params, devices=args.devices or args.device,
+                                client=client, progress=progress, batch_size=args.batch_size)
+    finally:
+        close_bars()
+        if client is not None:
+            client.close()
+    labels, stacks = result if args.return_stacks else (result, {})
+    for plane, path in stack_paths(out).items():
+        if plane in stacks:
+            write_labels(path, stacks[plane])
+    write_labels(out, labels)
+    n = int(labels.max())
+    print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {n} objects in "
+          f"{time.perf_counter() - t0:.1f} s" + (", and the xy/xz/yz stacks" if stacks else ""),
+          file=sys.stderr)
+    return 0
+
+
+def _progress_bars():
+    """A progress callback drawing one tqdm bar per (plane, stage) on stderr, and its closer.
+
+    Called in the main thread (segment_volume calls ``progress`` in the calling thread).
+    """
+    from tqdm.auto import tqdm
 
     bars: dict = {}
 
@@ -266,25 +292,11 @@ def _segment_3d(args, sp: SliceParams, out: Path) -> int:
         bar.n = p.done
         bar.refresh()
 
-    t0 = time.perf_counter()
-    try:
-        result = segment_volume(volume, args.model, params, devices=args.devices or args.device,
-                                client=client, progress=progress, batch_size=args.batch_size)
-    finally:
+    def close() -> None:
         for bar in bars.values():
             bar.close()
-        if client is not None:
-            client.close()
-    labels, stacks = result if args.return_stacks else (result, {})
-    for plane, path in stack_paths(out).items():
-        if plane in stacks:
-            write_labels(path, stacks[plane])
-    write_labels(out, labels)
-    n = int(labels.max())
-    print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {n} objects in "
-          f"{time.perf_counter() - t0:.1f} s" + (", and the xy/xz/yz stacks" if stacks else ""),
-          file=sys.stderr)
-    return 0
+
+    return progress, close
 
 
 def _dask_client(address: str):
@@ -338,25 +350,14 @@ def _cmd_demo(args) -> int:
           f"mitochondria (nbapp.samples.demo_volume)", file=sys.stderr)
     t0 = time.perf_counter()
     if args.mode == "3d":
-        from tqdm.auto import tqdm
-
         from nbapp.volume import segment_volume
 
-        bars: dict = {}
-
-        def progress(p) -> None:
-            key = (p.plane, p.stage)
-            if key not in bars:
-                for b in bars.values():
-                    b.close()
-                bars[key] = tqdm(total=p.total, desc=f"{p.plane} {p.stage}", file=sys.stderr)
-            bars[key].n = p.done
-            bars[key].refresh()
-
-        labels = segment_volume(image, args.model, VolumeParams(), devices=args.device,
-                                progress=progress)
-        for b in bars.values():
-            b.close()
+        progress, close_bars = _progress_bars()
+        try:
+            labels = segment_volume(image, args.model, VolumeParams(), devices=args.device,
+                                    progress=progress)
+        finally:
+            close_bars()
         gt = truth
     else:
         from skimage.measure import label as cc

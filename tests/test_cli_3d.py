@@ -120,3 +120,14 @@ def test_train_user_errors_are_one_line_and_create_nothing(tmp_path, capsys):
                     "--out", out)
     assert code == 2 and err.strip().startswith("nbapp: error:") and "does not exist" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.slow
+def test_demo_segments_the_bundled_volume_with_the_default_model(tmp_path, capsys):
+    import re
+
+    code, err = run(capsys, "demo", "--mode", "2d", "-o", tmp_path / "demo.tif")
+    assert code == 0, err
+    assert tifffile.imread(tmp_path / "demo.tif").shape == (256, 256)
+    f1 = float(re.search(r"F1@0.5 ([0-9.]+)", err).group(1))
+    assert f1 >= 0.8, err  # the default model finds the demo's mitochondria
