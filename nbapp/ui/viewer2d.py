@@ -112,6 +112,7 @@ class Viewer2D:
         state.observe(self._opacity, names=["opacity"])
         state.observe(self._busy, names=["busy2d"])
         self.draws = 0
+        self._last_heads = None
 
     def set_box_mode(self, on: bool) -> None:
         self.selector.set_active(bool(on))
@@ -142,7 +143,9 @@ class Viewer2D:
             self.info.value = self._text(None)
             return
         labels = r.labels
-        _show(self.image, r.image, _image_clim(r.image))
+        if r.heads is None or r.heads is not self._last_heads:  # same cached outputs: same image
+            _show(self.image, r.image, _image_clim(r.image))
+            self._last_heads = r.heads
         _show(self.overlay, label_display(labels))
         self.info.value = self._text(r)
         self.draws += 1
