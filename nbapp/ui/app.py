@@ -49,7 +49,7 @@ class App(W.VBox):
 
     def __init__(self, volume=None, model=None, device=None, data_root=None,
                  upload_limit_mb: float = 200.0, synchronous: bool = False,
-                 debounce_s: float = 0.05, **kwargs):
+                 debounce_s: float = 0.025, **kwargs):
         super().__init__(**kwargs)
         self.add_class("nbapp-app")
         self.state = state = AppState()

@@ -189,7 +189,7 @@ class Session:
     """
 
     def __init__(self, state: AppState, data_root=None, upload_limit_mb: float = 200.0,
-                 synchronous: bool = False, debounce_s: float = 0.05):
+                 synchronous: bool = False, debounce_s: float = 0.025):
         self.state = state
         self.data_root = None if data_root is None else Path(data_root)
         self.upload_limit_mb = float(upload_limit_mb)

@@ -78,7 +78,7 @@ class LatestRunner:
     [2]
     """
 
-    def __init__(self, debounce_s: float = 0.05, synchronous: bool = False):
+    def __init__(self, debounce_s: float = 0.025, synchronous: bool = False):
         self.debounce_s = float(debounce_s)
         self.synchronous = synchronous
         self._cond = threading.Condition()
