@@ -209,17 +209,18 @@ def _track_plane(stack: np.ndarray, plane: str, thing_list: tuple) -> np.ndarray
     from nbapp.tracking import relabel_by_first_appearance, track_and_filter
 
     ax = plane_axis(plane)
-    classes = [c for c in thing_list if (stack >= c * _SLICE_DIVISOR).any()]
     lo = min(thing_list) * _SLICE_DIVISOR if thing_list else 0
     if len(thing_list) == 1 and stack.min() >= 0 and stack.max() < lo + _SLICE_DIVISOR \
             and not ((stack > 0) & (stack < lo)).any():
         # one thing class and nothing else: track the stack as it is (no per-class copies)
         tracked = track_and_filter(np.ascontiguousarray(np.moveaxis(stack, ax, 0)), 0, 0)
+        if ax == 0:  # already numbered by first appearance in (Z, Y, X) order
+            return tracked
         return relabel_by_first_appearance(np.moveaxis(tracked, 0, ax))
     cls = stack // _SLICE_DIVISOR
     out = np.zeros(stack.shape, np.int32)
     offset = 0
-    for c in classes:
+    for c in thing_list:
         sub = np.where(cls == c, stack, 0)
         if not sub.any():
             continue
