@@ -170,7 +170,7 @@ def _slice_params(args) -> SliceParams:
     )
 
 
-def _check_output(out: Path, source: str) -> None:
+def _check_output(out: Path, source: str | None = None) -> None:
     """Fail before any work when OUTPUT cannot be written or would overwrite the input."""
     from nbapp.io import WRITE_FORMATS
 
@@ -179,6 +179,8 @@ def _check_output(out: Path, source: str) -> None:
                          f"{' or '.join(WRITE_FORMATS)}")
     if not (out.parent if str(out.parent) else Path(".")).is_dir():
         raise InputError(f"output folder {str(out.parent)!r} does not exist")
+    if source is None:
+        return
     src, dst = Path(source).resolve(), out.resolve()
     if src == dst or dst in src.parents:
         raise InputError(f"OUTPUT {str(out)!r} would overwrite the input {source!r}; "
@@ -344,7 +346,7 @@ def _cmd_demo(args) -> int:
     from nbapp.samples import demo_volume
 
     out = Path(args.output)
-    _check_output(out, "")
+    _check_output(out)
     image, truth = demo_volume()
     print(f"nbapp demo: synthetic EM-like volume {image.shape} with {int(truth.max())} "
           f"mitochondria (nbapp.samples.demo_volume)", file=sys.stderr)

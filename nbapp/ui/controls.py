@@ -25,6 +25,15 @@ def _layout(width="420px"):
     return W.Layout(width=width)
 
 
+def _labelled(widgets: dict, handler_for) -> dict:
+    """Give each parameter widget its SPEC label and observe its value with ``handler_for(name)``."""
+    for name, widget in widgets.items():
+        widget.description = LABELS[name]
+        widget.style = _WIDE
+        widget.observe(handler_for(name), names=["value"])
+    return widgets
+
+
 class StatusArea:
     """The status line (last message, coloured by level) and the log (every message and
     traceback). Updated only from the state, i.e. in the UI thread."""
@@ -166,11 +175,7 @@ class Controls2D:
             "fill_holes": W.Checkbox(sp.fill_holes),
             "batch_mode": W.Checkbox(sp.batch_mode),
         }
-        for name, widget in w.items():
-            widget.description = LABELS[name]
-            widget.style = _WIDE
-            widget.observe(self._param(name), names=["value"])
-        self.widgets = w
+        self.widgets = _labelled(w, self._param)
         self.opacity = W.FloatSlider(state.opacity, min=0, max=1, step=0.05,
                                      description="Label opacity", style=_WIDE, layout=_layout())
         W.link((self.opacity, "value"), (state, "opacity"))
@@ -301,11 +306,7 @@ class Controls3D:
             "allow_one_view": W.Checkbox(cp.allow_one_view),
             "return_stacks": W.Checkbox(vp.return_stacks),
         }
-        for name, widget in w.items():
-            widget.description = LABELS[name]
-            widget.style = _WIDE
-            widget.observe(self._param(name), names=["value"])
-        self.widgets = w
+        self.widgets = _labelled(w, self._param)
         self.run = W.Button(description="Run", icon="play", button_style="primary")
         self.cancel = W.Button(description="Cancel", icon="stop", disabled=True)
         self.rerun = W.Button(description="Re-run consensus", icon="refresh", disabled=True)
