@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["Matching", "iou_table", "match_instances", "instance_metrics", "fg_iou"]
+__all__ = ["Matching", "iou_table", "match_instances", "instance_metrics", "fg_iou",
+           "slice_metrics"]
 
 
 @dataclass(frozen=True)
@@ -224,4 +225,53 @@ def instance_metrics(pred: np.ndarray, gt: np.ndarray,
             out.update(tp=m.tp, fp=m.fp, fn=m.fn, precision=m.precision, recall=m.recall,
                        f1=m.f1, pq=m.pq)
         out[f"f1@{t:g}"] = m.f1
+    return out
+
+
+def slice_metrics(pred: np.ndarray, gt: np.ndarray,
+                  thresholds: tuple[float, ...] = (0.5, 0.75)) -> dict:
+    """2D metrics of a stack of slices, pooled over the slices (a 2D benchmark's numbers).
+
+    Each slice's objects are matched on their own; true positives, false positives, false
+    negatives and matched IoUs are summed over slices before F1 and PQ are computed, and the
+    foreground IoU is that of the whole stack (so empty slices weigh nothing).
+
+    Parameters
+    ----------
+    pred, gt : (N, H, W) integer arrays of the same shape
+        Label images per slice, 0 = background (ids need not be unique across slices).
+    thresholds : tuple of float
+        IoU thresholds; the first one gives the unsuffixed keys.
+
+    Returns
+    -------
+    dict
+        The keys of :func:`instance_metrics` plus ``pq@t`` for every threshold and ``slices``.
+
+    >>> gt = np.array([[[1, 1, 0]], [[0, 2, 2]]])
+    >>> pred = np.array([[[5, 5, 0]], [[0, 0, 0]]])
+    >>> m = slice_metrics(pred, gt)
+    >>> m["tp"], m["fn"], round(m["f1"], 3), round(m["fg_iou"], 3)
+    (1, 1, 0.667, 0.5)
+    """
+    pred, gt = _check_pair(pred, gt)
+    if pred.ndim != 3:
+        raise ValueError(f"slice_metrics needs (N, H, W) stacks, got shape {pred.shape}")
+    out: dict = {"fg_iou": fg_iou(pred, gt), "slices": int(pred.shape[0])}
+    for i, t in enumerate(thresholds):
+        if not 0.0 < t <= 1.0:
+            raise ValueError(f"thresholds must be in (0, 1], got {t}")
+        tp = fp = fn = 0
+        iou_sum = 0.0
+        for p, g in zip(pred, gt):
+            m = match_instances(p, g, t)
+            tp, fp, fn, iou_sum = tp + m.tp, fp + m.fp, fn + m.fn, iou_sum + float(m.ious.sum())
+        denom = tp + 0.5 * (fp + fn)
+        f1 = tp / denom if denom else 1.0
+        pq = iou_sum / denom if denom else 1.0
+        if i == 0:
+            out.update(tp=tp, fp=fp, fn=fn, precision=tp / (tp + fp) if tp + fp else 0.0,
+                       recall=tp / (tp + fn) if tp + fn else 0.0, f1=f1, pq=pq)
+        out[f"f1@{t:g}"] = f1
+        out[f"pq@{t:g}"] = pq
     return out

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.measure import label as cc_label
 
-from nbapp.metrics import instance_metrics
+from nbapp.metrics import slice_metrics
 from nbapp.models.arch import (ARCH_DEFAULTS, PADDING_FACTOR, build_model, count_parameters,
                                save_torchscript)
 from nbapp.targets import panoptic_targets
@@ -108,6 +108,8 @@ class AugmentConfig:
     noise_hi: float = 0.06
     blur_p: float = 0.2
     lowres_p: float = 0.2
+    pad_p: float = 0.25
+    pad_max: float = 0.6
 
 
 class PatchSampler:
@@ -167,11 +169,29 @@ class PatchSampler:
             crop = ndi.gaussian_filter(crop, 0.4 * scale, mode="mirror")
         image = ndi.map_coordinates(crop, coords, order=1, mode="mirror").reshape(p, p)
         labs = ndi.map_coordinates(lcrop, coords, order=0, mode="mirror").reshape(p, p)
+        pad = self._pad_band(p)
+        labs[pad] = 0
         inst = cc_label(labs, connectivity=2)
         t = panoptic_targets(inst, sigma=self.sigma)
         image = self._photometric(image.astype(np.float32))
         return {"image": image, "semantic": t.semantic.astype(np.float32),
-                "heatmap": t.heatmap, "offsets": t.offsets, "fg": inst != 0}
+                "heatmap": t.heatmap, "offsets": t.offsets, "fg": inst != 0, "pad": pad}
+
+    def _pad_band(self, p: int) -> np.ndarray:
+        """Mask of a random band at the bottom and/or right edge that :meth:`batch` fills with
+        the engine's padding value (normalised 0), with no objects in it: the engine zero-pads
+        slices to a multiple of the padding factor, e.g. a 35-slice volume's xz slices to 64
+        rows, and a model that never saw padding fails next to it."""
+        rng, a = self.rng, self.aug
+        pad = np.zeros((p, p), bool)
+        if rng.random() >= a.pad_p:
+            return pad
+        side = int(rng.integers(3))  # 0 bottom, 1 right, 2 both
+        if side in (0, 2):
+            pad[p - int(rng.integers(1, int(a.pad_max * p) + 1)):] = True
+        if side in (1, 2):
+            pad[:, p - int(rng.integers(1, int(a.pad_max * p) + 1)):] = True
+        return pad
 
     def _photometric(self, img: np.ndarray) -> np.ndarray:
         rng, a = self.rng, self.aug
@@ -195,10 +215,50 @@ class PatchSampler:
         items = [self.sample() for _ in range(n)]
         out = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
         out["image"] = ((out["image"] - norms["mean"]) / norms["std"])[:, None]
+        out["image"][out.pop("pad")[:, None]] = 0.0
         out["semantic"] = out["semantic"][:, None]
         out["heatmap"] = out["heatmap"][:, None]
         out["fg"] = out["fg"][:, None]
         return out
+
+
+class _PatchStream(torch.utils.data.IterableDataset):
+    """Endless stream of training batches, each DataLoader worker with its own seeded sampler.
+
+    Worker ``i`` draws from ``numpy.random.default_rng([seed, start_step, i])``, so a run with
+    the same ``--seed``, ``--workers`` and resume points is reproducible, batch order across
+    workers aside (the loader takes them round-robin).
+    """
+
+    def __init__(self, unit: np.ndarray, labels: np.ndarray, patch: int, sigma: float,
+                 batch_size: int, norms: dict, seed: int, start_step: int) -> None:
+        super().__init__()
+        self.unit, self.labels, self.patch, self.sigma = unit, labels, patch, sigma
+        self.batch_size, self.norms, self.seed, self.start_step = batch_size, norms, seed, start_step
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        torch.set_num_threads(1)
+        rng = np.random.default_rng([self.seed, self.start_step, wid])
+        sampler = PatchSampler(self.unit, self.labels, self.patch, rng, sigma=self.sigma)
+        while True:
+            yield sampler.batch(self.batch_size, self.norms)
+
+
+def batch_stream(sampler: PatchSampler, args: argparse.Namespace, norms: dict, step: int):
+    """Iterator of training batches: from ``sampler`` in this process when ``args.workers`` is
+    0 (bit-for-bit reproducible, also across ``--resume``), else from ``args.workers`` worker
+    processes (for GPUs, where one CPU core cannot keep up)."""
+    if not args.workers:
+        while True:
+            yield sampler.batch(args.batch_size, norms)
+    stream = _PatchStream(sampler.unit, sampler.labels, sampler.patch, sampler.sigma,
+                          args.batch_size, norms, args.seed, step)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
+                                         pin_memory=torch.cuda.is_available(),
+                                         prefetch_factor=4, persistent_workers=False)
+    yield from loader
 
 
 # ----------------------------------------------------------------------------------------- loss
@@ -296,10 +356,7 @@ def evaluate(model: torch.nn.Module, unit: np.ndarray, labels: np.ndarray, norms
     z, h, w = unit.shape
     ph = math.ceil(h / PADDING_FACTOR) * PADDING_FACTOR
     pw = math.ceil(w / PADDING_FACTOR) * PADDING_FACTOR
-    inter = union = 0
-    tot = {t: {"tp": 0, "fp": 0, "fn": 0, "iou": 0.0} for t in (0.5, 0.75)}
-    from nbapp.metrics import match_instances
-
+    preds, gts = [], []
     for i in range(0, z, every):
         x = torch.from_numpy((unit[i] - norms["mean"]) / norms["std"])[None, None]
         x = F.pad(x, (0, pw - w, 0, ph - h)).to(device)
@@ -307,25 +364,12 @@ def evaluate(model: torch.nn.Module, unit: np.ndarray, labels: np.ndarray, norms
         sem = torch.sigmoid(o["sem_logits"])[0, 0, :h, :w].cpu().numpy()
         ctr = o["ctr_hmp"][0, 0, : math.ceil(h / 4), : math.ceil(w / 4)].cpu().numpy()
         off = o["offsets"][0, :, : math.ceil(h / 4), : math.ceil(w / 4)].cpu().numpy()
-        pred = _segment(sem, ctr, off)
-        gt = cc_label(labels[i], connectivity=2)
-        inter += int(np.count_nonzero((pred != 0) & (gt != 0)))
-        union += int(np.count_nonzero((pred != 0) | (gt != 0)))
-        for t, acc in tot.items():
-            m = match_instances(pred, gt, t)
-            acc["tp"] += m.tp
-            acc["fp"] += m.fp
-            acc["fn"] += m.fn
-            acc["iou"] += float(m.ious.sum())
+        preds.append(_segment(sem, ctr, off))
+        gts.append(cc_label(labels[i], connectivity=2))
     model.train(was_training)
-    res = {"fg_iou": inter / union if union else 1.0}
-    for t, acc in tot.items():
-        denom = 2 * acc["tp"] + acc["fp"] + acc["fn"]
-        res[f"f1@{t:g}"] = 2 * acc["tp"] / denom if denom else 1.0
-        res[f"pq@{t:g}"] = acc["iou"] / (denom / 2) if denom else 1.0
-    res["precision"] = tot[0.5]["tp"] / max(tot[0.5]["tp"] + tot[0.5]["fp"], 1)
-    res["recall"] = tot[0.5]["tp"] / max(tot[0.5]["tp"] + tot[0.5]["fn"], 1)
-    return res
+    m = slice_metrics(np.stack(preds), np.stack(gts))
+    keys = ("fg_iou", "f1@0.5", "pq@0.5", "f1@0.75", "pq@0.75", "precision", "recall")
+    return {k: float(m[k]) for k in keys}
 
 
 # --------------------------------------------------------------------------------------- export
@@ -345,14 +389,14 @@ def config_dict(norms: dict, description: str, model_file: str = "nbapp_mito.pt"
 
 
 def export_model(model: torch.nn.Module, path: str | Path, ctr_smooth: float = 0.0,
-                 ctr_gate: bool = False) -> None:
+                 ctr_gate: bool = False, arch: dict | None = None) -> None:
     """Save ``model`` as TorchScript (eval mode, batch norm folded into the convolutions).
 
     ``ctr_smooth`` and ``ctr_gate`` set the export-only heat-map smoothing and foreground
     gating of :class:`nbapp.models.arch.NBMitoNet` (they have no weights).
     """
     if ctr_smooth or ctr_gate:
-        shipped = build_model(ctr_smooth=ctr_smooth, ctr_gate=ctr_gate)
+        shipped = build_model(**{**(arch or {}), "ctr_smooth": ctr_smooth, "ctr_gate": ctr_gate})
         shipped.load_state_dict(model.state_dict())
         model = shipped
     save_torchscript(model, path)
@@ -400,7 +444,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "(including minutes before --resume) and still save; the learning "
                              "rate schedule then follows max(step / steps, minutes / limit), so "
                              "it anneals in time even on a slow or busy machine")
+    parser.add_argument("--stop-after", type=float, default=None,
+                        help="end this run gracefully after this many minutes (saving "
+                             "last.pth) without changing the schedule; resume later")
     parser.add_argument("--resume", default=None, help="checkpoint (last.pth) to resume from")
+    parser.add_argument("--init", default=None,
+                        help="start from the weights (and architecture, normalisation) of this "
+                             "checkpoint, with a fresh optimiser and schedule (fine-tuning)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="data-loading worker processes (0: sample in the training process)")
+    parser.add_argument("--arch", default=None,
+                        help="JSON architecture hyper-parameters overriding the defaults of "
+                             "nbapp.models.arch.ARCH_DEFAULTS (ignored with --resume)")
     parser.add_argument("--export-ctr-smooth", type=float, default=1.0,
                         help="heat-map Gaussian smoothing (1/4-grid cells) of the exported model")
     parser.add_argument("--no-export-ctr-gate", dest="export_ctr_gate", action="store_false",
@@ -418,6 +473,21 @@ def _lr_factor(progress: float, warmup: float) -> float:
         return max(progress / warmup, 1e-3)
     t = min(1.0, (progress - warmup) / (1.0 - warmup))
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _parse_arch(text: str) -> dict:
+    try:
+        arch = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ParameterError(f"--arch must be a JSON object, e.g. '{{\"depths\": [0, 1, 2, 3, "
+                             f"2]}}': {exc}") from None
+    if not isinstance(arch, dict):
+        raise ParameterError(f"--arch must be a JSON object, got {text!r}")
+    unknown = set(arch) - set(ARCH_DEFAULTS)
+    if unknown:
+        raise ParameterError(f"--arch: unknown hyper-parameters {sorted(unknown)}; known: "
+                             f"{sorted(ARCH_DEFAULTS)}")
+    return arch
 
 
 def _score(m: dict) -> float:
@@ -450,16 +520,26 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    model = build_model().to(device)
+    arch = {**ARCH_DEFAULTS, **(_parse_arch(args.arch) if args.arch else {})}
+    ck = torch.load(args.resume, map_location=device, weights_only=True) if args.resume else None
+    init = (torch.load(args.init, map_location="cpu", weights_only=True)
+            if args.init and not args.resume else None)
+    if ck is not None or init is not None:
+        arch = {**ARCH_DEFAULTS, **(ck or init)["arch"]}
+    model = build_model(**arch).to(device)
+    if init is not None:
+        model.load_state_dict(init["state_dict"])
+        norms = dict(init["norms"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step, best, history, minutes_before = 0, -1.0, [], 0.0
-    if args.resume:
-        ck = torch.load(args.resume, map_location=device, weights_only=True)
+    if ck is not None:
         model.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
         step, best, history = int(ck["step"]), float(ck["best"]), list(ck["history"])
         rng.bit_generator.state = json.loads(ck["numpy_rng"])
-        torch.set_rng_state(ck["torch_rng"])
+        torch.set_rng_state(ck["torch_rng"].cpu())
         norms = dict(ck["norms"])
         minutes_before = float(ck["minutes"])
     sampler = PatchSampler(train_unit, train_lab, args.patch, rng, sigma=args.sigma)
@@ -471,7 +551,8 @@ def run(args: argparse.Namespace) -> int:
           f"{args.steps} steps of {args.batch_size}x{args.patch}^2 on {device}", flush=True)
 
     def checkpoint(path: Path, with_opt: bool, metrics: dict | None = None) -> None:
-        ck = {"state_dict": model.state_dict(), "arch": dict(ARCH_DEFAULTS), "norms": norms,
+        ck = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+              "arch": dict(arch), "norms": norms,
               "step": step, "best": best, "history": history, "metrics": metrics or {},
               "minutes": elapsed(),
               "padding_factor": PADDING_FACTOR}
@@ -495,7 +576,7 @@ def run(args: argparse.Namespace) -> int:
             best = _score(m)
             checkpoint(out_dir / "best.pth", False, m)
             export_model(model, out_dir / "nbapp_mito.pt", args.export_ctr_smooth,
-                         args.export_ctr_gate)
+                         args.export_ctr_gate, arch)
             desc = (f"nbapp default mitochondria model (NBMitoNet, {n_params} parameters), "
                     f"trained on Lucchi++ train.\nValidation (held-out block) at step {step}: "
                     f"FG IoU {m['fg_iou']:.3f}, F1@0.5 {m['f1@0.5']:.3f}.\n")
@@ -513,16 +594,19 @@ def run(args: argparse.Namespace) -> int:
     model.train()
     last_save = time.monotonic()
     limit = args.time_limit if args.time_limit is not None else math.inf
+    stop_at = (time.monotonic() + 60 * args.stop_after if args.stop_after is not None
+               else math.inf)
+    batches = batch_stream(sampler, args, norms, step)
     ema: dict = {}
     stopped_early = False
     while step < args.steps:
-        if elapsed() >= limit:
+        if elapsed() >= limit or time.monotonic() >= stop_at:
             stopped_early = True
             break
         for g in opt.param_groups:
             g["lr"] = args.lr * _lr_factor(max(step / args.steps, elapsed() / limit),
                                            args.warmup)
-        b = {k: v.to(device) for k, v in sampler.batch(args.batch_size, norms).items()}
+        b = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         out = model(b["image"], 2, False)
         loss, parts = panoptic_loss(out, b, w_ctr=args.w_ctr, w_off=args.w_off)
         opt.zero_grad(set_to_none=True)
@@ -543,13 +627,16 @@ def run(args: argparse.Namespace) -> int:
         if time.monotonic() - last_save > 60 * args.save_minutes:
             checkpoint(out_dir / "last.pth", True)
             last_save = time.monotonic()
+    batches.close()
     if bar is not None:
         bar.close()
     if not history or history[-1]["step"] != step:
         validate()
     checkpoint(out_dir / "last.pth", True)
     minutes = elapsed()
-    reason = "time limit" if stopped_early else "done"
+    reason = ("stopped (--stop-after), resume with --resume last.pth"
+              if stopped_early and elapsed() < limit else
+              "time limit" if stopped_early else "done")
     print(f"nbapp.train: {reason} at step {step} after {minutes:.1f} min; best score "
           f"{best:.4f}; outputs in {out_dir}", flush=True)
     return 0

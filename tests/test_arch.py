@@ -140,3 +140,41 @@ def test_export_heatmap_smoothing_and_gating():
     assert b["ctr_hmp"].shape == (1, 1, 16, 16) and c["ctr_hmp"].shape == (1, 1, 64, 64)
     prob = torch.nn.functional.avg_pool2d(torch.sigmoid(a["sem_logits"]), 4)
     assert torch.all(b["ctr_hmp"].abs() <= a["ctr_hmp"].abs().max() * prob.max() + 1e-6)
+
+
+# Operators every torch from 1.13 on knows. F.interpolate and F.pad would script into the
+# running torch's full implementation, naming operators an older torch cannot load
+# (torch 2.13's aten::_upsample_lanczos2d_aa did not load in torch 2.11 on a GPU machine).
+PORTABLE_OPS = {
+    "aten::__getitem__", "aten::adaptive_avg_pool2d", "aten::add", "aten::append",
+    "aten::avg_pool2d", "aten::cat", "aten::conv2d", "aten::gt", "aten::len", "aten::mul",
+    "aten::relu", "aten::relu_", "aten::replication_pad2d", "aten::sigmoid", "aten::size",
+    "aten::upsample_bilinear2d", "prim::Constant", "prim::DictConstruct", "prim::GetAttr",
+    "prim::If", "prim::ListConstruct", "prim::RaiseException",
+}
+
+
+def _ops(graph, acc=None):
+    acc = set() if acc is None else acc
+    for node in graph.nodes():
+        acc.add(node.kind())
+        for block in node.blocks():
+            _ops(block, acc)
+    return acc
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_shipped_model_uses_only_portable_operators():
+    ops = _ops(torch.jit.load(str(SHIPPED)).inlined_graph)
+    assert ops <= PORTABLE_OPS, f"not portable: {sorted(ops - PORTABLE_OPS)}"
+    assert "aten::upsample_bilinear2d" in ops and "aten::replication_pad2d" in ops
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_functional_interpolate_would_not_be_portable():
+    class Up(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.interpolate(x, scale_factor=2.0, mode="bilinear")
+
+    ops = _ops(torch.jit.script(Up()).inlined_graph)
+    assert not ops <= PORTABLE_OPS  # the check above can fail

@@ -105,8 +105,45 @@ def test_time_limit_stops_and_still_saves(tmp_path):
     assert last["step"] == 0 and (tmp_path / "out" / "nbapp_mito.pt").exists()
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_workers_arch_and_stop_after_resume(tmp_path):
+    raw, labels = _blob_volume((12, 32, 32))
+    rp, lp = tmp_path / "raw.tif", tmp_path / "lab.tif"
+    tifffile.imwrite(rp, raw)
+    tifffile.imwrite(lp, labels)
+    arch = '{"widths": [8, 8, 16, 16, 24], "depths": [0, 1, 1, 2, 1], "decoder_width": 16}'
+    # --stop-after 0 ends before the first step, saving a resumable checkpoint
+    assert run(_args(tmp_path, rp, lp, patch=32, arch=arch, stop_after=0)) == 0
+    out = tmp_path / "out"
+    last = torch.load(out / "last.pth", weights_only=True)
+    assert last["step"] == 0 and last["arch"]["widths"] == [8, 8, 16, 16, 24]
+    # resuming keeps the checkpoint's architecture, and 2 worker processes feed the batches
+    assert run(_args(tmp_path, rp, lp, patch=32, workers=2, resume=out / "last.pth")) == 0
+    last = torch.load(out / "last.pth", weights_only=True)
+    assert last["step"] == 2 and last["arch"]["depths"] == [0, 1, 1, 2, 1]
+    assert last["state_dict"]["stem.0.weight"].shape[0] == 8
+    shipped = torch.jit.load(str(out / "nbapp_mito.pt"))
+    assert shipped(torch.zeros(1, 1, 32, 32), 2, False)["ctr_hmp"].shape == (1, 1, 8, 8)
+
+
+def test_worker_batches_are_seeded_per_worker():
+    from nbapp.train import _PatchStream
+
+    raw, labels = _blob_volume((12, 32, 32))
+    unit, lab = raw.astype(np.float32) / 255, labels.astype(np.int32)
+    norms = {"mean": 0.5, "std": 0.2}
+    a = next(iter(_PatchStream(unit, lab, 32, 6.0, 2, norms, seed=1, start_step=0)))
+    b = next(iter(_PatchStream(unit, lab, 32, 6.0, 2, norms, seed=1, start_step=0)))
+    c = next(iter(_PatchStream(unit, lab, 32, 6.0, 2, norms, seed=1, start_step=5)))
+    torch.testing.assert_close(a["image"], b["image"])
+    assert not torch.equal(a["image"], c["image"])
+
+
 @pytest.mark.parametrize("kw, match", [({"patch": 48}, "multiple of"),
-                                       ({"val_slices": 0}, "val-slices")])
+                                       ({"val_slices": 0}, "val-slices"),
+                                       ({"arch": "[1, 2]"}, "JSON object"),
+                                       ({"arch": "{widths"}, "JSON object"),
+                                       ({"arch": '{"width": 3}'}, "unknown hyper")])
 def test_bad_arguments(tmp_path, kw, match):
     raw, labels = _blob_volume((12, 32, 32))
     rp, lp = tmp_path / "raw.tif", tmp_path / "lab.tif"
@@ -114,3 +151,27 @@ def test_bad_arguments(tmp_path, kw, match):
     tifffile.imwrite(lp, labels)
     with pytest.raises(ValueError, match=match):
         run(_args(tmp_path, rp, lp, **kw))
+
+
+def test_padding_band_has_no_objects_and_the_engine_pad_value():
+    from nbapp.train import AugmentConfig
+
+    raw, labels = _blob_volume()
+    unit, lab = raw.astype(np.float32) / 255, labels.astype(np.int32)
+    sampler = PatchSampler(unit, lab, 64, np.random.default_rng(5), aug=AugmentConfig(pad_p=1.0))
+    norms = {"mean": 0.5, "std": 0.2}
+    seen = 0
+    for _ in range(6):
+        s = sampler.sample()
+        pad = s["pad"]
+        assert pad.any() and (pad[-1].all() or pad[:, -1].all())
+        assert not s["fg"][pad].any() and not s["semantic"][pad].any()
+        assert not s["offsets"][:, pad].any()
+        seen += int(s["fg"].any())
+    assert seen
+    b = PatchSampler(unit, lab, 64, np.random.default_rng(5),
+                     aug=AugmentConfig(pad_p=1.0)).batch(3, norms)
+    assert "pad" not in b
+    # the band holds exactly the normalised 0 the engine pads with: a full last row or column
+    for img in b["image"][:, 0]:
+        assert bool((img[-1] == 0).all()) or bool((img[:, -1] == 0).all())

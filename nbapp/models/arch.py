@@ -45,13 +45,25 @@ PADDING_FACTOR = 32
 
 #: Default hyper-parameters of :func:`build_model` (stored in checkpoints).
 ARCH_DEFAULTS: Dict[str, Any] = {
-    "widths": [16, 32, 64, 128, 192],
-    "depths": [0, 1, 2, 3, 2],
+    "widths": [16, 32, 64, 160, 256],
+    "depths": [0, 1, 3, 6, 3],
     "decoder_width": 64,
     "offset_scale": 16.0,
     "ctr_smooth": 0.0,
     "ctr_gate": False,
 }
+
+
+def _resize(x: Tensor, size: List[int]) -> Tensor:
+    """Bilinear resize with ``align_corners=False``, called as the bare ATen operator.
+
+    ``F.interpolate`` compiles into TorchScript together with every mode of the torch that
+    scripts it, and a graph naming an operator that an older torch lacks does not load there
+    (torch 2.13's ``aten::_upsample_lanczos2d_aa`` breaks loading in torch 2.11, as seen on a
+    GPU machine). The bare operator keeps the exported graph loadable from torch 1.13 on, which
+    empanada-napari installs need.
+    """
+    return torch._C._nn.upsample_bilinear2d(x, size, False, None)
 
 
 class ConvBNReLU(nn.Sequential):
@@ -178,23 +190,23 @@ class NBMitoNet(nn.Module):
         p = self.lat_top(feats[3]) + self.context(feats[3])
         for i, (lat, sm) in enumerate(zip(self.lateral, self.smooth)):
             skip = feats[2 - i]
-            p = F.interpolate(p, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            p = _resize(p, [skip.shape[-2], skip.shape[-1]])
             p = sm(lat(skip) + p)
         sem4 = self.sem_head(p)
-        sem2 = F.interpolate(sem4, size=s2.shape[-2:], mode="bilinear", align_corners=False)
+        sem2 = _resize(sem4, [s2.shape[-2], s2.shape[-1]])
         sem2 = self.sem_refine(torch.cat([sem2, s2], dim=1))
-        sem = F.interpolate(sem2, size=(h, w), mode="bilinear", align_corners=False)
+        sem = _resize(sem2, [h, w])
         ins = self.ins_head(p)
         ctr = self.ctr_out(ins)
         if self.ctr_radius > 0:
             r = self.ctr_radius
-            ctr = F.conv2d(F.pad(ctr, (r, r, r, r), mode="replicate"), self.ctr_kernel)
+            ctr = F.conv2d(torch._C._nn.replication_pad2d(ctr, [r, r, r, r]), self.ctr_kernel)
         if self.ctr_gate:
             ctr = ctr * F.avg_pool2d(torch.sigmoid(sem), 4, 4)
         off = self.off_out(ins) * self.offset_scale
         if interpolate_ins:
-            ctr = F.interpolate(ctr, size=(h, w), mode="bilinear", align_corners=False)
-            off = F.interpolate(off, size=(h, w), mode="bilinear", align_corners=False)
+            ctr = _resize(ctr, [h, w])
+            off = _resize(off, [h, w])
         return {"sem_logits": sem, "ctr_hmp": ctr, "offsets": off}
 
 
