@@ -231,8 +231,10 @@ class _PatchStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, unit: np.ndarray, labels: np.ndarray, patch: int, sigma: float,
-                 batch_size: int, norms: dict, seed: int, start_step: int) -> None:
+                 batch_size: int, norms: dict, seed: int, start_step: int,
+                 aug: AugmentConfig | None = None) -> None:
         super().__init__()
+        self.aug = aug
         self.unit, self.labels, self.patch, self.sigma = unit, labels, patch, sigma
         self.batch_size, self.norms, self.seed, self.start_step = batch_size, norms, seed, start_step
 
@@ -241,7 +243,8 @@ class _PatchStream(torch.utils.data.IterableDataset):
         wid = info.id if info is not None else 0
         torch.set_num_threads(1)
         rng = np.random.default_rng([self.seed, self.start_step, wid])
-        sampler = PatchSampler(self.unit, self.labels, self.patch, rng, sigma=self.sigma)
+        sampler = PatchSampler(self.unit, self.labels, self.patch, rng, sigma=self.sigma,
+                               aug=self.aug)
         while True:
             yield sampler.batch(self.batch_size, self.norms)
 
@@ -254,7 +257,7 @@ def batch_stream(sampler: PatchSampler, args: argparse.Namespace, norms: dict, s
         while True:
             yield sampler.batch(args.batch_size, norms)
     stream = _PatchStream(sampler.unit, sampler.labels, sampler.patch, sampler.sigma,
-                          args.batch_size, norms, args.seed, step)
+                          args.batch_size, norms, args.seed, step, sampler.aug)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                          pin_memory=torch.cuda.is_available(),
                                          prefetch_factor=4, persistent_workers=False)
@@ -460,6 +463,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="heat-map Gaussian smoothing (1/4-grid cells) of the exported model")
     parser.add_argument("--no-export-ctr-gate", dest="export_ctr_gate", action="store_false",
                         help="do not gate the exported heat-map by the foreground probability")
+    parser.add_argument("--pad-p", type=float, default=AugmentConfig.pad_p,
+                        help="probability of a padding band in a patch (0 disables)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -507,6 +512,8 @@ def run(args: argparse.Namespace) -> int:
     raw, labels = read_volume(args.raw), read_volume(args.labels)
     if raw.shape != labels.shape:
         raise InputError(f"raw {raw.shape} and labels {labels.shape} differ in shape")
+    if not 0.0 <= args.pad_p <= 1.0:
+        raise ParameterError(f"--pad-p must be a probability in [0, 1], got {args.pad_p}")
     if not 0 < args.val_slices < raw.shape[0]:
         raise ParameterError(f"--val-slices must be in (0, {raw.shape[0]}), got {args.val_slices}")
     out_dir = Path(args.out)
@@ -542,7 +549,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_rng_state(ck["torch_rng"].cpu())
         norms = dict(ck["norms"])
         minutes_before = float(ck["minutes"])
-    sampler = PatchSampler(train_unit, train_lab, args.patch, rng, sigma=args.sigma)
+    sampler = PatchSampler(train_unit, train_lab, args.patch, rng, sigma=args.sigma,
+                           aug=AugmentConfig(pad_p=args.pad_p))
 
     def elapsed() -> float:
         return minutes_before + (time.monotonic() - t_start) / 60

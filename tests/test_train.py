@@ -142,6 +142,7 @@ def test_worker_batches_are_seeded_per_worker():
 @pytest.mark.parametrize("kw, match", [({"patch": 48}, "multiple of"),
                                        ({"val_slices": 0}, "val-slices"),
                                        ({"arch": "[1, 2]"}, "JSON object"),
+                                       ({"pad_p": 1.5}, "pad-p"),
                                        ({"arch": "{widths"}, "JSON object"),
                                        ({"arch": '{"width": 3}'}, "unknown hyper")])
 def test_bad_arguments(tmp_path, kw, match):

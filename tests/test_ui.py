@@ -562,3 +562,20 @@ def test_bad_model_config_in_the_data_root_is_reported(volume, tmp_path):
         assert a.state.model is not None  # the previous model stays in use
     finally:
         a.close()
+
+
+def test_labelled_widgets_show_their_whole_label():
+    import ipywidgets as W
+
+    from nbapp.params import LABELS
+    from nbapp.ui.controls import _labelled
+
+    seen = []
+    w = _labelled({"allow_one_view": W.Checkbox(False), "vote_threshold": W.IntSlider(2, 1, 3)},
+                  lambda name: (lambda change: seen.append((name, change.new))))
+    box, slider = w["allow_one_view"], w["vote_threshold"]
+    assert box.description == LABELS["allow_one_view"] and box.tooltip == box.description
+    assert box.indent is False and box.layout.width == "auto"
+    assert slider.layout.width == "460px" and slider.style.description_width == "initial"
+    slider.value = 3
+    assert seen == [("vote_threshold", 3)]

@@ -29,7 +29,13 @@ def _labelled(widgets: dict, handler_for) -> dict:
     """Give each parameter widget its SPEC label and observe its value with ``handler_for(name)``."""
     for name, widget in widgets.items():
         widget.description = LABELS[name]
+        widget.tooltip = LABELS[name]  # the whole label on hover, should the panel be narrow
         widget.style = _WIDE
+        if isinstance(widget, W.Checkbox):
+            widget.indent = False  # long labels ("Permit detections ...") are not cut off
+        if not widget.layout.width:
+            # wide enough for the longest label plus a usable slider track
+            widget.layout.width = "auto" if isinstance(widget, W.Checkbox) else "460px"
         widget.observe(handler_for(name), names=["value"])
     return widgets
 
