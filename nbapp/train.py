@@ -385,6 +385,8 @@ def config_dict(norms: dict, description: str, model_file: str = "nbapp_mito.pt"
         "labels": [1],
         "thing_list": [1],
         "model": model_file,
+        # empanada-napari's "Register new model" reads this key unguarded (no quantized model)
+        "model_quantized": None,
         "padding_factor": PADDING_FACTOR,
         "norms": {"mean": float(norms["mean"]), "std": float(norms["std"])},
         "description": description,

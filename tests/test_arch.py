@@ -45,13 +45,35 @@ def test_interpolated_heads_are_bilinear_x4_of_coarse(net):
     torch.testing.assert_close(fine["sem_logits"], coarse["sem_logits"])
 
 
-def test_defaults_and_render_steps_are_accepted(net):
+def test_render_steps_scale_the_semantic_map(net):
+    """sem_logits come at 2 ** (render_steps - 2) x the input (empanada-napari relies on it to
+    return to the original size after downsampling); the instance heads do not change."""
     x = torch.randn(1, 1, 32, 32)
     with torch.inference_mode():
         a = net(x)
         b = net(x, 4, True)
-    assert a["ctr_hmp"].shape == (1, 1, 32, 32)
-    torch.testing.assert_close(a["sem_logits"], b["sem_logits"])
+    assert a["ctr_hmp"].shape == b["ctr_hmp"].shape == (1, 1, 32, 32)
+    assert a["sem_logits"].shape == (1, 1, 32, 32) and b["sem_logits"].shape == (1, 1, 128, 128)
+    # the same map, rendered finer: area-averaged back to 32 x 32 it is the default one
+    down = torch.nn.functional.avg_pool2d(b["sem_logits"], 4)
+    assert torch.corrcoef(torch.stack([down.flatten(), a["sem_logits"].flatten()]))[0, 1] > 0.99
+    torch.testing.assert_close(a["offsets"], b["offsets"])
+
+
+@JIT_LOAD_OK
+@pytest.mark.parametrize("fine", [False, True])
+def test_shipped_model_renders_for_downsampling(fine):
+    """The shipped export (heat-map gated by the foreground) at render_steps 3 and 4, as the
+    engine and empanada call it for downsampling 2 and 4."""
+    model = torch.jit.load(str(SHIPPED))
+    x = torch.randn(1, 1, 64, 96)
+    with torch.inference_mode():
+        base = model(x, 2, fine)
+        for steps, s in ((3, 2), (4, 4)):
+            out = model(x, steps, fine)
+            assert out["sem_logits"].shape == (1, 1, 64 * s, 96 * s)
+            torch.testing.assert_close(out["ctr_hmp"], base["ctr_hmp"])
+            torch.testing.assert_close(out["offsets"], base["offsets"])
 
 
 @JIT_LOAD_OK
@@ -67,6 +89,7 @@ def test_torchscript_round_trip_and_fused_equivalence(net, tmp_path):
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-4)
     assert got_fine["offsets"].shape == (2, 2, 64, 64)
+    assert got_fine["sem_logits"].shape == (2, 1, 128, 128)
 
 
 def test_size_limits(net, tmp_path):
@@ -150,7 +173,7 @@ PORTABLE_OPS = {
     "aten::avg_pool2d", "aten::cat", "aten::conv2d", "aten::gt", "aten::len", "aten::mul",
     "aten::relu", "aten::relu_", "aten::replication_pad2d", "aten::sigmoid", "aten::size",
     "aten::upsample_bilinear2d", "prim::Constant", "prim::DictConstruct", "prim::GetAttr",
-    "prim::If", "prim::ListConstruct", "prim::RaiseException",
+    "prim::If", "prim::ListConstruct", "prim::Loop", "prim::RaiseException", "aten::sub",
 }
 
 

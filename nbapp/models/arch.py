@@ -7,8 +7,9 @@ and offsets. It honours the model contract of SPEC.md section 1 and is TorchScri
 
 Outputs for an input of shape (N, 1, H, W), H and W multiples of :data:`PADDING_FACTOR`:
 
-- ``"sem_logits"``: (N, 1, H, W) logits of the single class (``render_steps`` is accepted and
-  ignored; the engine upsamples the probabilities when the input was downsampled);
+- ``"sem_logits"``: (N, 1, H * s, W * s) logits of the single class, s = 2 ** (render_steps - 2)
+  (bilinear beyond the input resolution: empanada asks for render_steps = 2 + log2(downsampling)
+  and needs the semantic map back at the original image size);
 - ``"ctr_hmp"``: (N, 1, H/4, W/4) raw centre heat-map, or (N, 1, H, W) if ``interpolate_ins``;
 - ``"offsets"``: (N, 2, H/4, W/4) (dy, dx) to the object centre in input pixels, or
   (N, 2, H, W) if ``interpolate_ins`` (bilinear x4, values not rescaled).
@@ -170,14 +171,15 @@ class NBMitoNet(nn.Module):
         x : (N, 1, H, W) float32 tensor
             Normalised image; H and W multiples of :data:`PADDING_FACTOR`.
         render_steps : int
-            Accepted for compatibility; the semantic map is always at input resolution.
+            The semantic logits come at ``2 ** (render_steps - 2)`` times the input resolution
+            (1 for the default 2; bilinear upsampling beyond it).
         interpolate_ins : bool
             Return the centre heat-map and offsets at input resolution instead of 1/4.
 
         Returns
         -------
         dict of str to Tensor
-            ``sem_logits`` (N, 1, H, W), ``ctr_hmp`` (N, 1, h, w), ``offsets`` (N, 2, h, w),
+            ``sem_logits`` (N, 1, H * s, W * s), ``ctr_hmp`` (N, 1, h, w), ``offsets`` (N, 2, h, w),
             with (h, w) = (H/4, W/4), or (H, W) when ``interpolate_ins``.
         """
         h, w = x.shape[-2], x.shape[-1]
@@ -207,6 +209,11 @@ class NBMitoNet(nn.Module):
         if interpolate_ins:
             ctr = _resize(ctr, [h, w])
             off = _resize(off, [h, w])
+        scale = 1
+        for _ in range(render_steps - 2):
+            scale = scale * 2
+        if scale > 1:  # rendered finer than the input (from the 1/2 map, not the upsampled one)
+            sem = _resize(sem2, [h * scale, w * scale])
         return {"sem_logits": sem, "ctr_hmp": ctr, "offsets": off}
 
 
