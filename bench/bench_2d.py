@@ -9,12 +9,15 @@ as JSON next to this script (``bench/results/bench_2d.json``):
 - coarse vs fine post-processing: on the model's own outputs and on ideal heads of densely
   packed objects (the worst case for grouping).
 
+Each group of rows that a ratio compares is timed in rounds that take turns (see ``timeit``).
+
 Run: ``python bench/bench_2d.py [--model default] [--repeats 15]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -29,16 +32,25 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 
-def timeit(fn, repeats: int) -> dict:
-    fn()  # warm
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    q = np.percentile(ts, [25, 75])
-    return {"median_ms": 1000 * statistics.median(ts), "iqr_ms": 1000 * float(q[1] - q[0]),
-            "n": repeats}
+def timeit(fns: dict, repeats: int, rounds: int = 3) -> dict:
+    """Time each function ``repeats`` times, in ``rounds`` rounds that take turns (a block of
+    calls of each, warmed up), so that a load change on a shared machine hits all alike and
+    ratios within one call compare like with like."""
+    ts: dict = {name: [] for name in fns}
+    for r in range(rounds):
+        n = repeats // rounds + (r < repeats % rounds)
+        for name, fn in fns.items():
+            fn()  # warm
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                ts[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, t in ts.items():
+        q = np.percentile(t, [25, 75])
+        out[name] = {"median_ms": 1000 * statistics.median(t), "iqr_ms": 1000 * float(q[1] - q[0]),
+                     "n": len(t)}
+    return out
 
 
 def machine() -> dict:
@@ -72,25 +84,34 @@ def main(argv=None) -> int:
     seg = SliceSegmenter(args.model, device="cpu", cache_size=4)
     p = SliceParams()
     rows = {}
-    rows["network (engine only)"] = timeit(lambda: seg.engine.infer(img), args.repeats)
+
+    # a new image each time (one pixel differs), so that hashing it is paid as for a new slice
+    other = img.copy()
+    other[0, 0] ^= 1
+    images = itertools.cycle([img, other])
 
     def full():
         seg.clear_cache()
-        seg(img, p)
+        seg(next(images), p)
 
-    rows["full inference (new image)"] = timeit(full, args.repeats)
-    seg(img, p)
     thresholds = iter(np.tile(np.linspace(0.3, 0.7, 9), 1000))
-    rows["threshold-only change (cached)"] = timeit(
-        lambda: seg(img, p.replace(seg_threshold=float(next(thresholds)))), args.repeats * 2)
+    rows.update(timeit({
+        "network (engine only)": lambda: seg.engine.infer(img),
+        "full inference (new image)": full,
+        # its warm-up call caches the heads of img
+        "threshold-only change (cached)":
+            lambda: seg(img, p.replace(seg_threshold=float(next(thresholds)))),
+    }, args.repeats))
     heads_c = seg.heads(img, p)
     heads_f = seg.heads(img, p.replace(fine_boundaries=True))
-    rows["post-processing coarse (model)"] = timeit(lambda: pp.segment_heads(heads_c, p), args.repeats)
-    rows["post-processing fine (model)"] = timeit(lambda: pp.segment_heads(heads_f, p), args.repeats)
     dense = dense_labels((n, n), n * n // 4000, seed=3)
     oc, of = ideal_heads(dense, True), ideal_heads(dense, False)
-    rows["post-processing coarse (dense ideal)"] = timeit(lambda: pp.segment_heads(oc, p), args.repeats)
-    rows["post-processing fine (dense ideal)"] = timeit(lambda: pp.segment_heads(of, p), args.repeats)
+    rows.update(timeit({
+        "post-processing coarse (model)": lambda: pp.segment_heads(heads_c, p),
+        "post-processing fine (model)": lambda: pp.segment_heads(heads_f, p),
+        "post-processing coarse (dense ideal)": lambda: pp.segment_heads(oc, p),
+        "post-processing fine (dense ideal)": lambda: pp.segment_heads(of, p),
+    }, args.repeats))
 
     full_ms = rows["full inference (new image)"]["median_ms"]
     thr_ms = rows["threshold-only change (cached)"]["median_ms"]

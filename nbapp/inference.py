@@ -33,6 +33,14 @@ def _digest(image: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays have the same shape, dtype and bytes (NaN and -0.0 included)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return bool(np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)))
+
+
 class SliceSegmenter:
     """Segment 2D images; re-tuning post-processing parameters does not re-run the network.
 
@@ -66,6 +74,7 @@ class SliceSegmenter:
         self.cache_size = cache_size
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        self._last: tuple | None = None  # (copy of the last image hashed, its digest)
         self.hits = 0
         self.misses = 0
         self.timings: dict = {}
@@ -88,7 +97,7 @@ class SliceSegmenter:
             raise InputError(f"expected a 2D image (H, W), got shape {image.shape}; "
                              "use segment_batch for a stack of 2D images")
         rng = None if intensity is None else tuple(intensity[:2])
-        ck = (_digest(image), key, params.network_key, rng, id(self.engine.model))
+        ck = (self._digest(image), key, params.network_key, rng, id(self.engine.model))
         with self._lock:
             hit = self._cache.get(ck)
             if hit is not None:
@@ -104,6 +113,16 @@ class SliceSegmenter:
                 self._cache.popitem(last=False)
             self.timings = {"network_s": heads.meta["network_s"], "cached": False}
         return heads
+
+    def _digest(self, image: np.ndarray) -> str:
+        """Content digest of ``image``. Slider changes send the same image again and again:
+        comparing it with a copy of the last one is ~20x cheaper than hashing it."""
+        last = self._last
+        if last is not None and _same_bytes(last[0], image):
+            return last[1]
+        digest = _digest(image)
+        self._last = (image.copy(), digest)
+        return digest
 
     def postprocess(self, heads: Heads, params: SliceParams) -> np.ndarray:
         """Post-processing only (steps 4-10) for ``heads``."""

@@ -57,6 +57,37 @@ def test_new_content_or_key_runs_the_network(counted):
     assert seg.cache_info()["hits"] == 0 and seg.cache_info()["misses"] == 3
 
 
+def test_the_same_image_again_is_compared_not_hashed(counted, monkeypatch):
+    import nbapp.inference as inference
+
+    seg, rec = counted
+    hashed = []
+    real = inference._digest
+    monkeypatch.setattr(inference, "_digest", lambda image: hashed.append(1) or real(image))
+    img = IMG.copy()
+    for thr in (0.3, 0.4, 0.5):
+        seg(img, SliceParams(seg_threshold=thr))
+    seg(img.copy(), SliceParams(seg_threshold=0.6))  # another array, same bytes
+    assert len(hashed) == 1 and rec.calls == 1 + 1
+    img[5, 5] ^= 1  # changed in place: a new image for the cache
+    seg(img, SliceParams(seg_threshold=0.6))
+    assert len(hashed) == 2 and rec.calls == 1 + 2
+    seg(IMG, SliceParams(seg_threshold=0.6))  # back to the first image: hashed, cached heads
+    assert len(hashed) == 3 and rec.calls == 1 + 2 and seg.timings["cached"]
+
+
+def test_digest_reuse_compares_bytes():
+    from nbapp.inference import _same_bytes
+
+    a = np.array([0.0, np.nan, 1.0], np.float32)
+    assert _same_bytes(a, a.copy())  # NaN equals itself byte for byte
+    # -0.0 == 0.0, but its bytes differ
+    assert not _same_bytes(a, np.array([-0.0, np.nan, 1.0], np.float32))
+    assert not _same_bytes(a, a.astype(np.float64))
+    assert not _same_bytes(a, a[:2])
+    assert _same_bytes(np.arange(12).reshape(3, 4)[:, ::2], np.array([[0, 2], [4, 6], [8, 10]]))
+
+
 def test_cache_is_bounded_lru():
     rec = Recorder(TinyNet())
     seg = SliceSegmenter(load_model(rec, device="cpu"), cache_size=2)
