@@ -1,0 +1,133 @@
+"""Evaluate a model on the held-out block of Lucchi++ train: the numbers of the model card.
+
+The block is the last ``--val-slices`` (35) Z slices of ../shared/data/lucchi_pp_train, never
+used in training. Reported, with default parameters unless named:
+
+- 2D, every xy slice of the block on its own, downsampling 1 and 2: FG IoU of the block, and
+  F1@0.5, F1@0.75, PQ from objects matched per slice and counted over all slices (ground truth:
+  the 2D 8-connected components of the 3D labels);
+- 3D, the block as a volume: single-plane (xy) and ortho-plane jobs, F1@0.5, F1@0.75, PQ and FG
+  IoU against the 3D instance labels;
+- speed on this machine: network and full 2D inference (network + post-processing) of a
+  512x512 crop, medians.
+
+Run: ``python bench/bench_model.py [--model default] [--out bench/results/bench_model.json]``.
+Exits 0 with a message when the data is absent. Takes about 2 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+DATA = Path(os.environ.get("NBAPP_DATA", HERE.parents[1] / "shared" / "data"))
+
+from bench_2d import machine, timeit  # noqa: E402
+
+
+def held_out_block(val_slices: int = 35) -> tuple[np.ndarray, np.ndarray] | None:
+    """(raw, 3D instance labels) of the last ``val_slices`` slices, or None without the data."""
+    folder = DATA / "lucchi_pp_train"
+    if not (folder / "train_raw.tif").exists():
+        return None
+    import tifffile
+
+    raw = tifffile.imread(folder / "train_raw.tif")
+    labels = tifffile.imread(folder / "train_mito_instances_3d_cc.tif")
+    return raw[-val_slices:], labels[-val_slices:].astype(np.int32)
+
+
+def evaluate_2d(model, raw: np.ndarray, labels: np.ndarray, downsampling: int) -> dict:
+    from skimage.measure import label as cc_label
+
+    from nbapp.inference import SliceSegmenter
+    from nbapp.metrics import slice_metrics
+    from nbapp.params import SliceParams
+
+    seg = SliceSegmenter(model)
+    params = SliceParams(downsampling=downsampling)
+    pred = np.stack([seg(s, params) for s in raw])
+    gt = np.stack([cc_label(s, connectivity=2) for s in labels])
+    return slice_metrics(pred, gt)
+
+
+def evaluate_3d(model, raw: np.ndarray, labels: np.ndarray, ortho: bool) -> dict:
+    from nbapp.metrics import instance_metrics
+    from nbapp.params import VolumeParams
+    from nbapp.volume import segment_volume
+
+    t0 = time.perf_counter()
+    pred = segment_volume(raw, model, VolumeParams(orthoplane=ortho), devices=["cpu"])
+    res = instance_metrics(pred, labels)
+    res["pq@0.5"] = res["pq"]
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def speed_512(model, raw: np.ndarray) -> dict:
+    from nbapp.engine import Engine
+    from nbapp.inference import SliceSegmenter
+    from nbapp.params import SliceParams
+
+    crop = np.ascontiguousarray(raw[0, :512, :512])
+    engine = Engine(model)
+    seg = SliceSegmenter(model)
+    flips = iter(range(10**6))
+
+    def full():  # a new image each call (cache miss): network + post-processing
+        seg(crop ^ np.uint8(next(flips) % 256), SliceParams())
+
+    t = timeit({"network": lambda: engine.infer(crop[None]), "full": full}, 15)
+    return {"network_ms": t["network"]["median_ms"], "full_2d_ms": t["full"]["median_ms"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default", help="default, CONFIG.yaml or FILE.pt")
+    ap.add_argument("--val-slices", type=int, default=35)
+    ap.add_argument("--skip-3d", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results" / "bench_model.json"))
+    args = ap.parse_args(argv)
+    block = held_out_block(args.val_slices)
+    if block is None:
+        print(f"bench_model: no Lucchi++ data under {DATA}; set NBAPP_DATA. Nothing measured.")
+        return 0
+    from nbapp.models import load_model
+
+    model = load_model(args.model, device="cpu")
+    raw, labels = block
+    rows = {}
+    for ds in (1, 2):
+        rows[f"2d_ds{ds}"] = evaluate_2d(model, raw, labels, ds)
+    if not args.skip_3d:
+        rows["3d_single"] = evaluate_3d(model, raw, labels, ortho=False)
+        rows["3d_ortho"] = evaluate_3d(model, raw, labels, ortho=True)
+    print(f"model {args.model}: {model.config.description.splitlines()[0]}")
+    print(f"held-out block: Lucchi++ train z >= {165 - args.val_slices}, "
+          f"{'x'.join(map(str, raw.shape))}\n")
+    print("| evaluation | FG IoU | F1@0.5 | F1@0.75 | PQ | precision | recall |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['fg_iou']:.3f} | {r['f1']:.3f} | {r['f1@0.75']:.3f} | "
+              f"{r['pq']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+    speed = speed_512(model, raw)
+    print(f"\n512x512 on this machine: network {speed['network_ms']:.1f} ms, full 2D inference "
+          f"{speed['full_2d_ms']:.1f} ms (medians)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "model": args.model,
+                               "block": list(raw.shape), "metrics": rows, "speed_512": speed},
+                              indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
