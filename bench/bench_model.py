@@ -8,6 +8,8 @@ used in training. Reported, with default parameters unless named:
   the 2D 8-connected components of the 3D labels);
 - 3D, the block as a volume: single-plane (xy) and ortho-plane jobs, F1@0.5, F1@0.75, PQ and FG
   IoU against the 3D instance labels;
+- other labs and modalities: the five CEM500K crops of ../shared/data/cem_mito_2d, recall,
+  precision, F1 at IoU 0.5 and FG IoU, downsampling 1 and 2;
 - speed on this machine: network and full 2D inference (network + post-processing) of a
   512x512 crop, medians.
 
@@ -72,6 +74,35 @@ def evaluate_3d(model, raw: np.ndarray, labels: np.ndarray, ortho: bool) -> dict
     return res
 
 
+def evaluate_cem(model, downsampling: int) -> dict | None:
+    """Other labs and modalities: the five CEM500K crops of ../shared/data/cem_mito_2d (mixed EM
+    sources, binary masks; instances = their 8-connected components), pooled over the crops."""
+    from PIL import Image
+    from skimage.measure import label as cc_label
+
+    from nbapp.inference import SliceSegmenter
+    from nbapp.metrics import match_instances
+    from nbapp.params import SliceParams
+
+    files = sorted((DATA / "cem_mito_2d" / "images").glob("*.png"))
+    if not files:
+        return None
+    seg = SliceSegmenter(model)
+    tp = fp = fn = inter = union = 0
+    for f in files:
+        img = np.asarray(Image.open(f))
+        gt = cc_label(np.asarray(Image.open(f.parent.parent / "masks" / f.name)) > 0,
+                      connectivity=2)
+        pred = seg(img, SliceParams(downsampling=downsampling))
+        m = match_instances(pred, gt, 0.5)
+        tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
+        inter += int(np.count_nonzero((pred > 0) & (gt > 0)))
+        union += int(np.count_nonzero((pred > 0) | (gt > 0)))
+    return {"images": len(files), "tp": tp, "fp": fp, "fn": fn,
+            "recall": tp / max(tp + fn, 1), "precision": tp / max(tp + fp, 1),
+            "f1": 2 * tp / max(2 * tp + fp + fn, 1), "fg_iou": inter / max(union, 1)}
+
+
 def speed_512(model, raw: np.ndarray) -> dict:
     from nbapp.engine import Engine
     from nbapp.inference import SliceSegmenter
@@ -118,13 +149,20 @@ def main(argv=None) -> int:
     for name, r in rows.items():
         print(f"| {name} | {r['fg_iou']:.3f} | {r['f1']:.3f} | {r['f1@0.75']:.3f} | "
               f"{r['pq']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+    cem = {f"ds{ds}": evaluate_cem(model, ds) for ds in (1, 2)}
+    if cem["ds1"] is not None:
+        print("\nother EM (5 CEM500K crops, mixed sources), objects matched at IoU 0.5:")
+        for k, r in cem.items():
+            print(f"  {k}: recall {r['recall']:.3f}, precision {r['precision']:.3f}, F1 "
+                  f"{r['f1']:.3f}, FG IoU {r['fg_iou']:.3f} (TP/FP/FN {r['tp']}/{r['fp']}/{r['fn']})")
     speed = speed_512(model, raw)
     print(f"\n512x512 on this machine: network {speed['network_ms']:.1f} ms, full 2D inference "
           f"{speed['full_2d_ms']:.1f} ms (medians)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "model": args.model,
-                               "block": list(raw.shape), "metrics": rows, "speed_512": speed},
+                               "block": list(raw.shape), "metrics": rows, "other_em": cem,
+                               "speed_512": speed},
                               indent=2, default=float))
     return 0
 
