@@ -465,6 +465,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="heat-map Gaussian smoothing (1/4-grid cells) of the exported model")
     parser.add_argument("--no-export-ctr-gate", dest="export_ctr_gate", action="store_false",
                         help="do not gate the exported heat-map by the foreground probability")
+    parser.add_argument("--zoom-out-max", type=float, default=AugmentConfig.zoom_out_hi,
+                        help="largest zoom-out factor (objects shrink up to this much)")
+    parser.add_argument("--zoom-out-p", type=float, default=AugmentConfig.zoom_out_p,
+                        help="probability of a zoom-out patch")
     parser.add_argument("--pad-p", type=float, default=AugmentConfig.pad_p,
                         help="probability of a padding band in a patch (0 disables)")
     parser.add_argument("--seed", type=int, default=0)
@@ -514,8 +518,13 @@ def run(args: argparse.Namespace) -> int:
     raw, labels = read_volume(args.raw), read_volume(args.labels)
     if raw.shape != labels.shape:
         raise InputError(f"raw {raw.shape} and labels {labels.shape} differ in shape")
-    if not 0.0 <= args.pad_p <= 1.0:
-        raise ParameterError(f"--pad-p must be a probability in [0, 1], got {args.pad_p}")
+    for name in ("pad_p", "zoom_out_p"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ParameterError(f"--{name.replace('_', '-')} must be a probability in [0, 1], "
+                                 f"got {getattr(args, name)}")
+    if args.zoom_out_max < AugmentConfig.scale_hi:
+        raise ParameterError(f"--zoom-out-max must be >= {AugmentConfig.scale_hi}, got "
+                             f"{args.zoom_out_max}")
     if not 0 < args.val_slices < raw.shape[0]:
         raise ParameterError(f"--val-slices must be in (0, {raw.shape[0]}), got {args.val_slices}")
     out_dir = Path(args.out)
@@ -552,7 +561,8 @@ def run(args: argparse.Namespace) -> int:
         norms = dict(ck["norms"])
         minutes_before = float(ck["minutes"])
     sampler = PatchSampler(train_unit, train_lab, args.patch, rng, sigma=args.sigma,
-                           aug=AugmentConfig(pad_p=args.pad_p))
+                           aug=AugmentConfig(pad_p=args.pad_p, zoom_out_hi=args.zoom_out_max,
+                                             zoom_out_p=args.zoom_out_p))
 
     def elapsed() -> float:
         return minutes_before + (time.monotonic() - t_start) / 60

@@ -143,6 +143,8 @@ def test_worker_batches_are_seeded_per_worker():
                                        ({"val_slices": 0}, "val-slices"),
                                        ({"arch": "[1, 2]"}, "JSON object"),
                                        ({"pad_p": 1.5}, "pad-p"),
+                                       ({"zoom_out_p": -0.1}, "zoom-out-p"),
+                                       ({"zoom_out_max": 1.0}, "zoom-out-max"),
                                        ({"arch": "{widths"}, "JSON object"),
                                        ({"arch": '{"width": 3}'}, "unknown hyper")])
 def test_bad_arguments(tmp_path, kw, match):
