@@ -291,8 +291,8 @@ def _progress_bars():
             bar = bars[(p.plane, p.stage)] = tqdm(total=p.total, desc=f"{p.plane} {p.stage}",
                                                   unit="slice" if p.stage == "network" else "step",
                                                   leave=True, file=sys.stderr)
-        bar.n = p.done
-        bar.refresh()
+        bar.update(p.done - bar.n)  # redraws at most every 0.1 s (refresh() on each slice
+        # flooded logs and pipes with one line per slice)
 
     def close() -> None:
         for bar in bars.values():

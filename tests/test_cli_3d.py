@@ -131,3 +131,18 @@ def test_demo_segments_the_bundled_volume_with_the_default_model(tmp_path, capsy
     assert tifffile.imread(tmp_path / "demo.tif").shape == (256, 256)
     f1 = float(re.search(r"F1@0.5 ([0-9.]+)", err).group(1))
     assert f1 >= 0.8, err  # the default model finds the demo's mitochondria
+
+
+def test_progress_bars_redraw_at_most_every_tenth_of_a_second(capsys):
+    """One line per slice flooded logs and pipes: updates now go through tqdm's rate limit."""
+    from types import SimpleNamespace
+
+    from nbapp.cli import _progress_bars
+
+    progress, close = _progress_bars()
+    for done in range(1, 1001):
+        progress(SimpleNamespace(plane="xy", stage="network", done=done, total=1000))
+    close()
+    err = capsys.readouterr().err
+    assert "1000/1000" in err
+    assert err.count("\r") < 50
