@@ -81,26 +81,20 @@ def evaluate_cem(model, downsampling: int) -> dict | None:
     from skimage.measure import label as cc_label
 
     from nbapp.inference import SliceSegmenter
-    from nbapp.metrics import match_instances
+    from nbapp.metrics import slice_metrics
     from nbapp.params import SliceParams
 
     files = sorted((DATA / "cem_mito_2d" / "images").glob("*.png"))
     if not files:
         return None
     seg = SliceSegmenter(model)
-    tp = fp = fn = inter = union = 0
-    for f in files:
-        img = np.asarray(Image.open(f))
-        gt = cc_label(np.asarray(Image.open(f.parent.parent / "masks" / f.name)) > 0,
-                      connectivity=2)
-        pred = seg(img, SliceParams(downsampling=downsampling))
-        m = match_instances(pred, gt, 0.5)
-        tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
-        inter += int(np.count_nonzero((pred > 0) & (gt > 0)))
-        union += int(np.count_nonzero((pred > 0) | (gt > 0)))
-    return {"images": len(files), "tp": tp, "fp": fp, "fn": fn,
-            "recall": tp / max(tp + fn, 1), "precision": tp / max(tp + fp, 1),
-            "f1": 2 * tp / max(2 * tp + fp + fn, 1), "fg_iou": inter / max(union, 1)}
+    preds = [seg(np.asarray(Image.open(f)), SliceParams(downsampling=downsampling))
+             for f in files]
+    gts = [cc_label(np.asarray(Image.open(f.parent.parent / "masks" / f.name)) > 0,
+                    connectivity=2) for f in files]
+    m = slice_metrics(preds, gts, thresholds=(0.5,))
+    return {"images": len(files), **{k: m[k] for k in ("tp", "fp", "fn", "recall", "precision",
+                                                       "f1", "fg_iou")}}
 
 
 def speed_512(model, raw: np.ndarray) -> dict:

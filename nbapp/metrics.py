@@ -197,6 +197,19 @@ def fg_iou(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(np.count_nonzero(a & b) / union) if union else 1.0
 
 
+def _check_threshold(t: float) -> None:
+    if not 0.0 < t <= 1.0:
+        raise ValueError(f"thresholds must be in (0, 1], got {t}")
+
+
+def _summarise(out: dict, m: Matching, first: bool) -> None:
+    """Add one threshold's numbers to a metrics dict (unsuffixed keys for the first one)."""
+    if first:
+        out.update(tp=m.tp, fp=m.fp, fn=m.fn, precision=m.precision, recall=m.recall,
+                   f1=m.f1, pq=m.pq)
+    out[f"f1@{m.thresh:g}"] = m.f1
+
+
 def instance_metrics(pred: np.ndarray, gt: np.ndarray,
                      thresholds: tuple[float, ...] = (0.5, 0.75)) -> dict:
     """Foreground IoU and instance metrics of ``pred`` against ``gt``.
@@ -218,27 +231,22 @@ def instance_metrics(pred: np.ndarray, gt: np.ndarray,
     out: dict = {"fg_iou": fg_iou(pred, gt)}
     table = iou_table(pred, gt)
     for i, t in enumerate(thresholds):
-        if not 0.0 < t <= 1.0:
-            raise ValueError(f"thresholds must be in (0, 1], got {t}")
-        m = _match(*table, t)
-        if i == 0:
-            out.update(tp=m.tp, fp=m.fp, fn=m.fn, precision=m.precision, recall=m.recall,
-                       f1=m.f1, pq=m.pq)
-        out[f"f1@{t:g}"] = m.f1
+        _check_threshold(t)
+        _summarise(out, _match(*table, t), i == 0)
     return out
 
 
-def slice_metrics(pred: np.ndarray, gt: np.ndarray,
-                  thresholds: tuple[float, ...] = (0.5, 0.75)) -> dict:
-    """2D metrics of a stack of slices, pooled over the slices (a 2D benchmark's numbers).
+def slice_metrics(pred, gt, thresholds: tuple[float, ...] = (0.5, 0.75)) -> dict:
+    """2D metrics of a set of slices, pooled over the slices (a 2D benchmark's numbers).
 
     Each slice's objects are matched on their own; true positives, false positives, false
     negatives and matched IoUs are summed over slices before F1 and PQ are computed, and the
-    foreground IoU is that of the whole stack (so empty slices weigh nothing).
+    foreground IoU is that of all slices together (so empty slices weigh nothing).
 
     Parameters
     ----------
-    pred, gt : (N, H, W) integer arrays of the same shape
+    pred, gt : (N, H, W) integer arrays, or sequences of N 2D arrays (sizes may differ
+        between slices; each pair must match)
         Label images per slice, 0 = background (ids need not be unique across slices).
     thresholds : tuple of float
         IoU thresholds; the first one gives the unsuffixed keys.
@@ -253,25 +261,27 @@ def slice_metrics(pred: np.ndarray, gt: np.ndarray,
     >>> m = slice_metrics(pred, gt)
     >>> m["tp"], m["fn"], round(m["f1"], 3), round(m["fg_iou"], 3)
     (1, 1, 0.667, 0.5)
+    >>> slice_metrics([np.ones((2, 3), int), np.ones((4, 1), int)],
+    ...               [np.ones((2, 3), int), np.zeros((4, 1), int)])["fg_iou"]
+    0.6
     """
-    pred, gt = _check_pair(pred, gt)
-    if pred.ndim != 3:
-        raise ValueError(f"slice_metrics needs (N, H, W) stacks, got shape {pred.shape}")
-    out: dict = {"fg_iou": fg_iou(pred, gt), "slices": int(pred.shape[0])}
+    if len(pred) != len(gt):
+        raise ValueError(f"pred has {len(pred)} slices and gt {len(gt)}; they must pair up")
+    pairs = [_check_pair(p, g) for p, g in zip(pred, gt)]
+    if any(p.ndim != 2 for p, _ in pairs):
+        raise ValueError("slice_metrics needs (N, H, W) stacks or sequences of 2D slices, got "
+                         f"slices of {sorted({p.ndim for p, _ in pairs})} dimensions")
+    inter = sum(int(np.count_nonzero((p != 0) & (g != 0))) for p, g in pairs)
+    union = sum(int(np.count_nonzero((p != 0) | (g != 0))) for p, g in pairs)
+    out: dict = {"fg_iou": inter / union if union else 1.0, "slices": len(pairs)}
+    tables = [iou_table(p, g) for p, g in pairs]
+    empty = np.zeros(0, np.int64)
     for i, t in enumerate(thresholds):
-        if not 0.0 < t <= 1.0:
-            raise ValueError(f"thresholds must be in (0, 1], got {t}")
-        tp = fp = fn = 0
-        iou_sum = 0.0
-        for p, g in zip(pred, gt):
-            m = match_instances(p, g, t)
-            tp, fp, fn, iou_sum = tp + m.tp, fp + m.fp, fn + m.fn, iou_sum + float(m.ious.sum())
-        denom = tp + 0.5 * (fp + fn)
-        f1 = tp / denom if denom else 1.0
-        pq = iou_sum / denom if denom else 1.0
-        if i == 0:
-            out.update(tp=tp, fp=fp, fn=fn, precision=tp / (tp + fp) if tp + fp else 0.0,
-                       recall=tp / (tp + fn) if tp + fn else 0.0, f1=f1, pq=pq)
-        out[f"f1@{t:g}"] = f1
-        out[f"pq@{t:g}"] = pq
+        _check_threshold(t)
+        ms = [_match(*table, t) for table in tables]
+        pooled = Matching(t, sum(m.tp for m in ms), sum(m.fp for m in ms),
+                          sum(m.fn for m in ms), empty, empty,
+                          np.concatenate([m.ious for m in ms]) if ms else np.zeros(0))
+        _summarise(out, pooled, i == 0)
+        out[f"pq@{t:g}"] = pooled.pq
     return out

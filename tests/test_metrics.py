@@ -129,3 +129,45 @@ def test_large_ids_use_the_sparse_path():
     b = np.array([[3, 0, 2**41]], np.int64)
     m = instance_metrics(a, b)
     assert (m["tp"], m["fp"], m["fn"]) == (2, 0, 0)
+
+
+def test_slice_metrics_pools_counts_and_ious_over_slices():
+    from nbapp.metrics import slice_metrics
+
+    rng = np.random.default_rng(3)
+    gt = np.stack([np.kron(rng.integers(0, 5, (4, 4)), np.ones((3, 3), int)) for _ in range(3)])
+    pred = np.roll(gt, 1, axis=-1) * (rng.random(gt.shape) > 0.05)
+    res = slice_metrics(pred, gt)
+    for t in (0.5, 0.75):
+        ms = [match_instances(p, g, t) for p, g in zip(pred, gt)]
+        tp, fp, fn = (sum(getattr(m, k) for m in ms) for k in ("tp", "fp", "fn"))
+        ious = sum(float(m.ious.sum()) for m in ms)
+        assert res[f"f1@{t:g}"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+        assert res[f"pq@{t:g}"] == pytest.approx(ious / (tp + 0.5 * (fp + fn)))
+        if t == 0.5:
+            assert (res["tp"], res["fp"], res["fn"]) == (tp, fp, fn)
+            assert res["recall"] == pytest.approx(tp / (tp + fn))
+    assert res["fg_iou"] == pytest.approx(np.mean((pred > 0) & (gt > 0)) / np.mean((pred > 0) | (gt > 0)))
+    assert res["slices"] == 3
+    # a list of slices of different sizes gives the same as pooling them by hand
+    sizes = slice_metrics([pred[0], pred[1][:5]], [gt[0], gt[1][:5]])
+    assert sizes["slices"] == 2 and 0 < sizes["f1"] <= 1
+
+
+@pytest.mark.parametrize("pred, gt, match", [
+    (np.zeros((2, 3, 3), int), np.zeros((3, 3, 3), int), "must pair up"),
+    (np.zeros((3, 3), int), np.zeros((3, 3), int), "2D slices"),
+    (np.zeros((2, 3, 3), int), np.zeros((2, 3, 4), int), "shape"),
+])
+def test_slice_metrics_errors(pred, gt, match):
+    from nbapp.metrics import slice_metrics
+
+    with pytest.raises(ValueError, match=match):
+        slice_metrics(pred, gt)
+
+
+def test_slice_metrics_rejects_bad_thresholds():
+    from nbapp.metrics import slice_metrics
+
+    with pytest.raises(ValueError, match=r"thresholds must be in \(0, 1\]"):
+        slice_metrics(np.zeros((1, 2, 2), int), np.zeros((1, 2, 2), int), thresholds=(1.5,))
