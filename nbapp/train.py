@@ -177,6 +177,10 @@ class PatchSampler:
         return {"image": image, "semantic": t.semantic.astype(np.float32),
                 "heatmap": t.heatmap, "offsets": t.offsets, "fg": inst != 0, "pad": pad}
 
+    def with_rng(self, rng: np.random.Generator) -> "PatchSampler":
+        """The same sampler (data, patch size, sigma, augmentations) drawing from ``rng``."""
+        return PatchSampler(self.unit, self.labels, self.patch, rng, self.sigma, self.aug)
+
     def _pad_band(self, p: int) -> np.ndarray:
         """Mask of a random band at the bottom and/or right edge that :meth:`batch` fills with
         the engine's padding value (normalised 0), with no objects in it: the engine zero-pads
@@ -230,21 +234,17 @@ class _PatchStream(torch.utils.data.IterableDataset):
     workers aside (the loader takes them round-robin).
     """
 
-    def __init__(self, unit: np.ndarray, labels: np.ndarray, patch: int, sigma: float,
-                 batch_size: int, norms: dict, seed: int, start_step: int,
-                 aug: AugmentConfig | None = None) -> None:
+    def __init__(self, template: PatchSampler, batch_size: int, norms: dict, seed: int,
+                 start_step: int) -> None:
         super().__init__()
-        self.aug = aug
-        self.unit, self.labels, self.patch, self.sigma = unit, labels, patch, sigma
-        self.batch_size, self.norms, self.seed, self.start_step = batch_size, norms, seed, start_step
+        self.template, self.batch_size, self.norms = template, batch_size, norms
+        self.seed, self.start_step = seed, start_step
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid = info.id if info is not None else 0
         torch.set_num_threads(1)
-        rng = np.random.default_rng([self.seed, self.start_step, wid])
-        sampler = PatchSampler(self.unit, self.labels, self.patch, rng, sigma=self.sigma,
-                               aug=self.aug)
+        sampler = self.template.with_rng(np.random.default_rng([self.seed, self.start_step, wid]))
         while True:
             yield sampler.batch(self.batch_size, self.norms)
 
@@ -256,8 +256,7 @@ def batch_stream(sampler: PatchSampler, args: argparse.Namespace, norms: dict, s
     if not args.workers:
         while True:
             yield sampler.batch(args.batch_size, norms)
-    stream = _PatchStream(sampler.unit, sampler.labels, sampler.patch, sampler.sigma,
-                          args.batch_size, norms, args.seed, step, sampler.aug)
+    stream = _PatchStream(sampler, args.batch_size, norms, args.seed, step)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                          pin_memory=torch.cuda.is_available(),
                                          prefetch_factor=4, persistent_workers=False)
@@ -460,7 +459,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="data-loading worker processes (0: sample in the training process)")
     parser.add_argument("--arch", default=None,
                         help="JSON architecture hyper-parameters overriding the defaults of "
-                             "nbapp.models.arch.ARCH_DEFAULTS (ignored with --resume)")
+                             "nbapp.models.arch.ARCH_DEFAULTS (ignored with --resume or --init, "
+                             "which keep their checkpoint's)")
     parser.add_argument("--export-ctr-smooth", type=float, default=1.0,
                         help="heat-map Gaussian smoothing (1/4-grid cells) of the exported model")
     parser.add_argument("--no-export-ctr-gate", dest="export_ctr_gate", action="store_false",

@@ -132,9 +132,10 @@ def test_worker_batches_are_seeded_per_worker():
     raw, labels = _blob_volume((12, 32, 32))
     unit, lab = raw.astype(np.float32) / 255, labels.astype(np.int32)
     norms = {"mean": 0.5, "std": 0.2}
-    a = next(iter(_PatchStream(unit, lab, 32, 6.0, 2, norms, seed=1, start_step=0)))
-    b = next(iter(_PatchStream(unit, lab, 32, 6.0, 2, norms, seed=1, start_step=0)))
-    c = next(iter(_PatchStream(unit, lab, 32, 6.0, 2, norms, seed=1, start_step=5)))
+    template = PatchSampler(unit, lab, 32, np.random.default_rng(0))
+    a = next(iter(_PatchStream(template, 2, norms, seed=1, start_step=0)))
+    b = next(iter(_PatchStream(template, 2, norms, seed=1, start_step=0)))
+    c = next(iter(_PatchStream(template, 2, norms, seed=1, start_step=5)))
     torch.testing.assert_close(a["image"], b["image"])
     assert not torch.equal(a["image"], c["image"])
 
