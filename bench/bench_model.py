@@ -8,6 +8,8 @@ used in training. Reported, with default parameters unless named:
   the 2D 8-connected components of the 3D labels);
 - 3D, the block as a volume: single-plane (xy) and ortho-plane jobs, F1@0.5, F1@0.75, PQ and FG
   IoU against the 3D instance labels;
+- the block as other microscopes might show it: 2D at pixel sizes x2, x3 and x4, with flat and bright
+  contrast, and with gamma 2 (real labels; a proxy for transfer);
 - other labs and modalities: the five CEM500K crops of ../shared/data/cem_mito_2d, recall,
   precision, F1 at IoU 0.5 and FG IoU, downsampling 1 and 2;
 - speed on this machine: network and full 2D inference (network + post-processing) of a
@@ -97,6 +99,42 @@ def evaluate_cem(model, downsampling: int) -> dict | None:
                                                        "f1", "fg_iou")}}
 
 
+#: Other pixel sizes and contrasts emulated on the held-out block (real labels): name ->
+#: (zoom, contrast gain, brightness shift in grey levels, gamma).
+VARIANTS = {
+    "10 nm pixels (x1/2)": (0.5, 1.0, 0.0, 1.0),
+    "15 nm pixels (x1/3)": (1 / 3, 1.0, 0.0, 1.0),
+    "20 nm pixels (x1/4)": (0.25, 1.0, 0.0, 1.0),
+    "flat and bright (contrast x0.25, +50)": (1.0, 0.25, 50.0, 1.0),
+    "gamma 2": (1.0, 1.0, 0.0, 2.0),
+}
+
+
+def emulate(raw: np.ndarray, labels: np.ndarray, zoom: float, gain: float, shift: float,
+            gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """The block as another microscope might show it: pixel size times ``1 / zoom``
+    (anti-aliased image, nearest-neighbour labels), contrast, brightness and gamma changed."""
+    from skimage.transform import rescale
+
+    img = raw.astype(np.float32)
+    lab = labels
+    if zoom != 1.0:
+        img = np.stack([rescale(s, zoom, order=1, anti_aliasing=True, preserve_range=True)
+                        for s in img])
+        lab = np.stack([rescale(s, zoom, order=0, anti_aliasing=False, preserve_range=True)
+                        for s in labels]).astype(labels.dtype)
+    mean = float(img.mean())
+    img = np.clip((img - mean) * gain + mean + shift, 0, 255)
+    img = 255.0 * (img / 255.0) ** gamma
+    return np.round(img).astype(np.uint8), lab
+
+
+def evaluate_variants(model, raw: np.ndarray, labels: np.ndarray) -> dict:
+    """2D metrics (ds 1) of the block under each of :data:`VARIANTS`: a transfer proxy with
+    real labels, 35 slices and hundreds of objects each (the CEM crops hold 35 objects)."""
+    return {name: evaluate_2d(model, *emulate(raw, labels, *v), 1) for name, v in VARIANTS.items()}
+
+
 def speed_512(model, raw: np.ndarray) -> dict:
     from nbapp.engine import Engine
     from nbapp.inference import SliceSegmenter
@@ -143,6 +181,13 @@ def main(argv=None) -> int:
     for name, r in rows.items():
         print(f"| {name} | {r['fg_iou']:.3f} | {r['f1']:.3f} | {r['f1@0.75']:.3f} | "
               f"{r['pq']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+    variants = evaluate_variants(model, raw, labels)
+    print("\nthe block as other microscopes might show it (2D, ds 1):\n")
+    print("| variant | FG IoU | F1@0.5 | PQ | precision | recall |")
+    print("|---|---|---|---|---|---|")
+    for name, r in variants.items():
+        print(f"| {name} | {r['fg_iou']:.3f} | {r['f1']:.3f} | {r['pq']:.3f} | "
+              f"{r['precision']:.3f} | {r['recall']:.3f} |")
     cem = {f"ds{ds}": evaluate_cem(model, ds) for ds in (1, 2)}
     if cem["ds1"] is not None:
         print("\nother EM (5 CEM500K crops, mixed sources), objects matched at IoU 0.5:")
@@ -155,7 +200,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "model": args.model,
-                               "block": list(raw.shape), "metrics": rows, "other_em": cem,
+                               "block": list(raw.shape), "metrics": rows, "variants": variants,
+                               "other_em": cem,
                                "speed_512": speed},
                               indent=2, default=float))
     return 0

@@ -110,6 +110,8 @@ class AugmentConfig:
     lowres_p: float = 0.2
     pad_p: float = 0.25
     pad_max: float = 0.6
+    shading_p: float = 0.0
+    shading_max: float = 0.4
 
 
 class PatchSampler:
@@ -207,6 +209,11 @@ class PatchSampler:
             img = F.interpolate(small, size=p, mode="bilinear", align_corners=False)[0, 0].numpy()
         if rng.random() < a.blur_p:
             img = ndi.gaussian_filter(img, rng.uniform(0.5, 1.5))
+        if a.shading_p and rng.random() < a.shading_p:  # uneven illumination: a linear ramp
+            t = rng.uniform(0, 2 * np.pi)
+            yy, xx = np.linspace(-0.5, 0.5, img.shape[0]), np.linspace(-0.5, 0.5, img.shape[1])
+            ramp = np.cos(t) * yy[:, None] + np.sin(t) * xx[None, :]
+            img = img * (1.0 + rng.uniform(0, a.shading_max) * ramp).astype(np.float32)
         m = float(img.mean())
         img = (img - m) * rng.uniform(*a.contrast) + m + rng.uniform(-a.brightness, a.brightness)
         img = np.clip(img, 0, 1) ** rng.uniform(*a.gamma)
@@ -459,16 +466,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="data-loading worker processes (0: sample in the training process)")
     parser.add_argument("--arch", default=None,
                         help="JSON architecture hyper-parameters overriding the defaults of "
-                             "nbapp.models.arch.ARCH_DEFAULTS (ignored with --resume or --init, "
-                             "which keep their checkpoint's)")
+                             "nbapp.models.arch.ARCH_DEFAULTS (ignored with --resume, which keeps "
+                             "its checkpoint's; with --init only weight-free options such as "
+                             "input_norm may change)")
     parser.add_argument("--export-ctr-smooth", type=float, default=1.0,
                         help="heat-map Gaussian smoothing (1/4-grid cells) of the exported model")
     parser.add_argument("--no-export-ctr-gate", dest="export_ctr_gate", action="store_false",
                         help="do not gate the exported heat-map by the foreground probability")
     parser.add_argument("--zoom-out-max", type=float, default=AugmentConfig.zoom_out_hi,
                         help="largest zoom-out factor (objects shrink up to this much)")
+    parser.add_argument("--zoom-in-max", type=float, default=1 / AugmentConfig.scale_lo,
+                        help="largest zoom-in factor (objects grow up to this much)")
+    parser.add_argument("--shading-p", type=float, default=AugmentConfig.shading_p,
+                        help="probability of uneven illumination (a linear intensity ramp of "
+                             f"up to +-{AugmentConfig.shading_max * 50:.0f} per cent)")
     parser.add_argument("--zoom-out-p", type=float, default=AugmentConfig.zoom_out_p,
                         help="probability of a zoom-out patch")
+    parser.add_argument("--gamma", type=float, nargs=2, default=AugmentConfig.gamma,
+                        metavar=("LO", "HI"), help="range of the random gamma of the intensities")
     parser.add_argument("--pad-p", type=float, default=AugmentConfig.pad_p,
                         help="probability of a padding band in a patch (0 disables)")
     parser.add_argument("--seed", type=int, default=0)
@@ -518,10 +533,14 @@ def run(args: argparse.Namespace) -> int:
     raw, labels = read_volume(args.raw), read_volume(args.labels)
     if raw.shape != labels.shape:
         raise InputError(f"raw {raw.shape} and labels {labels.shape} differ in shape")
-    for name in ("pad_p", "zoom_out_p"):
+    if args.zoom_in_max < 1.0:
+        raise ParameterError(f"--zoom-in-max must be >= 1, got {args.zoom_in_max}")
+    for name in ("pad_p", "zoom_out_p", "shading_p"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ParameterError(f"--{name.replace('_', '-')} must be a probability in [0, 1], "
                                  f"got {getattr(args, name)}")
+    if not 0 < args.gamma[0] <= args.gamma[1]:
+        raise ParameterError(f"--gamma needs 0 < LO <= HI, got {args.gamma[0]} {args.gamma[1]}")
     if args.zoom_out_max < AugmentConfig.scale_hi:
         raise ParameterError(f"--zoom-out-max must be >= {AugmentConfig.scale_hi}, got "
                              f"{args.zoom_out_max}")
@@ -542,11 +561,19 @@ def run(args: argparse.Namespace) -> int:
     ck = torch.load(args.resume, map_location=device, weights_only=True) if args.resume else None
     init = (torch.load(args.init, map_location="cpu", weights_only=True)
             if args.init and not args.resume else None)
-    if ck is not None or init is not None:
-        arch = {**ARCH_DEFAULTS, **(ck or init)["arch"]}
+    if ck is not None:
+        arch = {**ARCH_DEFAULTS, **ck["arch"]}
+    elif init is not None:  # the checkpoint's architecture, weight-free options from --arch
+        arch = {**ARCH_DEFAULTS, **init["arch"], **(_parse_arch(args.arch) if args.arch else {})}
     model = build_model(**arch).to(device)
     if init is not None:
-        model.load_state_dict(init["state_dict"])
+        try:
+            model.load_state_dict(init["state_dict"])
+        except RuntimeError as exc:
+            raise ParameterError(f"--init {args.init}: its weights do not fit the architecture "
+                                 f"{arch}; with --init, --arch may only change weight-free "
+                                 f"options (input_norm, ctr_smooth, ctr_gate, offset_scale). "
+                                 f"{str(exc).splitlines()[0]}") from None
         norms = dict(init["norms"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -562,7 +589,10 @@ def run(args: argparse.Namespace) -> int:
         minutes_before = float(ck["minutes"])
     sampler = PatchSampler(train_unit, train_lab, args.patch, rng, sigma=args.sigma,
                            aug=AugmentConfig(pad_p=args.pad_p, zoom_out_hi=args.zoom_out_max,
-                                             zoom_out_p=args.zoom_out_p))
+                                             zoom_out_p=args.zoom_out_p,
+                                             scale_lo=1.0 / args.zoom_in_max,
+                                             shading_p=args.shading_p,
+                                             gamma=tuple(args.gamma)))
 
     def elapsed() -> float:
         return minutes_before + (time.monotonic() - t_start) / 60

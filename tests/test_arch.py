@@ -174,6 +174,9 @@ PORTABLE_OPS = {
     "aten::relu", "aten::relu_", "aten::replication_pad2d", "aten::sigmoid", "aten::size",
     "aten::upsample_bilinear2d", "prim::Constant", "prim::DictConstruct", "prim::GetAttr",
     "prim::If", "prim::ListConstruct", "prim::Loop", "prim::RaiseException", "aten::sub",
+    # per-image standardisation (input_norm)
+    "aten::ne", "aten::to", "aten::sum", "aten::clamp", "aten::div", "aten::pow", "aten::sqrt",
+    "aten::where", "aten::zeros_like",
 }
 
 
@@ -201,3 +204,36 @@ def test_functional_interpolate_would_not_be_portable():
 
     ops = _ops(torch.jit.script(Up()).inlined_graph)
     assert not ops <= PORTABLE_OPS  # the check above can fail
+
+
+def test_input_norm_makes_the_network_blind_to_brightness_and_contrast():
+    torch.manual_seed(0)
+    net = build_model(input_norm=True).eval()
+    x = torch.randn(1, 1, 64, 96) * 0.8 + 0.3
+    x[..., 48:, :] = 0.0  # the engine's zero padding
+    y = x * 0.2 - 1.1  # a dimmer, flatter microscope
+    y[..., 48:, :] = 0.0
+    with torch.inference_mode():
+        a, b = net(x, 2, False), net(y, 2, False)
+        plain = build_model().eval()
+        plain.load_state_dict(net.state_dict())
+        c = plain(y, 2, False)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
+    assert (a["sem_logits"] - c["sem_logits"]).abs().max() > 1e-2  # without it, not blind
+    scripted = to_torchscript(net)
+    torch.testing.assert_close(scripted(y, 2, False)["sem_logits"], a["sem_logits"],
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_standardise_leaves_padding_and_does_not_amplify_a_blank_image():
+    from nbapp.models.arch import INPUT_NORM_MIN_STD, standardise
+
+    x = torch.zeros(2, 1, 8, 8)
+    x[0, :, :, :6] = torch.linspace(-2, 3, 48).reshape(8, 6)
+    x[1] = 0.7 + 0.001 * torch.randn(1, 8, 8)  # nearly blank
+    y = standardise(x)
+    real = y[0, 0, :, :6]
+    assert torch.all(y[0, 0, :, 6:] == 0)
+    assert abs(real.mean().item()) < 1e-5 and abs(real.std(unbiased=False).item() - 1) < 1e-4
+    assert y[1].std().item() == pytest.approx(0.001 / INPUT_NORM_MIN_STD, rel=0.2)

@@ -453,6 +453,12 @@ def test_evaluate_without_metrics_module(capsys, tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv,text", [
     (["--help"], "segment"),
     (["segment", "--help"], "--seg-threshold"),
+    (["consensus", "--help"], "--vote N"),
+    (["demo", "--help"], "usage"),
+    (["info", "--help"], "usage"),
+    (["app", "--help"], "usage"),
+    (["evaluate", "--help"], "--json"),
+    (["train", "--help"], "--shading-p"),  # argparse expands % in help texts: none may break
     (["--version"], "nbapp 0."),
 ])
 def test_help_and_version_return_0(capsys, argv, text):

@@ -24,6 +24,15 @@ def _blob_volume(shape=(24, 64, 64), seed=0):
     return raw, labels
 
 
+def _volume_files(tmp_path, shape=(24, 64, 64)):
+    """A blob volume and its labels written as TIFFs: (raw path, labels path)."""
+    raw, labels = _blob_volume(shape)
+    rp, lp = tmp_path / "raw.tif", tmp_path / "lab.tif"
+    tifffile.imwrite(rp, raw)
+    tifffile.imwrite(lp, labels)
+    return rp, lp
+
+
 def test_sampler_offsets_point_at_heatmap_peaks_after_rotation():
     raw, labels = _blob_volume()
     sampler = PatchSampler(raw.astype(np.float32) / 255, labels.astype(np.int32), 64,
@@ -77,10 +86,7 @@ def _args(tmp_path, raw, labels, **kw):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
 def test_run_writes_outputs_and_resumes(tmp_path):
-    raw, labels = _blob_volume()
-    rp, lp = tmp_path / "raw.tif", tmp_path / "lab.tif"
-    tifffile.imwrite(rp, raw)
-    tifffile.imwrite(lp, labels)
+    rp, lp = _volume_files(tmp_path)
     assert run(_args(tmp_path, rp, lp)) == 0
     out = tmp_path / "out"
     ck = torch.load(out / "best.pth", weights_only=True)
@@ -96,10 +102,7 @@ def test_run_writes_outputs_and_resumes(tmp_path):
 
 
 def test_time_limit_stops_and_still_saves(tmp_path):
-    raw, labels = _blob_volume((12, 32, 32))
-    rp, lp = tmp_path / "raw.tif", tmp_path / "lab.tif"
-    tifffile.imwrite(rp, raw)
-    tifffile.imwrite(lp, labels)
+    rp, lp = _volume_files(tmp_path, (12, 32, 32))
     assert run(_args(tmp_path, rp, lp, time_limit=0, patch=32)) == 0
     last = torch.load(tmp_path / "out" / "last.pth", weights_only=True)
     assert last["step"] == 0 and (tmp_path / "out" / "nbapp_mito.pt").exists()
@@ -107,10 +110,7 @@ def test_time_limit_stops_and_still_saves(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
 def test_workers_arch_and_stop_after_resume(tmp_path):
-    raw, labels = _blob_volume((12, 32, 32))
-    rp, lp = tmp_path / "raw.tif", tmp_path / "lab.tif"
-    tifffile.imwrite(rp, raw)
-    tifffile.imwrite(lp, labels)
+    rp, lp = _volume_files(tmp_path, (12, 32, 32))
     arch = '{"widths": [8, 8, 16, 16, 24], "depths": [0, 1, 1, 2, 1], "decoder_width": 16}'
     # --stop-after 0 ends before the first step, saving a resumable checkpoint
     assert run(_args(tmp_path, rp, lp, patch=32, arch=arch, stop_after=0)) == 0
@@ -146,13 +146,12 @@ def test_worker_batches_are_seeded_per_worker():
                                        ({"pad_p": 1.5}, "pad-p"),
                                        ({"zoom_out_p": -0.1}, "zoom-out-p"),
                                        ({"zoom_out_max": 1.0}, "zoom-out-max"),
+                                       ({"zoom_in_max": 0.5}, "zoom-in-max"),
+                                       ({"shading_p": 2}, "shading-p"),
                                        ({"arch": "{widths"}, "JSON object"),
                                        ({"arch": '{"width": 3}'}, "unknown hyper")])
 def test_bad_arguments(tmp_path, kw, match):
-    raw, labels = _blob_volume((12, 32, 32))
-    rp, lp = tmp_path / "raw.tif", tmp_path / "lab.tif"
-    tifffile.imwrite(rp, raw)
-    tifffile.imwrite(lp, labels)
+    rp, lp = _volume_files(tmp_path, (12, 32, 32))
     with pytest.raises(ValueError, match=match):
         run(_args(tmp_path, rp, lp, **kw))
 
@@ -179,3 +178,46 @@ def test_padding_band_has_no_objects_and_the_engine_pad_value():
     # the band holds exactly the normalised 0 the engine pads with: a full last row or column
     for img in b["image"][:, 0]:
         assert bool((img[-1] == 0).all()) or bool((img[:, -1] == 0).all())
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_init_with_weight_free_arch_options(tmp_path):
+    rp, lp = _volume_files(tmp_path, (12, 32, 32))
+    arch = '{"widths": [8, 8, 16, 16, 24], "depths": [0, 1, 1, 2, 1], "decoder_width": 16}'
+    assert run(_args(tmp_path / "a", rp, lp, patch=32, arch=arch)) == 0
+    first = tmp_path / "a" / "out" / "last.pth"
+    # --init keeps the checkpoint's weights and architecture, --arch switches input_norm on
+    assert run(_args(tmp_path / "b", rp, lp, patch=32, init=first,
+                     arch='{"input_norm": true}')) == 0
+    ck = torch.load(tmp_path / "b" / "out" / "last.pth", weights_only=True)
+    assert ck["arch"]["input_norm"] is True and ck["arch"]["widths"] == [8, 8, 16, 16, 24]
+    shipped = torch.jit.load(str(tmp_path / "b" / "out" / "nbapp_mito.pt"))
+    assert shipped.input_norm
+    # an --arch that changes the weights' shapes cannot start from those weights
+    with pytest.raises(ValueError, match="weight-free"):
+        run(_args(tmp_path / "c", rp, lp, patch=32, init=first, arch='{"decoder_width": 8}'))
+
+
+@pytest.mark.parametrize("gamma", [["0", "1"], ["2", "1"]])
+def test_bad_gamma_range(tmp_path, gamma):
+    rp, lp = _volume_files(tmp_path, (12, 32, 32))
+    args = _args(tmp_path, rp, lp)
+    args.gamma = [float(g) for g in gamma]
+    with pytest.raises(ValueError, match="--gamma"):
+        run(args)
+
+
+def test_shading_is_a_ramp_across_the_patch():
+    from nbapp.train import AugmentConfig
+
+    flat = np.full((64, 64), 0.5, np.float32)
+    aug = AugmentConfig(shading_p=1.0, contrast=(1, 1), brightness=0, gamma=(1, 1), noise_p=0,
+                        blur_p=0, lowres_p=0)
+    sampler = PatchSampler(flat[None], np.zeros((1, 64, 64), np.int32), 64,
+                           np.random.default_rng(2), aug=aug)
+    out = sampler._photometric(flat.copy())
+    assert out.std() > 0.01  # uneven
+    # a plane: second differences vanish along both axes
+    assert np.abs(np.diff(out, 2, axis=0)).max() < 1e-5
+    assert np.abs(np.diff(out, 2, axis=1)).max() < 1e-5
+    assert abs(float(out.mean()) - 0.5) < 1e-3

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["NBMitoNet", "build_model", "ARCH_DEFAULTS", "PADDING_FACTOR", "count_parameters",
+__all__ = ["NBMitoNet", "build_model", "ARCH_DEFAULTS", "PADDING_FACTOR", "INPUT_NORM_MIN_STD",
+           "standardise", "count_parameters",
            "fuse_batchnorm", "to_torchscript", "save_torchscript"]
 
 #: H and W of the input must be multiples of this (the encoder reaches 1/32).
@@ -52,7 +53,12 @@ ARCH_DEFAULTS: Dict[str, Any] = {
     "offset_scale": 16.0,
     "ctr_smooth": 0.0,
     "ctr_gate": False,
+    "input_norm": False,
 }
+
+#: Smallest standard deviation (normalised units, about 1.5 grey levels of uint8 data with the
+#: default norms) that per-image standardisation divides by: a blank image is not amplified.
+INPUT_NORM_MIN_STD = 0.05
 
 
 def _resize(x: Tensor, size: List[int]) -> Tensor:
@@ -65,6 +71,28 @@ def _resize(x: Tensor, size: List[int]) -> Tensor:
     empanada-napari installs need.
     """
     return torch._C._nn.upsample_bilinear2d(x, size, False, None)
+
+
+def standardise(x: Tensor, min_std: float = INPUT_NORM_MIN_STD) -> Tensor:
+    """Per-image standardisation of a normalised batch (N, 1, H, W), padding left in place.
+
+    Each image is shifted and scaled to mean 0 and standard deviation 1 over its non-padding
+    pixels. Padding is the engine's zero fill (exactly 0 after normalisation; a real uint8 grey
+    level never maps to exactly 0 with non-integer norms) and stays 0, the image's mean. This
+    makes the network blind to global brightness and contrast: EM from other microscopes,
+    stainings and detector settings reaches it with the contrast it was trained on.
+
+    >>> x = torch.tensor([[[[0.0, 1.0, 3.0, 5.0]]]])
+    >>> [round(v, 4) for v in standardise(x)[0, 0, 0].tolist()]
+    [0.0, -1.2247, 0.0, 1.2247]
+    """
+    real = x != 0
+    keep = real.to(x.dtype)
+    count = keep.sum(dim=(1, 2, 3), keepdim=True).clamp(min=1.0)
+    mean = (x * keep).sum(dim=(1, 2, 3), keepdim=True) / count
+    var = (((x - mean) * keep) ** 2).sum(dim=(1, 2, 3), keepdim=True) / count
+    y = (x - mean) / var.sqrt().clamp(min=min_std)
+    return torch.where(real, y, torch.zeros_like(y))
 
 
 class ConvBNReLU(nn.Sequential):
@@ -123,12 +151,16 @@ class NBMitoNet(nn.Module):
     ctr_gate : bool
         Multiply the centre heat-map by the semantic probability pooled to the 1/4 grid, so
         that centres are only found on foreground.
+    input_norm : bool
+        Standardise each input image to mean 0 and standard deviation 1 over its non-padding
+        pixels first (:func:`standardise`; no weights).
     """
 
     def __init__(self, widths: List[int], depths: List[int], decoder_width: int = 64,
                  offset_scale: float = 16.0, ctr_smooth: float = 0.0,
-                 ctr_gate: bool = False) -> None:
+                 ctr_gate: bool = False, input_norm: bool = False) -> None:
         super().__init__()
+        self.input_norm = bool(input_norm)
         if len(widths) != 5 or len(depths) != 5:
             raise ValueError(f"widths and depths need 5 entries, got {widths} and {depths}")
         w, d, dw = widths, depths, decoder_width
@@ -183,6 +215,8 @@ class NBMitoNet(nn.Module):
             with (h, w) = (H/4, W/4), or (H, W) when ``interpolate_ins``.
         """
         h, w = x.shape[-2], x.shape[-1]
+        if self.input_norm:
+            x = standardise(x)
         s2 = self.stem(x)
         feats: List[Tensor] = []
         f = s2
@@ -225,7 +259,8 @@ def build_model(**hparams: Any) -> NBMitoNet:
                          f"known: {sorted(ARCH_DEFAULTS)}")
     cfg = {**ARCH_DEFAULTS, **hparams}
     return NBMitoNet(list(cfg["widths"]), list(cfg["depths"]), int(cfg["decoder_width"]),
-                     float(cfg["offset_scale"]), float(cfg["ctr_smooth"]), bool(cfg["ctr_gate"]))
+                     float(cfg["offset_scale"]), float(cfg["ctr_smooth"]), bool(cfg["ctr_gate"]),
+                     bool(cfg["input_norm"]))
 
 
 def count_parameters(model: nn.Module) -> int:
