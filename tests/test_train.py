@@ -221,3 +221,48 @@ def test_shading_is_a_ramp_across_the_patch():
     assert np.abs(np.diff(out, 2, axis=0)).max() < 1e-5
     assert np.abs(np.diff(out, 2, axis=1)).max() < 1e-5
     assert abs(float(out.mean()) - 0.5) < 1e-3
+
+
+def test_fitted_patches_stay_inside_the_plane_and_zoom_out_in_xy():
+    from nbapp.train import AugmentConfig
+
+    # grey level linear in (y, x) of the xy plane and constant in z: bilinear sampling inside
+    # the plane reproduces a linear ramp exactly, content mirrored at an edge bends it
+    z, y, x = 8, 160, 200
+    ramp = np.arange(y)[:, None] * 0.6 + np.arange(x)[None, :] * 0.4
+    unit = np.broadcast_to((ramp / ramp.max()).astype(np.float32)[None], (z, y, x)).copy()
+    labels = np.zeros((z, y, x), np.int32)
+    quiet = dict(contrast=(1, 1), brightness=0, gamma=(1, 1), noise_p=0, blur_p=0, lowres_p=0,
+                 pad_p=0, scale_hi=1.2, zoom_out_p=1.0, zoom_out_hi=1.3)  # (no anti-aliasing)
+
+    def bends(sampler, n=20):
+        out = []
+        for _ in range(n):
+            img = sampler.sample()["image"].astype(np.float64)
+            out.append(max(np.abs(np.diff(img, 2, axis=0)).max(),
+                           np.abs(np.diff(img, 2, axis=1)).max()) > 1e-4)
+        return out
+
+    fitted = PatchSampler(unit, labels, 64, np.random.default_rng(0),
+                          aug=AugmentConfig(**quiet))
+    assert not any(bends(fitted))  # zoomed out, always from xy, always inside
+    loose = PatchSampler(unit, labels, 64, np.random.default_rng(0),
+                         aug=AugmentConfig(fit=False, **quiet))
+    assert sum(bends(loose)) >= 5  # from xz / yz (8 rows) or over an edge: mirrored
+
+
+def test_object_contrast_changes_objects_not_background():
+    from nbapp.train import AugmentConfig
+
+    rng = np.random.default_rng(1)
+    img = (0.5 + 0.05 * rng.standard_normal((64, 64))).astype(np.float32)
+    inst = np.zeros((64, 64), np.int32)
+    inst[20:40, 20:40] = 1
+    sampler = PatchSampler(img[None], inst[None], 64, np.random.default_rng(3),
+                           aug=AugmentConfig(object_p=1.0, object_shift=(-0.3, -0.3),
+                                             object_gain=(1, 1)))
+    out = sampler._object_contrast(img.copy(), inst)
+    np.testing.assert_allclose(out[:10], img[:10])  # far from the object: unchanged
+    np.testing.assert_allclose(out[25:35, 25:35], np.clip(img[25:35, 25:35] - 0.3, 0, 1),
+                               atol=1e-3)  # inside: darker by the shift
+    assert np.all(sampler._object_contrast(img, np.zeros_like(inst)) == img)  # no objects
