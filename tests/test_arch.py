@@ -176,7 +176,7 @@ PORTABLE_OPS = {
     "prim::If", "prim::ListConstruct", "prim::Loop", "prim::RaiseException", "aten::sub",
     # per-image standardisation (input_norm)
     "aten::ne", "aten::to", "aten::sum", "aten::clamp", "aten::div", "aten::pow", "aten::sqrt",
-    "aten::where", "aten::zeros_like",
+    "aten::where", "aten::zeros_like", "prim::dtype",
 }
 
 
