@@ -168,7 +168,7 @@ class PatchSampler:
         if a.fit:  # the patch inside the plane along each axis where it fits (else centred)
             half = 0.5 * (p - 1) * np.abs(mat).sum(1)
             room = np.array(img.shape) - 1 - 2 * half
-            centre = np.where(room > 0, half + rng.uniform(0, 1, 2) * np.maximum(room, 0),
+            centre = np.where(room > 0, half + rng.uniform(0, 1, 2) * room,
                               (np.array(img.shape) - 1) / 2)
         else:
             centre = np.array([rng.uniform(0, img.shape[0]), rng.uniform(0, img.shape[1])])
@@ -595,14 +595,15 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    arch = {**ARCH_DEFAULTS, **(_parse_arch(args.arch) if args.arch else {})}
+    requested = _parse_arch(args.arch) if args.arch else {}
+    arch = {**ARCH_DEFAULTS, **requested}
     ck = torch.load(args.resume, map_location=device, weights_only=True) if args.resume else None
     init = (torch.load(args.init, map_location="cpu", weights_only=True)
             if args.init and not args.resume else None)
     if ck is not None:
         arch = {**ARCH_DEFAULTS, **ck["arch"]}
     elif init is not None:  # the checkpoint's architecture, weight-free options from --arch
-        arch = {**ARCH_DEFAULTS, **init["arch"], **(_parse_arch(args.arch) if args.arch else {})}
+        arch = {**ARCH_DEFAULTS, **init["arch"], **requested}
     model = build_model(**arch).to(device)
     if init is not None:
         try:
