@@ -94,9 +94,11 @@ def evaluate_cem(model, downsampling: int) -> dict | None:
              for f in files]
     gts = [cc_label(np.asarray(Image.open(f.parent.parent / "masks" / f.name)) > 0,
                     connectivity=2) for f in files]
+    keys = ("tp", "fp", "fn", "recall", "precision", "f1", "fg_iou")
     m = slice_metrics(preds, gts, thresholds=(0.5,))
-    return {"images": len(files), **{k: m[k] for k in ("tp", "fp", "fn", "recall", "precision",
-                                                       "f1", "fg_iou")}}
+    per = {f.name: {k: slice_metrics([p], [g], thresholds=(0.5,))[k] for k in keys}
+           for f, p, g in zip(files, preds, gts)}
+    return {"images": len(files), **{k: m[k] for k in keys}, "per_image": per}
 
 
 #: Other pixel sizes and contrasts emulated on the held-out block (real labels): name ->
@@ -194,6 +196,9 @@ def main(argv=None) -> int:
         for k, r in cem.items():
             print(f"  {k}: recall {r['recall']:.3f}, precision {r['precision']:.3f}, F1 "
                   f"{r['f1']:.3f}, FG IoU {r['fg_iou']:.3f} (TP/FP/FN {r['tp']}/{r['fp']}/{r['fn']})")
+            print("    per crop TP/FP/FN: " + ", ".join(
+                f"{name.split('.')[0]} {c['tp']}/{c['fp']}/{c['fn']}"
+                for name, c in r["per_image"].items()))
     speed = speed_512(model, raw)
     print(f"\n512x512 on this machine: network {speed['network_ms']:.1f} ms, full 2D inference "
           f"{speed['full_2d_ms']:.1f} ms (medians)")

@@ -45,6 +45,7 @@ from skimage.measure import label as cc_label
 from nbapp.metrics import slice_metrics
 from nbapp.models.arch import (ARCH_DEFAULTS, PADDING_FACTOR, build_model, count_parameters,
                                save_torchscript)
+from nbapp.synth import synthetic_patch
 from nbapp.targets import panoptic_targets
 
 __all__ = ["add_arguments", "run", "main", "PatchSampler", "compute_norms", "panoptic_loss",
@@ -116,6 +117,7 @@ class AugmentConfig:
     object_p: float = 0.0
     object_shift: tuple = (-0.3, 0.1)
     object_gain: tuple = (0.5, 1.5)
+    synthetic_p: float = 0.0
 
 
 class PatchSampler:
@@ -148,6 +150,8 @@ class PatchSampler:
         """One patch: ``image`` (P, P) float32 in [0, 1], ``semantic`` (P, P) float32,
         ``heatmap`` (P, P) float32, ``offsets`` (2, P, P) float32, ``fg`` (P, P) bool."""
         rng, p, a = self.rng, self.patch, self.aug
+        if a.synthetic_p and rng.random() < a.synthetic_p:
+            return self._synthetic()
         zoom_out = rng.random() < a.zoom_out_p
         # with fit, zoom-out patches come from the largest plane (xy of a (Z, Y, X) volume)
         plane = "xy" if (zoom_out and a.fit) else PLANES[int(rng.integers(3))]
@@ -190,6 +194,17 @@ class PatchSampler:
         t = panoptic_targets(inst, sigma=self.sigma)
         image = self._photometric(self._object_contrast(image.astype(np.float32), inst))
         return {"image": image, "semantic": t.semantic.astype(np.float32),
+                "heatmap": t.heatmap, "offsets": t.offsets, "fg": inst != 0, "pad": pad}
+
+    def _synthetic(self) -> dict:
+        """A patch from :func:`nbapp.synth.synthetic_patch` (other EM appearances), with the
+        padding band and photometric augmentations of the real patches."""
+        image, labs = synthetic_patch(self.rng, self.patch)
+        pad = self._pad_band(self.patch)
+        labs[pad] = 0
+        inst = cc_label(labs, connectivity=2)
+        t = panoptic_targets(inst, sigma=self.sigma)
+        return {"image": self._photometric(image), "semantic": t.semantic.astype(np.float32),
                 "heatmap": t.heatmap, "offsets": t.offsets, "fg": inst != 0, "pad": pad}
 
     def with_rng(self, rng: np.random.Generator) -> "PatchSampler":
@@ -518,6 +533,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--object-contrast-p", type=float, default=AugmentConfig.object_p,
                         help="probability that the objects of a patch get another contrast to "
                              "their surroundings and another inner texture (other stainings)")
+    parser.add_argument("--synthetic-p", type=float, default=AugmentConfig.synthetic_p,
+                        help="probability that a patch is synthetic EM with random appearance, "
+                             "object sizes and distractors (nbapp.synth) instead of a real one")
     parser.add_argument("--zoom-out-p", type=float, default=AugmentConfig.zoom_out_p,
                         help="probability of a zoom-out patch")
     parser.add_argument("--gamma", type=float, nargs=2, default=AugmentConfig.gamma,
@@ -573,7 +591,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"raw {raw.shape} and labels {labels.shape} differ in shape")
     if args.zoom_in_max < 1.0:
         raise ParameterError(f"--zoom-in-max must be >= 1, got {args.zoom_in_max}")
-    for name in ("pad_p", "zoom_out_p", "shading_p", "object_contrast_p"):
+    for name in ("pad_p", "zoom_out_p", "shading_p", "object_contrast_p", "synthetic_p"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ParameterError(f"--{name.replace('_', '-')} must be a probability in [0, 1], "
                                  f"got {getattr(args, name)}")
@@ -632,6 +650,7 @@ def run(args: argparse.Namespace) -> int:
                                              scale_lo=1.0 / args.zoom_in_max,
                                              shading_p=args.shading_p,
                                              object_p=args.object_contrast_p,
+                                             synthetic_p=args.synthetic_p,
                                              fit=args.fit_patches,
                                              gamma=tuple(args.gamma)))
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from skimage.measure import label as cc_label
 
 from nbapp.train import PatchSampler, add_arguments, config_dict, run
 
@@ -148,6 +149,7 @@ def test_worker_batches_are_seeded_per_worker():
                                        ({"zoom_out_max": 1.0}, "zoom-out-max"),
                                        ({"zoom_in_max": 0.5}, "zoom-in-max"),
                                        ({"shading_p": 2}, "shading-p"),
+                                       ({"synthetic_p": -1}, "synthetic-p"),
                                        ({"gamma": [0, 1]}, "--gamma"),
                                        ({"gamma": [2, 1]}, "--gamma"),
                                        ({"arch": "{widths"}, "JSON object"),
@@ -259,3 +261,25 @@ def test_object_contrast_changes_objects_not_background():
     np.testing.assert_allclose(out[25:35, 25:35], np.clip(img[25:35, 25:35] - 0.3, 0, 1),
                                atol=1e-3)  # inside: darker by the shift
     assert np.all(sampler._object_contrast(img, np.zeros_like(inst)) == img)  # no objects
+
+
+def test_synthetic_patches_have_matching_targets_and_the_padding_band():
+    from nbapp.train import AugmentConfig
+
+    raw, labels = _blob_volume()
+    sampler = PatchSampler(raw.astype(np.float32) / 255, labels.astype(np.int32), 96,
+                           np.random.default_rng(4), aug=AugmentConfig(synthetic_p=1.0, pad_p=1.0))
+    n_obj = 0
+    for _ in range(6):
+        s = sampler.sample()
+        assert s["pad"].any() and not s["fg"][s["pad"]].any()  # no objects in the band
+        np.testing.assert_array_equal(s["semantic"] > 0, s["fg"])
+        inst = cc_label(s["fg"], connectivity=2)
+        n_obj += inst.max()
+        for i in range(1, inst.max() + 1):  # every object's offsets reach its heat-map peak
+            yy, xx = np.nonzero(inst == i)
+            cy = np.clip(np.round(yy + s["offsets"][0, yy, xx]).astype(int), 0, 95)
+            cx = np.clip(np.round(xx + s["offsets"][1, yy, xx]).astype(int), 0, 95)
+            assert s["heatmap"][cy, cx].max() > 0.95
+        assert 0.0 <= s["image"].min() and s["image"].max() <= 1.0
+    assert n_obj > 5
