@@ -96,8 +96,10 @@ def evaluate_cem(model, downsampling: int) -> dict | None:
                     connectivity=2) for f in files]
     keys = ("tp", "fp", "fn", "recall", "precision", "f1", "fg_iou")
     m = slice_metrics(preds, gts, thresholds=(0.5,))
-    per = {f.name: {k: slice_metrics([p], [g], thresholds=(0.5,))[k] for k in keys}
-           for f, p, g in zip(files, preds, gts)}
+    per = {}
+    for f, p, g in zip(files, preds, gts):
+        r = slice_metrics([p], [g], thresholds=(0.5,))
+        per[f.name] = {k: r[k] for k in keys}
     return {"images": len(files), **{k: m[k] for k in keys}, "per_image": per}
 
 

@@ -63,7 +63,8 @@ def _shape(rng: np.random.Generator, size: int, radius: float) -> tuple[np.ndarr
     centre = np.array([cy, cx])
     p1 = centre + np.array([-u[1], u[0]]) * bend * length
     t = np.linspace(0, 1, 16)[:, None]
-    curve = (1 - t) ** 2 * (centre - u * length) + 2 * (1 - t) * t * p1 + t**2 * (centre + u * length)
+    p0, p2 = centre - u * length, centre + u * length
+    curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
     r = radius * (1 + 0.15 * np.sin(rng.uniform(0, 6) + 5 * t[:, 0]))
     d2 = (yy[None] - curve[:, 0, None, None]) ** 2 + (xx[None] - curve[:, 1, None, None]) ** 2
     mask[y0:y1, x0:x1] = (d2 <= (r * r)[:, None, None]).any(0)
@@ -119,7 +120,8 @@ def synthetic_patch(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarr
         depth = ndi.distance_transform_edt(fg)  # px from the outer membrane inwards
         shift = rng.uniform(-0.5, 0.0)  # matrix against cytoplasm: darker or about the same
         period = rng.uniform(3.0, 9.0)
-        phase = theta + rng.uniform(-0.5, 0.5)  # cristae roughly across the long axis
+        # one cristae direction per patch: across the long axis of the last shape drawn
+        phase = theta + rng.uniform(-0.5, 0.5)
         wobble = _noise(rng, shape, period) * rng.uniform(0, 1.5)
         stripes = np.cos(2 * np.pi * (yy * np.sin(phase) + xx * np.cos(phase)) / period + wobble)
         cristae = rng.uniform(-0.2, 0.2) * np.clip(stripes, 0, None) ** 2

@@ -188,22 +188,23 @@ class PatchSampler:
             crop = ndi.gaussian_filter(crop, 0.4 * scale, mode="mirror")
         image = ndi.map_coordinates(crop, coords, order=1, mode="mirror").reshape(p, p)
         labs = ndi.map_coordinates(lcrop, coords, order=0, mode="mirror").reshape(p, p)
-        pad = self._pad_band(p)
-        labs[pad] = 0
-        inst = cc_label(labs, connectivity=2)
-        t = panoptic_targets(inst, sigma=self.sigma)
-        image = self._photometric(self._object_contrast(image.astype(np.float32), inst))
-        return {"image": image, "semantic": t.semantic.astype(np.float32),
-                "heatmap": t.heatmap, "offsets": t.offsets, "fg": inst != 0, "pad": pad}
+        return self._finish(image.astype(np.float32), labs, object_contrast=True)
 
     def _synthetic(self) -> dict:
         """A patch from :func:`nbapp.synth.synthetic_patch` (other EM appearances), with the
         padding band and photometric augmentations of the real patches."""
         image, labs = synthetic_patch(self.rng, self.patch)
+        return self._finish(image, labs, object_contrast=False)
+
+    def _finish(self, image: np.ndarray, labs: np.ndarray, object_contrast: bool) -> dict:
+        """Padding band, instances (2D 8-connected components), targets and intensity
+        augmentations of one patch; the sample dict of :meth:`sample`."""
         pad = self._pad_band(self.patch)
         labs[pad] = 0
         inst = cc_label(labs, connectivity=2)
         t = panoptic_targets(inst, sigma=self.sigma)
+        if object_contrast:
+            image = self._object_contrast(image, inst)
         return {"image": self._photometric(image), "semantic": t.semantic.astype(np.float32),
                 "heatmap": t.heatmap, "offsets": t.offsets, "fg": inst != 0, "pad": pad}
 

@@ -43,8 +43,8 @@ def test_mitochondria_have_a_dark_rim_against_their_surroundings():
             if obj.sum() < 40:
                 continue
             rim = obj & ~ndi.binary_erosion(obj, iterations=2)
-            around = ndi.binary_dilation(obj, iterations=4) & ~ndi.binary_dilation(obj, iterations=2)
-            around &= lab == 0
+            around = ndi.binary_dilation(obj, iterations=4) & (lab == 0)
+            around &= ~ndi.binary_dilation(obj, iterations=2)
             if around.sum() < 10:
                 continue
             total += 1
