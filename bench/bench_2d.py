@@ -129,6 +129,13 @@ def main(argv=None) -> int:
                 dense_objects=int(dense.max()))
     print(f"nbapp 2D benchmark, {n}x{n} slice, model {info['model']} "
           f"({info['parameters']:,} parameters)")
+    report(info, rows, ratios, args.out)
+    return 0
+
+
+def report(info: dict, rows: dict, ratios: dict, out: str | Path) -> None:
+    """Print the machine, the timing table of :func:`timeit` rows and the ratios; write them as
+    JSON to ``out``."""
     print(f"machine: {info['platform']}, {info['cpus']} CPUs, torch {info['torch']} "
           f"({info['torch_threads']} threads), numpy {info['numpy']}")
     print(f"{'measurement':<40}{'median ms':>12}{'IQR ms':>10}{'n':>5}")
@@ -136,10 +143,9 @@ def main(argv=None) -> int:
         print(f"{k:<40}{v['median_ms']:>12.1f}{v['iqr_ms']:>10.1f}{v['n']:>5}")
     for k, v in ratios.items():
         print(f"{k:<52}{v:>8.3f}")
-    out = Path(args.out)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "rows": rows, "ratios": ratios}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
