@@ -71,8 +71,75 @@ def _shape(rng: np.random.Generator, size: int, radius: float) -> tuple[np.ndarr
     return mask, theta
 
 
-def synthetic_patch(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def _window(size: int, cy: float, cx: float, reach: float):
+    """Slices of the square of half-side ``reach`` around (cy, cx) inside the patch, and the
+    pixel coordinates there relative to the centre (None where the square misses the patch)."""
+    y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 1, size)
+    x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 1, size)
+    if y0 >= y1 or x0 >= x1:
+        return None
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    return (slice(y0, y1), slice(x0, x1)), yy - cy, xx - cx
+
+
+def _hard_negatives(rng: np.random.Generator, img: np.ndarray, free: np.ndarray) -> None:
+    """Draw (in place, where ``free``) 1-4 unlabelled look-alikes that real models mistake for
+    mitochondria: synaptic-vesicle clusters, multilamellar bodies (concentric membranes),
+    dense bodies / lysosomes (dark, mottled, no cristae) and out-of-focus dark smudges."""
+    size = img.shape[0]
+    for _ in range(int(rng.integers(1, 5))):
+        kind = ("vesicles", "lamellae", "dense", "smudge")[int(rng.integers(4))]
+        cy, cx = rng.uniform(0, size, 2)
+        radius = float(np.exp(rng.uniform(np.log(6.0), np.log(45.0))))
+        win = _window(size, cy, cx, radius * 1.6 + 4)
+        if win is None:
+            continue
+        box, dy, dx = win
+        angle = rng.uniform(0, np.pi)
+        stretch = rng.uniform(1.0, 1.8)  # elongation along ``angle``
+        along = dy * np.sin(angle) + dx * np.cos(angle)
+        across = -dy * np.cos(angle) + dx * np.sin(angle)
+        r = np.hypot(along / stretch, across)  # elliptical radius
+        if kind == "vesicles":  # a cluster of small dark rings, densely packed
+            radius = max(radius, 15.0)
+            change = np.zeros(r.shape, np.float32)
+            ring_r = rng.uniform(1.5, 4.5)
+            depth = rng.uniform(0.1, 0.35)
+            n = int(min(300, (radius / ring_r) ** 2 * rng.uniform(0.5, 0.9)))
+            for vy, vx in zip(*(rng.uniform(-1, 1, (2, n)) * radius)):
+                d = np.hypot(dy - vy, dx - vx)
+                ring = depth * np.exp(-((d - ring_r * rng.uniform(0.8, 1.2)) / 0.7) ** 2)
+                change = np.maximum(change, ring * (np.hypot(vy, vx) <= radius))
+            change = -change
+        elif kind == "lamellae":  # 2-6 concentric dark membranes around a darker core
+            spacing = rng.uniform(2.0, 5.0)
+            wobble = 1 + 0.08 * np.sin(rng.uniform(0, 6) + 3 * np.arctan2(dy, dx))
+            rr = r * wobble
+            inner = max(radius - int(rng.integers(2, 7)) * spacing, 0.0)
+            rings = np.cos(np.pi * (rr - radius) / spacing) ** 8 * (rr >= inner) * (rr <= radius)
+            core = rr < inner
+            change = -rng.uniform(0.15, 0.4) * rings
+            core_level = rng.uniform(0.0, 0.25) + rng.uniform(0, 0.1) * _noise(rng, r.shape, 1.5)
+            change -= np.clip(core_level, 0, None) * core
+        elif kind == "dense":  # dark blob with a granular, mottled inside and a thin membrane
+            inside = np.clip(radius * 0.7 + 0.5 - r, 0, 1)
+            mottle = _noise(rng, r.shape, rng.uniform(0.8, 2.5))
+            level = rng.uniform(0.2, 0.55)
+            edge = np.exp(-((r - radius * 0.7) / 0.8) ** 2) * rng.uniform(0.0, 0.2)
+            dark = np.clip(level + rng.uniform(0.04, 0.15) * mottle, 0.05, None)
+            change = -dark * inside - edge
+        else:  # smudge: a smooth dark patch without any edge
+            change = -rng.uniform(0.15, 0.45) * np.exp(-(r / (radius * 0.7)) ** 2)
+        img[box] += change * free[box]
+
+
+def synthetic_patch(rng: np.random.Generator, size: int = 256,
+                    hard_negatives: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One random EM-like patch and its mitochondria instance labels.
+
+    ``hard_negatives`` is the probability that the patch also gets unlabelled look-alikes
+    (vesicle clusters, multilamellar bodies, dense bodies, dark smudges); at 0 (the default)
+    the patches, and the random numbers drawn for them, are those of nbapp 0.4.
 
     Returns
     -------
@@ -151,6 +218,8 @@ def synthetic_patch(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarr
             else:
                 change = -rng.uniform(0.1, 0.3) * np.exp(-((d - rng.uniform(2, 8)) / 0.8) ** 2)
             img += change * free
+    if hard_negatives and rng.random() < hard_negatives:
+        _hard_negatives(rng, img, free)
     img = ndi.gaussian_filter(img, rng.uniform(0.3, 1.2))
     img += rng.normal(0, rng.uniform(0.005, 0.05), shape)
     return np.clip(img, 0, 1).astype(np.float32), labels

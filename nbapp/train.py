@@ -118,6 +118,7 @@ class AugmentConfig:
     object_shift: tuple = (-0.3, 0.1)
     object_gain: tuple = (0.5, 1.5)
     synthetic_p: float = 0.0
+    hard_negatives_p: float = 0.0
 
 
 class PatchSampler:
@@ -193,7 +194,7 @@ class PatchSampler:
     def _synthetic(self) -> dict:
         """A patch from :func:`nbapp.synth.synthetic_patch` (other EM appearances), with the
         padding band and photometric augmentations of the real patches."""
-        image, labs = synthetic_patch(self.rng, self.patch)
+        image, labs = synthetic_patch(self.rng, self.patch, self.aug.hard_negatives_p)
         return self._finish(image, labs, object_contrast=False)
 
     def _finish(self, image: np.ndarray, labs: np.ndarray, object_contrast: bool) -> dict:
@@ -537,6 +538,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--synthetic-p", type=float, default=AugmentConfig.synthetic_p,
                         help="probability that a patch is synthetic EM with random appearance, "
                              "object sizes and distractors (nbapp.synth) instead of a real one")
+    parser.add_argument("--hard-negatives-p", type=float, default=AugmentConfig.hard_negatives_p,
+                        help="probability that a synthetic patch also gets unlabelled "
+                             "look-alikes: vesicle clusters, multilamellar bodies, dense bodies, "
+                             "dark smudges")
     parser.add_argument("--zoom-out-p", type=float, default=AugmentConfig.zoom_out_p,
                         help="probability of a zoom-out patch")
     parser.add_argument("--gamma", type=float, nargs=2, default=AugmentConfig.gamma,
@@ -592,7 +597,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"raw {raw.shape} and labels {labels.shape} differ in shape")
     if args.zoom_in_max < 1.0:
         raise ParameterError(f"--zoom-in-max must be >= 1, got {args.zoom_in_max}")
-    for name in ("pad_p", "zoom_out_p", "shading_p", "object_contrast_p", "synthetic_p"):
+    for name in ("pad_p", "zoom_out_p", "shading_p", "object_contrast_p", "synthetic_p",
+                 "hard_negatives_p"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ParameterError(f"--{name.replace('_', '-')} must be a probability in [0, 1], "
                                  f"got {getattr(args, name)}")
@@ -652,6 +658,7 @@ def run(args: argparse.Namespace) -> int:
                                              shading_p=args.shading_p,
                                              object_p=args.object_contrast_p,
                                              synthetic_p=args.synthetic_p,
+                                             hard_negatives_p=args.hard_negatives_p,
                                              fit=args.fit_patches,
                                              gamma=tuple(args.gamma)))
 

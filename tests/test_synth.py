@@ -59,3 +59,36 @@ def test_object_sizes_span_other_pixel_sizes():
             widths.append(2 * ndi.distance_transform_edt(lab == i).max())
     widths = np.array(widths)
     assert widths.min() < 12 and widths.max() > 50  # 10 px mitochondria as well as 60 px ones
+
+
+def test_hard_negatives_are_unlabelled_and_off_by_default():
+    rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
+    changed = 0
+    for _ in range(6):
+        img0, lab0 = synthetic_patch(rng_a, 128)
+        img1, lab1 = synthetic_patch(rng_b, 128, hard_negatives=0.0)
+        np.testing.assert_array_equal(img0, img1)  # 0 draws nothing more: 0.4's patches
+        np.testing.assert_array_equal(lab0, lab1)
+    for seed in range(6):
+        img0, lab0 = synthetic_patch(np.random.default_rng(seed), 128)
+        img1, lab1 = synthetic_patch(np.random.default_rng(seed), 128, hard_negatives=1.0)
+        np.testing.assert_array_equal(lab0, lab1)  # look-alikes never get a label ...
+        far = ~ndi.binary_dilation(lab0 > 0, iterations=4)
+        inside = np.abs(img1 - img0)[~far]
+        # ... nor touch the mitochondria (up to the final blur and noise, drawn afterwards)
+        assert inside.size == 0 or np.median(inside) < 0.05
+        changed += np.abs(img1 - img0)[far].max() > 0.1  # ... but do darken the image
+    assert changed >= 4
+
+
+def test_each_kind_of_hard_negative_darkens_the_patch():
+    from nbapp.synth import _hard_negatives
+
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        img = np.full((128, 128), 0.6, np.float32)
+        free = np.ones_like(img, bool)
+        free[:, :16] = False
+        _hard_negatives(rng, img, free)
+        assert img.max() <= 0.6 + 1e-6 and img.min() < 0.5  # only ever darker, and visibly
+        assert np.all(img[:, :16] == 0.6)  # nothing drawn outside ``free``

@@ -153,6 +153,7 @@ def test_worker_batches_are_seeded_per_worker():
                                        ({"zoom_in_max": 0.5}, "zoom-in-max"),
                                        ({"shading_p": 2}, "shading-p"),
                                        ({"synthetic_p": -1}, "synthetic-p"),
+                                       ({"hard_negatives_p": 1.1}, "hard-negatives-p"),
                                        ({"gamma": [0, 1]}, "--gamma"),
                                        ({"gamma": [2, 1]}, "--gamma"),
                                        ({"arch": "{widths"}, "JSON object"),
@@ -271,7 +272,8 @@ def test_synthetic_patches_have_matching_targets_and_the_padding_band():
 
     raw, labels = _blob_volume()
     sampler = PatchSampler(raw.astype(np.float32) / 255, labels.astype(np.int32), 96,
-                           np.random.default_rng(4), aug=AugmentConfig(synthetic_p=1.0, pad_p=1.0))
+                           np.random.default_rng(4), aug=AugmentConfig(synthetic_p=1.0, pad_p=1.0,
+                                                             hard_negatives_p=0.5))
     n_obj = 0
     for _ in range(6):
         s = sampler.sample()
