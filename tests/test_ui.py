@@ -137,6 +137,33 @@ def test_viewer_updates_the_same_artists_in_place(app):
     assert overlay.get_alpha() == 0.8
 
 
+def test_slice_view_paints_what_colour_mapping_every_pixel_first_paints():
+    """The viewer resamples to screen pixels before colour mapping (6x faster drawing); with
+    nearest interpolation the picture must be the one of mapping all 1024^2 pixels first."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from nbapp.ui.viewer2d import _setup_image_axes, _show, label_display
+
+    rng = np.random.default_rng(0)
+    img = rng.random((1024, 1024)).astype(np.float32)
+    lab = label_display(rng.integers(0, 300, (1024, 1024)))
+    fig = Figure(figsize=(5.5, 5.5))
+    canvas = FigureCanvasAgg(fig)
+    base, over = _setup_image_axes(fig.add_axes((0, 0, 1, 1)))
+    _show(base, img, (0.1, 0.9))
+    _show(over, lab)
+    assert base.get_interpolation_stage() == over.get_interpolation_stage() == "data"
+    pictures = []
+    for stage in ("data", "rgba"):
+        base.set_interpolation_stage(stage)
+        over.set_interpolation_stage(stage)
+        canvas.draw()
+        pictures.append(np.asarray(canvas.buffer_rgba()).copy())
+    assert pictures[0].shape == (550, 550, 4) and np.ptp(pictures[0][..., 0]) > 100
+    np.testing.assert_array_equal(pictures[0], pictures[1])
+
+
 def test_network_outputs_view_marks_the_detected_centres(app):
     hv = app.heads_view
     assert hv.widget.layout.display == "none"
