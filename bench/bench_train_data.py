@@ -4,7 +4,8 @@ Times, on this machine, with the default augmentations of ``nbapp train`` (patch
 
 - real patch: one augmented patch + targets from the bundled demo volume
   (``PatchSampler.sample`` with ``synthetic_p=0``; rotation, scale, intensity, padding band);
-- synthetic patch: the same through ``nbapp.synth.synthetic_patch`` (``synthetic_p=1``);
+- synthetic patch: the same through ``nbapp.synth.synthetic_patch`` (``synthetic_p=1``), and
+  with hard negatives in every patch (``hard_negatives_p=1``);
 - training step: forward + backward + AdamW step of the default architecture on a batch of 8
   (what the data of one step competes with when ``--workers 0``).
 
@@ -47,11 +48,12 @@ def main(argv=None) -> int:
     labels = labels.astype(np.int32)
     norms = compute_norms(unit)
 
-    def sampler(synthetic_p: float) -> PatchSampler:
+    def sampler(synthetic_p: float, hard_negatives_p: float = 0.0) -> PatchSampler:
         return PatchSampler(unit, labels, 256, np.random.default_rng(0),
-                            aug=AugmentConfig(synthetic_p=synthetic_p))
+                            aug=AugmentConfig(synthetic_p=synthetic_p,
+                                              hard_negatives_p=hard_negatives_p))
 
-    real, synth = sampler(0.0), sampler(1.0)
+    real, synth, hard = sampler(0.0), sampler(1.0), sampler(1.0, 1.0)
     model = build_model()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -64,12 +66,15 @@ def main(argv=None) -> int:
         loss.backward()
         opt.step()
 
-    rows = timeit({"real patch": real.sample, "synthetic patch": synth.sample}, args.repeats)
+    rows = timeit({"real patch": real.sample, "synthetic patch": synth.sample,
+                   "synthetic patch, hard negatives": hard.sample}, args.repeats)
     rows.update(timeit({f"training step (batch {args.batch_size})": step},
                        max(3, args.repeats // 3)))
     step_ms = rows[f"training step (batch {args.batch_size})"]["median_ms"]
+    hard_ms = rows["synthetic patch, hard negatives"]["median_ms"]
     ratios = {"synthetic / real patch": rows["synthetic patch"]["median_ms"]
               / rows["real patch"]["median_ms"],
+              "hard negatives / synthetic patch": hard_ms / rows["synthetic patch"]["median_ms"],
               "synthetic patch / training step": rows["synthetic patch"]["median_ms"] / step_ms,
               "real patch / training step": rows["real patch"]["median_ms"] / step_ms}
     print("nbapp training-data benchmark, 256x256 patches")
