@@ -39,6 +39,17 @@ def _lines(field: np.ndarray, width: float) -> np.ndarray:
     return np.exp(-(dist / width) ** 2)
 
 
+def _window(size: int, cy: float, cx: float, reach: float):
+    """Slices of the square of half-side ``reach`` around (cy, cx) inside the patch and the
+    (y, x) pixel coordinates there (None where the square misses the patch)."""
+    y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 1, size)
+    x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 1, size)
+    if y0 >= y1 or x0 >= x1:
+        return None
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    return (slice(y0, y1), slice(x0, x1)), yy, xx
+
+
 def _shape(rng: np.random.Generator, size: int, radius: float) -> tuple[np.ndarray, float]:
     """Mask of one mitochondrion-like shape (an ellipse or a bent tube of about ``radius``
     half-width) at a random place, and the angle of its long axis."""
@@ -48,16 +59,15 @@ def _shape(rng: np.random.Generator, size: int, radius: float) -> tuple[np.ndarr
     length = radius * float(np.exp(rng.uniform(0.0, np.log(5.0))))
     bend = rng.uniform(-0.8, 0.8) if rng.random() < 0.5 else None
     reach = length * (1.0 + abs(bend or 0.0)) + radius * 1.2 + 2
-    y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 1, size)
-    x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 1, size)
     mask = np.zeros((size, size), bool)
-    if y0 >= y1 or x0 >= x1:
+    win = _window(size, cy, cx, reach)
+    if win is None:
         return mask, theta
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    box, yy, xx = win
     if bend is None:  # ellipse
         along = (yy - cy) * u[0] + (xx - cx) * u[1]
         across = -(yy - cy) * u[1] + (xx - cx) * u[0]
-        mask[y0:y1, x0:x1] = (along / length) ** 2 + (across / radius) ** 2 <= 1.0
+        mask[box] = (along / length) ** 2 + (across / radius) ** 2 <= 1.0
         return mask, theta
     # bent tube: points within a (slowly varying) radius of a quadratic Bezier curve
     centre = np.array([cy, cx])
@@ -67,19 +77,8 @@ def _shape(rng: np.random.Generator, size: int, radius: float) -> tuple[np.ndarr
     curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
     r = radius * (1 + 0.15 * np.sin(rng.uniform(0, 6) + 5 * t[:, 0]))
     d2 = (yy[None] - curve[:, 0, None, None]) ** 2 + (xx[None] - curve[:, 1, None, None]) ** 2
-    mask[y0:y1, x0:x1] = (d2 <= (r * r)[:, None, None]).any(0)
+    mask[box] = (d2 <= (r * r)[:, None, None]).any(0)
     return mask, theta
-
-
-def _window(size: int, cy: float, cx: float, reach: float):
-    """Slices of the square of half-side ``reach`` around (cy, cx) inside the patch, and the
-    pixel coordinates there relative to the centre (None where the square misses the patch)."""
-    y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 1, size)
-    x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 1, size)
-    if y0 >= y1 or x0 >= x1:
-        return None
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    return (slice(y0, y1), slice(x0, x1)), yy - cy, xx - cx
 
 
 def _hard_negatives(rng: np.random.Generator, img: np.ndarray, free: np.ndarray) -> None:
@@ -94,7 +93,8 @@ def _hard_negatives(rng: np.random.Generator, img: np.ndarray, free: np.ndarray)
         win = _window(size, cy, cx, radius * 1.6 + 4)
         if win is None:
             continue
-        box, dy, dx = win
+        box, yy, xx = win
+        dy, dx = yy - cy, xx - cx
         angle = rng.uniform(0, np.pi)
         stretch = rng.uniform(1.0, 1.8)  # elongation along ``angle``
         along = dy * np.sin(angle) + dx * np.cos(angle)

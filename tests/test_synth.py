@@ -1,6 +1,7 @@
 """Tests of the synthetic EM training patches (nbapp.synth)."""
 
 import numpy as np
+import pytest
 from scipy import ndimage as ndi
 from skimage.measure import label as cc_label
 
@@ -61,14 +62,22 @@ def test_object_sizes_span_other_pixel_sizes():
     assert widths.min() < 12 and widths.max() > 50  # 10 px mitochondria as well as 60 px ones
 
 
+#: the first three 128x128 patches of seed 7 from nbapp 0.4's generator (commit 4dc8441)
+V04_SEED7 = [(7303.233148428189, 2, 2647), (11505.007567799184, 0, 0),
+             (8778.21120922295, 2, 3561)]
+
+
 def test_hard_negatives_are_unlabelled_and_off_by_default():
     rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
     changed = 0
-    for _ in range(6):
+    for i in range(6):
         img0, lab0 = synthetic_patch(rng_a, 128)
         img1, lab1 = synthetic_patch(rng_b, 128, hard_negatives=0.0)
         np.testing.assert_array_equal(img0, img1)  # 0 draws nothing more: 0.4's patches
         np.testing.assert_array_equal(lab0, lab1)
+        if i < len(V04_SEED7):  # image sum, objects, foreground pixels: 0.4's generator
+            got = (img0.astype(np.float64).sum(), lab0.max(), (lab0 > 0).sum())
+            assert got == pytest.approx(V04_SEED7[i])
     for seed in range(6):
         img0, lab0 = synthetic_patch(np.random.default_rng(seed), 128)
         img1, lab1 = synthetic_patch(np.random.default_rng(seed), 128, hard_negatives=1.0)

@@ -64,7 +64,7 @@ def label_display(labels: np.ndarray) -> np.ndarray:
 
 # Nearest-neighbour images are resampled to screen pixels BEFORE colour mapping ("data"
 # stage): the same picture as mapping all 1024x1024 values to RGBA first (matplotlib's "auto"
-# when downsampling), 6x less drawing time (bench/bench_browser.py, key press -> painted).
+# when downsampling), 6x less drawing time (bench/bench_viewer_draw.py).
 _NEAREST = {"interpolation": "nearest", "interpolation_stage": "data"}
 
 
