@@ -2,7 +2,7 @@
 
 The recipe (:func:`run`) reads a volume and its 3D instance labels, holds out the last
 ``--val-slices`` Z slices, and trains on 2D patches sampled from the xy, xz and yz planes of the
-rest. Each patch is cut by a random similarity transform (rotation, flip, scale, slight aspect
+rest (``--planes xy`` for anisotropic volumes or stacks of 2D images). Each patch is cut by a random similarity transform (rotation, flip, scale, slight aspect
 change; bilinear for the image, nearest for the labels), the labels of the patch are split into
 2D connected components and turned into Panoptic-DeepLab targets with
 :func:`nbapp.targets.panoptic_targets` AFTER the geometric transform (so rotated offsets are
@@ -22,6 +22,13 @@ Example::
 
     python -m nbapp.train --raw train_raw.tif --labels train_mito_instances_3d_cc.tif \\
         --out runs/mito --steps 6000 --time-limit 60
+
+Fine-tuning starts from a checkpoint or from a model nbapp exported, the shipped one included
+(``--init default``): the export's folded batch norms are rebuilt and recalibrated on the new
+data (:func:`nbapp.models.arch.from_export`), so training starts from the exported function::
+
+    nbapp train --init default --raw my_em.tif --labels my_labels.tif --planes xy \\
+        --out runs/mine --time-limit 20 --lr 3e-4
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from skimage.measure import label as cc_label
 
 from nbapp.metrics import slice_metrics
 from nbapp.models.arch import (ARCH_DEFAULTS, PADDING_FACTOR, build_model, count_parameters,
-                               save_torchscript)
+                               from_export, recalibrate_batchnorm, save_torchscript)
 from nbapp.synth import synthetic_patch
 from nbapp.targets import panoptic_targets
 
@@ -138,14 +145,18 @@ class PatchSampler:
         Heat-map Gaussian sigma (pixels).
     aug : AugmentConfig
         Augmentation ranges.
+    planes : tuple of str
+        Planes the real patches are cut from: all three for isotropic volumes, ``("xy",)`` for
+        anisotropic ones (serial sections) or a stack of unrelated 2D images.
     """
 
     def __init__(self, unit: np.ndarray, labels: np.ndarray, patch: int,
                  rng: np.random.Generator, sigma: float = 6.0,
-                 aug: AugmentConfig | None = None) -> None:
+                 aug: AugmentConfig | None = None, planes: tuple = PLANES) -> None:
         self.unit, self.labels, self.patch, self.rng = unit, labels, patch, rng
         self.sigma = sigma
         self.aug = aug or AugmentConfig()
+        self.planes = tuple(planes)
 
     def sample(self) -> dict:
         """One patch: ``image`` (P, P) float32 in [0, 1], ``semantic`` (P, P) float32,
@@ -155,7 +166,10 @@ class PatchSampler:
             return self._synthetic()
         zoom_out = rng.random() < a.zoom_out_p
         # with fit, zoom-out patches come from the largest plane (xy of a (Z, Y, X) volume)
-        plane = "xy" if (zoom_out and a.fit) else PLANES[int(rng.integers(3))]
+        if zoom_out and a.fit:
+            plane = "xy" if "xy" in self.planes else self.planes[0]
+        else:
+            plane = self.planes[int(rng.integers(len(self.planes)))]
         axis = PLANES.index(plane)
         index = int(rng.integers(self.unit.shape[axis]))
         img = _plane(self.unit, plane, index)
@@ -211,7 +225,8 @@ class PatchSampler:
 
     def with_rng(self, rng: np.random.Generator) -> "PatchSampler":
         """The same sampler (data, patch size, sigma, augmentations) drawing from ``rng``."""
-        return PatchSampler(self.unit, self.labels, self.patch, rng, self.sigma, self.aug)
+        return PatchSampler(self.unit, self.labels, self.patch, rng, self.sigma, self.aug,
+                            self.planes)
 
     def _pad_band(self, p: int) -> np.ndarray:
         """Mask of a random band at the bottom and/or right edge that :meth:`batch` fills with
@@ -508,8 +523,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "last.pth) without changing the schedule; resume later")
     parser.add_argument("--resume", default=None, help="checkpoint (last.pth) to resume from")
     parser.add_argument("--init", default=None,
-                        help="start from the weights (and architecture, normalisation) of this "
-                             "checkpoint, with a fresh optimiser and schedule (fine-tuning)")
+                        help="fine-tune: start from the weights, architecture and normalisation "
+                             "of this checkpoint (.pth), or of a model nbapp exported: 'default' "
+                             "(the shipped model), its .yaml config or its TorchScript file; a "
+                             "fresh optimiser and schedule")
+    parser.add_argument("--planes", default="xy,xz,yz",
+                        help="comma-separated planes to cut training patches from: xy,xz,yz "
+                             "for isotropic volumes, xy for anisotropic ones (serial sections) "
+                             "or a stack of unrelated 2D images")
     parser.add_argument("--workers", type=int, default=0,
                         help="data-loading worker processes (0: sample in the training process)")
     parser.add_argument("--arch", default=None,
@@ -578,6 +599,54 @@ def _parse_arch(text: str) -> dict:
     return arch
 
 
+def _parse_planes(text: str) -> tuple:
+    planes = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in planes if p not in PLANES]
+    if not planes or bad or len(set(planes)) != len(planes):
+        raise ParameterError(f"--planes must list distinct planes out of xy, xz, yz separated by "
+                             f"commas (e.g. xy or xy,xz,yz), got {text!r}")
+    return tuple(p for p in PLANES if p in planes)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (it holds code) rather than a torch.save file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in name for name in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _load_init(spec: str) -> dict:
+    """What ``--init`` starts from: ``arch``, ``state_dict``, ``norms`` and whether batch norm
+    needs ``recalibrate`` (exports have it folded away; checkpoints keep it)."""
+    path = Path(spec)
+    export = spec == "default" or path.suffix.lower() in (".yaml", ".yml")
+    if not export:
+        if not path.is_file():
+            raise ParameterError(f"--init {spec}: no such file; give a checkpoint (.pth), "
+                                 "'default' or an nbapp model (.yaml config or TorchScript .pt)")
+        export = _is_torchscript(path)
+    if not export:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        return {"arch": ck["arch"], "state_dict": ck["state_dict"], "norms": ck["norms"],
+                "recalibrate": False}
+    from nbapp.models import load_model
+
+    loaded = load_model(spec, device="cpu", warm_up=False)
+    try:
+        model, arch = from_export(loaded.module)
+    except ValueError as exc:
+        raise ParameterError(f"--init {spec}: {exc}") from None
+    mean, std = loaded.config.norms
+    # trained without the export-only heat-map smoothing and gating (re-added at export)
+    return {"arch": {**arch, "ctr_smooth": 0.0, "ctr_gate": False},
+            "state_dict": model.state_dict(), "norms": {"mean": float(mean), "std": float(std)},
+            "recalibrate": True}
+
+
 def _score(m: dict) -> float:
     return 0.5 * (m["fg_iou"] + m["f1@0.5"])
 
@@ -622,9 +691,9 @@ def run(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     requested = _parse_arch(args.arch) if args.arch else {}
     arch = {**ARCH_DEFAULTS, **requested}
+    planes = _parse_planes(args.planes)
     ck = torch.load(args.resume, map_location=device, weights_only=True) if args.resume else None
-    init = (torch.load(args.init, map_location="cpu", weights_only=True)
-            if args.init and not args.resume else None)
+    init = _load_init(args.init) if args.init and not args.resume else None
     if ck is not None:
         arch = {**ARCH_DEFAULTS, **ck["arch"]}
     elif init is not None:  # the checkpoint's architecture, weight-free options from --arch
@@ -660,7 +729,13 @@ def run(args: argparse.Namespace) -> int:
                                              synthetic_p=args.synthetic_p,
                                              hard_negatives_p=args.hard_negatives_p,
                                              fit=args.fit_patches,
-                                             gamma=tuple(args.gamma)))
+                                             gamma=tuple(args.gamma)), planes=planes)
+    if init is not None and init["recalibrate"]:  # an export: real batch-norm statistics
+        cal = sampler.with_rng(np.random.default_rng([args.seed, 1]))
+        seen = recalibrate_batchnorm(model, (cal.batch(args.batch_size, norms)["image"].to(device)
+                                             for _ in range(max(1, 32 // args.batch_size))))
+        print(f"nbapp.train: from the exported model {args.init}; batch norm recalibrated on "
+              f"{seen} training patches", flush=True)
 
     def elapsed() -> float:
         return minutes_before + (time.monotonic() - t_start) / 60
@@ -695,8 +770,10 @@ def run(args: argparse.Namespace) -> int:
             checkpoint(out_dir / "best.pth", False, m)
             export_model(model, out_dir / "nbapp_mito.pt", args.export_ctr_smooth,
                          args.export_ctr_gate, arch)
-            desc = (f"nbapp default mitochondria model (NBMitoNet, {n_params} parameters), "
-                    f"trained on Lucchi++ train.\nValidation (held-out block) at step {step}: "
+            origin = f", fine-tuned from {args.init}" if args.init else ""
+            desc = (f"nbapp mitochondria model (NBMitoNet, {n_params} parameters), trained "
+                    f"on {Path(args.raw).name}{origin}.\nValidation (held-out block) at step "
+                    f"{step}: "
                     f"FG IoU {m['fg_iou']:.3f}, F1@0.5 {m['f1@0.5']:.3f}.\n")
             _write_yaml(config_dict(norms, desc), out_dir / "nbapp_mito.yaml")
         (out_dir / "metrics.json").write_text(json.dumps(history, indent=1))

@@ -1,6 +1,7 @@
 """Tests of the training pipeline (nbapp.train) on tiny synthetic volumes."""
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -157,7 +158,11 @@ def test_worker_batches_are_seeded_per_worker():
                                        ({"gamma": [0, 1]}, "--gamma"),
                                        ({"gamma": [2, 1]}, "--gamma"),
                                        ({"arch": "{widths"}, "JSON object"),
-                                       ({"arch": '{"width": 3}'}, "unknown hyper")])
+                                       ({"arch": '{"width": 3}'}, "unknown hyper"),
+                                       ({"planes": "xy,zz"}, "--planes"),
+                                       ({"planes": "xy,xy"}, "--planes"),
+                                       ({"planes": ","}, "--planes"),
+                                       ({"init": "missing.pth"}, "no such file")])
 def test_bad_arguments(tmp_path, kw, match):
     rp, lp = _volume_files(tmp_path, (12, 32, 32))
     with pytest.raises(ValueError, match=match):
@@ -281,3 +286,139 @@ def test_synthetic_patches_have_matching_targets_and_the_padding_band():
         _assert_consistent_sample(s, 96)
         n_obj += cc_label(s["fg"], connectivity=2).max()
     assert n_obj > 5
+
+
+TINY = '{"widths": [8, 8, 16, 16, 24], "depths": [0, 1, 1, 2, 1], "decoder_width": 16}'
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        return {k: v.clone() for k, v in model(x, 2, False).items()}
+
+
+def _assert_same_function(a, b, atol=1e-3):
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_from_export_rebuilds_the_shipped_network_and_recalibrates_batchnorm():
+    from nbapp.models.arch import arch_of_export, from_export, recalibrate_batchnorm
+    from nbapp.models.loader import default_config_path
+    from nbapp.samples import demo_volume
+
+    shipped = torch.jit.load(str(default_config_path().with_suffix(".pt")), map_location="cpu")
+    arch = arch_of_export(shipped)
+    assert arch == {"widths": [16, 32, 64, 160, 256], "depths": [0, 1, 3, 6, 3],
+                    "decoder_width": 64, "offset_scale": 16.0, "ctr_smooth": 1.0,
+                    "ctr_gate": True, "input_norm": True}
+    net, _ = from_export(shipped)
+    vol = demo_volume()[0]
+    x = torch.from_numpy((vol[8:12, :128, :128] / 255.0 - 0.5469) / 0.1187).float()[:, None]
+    want = _outputs(shipped, x)
+    _assert_same_function(want, _outputs(net, x))
+    # recalibrated: the statistics are the stem convolution's real ones, the function the same
+    assert recalibrate_batchnorm(net, [x[:2], x[2:]]) == 4
+    with torch.no_grad():
+        from nbapp.models.arch import standardise
+
+        stem = net.stem[0](standardise(x))
+    torch.testing.assert_close(net.stem[1].running_mean, stem.mean(dim=(0, 2, 3)),
+                               atol=1e-4, rtol=1e-4)
+    assert float(net.stem[1].running_var.min()) > 0
+    _assert_same_function(want, _outputs(net, x))
+    # train mode (batch statistics) now starts from the shipped function too
+    net.train()
+    _assert_same_function(want, _outputs(net, x), atol=5e-3)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_arch_of_export_reads_any_nbapp_export_and_rejects_other_models(tmp_path):
+    from nbapp.models.arch import arch_of_export, build_model, from_export, save_torchscript
+
+    arch = {**json.loads(TINY), "offset_scale": 8.0, "ctr_smooth": 1.5, "ctr_gate": True,
+            "input_norm": True}
+    torch.manual_seed(0)
+    model = build_model(**arch)
+    model.train()
+    for _ in range(3):  # batch-norm statistics that are not the identity
+        model(torch.randn(2, 1, 64, 64) * 3 + 1)
+    save_torchscript(model.eval(), tmp_path / "m.pt")
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    assert arch_of_export(scripted) == arch
+    x = torch.randn(2, 1, 64, 64)
+    _assert_same_function(_outputs(model, x), _outputs(from_export(scripted)[0], x))
+
+    # a training (unfolded) network has batch-norm weights where an export has none
+    with pytest.raises(ValueError, match="do not fit the NBMitoNet"):
+        from_export(model)
+
+    class NotOurs(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    with pytest.raises(ValueError, match="not an nbapp NBMitoNet export"):
+        arch_of_export(torch.jit.script(NotOurs()))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_init_from_an_exported_model_fine_tunes_it(tmp_path):
+    rp, lp = _volume_files(tmp_path, (12, 64, 64))
+    assert run(_args(tmp_path / "a", rp, lp, patch=32, arch=TINY, steps=1)) == 0
+    first = tmp_path / "a" / "out"
+    first_norms = torch.load(first / "last.pth", weights_only=True)["norms"]
+    for spec in (first / "nbapp_mito.pt", first / "nbapp_mito.yaml"):
+        out = tmp_path / spec.suffix[1:]
+        assert run(_args(out, rp, lp, patch=32, init=spec, planes="xy")) == 0
+        ck = torch.load(out / "out" / "last.pth", weights_only=True)
+        assert ck["arch"]["widths"] == [8, 8, 16, 16, 24] and ck["arch"]["ctr_smooth"] == 0.0
+        assert ck["norms"] == pytest.approx(first_norms, abs=1e-4)
+        cfg = yaml.safe_load((out / "out" / "nbapp_mito.yaml").read_text())
+        assert f"fine-tuned from {spec}" in cfg["description"]
+        assert torch.jit.load(str(out / "out" / "nbapp_mito.pt")).ctr_gate  # export settings
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_init_default_starts_from_the_shipped_model(tmp_path):
+    from nbapp.models import read_config
+    from nbapp.models.loader import default_config_path
+
+    rp, lp = _volume_files(tmp_path, (12, 64, 64))
+    assert run(_args(tmp_path, rp, lp, init="default", steps=1, batch_size=1)) == 0
+    ck = torch.load(tmp_path / "out" / "last.pth", weights_only=True)
+    mean, std = read_config(default_config_path()).norms
+    assert ck["norms"] == pytest.approx({"mean": mean, "std": std})
+    assert ck["arch"]["widths"] == [16, 32, 64, 160, 256] and ck["arch"]["input_norm"] is True
+
+
+def test_init_rejects_a_model_nbapp_cannot_train(tmp_path):
+    class NotOurs(torch.nn.Module):
+        def forward(self, x: torch.Tensor, render_steps: int = 2,
+                    interpolate_ins: bool = True) -> dict[str, torch.Tensor]:
+            return {"sem_logits": x}
+
+    rp, lp = _volume_files(tmp_path, (12, 32, 32))
+    torch.jit.save(torch.jit.script(NotOurs()), str(tmp_path / "other.pt"))
+    with pytest.raises(ValueError, match="only models exported by nbapp"):
+        run(_args(tmp_path, rp, lp, patch=32, init=tmp_path / "other.pt"))
+
+
+def test_planes_limit_where_real_patches_come_from(monkeypatch):
+    import nbapp.train as train
+
+    seen = []
+    real_plane = train._plane
+    monkeypatch.setattr(train, "_plane", lambda vol, plane, i: seen.append(plane)
+                        or real_plane(vol, plane, i))
+    raw, labels = _blob_volume((12, 64, 64))
+    unit, lab = raw.astype(np.float32) / 255, labels.astype(np.int32)
+    PatchSampler(unit, lab, 32, np.random.default_rng(0), planes=("xy",)).batch(12, {
+        "mean": 0.5, "std": 0.2})
+    assert seen and set(seen) == {"xy"}
+    seen.clear()
+    PatchSampler(unit, lab, 32, np.random.default_rng(0)).batch(24, {"mean": 0.5, "std": 0.2})
+    assert set(seen) == {"xy", "xz", "yz"}
+    seen.clear()
+    sampler = PatchSampler(unit, lab, 32, np.random.default_rng(0), planes=("xz", "yz"))
+    sampler.with_rng(np.random.default_rng(1)).batch(12, {"mean": 0.5, "std": 0.2})
+    assert set(seen) <= {"xz", "yz"} and seen

@@ -26,7 +26,7 @@ bilinear x4 upsampling with ``align_corners=False``).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterable, List, Tuple
 
 import copy
 import math
@@ -40,7 +40,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 __all__ = ["NBMitoNet", "build_model", "ARCH_DEFAULTS", "PADDING_FACTOR", "INPUT_NORM_MIN_STD",
            "standardise", "count_parameters",
-           "fuse_batchnorm", "to_torchscript", "save_torchscript"]
+           "fuse_batchnorm", "to_torchscript", "save_torchscript", "arch_of_export",
+           "from_export", "recalibrate_batchnorm"]
 
 #: H and W of the input must be multiples of this (the encoder reaches 1/32).
 PADDING_FACTOR = 32
@@ -269,7 +270,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
-    """Return an eval-mode copy of ``model`` with each Conv2d + BatchNorm2d pair folded into one conv.
+    """Return an eval-mode copy of ``model`` with each Conv2d + BatchNorm2d pair folded into one
+    conv.
 
     The copy computes the same function in eval mode (up to float rounding), runs faster on
     CPU and keeps its weights as parameters, so ``.to(device)`` still moves them.
@@ -303,3 +305,125 @@ def save_torchscript(model: nn.Module, path: "str | Path") -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.*", category=DeprecationWarning)
         torch.jit.save(scripted, str(path))
+
+
+def _conv_bn_pairs(model: nn.Module) -> List[Tuple[str, nn.Conv2d, nn.BatchNorm2d]]:
+    """(state-dict prefix of the conv, conv, batch norm) for each pair that
+    :func:`fuse_batchnorm` folds."""
+    pairs: List[Tuple[str, nn.Conv2d, nn.BatchNorm2d]] = []
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for i in range(len(seq) - 1):
+            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
+                pairs.append((f"{name}.{i}" if name else str(i), seq[i], seq[i + 1]))
+    return pairs
+
+
+def arch_of_export(scripted: nn.Module) -> Dict[str, Any]:
+    """The :func:`build_model` hyper-parameters of a network saved by :func:`save_torchscript`.
+
+    They are read from the export's weight shapes and attributes. Raises ``ValueError`` for
+    any other model (MitoNet, a user's own network), whose weights nbapp cannot train.
+    """
+    name = getattr(scripted, "original_name", type(scripted).__name__)
+    if name != "NBMitoNet":
+        raise ValueError(f"it holds a {name}, not an nbapp NBMitoNet export; only models "
+                         "exported by nbapp (the default or `nbapp train` output) can be "
+                         "trained further")
+    sd = scripted.state_dict()
+    widths, depths = [int(sd["stem.0.weight"].shape[0])], [0]
+    for i in range(4):
+        keys = [k for k in sd if k.startswith(f"stages.{i}.")]
+        first = [k for k in keys if k.startswith(f"stages.{i}.0.") and k.endswith(".weight")]
+        widths.append(int(sd[first[-1]].shape[0]))  # the last conv of the downsampling
+        depths.append(len({k.split(".")[2] for k in keys}) - 1)
+    ctr_smooth = 0.0
+    radius, kernel = int(getattr(scripted, "ctr_radius", 0)), sd.get("ctr_kernel")
+    if radius > 0 and kernel is not None:  # Gaussian: g[r + 1] / g[r] = exp(-1 / (2 s^2))
+        ratio = float(kernel[0, 0, radius, radius + 1] / kernel[0, 0, radius, radius])
+        if 0.0 < ratio < 1.0:
+            ctr_smooth = round(math.sqrt(-1.0 / (2.0 * math.log(ratio))), 4)
+    return {"widths": widths, "depths": depths,
+            "decoder_width": int(sd["lat_top.0.weight"].shape[0]),
+            "offset_scale": float(getattr(scripted, "offset_scale")), "ctr_smooth": ctr_smooth,
+            "ctr_gate": bool(getattr(scripted, "ctr_gate")),
+            "input_norm": bool(getattr(scripted, "input_norm"))}
+
+
+def from_export(scripted: nn.Module) -> Tuple[NBMitoNet, Dict[str, Any]]:
+    """A trainable :class:`NBMitoNet` holding the weights of an nbapp TorchScript export.
+
+    The export has each batch norm folded into its convolution. Here each folded convolution
+    becomes the unbiased convolution (the folded weights) followed by a batch norm that only adds
+    the folded bias (unit statistics), so the returned model computes the export's function in
+    eval mode, up to float rounding. Those statistics are not the activations' own: call
+    :func:`recalibrate_batchnorm` on real inputs before training in train mode.
+
+    Returns ``(model in eval mode, architecture hyper-parameters as in checkpoints)``.
+    """
+    arch = arch_of_export(scripted)
+    model = build_model(**arch).eval()
+    sd = {k: v.detach().cpu() for k, v in scripted.state_dict().items() if k != "ctr_kernel"}
+    want = fuse_batchnorm(model).state_dict()
+    wrong = sorted(set(sd) ^ set(want)) + [k for k in sd if k in want
+                                             and sd[k].shape != want[k].shape]
+    if wrong:
+        raise ValueError(f"its weights do not fit the NBMitoNet {arch} read from it "
+                         f"(first mismatch: {wrong[0]})")
+    with torch.no_grad():
+        for prefix, conv, bn in _conv_bn_pairs(model):
+            conv.weight.copy_(sd.pop(prefix + ".weight"))
+            bn.bias.copy_(sd.pop(prefix + ".bias"))
+            bn.weight.fill_(1.0)
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
+    model.load_state_dict(sd, strict=False)  # the pairs' keys were set above
+    return model, arch
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
+    """Give every batch norm of ``model`` the running statistics of its real inputs.
+
+    The statistics are those of ``batches`` (normalised (N, 1, H, W) images) in eval mode; each
+    layer's weight and bias are changed with them so that the eval-mode function stays the
+    same (up to float rounding). Train mode, which normalises with the statistics of each batch,
+    then starts from that function too. Returns the number of images seen.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    sums: Dict[int, List[Tensor]] = {}
+
+    def hook(bn: nn.BatchNorm2d) -> Any:
+        def record(_: nn.Module, inputs: Tuple[Tensor, ...]) -> None:
+            x = inputs[0].detach().double()
+            s = sums.setdefault(id(bn), [torch.zeros(()), 0.0, 0.0])
+            s[0] = s[0] + x.numel() // x.shape[1]
+            s[1] = s[1] + x.sum(dim=(0, 2, 3))
+            s[2] = s[2] + (x * x).sum(dim=(0, 2, 3))
+        return record
+
+    handles = [bn.register_forward_pre_hook(hook(bn)) for bn in norms]
+    training, seen = model.training, 0
+    model.eval()
+    try:
+        for x in batches:
+            model(x)
+            seen += int(x.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    if seen == 0:
+        raise ValueError("recalibrate_batchnorm needs at least one batch of images")
+    for bn in norms:
+        count, s1, s2 = sums[id(bn)]
+        mean = s1 / count
+        var = (s2 / count - mean * mean).clamp(min=0.0)
+        scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+        shift = bn.bias.double() - bn.running_mean.double() * scale
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.weight.copy_(scale * (var + bn.eps).sqrt())
+        bn.bias.copy_(shift + mean * scale)
+    return seen
