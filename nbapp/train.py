@@ -463,14 +463,17 @@ def config_dict(norms: dict, description: str, model_file: str = "nbapp_mito.pt"
 
 
 def export_model(model: torch.nn.Module, path: str | Path, ctr_smooth: float = 0.0,
-                 ctr_gate: bool = False, arch: dict | None = None) -> None:
+                 ctr_gate: bool = False, arch: dict | None = None,
+                 sem_smooth: float = 0.0) -> None:
     """Save ``model`` as TorchScript (eval mode, batch norm folded into the convolutions).
 
-    ``ctr_smooth`` and ``ctr_gate`` set the export-only heat-map smoothing and foreground
-    gating of :class:`nbapp.models.arch.NBMitoNet` (they have no weights).
+    ``ctr_smooth``, ``ctr_gate`` and ``sem_smooth`` set the export-only heat-map smoothing,
+    foreground gating and semantic smoothing of :class:`nbapp.models.arch.NBMitoNet` (they have
+    no weights).
     """
-    if ctr_smooth or ctr_gate:
-        shipped = build_model(**{**(arch or {}), "ctr_smooth": ctr_smooth, "ctr_gate": ctr_gate})
+    if ctr_smooth or ctr_gate or sem_smooth:
+        shipped = build_model(**{**(arch or {}), "ctr_smooth": ctr_smooth, "ctr_gate": ctr_gate,
+                                 "sem_smooth": sem_smooth})
         shipped.load_state_dict(model.state_dict())
         model = shipped
     save_torchscript(model, path)
@@ -542,6 +545,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="heat-map Gaussian smoothing (1/4-grid cells) of the exported model")
     parser.add_argument("--no-export-ctr-gate", dest="export_ctr_gate", action="store_false",
                         help="do not gate the exported heat-map by the foreground probability")
+    parser.add_argument("--export-sem-smooth", type=float, default=1.0,
+                        help="Gaussian smoothing of the exported model's semantic logits "
+                             "(pixels of the 1/2-resolution map; 0 = none): removes specks that "
+                             "become tiny false objects")
     parser.add_argument("--zoom-out-max", type=float, default=AugmentConfig.zoom_out_hi,
                         help="largest zoom-out factor (objects shrink up to this much)")
     parser.add_argument("--zoom-in-max", type=float, default=1 / AugmentConfig.scale_lo,
@@ -641,8 +648,8 @@ def _load_init(spec: str) -> dict:
     except ValueError as exc:
         raise ParameterError(f"--init {spec}: {exc}") from None
     mean, std = loaded.config.norms
-    # trained without the export-only heat-map smoothing and gating (re-added at export)
-    return {"arch": {**arch, "ctr_smooth": 0.0, "ctr_gate": False},
+    # trained without the export-only smoothing and gating (re-added at export)
+    return {"arch": {**arch, "ctr_smooth": 0.0, "ctr_gate": False, "sem_smooth": 0.0},
             "state_dict": model.state_dict(), "norms": {"mean": float(mean), "std": float(std)},
             "recalibrate": True}
 
@@ -705,7 +712,7 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             raise ParameterError(f"--init {args.init}: its weights do not fit the architecture "
                                  f"{arch}; with --init, --arch may only change weight-free "
-                                 f"options (input_norm, ctr_smooth, ctr_gate, offset_scale). "
+                                 f"options (input_norm, ctr_smooth, ctr_gate, sem_smooth, offset_scale). "
                                  f"{str(exc).splitlines()[0]}") from None
         norms = dict(init["norms"])
     if device.type == "cuda":
@@ -769,7 +776,7 @@ def run(args: argparse.Namespace) -> int:
             best = _score(m)
             checkpoint(out_dir / "best.pth", False, m)
             export_model(model, out_dir / "nbapp_mito.pt", args.export_ctr_smooth,
-                         args.export_ctr_gate, arch)
+                         args.export_ctr_gate, arch, args.export_sem_smooth)
             origin = f", fine-tuned from {args.init}" if args.init else ""
             desc = (f"nbapp mitochondria model (NBMitoNet, {n_params} parameters), trained "
                     f"on {Path(args.raw).name}{origin}.\nValidation (held-out block) at step "

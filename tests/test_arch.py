@@ -165,6 +165,37 @@ def test_export_heatmap_smoothing_and_gating():
     assert torch.all(b["ctr_hmp"].abs() <= a["ctr_hmp"].abs().max() * prob.max() + 1e-6)
 
 
+def test_export_semantic_smoothing_removes_specks_and_keeps_objects():
+    torch.manual_seed(0)
+    plain = build_model().eval()
+    smooth = build_model(sem_smooth=1.0).eval()
+    smooth.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 1, 64, 64)
+    with torch.inference_mode():
+        a, b = plain(x, 3, False), smooth(x, 3, False)
+    torch.testing.assert_close(a["offsets"], b["offsets"])  # only the semantic map changes
+    torch.testing.assert_close(a["ctr_hmp"], b["ctr_hmp"])
+    assert b["sem_logits"].shape == (1, 1, 128, 128)  # render_steps still renders finer
+    assert float(b["sem_logits"].std()) < float(a["sem_logits"].std())
+    # on the 1/2 map: a one-pixel speck falls below 0, a disc of radius 6 keeps its centre
+    half = torch.full((1, 1, 32, 32), -4.0)
+    half[0, 0, 5, 5] = 6.0
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    half[0, 0][(yy - 20) ** 2 + (xx - 20) ** 2 <= 36] = 6.0
+    r = smooth.sem_radius
+    out = torch.nn.functional.conv2d(torch.nn.functional.pad(half, [r] * 4, mode="replicate"),
+                                     smooth.sem_kernel)
+    assert out[0, 0, 5, 5] < 0 < out[0, 0, 20, 20]
+    assert ((out[0, 0] > 0) == (half[0, 0] > 0))[15:26, 15:26].float().mean() > 0.9
+
+
+def test_shipped_model_smooths_its_semantic_map():
+    from nbapp.models.arch import arch_of_export
+
+    arch = arch_of_export(torch.jit.load(str(SHIPPED)))
+    assert arch["sem_smooth"] == 1.0 and arch["ctr_smooth"] == 1.0 and arch["ctr_gate"]
+
+
 # Operators every torch from 1.13 on knows. F.interpolate and F.pad would script into the
 # running torch's full implementation, naming operators an older torch cannot load
 # (torch 2.13's aten::_upsample_lanczos2d_aa did not load in torch 2.11 on a GPU machine).

@@ -311,7 +311,7 @@ def test_from_export_rebuilds_the_shipped_network_and_recalibrates_batchnorm():
     arch = arch_of_export(shipped)
     assert arch == {"widths": [16, 32, 64, 160, 256], "depths": [0, 1, 3, 6, 3],
                     "decoder_width": 64, "offset_scale": 16.0, "ctr_smooth": 1.0,
-                    "ctr_gate": True, "input_norm": True}
+                    "ctr_gate": True, "input_norm": True, "sem_smooth": 1.0}
     net, _ = from_export(shipped)
     vol = demo_volume()[0]
     x = torch.from_numpy((vol[8:12, :128, :128] / 255.0 - 0.5469) / 0.1187).float()[:, None]
@@ -337,7 +337,7 @@ def test_arch_of_export_reads_any_nbapp_export_and_rejects_other_models(tmp_path
     from nbapp.models.arch import arch_of_export, build_model, from_export, save_torchscript
 
     arch = {**json.loads(TINY), "offset_scale": 8.0, "ctr_smooth": 1.5, "ctr_gate": True,
-            "input_norm": True}
+            "input_norm": True, "sem_smooth": 0.75}
     torch.manual_seed(0)
     model = build_model(**arch)
     model.train()
@@ -372,6 +372,7 @@ def test_init_from_an_exported_model_fine_tunes_it(tmp_path):
         assert run(_args(out, rp, lp, patch=32, init=spec, planes="xy")) == 0
         ck = torch.load(out / "out" / "last.pth", weights_only=True)
         assert ck["arch"]["widths"] == [8, 8, 16, 16, 24] and ck["arch"]["ctr_smooth"] == 0.0
+        assert ck["arch"]["sem_smooth"] == 0.0  # export-only, re-added at export
         assert ck["norms"] == pytest.approx(first_norms, abs=1e-4)
         cfg = yaml.safe_load((out / "out" / "nbapp_mito.yaml").read_text())
         assert f"fine-tuned from {spec}" in cfg["description"]

@@ -55,6 +55,7 @@ ARCH_DEFAULTS: Dict[str, Any] = {
     "ctr_smooth": 0.0,
     "ctr_gate": False,
     "input_norm": False,
+    "sem_smooth": 0.0,
 }
 
 #: Smallest standard deviation (normalised units, about 1.5 grey levels of uint8 data with the
@@ -72,6 +73,26 @@ def _resize(x: Tensor, size: List[int]) -> Tensor:
     empanada-napari installs need.
     """
     return torch._C._nn.upsample_bilinear2d(x, size, False, None)
+
+
+def _gaussian(sigma: float) -> Tuple[int, Tensor]:
+    """``(radius, (1, 1, 2r + 1, 2r + 1) normalised Gaussian kernel)``, radius ``ceil(3 sigma)``;
+    ``(0, [[1]])`` for ``sigma <= 0``."""
+    radius = int(math.ceil(3 * sigma)) if sigma > 0 else 0
+    g = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2
+                  / (2 * max(sigma, 1e-6) ** 2))
+    g = g / g.sum()
+    return radius, (g[:, None] * g[None, :])[None, None]
+
+
+def _sigma_of(kernel: "Tensor | None", radius: int) -> float:
+    """The sigma that :func:`_gaussian` made ``kernel`` with (0 for none)."""
+    if radius <= 0 or kernel is None:
+        return 0.0
+    ratio = float(kernel[0, 0, radius, radius + 1] / kernel[0, 0, radius, radius])
+    if not 0.0 < ratio < 1.0:  # g[r + 1] / g[r] = exp(-1 / (2 sigma^2))
+        return 0.0
+    return round(math.sqrt(-1.0 / (2.0 * math.log(ratio))), 4)
 
 
 def standardise(x: Tensor, min_std: float = INPUT_NORM_MIN_STD) -> Tensor:
@@ -155,11 +176,16 @@ class NBMitoNet(nn.Module):
     input_norm : bool
         Standardise each input image to mean 0 and standard deviation 1 over its non-padding
         pixels first (:func:`standardise`; no weights).
+    sem_smooth : float
+        Standard deviation, in pixels of the 1/2-resolution semantic map, of a fixed Gaussian
+        blur of the semantic logits before they are resized to the output (0 = none). Set at
+        export: it removes specks of a few pixels that would become tiny objects; no weights.
     """
 
     def __init__(self, widths: List[int], depths: List[int], decoder_width: int = 64,
                  offset_scale: float = 16.0, ctr_smooth: float = 0.0,
-                 ctr_gate: bool = False, input_norm: bool = False) -> None:
+                 ctr_gate: bool = False, input_norm: bool = False,
+                 sem_smooth: float = 0.0) -> None:
         super().__init__()
         self.input_norm = bool(input_norm)
         if len(widths) != 5 or len(depths) != 5:
@@ -167,13 +193,10 @@ class NBMitoNet(nn.Module):
         w, d, dw = widths, depths, decoder_width
         self.offset_scale = float(offset_scale)
         self.ctr_gate = bool(ctr_gate)
-        radius = int(math.ceil(3 * ctr_smooth)) if ctr_smooth > 0 else 0
-        self.ctr_radius = radius
-        g = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2
-                      / (2 * max(ctr_smooth, 1e-6) ** 2))
-        g = g / g.sum()
-        self.register_buffer("ctr_kernel", (g[:, None] * g[None, :])[None, None],
-                             persistent=False)
+        self.ctr_radius, kernel = _gaussian(ctr_smooth)
+        self.register_buffer("ctr_kernel", kernel, persistent=False)
+        self.sem_radius, kernel = _gaussian(sem_smooth)
+        self.register_buffer("sem_kernel", kernel, persistent=False)
         self.stem = ConvBNReLU(1, w[0], stride=2)
         dil = [1, 1, 1, 2, 2]
         stages: List[nn.Module] = []
@@ -232,6 +255,9 @@ class NBMitoNet(nn.Module):
         sem4 = self.sem_head(p)
         sem2 = _resize(sem4, [s2.shape[-2], s2.shape[-1]])
         sem2 = self.sem_refine(torch.cat([sem2, s2], dim=1))
+        if self.sem_radius > 0:
+            r = self.sem_radius
+            sem2 = F.conv2d(torch._C._nn.replication_pad2d(sem2, [r, r, r, r]), self.sem_kernel)
         sem = _resize(sem2, [h, w])
         ins = self.ins_head(p)
         ctr = self.ctr_out(ins)
@@ -261,7 +287,7 @@ def build_model(**hparams: Any) -> NBMitoNet:
     cfg = {**ARCH_DEFAULTS, **hparams}
     return NBMitoNet(list(cfg["widths"]), list(cfg["depths"]), int(cfg["decoder_width"]),
                      float(cfg["offset_scale"]), float(cfg["ctr_smooth"]), bool(cfg["ctr_gate"]),
-                     bool(cfg["input_norm"]))
+                     bool(cfg["input_norm"]), float(cfg["sem_smooth"]))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -338,17 +364,13 @@ def arch_of_export(scripted: nn.Module) -> Dict[str, Any]:
         first = [k for k in keys if k.startswith(f"stages.{i}.0.") and k.endswith(".weight")]
         widths.append(int(sd[first[-1]].shape[0]))  # the last conv of the downsampling
         depths.append(len({k.split(".")[2] for k in keys}) - 1)
-    ctr_smooth = 0.0
-    radius, kernel = int(getattr(scripted, "ctr_radius", 0)), sd.get("ctr_kernel")
-    if radius > 0 and kernel is not None:  # Gaussian: g[r + 1] / g[r] = exp(-1 / (2 s^2))
-        ratio = float(kernel[0, 0, radius, radius + 1] / kernel[0, 0, radius, radius])
-        if 0.0 < ratio < 1.0:
-            ctr_smooth = round(math.sqrt(-1.0 / (2.0 * math.log(ratio))), 4)
+    ctr_smooth = _sigma_of(sd.get("ctr_kernel"), int(getattr(scripted, "ctr_radius", 0)))
+    sem_smooth = _sigma_of(sd.get("sem_kernel"), int(getattr(scripted, "sem_radius", 0)))
     return {"widths": widths, "depths": depths,
             "decoder_width": int(sd["lat_top.0.weight"].shape[0]),
             "offset_scale": float(getattr(scripted, "offset_scale")), "ctr_smooth": ctr_smooth,
             "ctr_gate": bool(getattr(scripted, "ctr_gate")),
-            "input_norm": bool(getattr(scripted, "input_norm"))}
+            "input_norm": bool(getattr(scripted, "input_norm")), "sem_smooth": sem_smooth}
 
 
 def from_export(scripted: nn.Module) -> Tuple[NBMitoNet, Dict[str, Any]]:
@@ -364,7 +386,8 @@ def from_export(scripted: nn.Module) -> Tuple[NBMitoNet, Dict[str, Any]]:
     """
     arch = arch_of_export(scripted)
     model = build_model(**arch).eval()
-    sd = {k: v.detach().cpu() for k, v in scripted.state_dict().items() if k != "ctr_kernel"}
+    sd = {k: v.detach().cpu() for k, v in scripted.state_dict().items()
+          if k not in ("ctr_kernel", "sem_kernel")}
     want = fuse_batchnorm(model).state_dict()
     wrong = sorted(set(sd) ^ set(want)) + [k for k in sd if k in want
                                              and sd[k].shape != want[k].shape]
