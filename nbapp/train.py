@@ -1,13 +1,13 @@
 """Train nbapp's default mitochondria model (:mod:`nbapp.models.arch`) on an EM volume.
 
 The recipe (:func:`run`) reads a volume and its 3D instance labels, holds out the last
-``--val-slices`` Z slices, and trains on 2D patches sampled from the xy, xz and yz planes of the
-rest (``--planes xy`` for anisotropic volumes or stacks of 2D images). Each patch is cut by a random similarity transform (rotation, flip, scale, slight aspect
-change; bilinear for the image, nearest for the labels), the labels of the patch are split into
-2D connected components and turned into Panoptic-DeepLab targets with
-:func:`nbapp.targets.panoptic_targets` AFTER the geometric transform (so rotated offsets are
-right by construction), then the image gets photometric noise (brightness, contrast, gamma,
-noise, blur, loss of resolution).
+``--val-slices`` Z slices, and trains on 2D patches sampled from the xy, xz and yz planes of the rest
+(``--planes xy`` for anisotropic volumes or stacks of 2D images). Each patch is cut by a random
+similarity transform (rotation, flip, scale, slight aspect change; bilinear for the image,
+nearest for the labels), the labels of the patch are split into 2D connected components and
+turned into Panoptic-DeepLab targets with :func:`nbapp.targets.panoptic_targets` AFTER the
+geometric transform (so rotated offsets are right by construction), then the image gets
+photometric noise (brightness, contrast, gamma, noise, blur, loss of resolution).
 
 Loss: binary cross-entropy on the hardest pixels plus a soft Dice term (semantic), MSE on the
 centre heat-map (weight 200), L1 on the offsets of foreground pixels (weight 0.01), the two 1/4
@@ -712,7 +712,8 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             raise ParameterError(f"--init {args.init}: its weights do not fit the architecture "
                                  f"{arch}; with --init, --arch may only change weight-free "
-                                 f"options (input_norm, ctr_smooth, ctr_gate, sem_smooth, offset_scale). "
+                                 f"options (input_norm, ctr_smooth, ctr_gate, sem_smooth, "
+                                 f"offset_scale). "
                                  f"{str(exc).splitlines()[0]}") from None
         norms = dict(init["norms"])
     if device.type == "cuda":
