@@ -1,11 +1,11 @@
 """Train nbapp's default mitochondria model (:mod:`nbapp.models.arch`) on an EM volume.
 
 The recipe (:func:`run`) reads a volume and its 3D instance labels, holds out the last
-``--val-slices`` Z slices, and trains on 2D patches sampled from the xy, xz and yz planes of the rest
-(``--planes xy`` for anisotropic volumes or stacks of 2D images). Each patch is cut by a random
-similarity transform (rotation, flip, scale, slight aspect change; bilinear for the image,
-nearest for the labels), the labels of the patch are split into 2D connected components and
-turned into Panoptic-DeepLab targets with :func:`nbapp.targets.panoptic_targets` AFTER the
+``--val-slices`` Z slices, and trains on 2D patches sampled from the xy, xz and yz planes of the
+rest (``--planes xy`` for anisotropic volumes or stacks of 2D images). Each patch is cut by a
+random similarity transform (rotation, flip, scale, slight aspect change; bilinear for the
+image, nearest for the labels), the labels of the patch are split into 2D connected components
+and turned into Panoptic-DeepLab targets with :func:`nbapp.targets.panoptic_targets` AFTER the
 geometric transform (so rotated offsets are right by construction), then the image gets
 photometric noise (brightness, contrast, gamma, noise, blur, loss of resolution).
 
