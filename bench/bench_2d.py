@@ -11,7 +11,10 @@ as JSON next to this script (``bench/results/bench_2d.json``):
 
 Each group of rows that a ratio compares is timed in rounds that take turns (see ``timeit``).
 
-Run: ``python bench/bench_2d.py [--model default] [--repeats 15]``.
+``--baseline MODEL`` also times another model's network in the same rounds (e.g. the previous
+default, to price a change of the network) and reports the ratio.
+
+Run: ``python bench/bench_2d.py [--model default] [--baseline MODEL] [--repeats 15]``.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--baseline", default=None,
+                    help="another model whose network is timed in the same rounds")
     ap.add_argument("--out", default=str(HERE / "results" / "bench_2d.json"))
     args = ap.parse_args(argv)
 
@@ -95,8 +100,13 @@ def main(argv=None) -> int:
         seg(next(images), p)
 
     thresholds = iter(np.tile(np.linspace(0.3, 0.7, 9), 1000))
+    baseline = {}
+    if args.baseline:
+        base = SliceSegmenter(args.baseline, device="cpu", cache_size=4)
+        baseline = {"network (engine only), baseline": lambda: base.engine.infer(img)}
     rows.update(timeit({
         "network (engine only)": lambda: seg.engine.infer(img),
+        **baseline,
         "full inference (new image)": full,
         # its warm-up call caches the heads of img
         "threshold-only change (cached)":
@@ -123,10 +133,14 @@ def main(argv=None) -> int:
             rows["post-processing fine (dense ideal)"]["median_ms"]
             / rows["post-processing coarse (dense ideal)"]["median_ms"],
     }
+    if baseline:
+        ratios["network / baseline network"] = (rows["network (engine only)"]["median_ms"]
+                                                / rows["network (engine only), baseline"]
+                                                ["median_ms"])
     info = machine()
     info.update(model=seg.model.config.name, parameters=seg.model.parameters, slice=f"{n}x{n}",
                 instances=int(np.count_nonzero(np.unique(seg(img, p)))),
-                dense_objects=int(dense.max()))
+                dense_objects=int(dense.max()), baseline=args.baseline)
     print(f"nbapp 2D benchmark, {n}x{n} slice, model {info['model']} "
           f"({info['parameters']:,} parameters)")
     report(info, rows, ratios, args.out)
