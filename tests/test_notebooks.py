@@ -100,6 +100,7 @@ def test_headless(tmp_path):
     assert "exit status 0" in out and "nbapp: wrote" in out
     assert "exit status 2" in out and "nbapp: error: input" in out
     assert '"f1":' in out
+    assert "fine-tuned from default" in out and "slice 16, fine-tuned model:" in out
     assert "same labels as without Dask: True" in out
 
 
