@@ -95,6 +95,12 @@ def _sigma_of(kernel: "Tensor | None", radius: int) -> float:
     return round(math.sqrt(-1.0 / (2.0 * math.log(ratio))), 4)
 
 
+def _blur(x: Tensor, kernel: Tensor, radius: int) -> Tensor:
+    """``x`` convolved with a :func:`_gaussian` kernel, edges replicated (size kept)."""
+    r = radius
+    return F.conv2d(torch._C._nn.replication_pad2d(x, [r, r, r, r]), kernel)
+
+
 def standardise(x: Tensor, min_std: float = INPUT_NORM_MIN_STD) -> Tensor:
     """Per-image standardisation of a normalised batch (N, 1, H, W), padding left in place.
 
@@ -256,14 +262,12 @@ class NBMitoNet(nn.Module):
         sem2 = _resize(sem4, [s2.shape[-2], s2.shape[-1]])
         sem2 = self.sem_refine(torch.cat([sem2, s2], dim=1))
         if self.sem_radius > 0:
-            r = self.sem_radius
-            sem2 = F.conv2d(torch._C._nn.replication_pad2d(sem2, [r, r, r, r]), self.sem_kernel)
+            sem2 = _blur(sem2, self.sem_kernel, self.sem_radius)
         sem = _resize(sem2, [h, w])
         ins = self.ins_head(p)
         ctr = self.ctr_out(ins)
         if self.ctr_radius > 0:
-            r = self.ctr_radius
-            ctr = F.conv2d(torch._C._nn.replication_pad2d(ctr, [r, r, r, r]), self.ctr_kernel)
+            ctr = _blur(ctr, self.ctr_kernel, self.ctr_radius)
         if self.ctr_gate:
             ctr = ctr * F.avg_pool2d(torch.sigmoid(sem), 4, 4)
         off = self.off_out(ins) * self.offset_scale
@@ -303,14 +307,9 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
     CPU and keeps its weights as parameters, so ``.to(device)`` still moves them.
     """
     fused = copy.deepcopy(model).eval()
-    for seq in fused.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        for i in range(len(seq) - 1):
-            conv, bn = seq[i], seq[i + 1]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                seq[i] = fuse_conv_bn_eval(conv, bn)
-                seq[i + 1] = nn.Identity()
+    for _, seq, i in _conv_bn_pairs(fused):
+        seq[i] = fuse_conv_bn_eval(seq[i], seq[i + 1])
+        seq[i + 1] = nn.Identity()
     return fused
 
 
@@ -333,16 +332,17 @@ def save_torchscript(model: nn.Module, path: "str | Path") -> None:
         torch.jit.save(scripted, str(path))
 
 
-def _conv_bn_pairs(model: nn.Module) -> List[Tuple[str, nn.Conv2d, nn.BatchNorm2d]]:
-    """(state-dict prefix of the conv, conv, batch norm) for each pair that
-    :func:`fuse_batchnorm` folds."""
-    pairs: List[Tuple[str, nn.Conv2d, nn.BatchNorm2d]] = []
+def _conv_bn_pairs(model: nn.Module) -> List[Tuple[str, nn.Sequential, int]]:
+    """``(state-dict prefix of the conv, sequential, index of the conv)`` for each Conv2d
+    directly followed by a BatchNorm2d inside an ``nn.Sequential``: the pairs that
+    :func:`fuse_batchnorm` folds and :func:`from_export` unfolds."""
+    pairs: List[Tuple[str, nn.Sequential, int]] = []
     for name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
         for i in range(len(seq) - 1):
             if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
-                pairs.append((f"{name}.{i}" if name else str(i), seq[i], seq[i + 1]))
+                pairs.append((f"{name}.{i}" if name else str(i), seq, i))
     return pairs
 
 
@@ -395,7 +395,8 @@ def from_export(scripted: nn.Module) -> Tuple[NBMitoNet, Dict[str, Any]]:
         raise ValueError(f"its weights do not fit the NBMitoNet {arch} read from it "
                          f"(first mismatch: {wrong[0]})")
     with torch.no_grad():
-        for prefix, conv, bn in _conv_bn_pairs(model):
+        for prefix, seq, i in _conv_bn_pairs(model):
+            conv, bn = seq[i], seq[i + 1]
             conv.weight.copy_(sd.pop(prefix + ".weight"))
             bn.bias.copy_(sd.pop(prefix + ".bias"))
             bn.weight.fill_(1.0)
@@ -415,18 +416,15 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
     then starts from that function too. Returns the number of images seen.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    sums: Dict[int, List[Tensor]] = {}
+    sums: Dict[nn.Module, List[Any]] = {bn: [0, 0.0, 0.0] for bn in norms}
 
-    def hook(bn: nn.BatchNorm2d) -> Any:
-        def record(_: nn.Module, inputs: Tuple[Tensor, ...]) -> None:
-            x = inputs[0].detach().double()
-            s = sums.setdefault(id(bn), [torch.zeros(()), 0.0, 0.0])
-            s[0] = s[0] + x.numel() // x.shape[1]
-            s[1] = s[1] + x.sum(dim=(0, 2, 3))
-            s[2] = s[2] + (x * x).sum(dim=(0, 2, 3))
-        return record
+    def record(bn: nn.Module, inputs: Tuple[Tensor, ...]) -> None:
+        x, s = inputs[0].detach().double(), sums[bn]
+        s[0] += x.numel() // x.shape[1]
+        s[1] = s[1] + x.sum(dim=(0, 2, 3))
+        s[2] = s[2] + (x * x).sum(dim=(0, 2, 3))
 
-    handles = [bn.register_forward_pre_hook(hook(bn)) for bn in norms]
+    handles = [bn.register_forward_pre_hook(record) for bn in norms]
     training, seen = model.training, 0
     model.eval()
     try:
@@ -440,7 +438,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
     if seen == 0:
         raise ValueError("recalibrate_batchnorm needs at least one batch of images")
     for bn in norms:
-        count, s1, s2 = sums[id(bn)]
+        count, s1, s2 = sums[bn]
         mean = s1 / count
         var = (s2 / count - mean * mean).clamp(min=0.0)
         scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
