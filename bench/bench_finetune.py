@@ -47,8 +47,7 @@ def main(argv=None) -> int:
     import torch
 
     from nbapp.models import load_model
-    from nbapp.models.arch import build_model
-    from nbapp.train import export_model
+    from nbapp.train import export_checkpoint
     from nbapp.train import main as train_main
 
     torch.set_num_threads(args.threads)
@@ -75,10 +74,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         train_main(command)
         minutes = (time.perf_counter() - t0) / 60
-        ck = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
-        net = build_model(**ck["arch"])
-        net.load_state_dict(ck["state_dict"])
-        export_model(net.eval(), out / "last.pt", 1.0, True, ck["arch"])
+        ck = export_checkpoint(out / "last.pth", out / "last.pt")  # the shipped export options
         (out / "last.yaml").write_text((out / "nbapp_mito.yaml").read_text().replace(
             "model: nbapp_mito.pt", "model: last.pt"))
         tuned = score(load_model(out / "last.yaml", device="cpu"))

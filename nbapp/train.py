@@ -462,6 +462,11 @@ def config_dict(norms: dict, description: str, model_file: str = "nbapp_mito.pt"
     }
 
 
+#: Export-only options of ``nbapp train``'s TorchScript (the shipped model's): heat-map smoothing
+#: and gating, semantic smoothing; the CLI's ``--export-*`` defaults.
+EXPORT_OPTIONS = {"ctr_smooth": 1.0, "ctr_gate": True, "sem_smooth": 1.0}
+
+
 def export_model(model: torch.nn.Module, path: str | Path, ctr_smooth: float = 0.0,
                  ctr_gate: bool = False, arch: dict | None = None,
                  sem_smooth: float = 0.0) -> None:
@@ -477,6 +482,22 @@ def export_model(model: torch.nn.Module, path: str | Path, ctr_smooth: float = 0
         shipped.load_state_dict(model.state_dict())
         model = shipped
     save_torchscript(model, path)
+
+
+def export_checkpoint(checkpoint: str | Path, path: str | Path, **options) -> dict:
+    """Export a training checkpoint (``last.pth``, ``best.pth``) as TorchScript at ``path``, with
+    :data:`EXPORT_OPTIONS` updated by ``options``; return the checkpoint."""
+    unknown = set(options) - set(EXPORT_OPTIONS)
+    if unknown:
+        raise ParameterError(f"unknown export options {sorted(unknown)}; known: "
+                             f"{sorted(EXPORT_OPTIONS)}")
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = build_model(**ck["arch"])
+    model.load_state_dict(ck["state_dict"])
+    opts = {**EXPORT_OPTIONS, **options}
+    export_model(model.eval(), path, opts["ctr_smooth"], opts["ctr_gate"], ck["arch"],
+                 opts["sem_smooth"])
+    return ck
 
 
 def _write_yaml(cfg: dict, path: Path) -> None:
@@ -541,11 +562,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "nbapp.models.arch.ARCH_DEFAULTS (ignored with --resume, which keeps "
                              "its checkpoint's; with --init only weight-free options such as "
                              "input_norm may change)")
-    parser.add_argument("--export-ctr-smooth", type=float, default=1.0,
+    parser.add_argument("--export-ctr-smooth", type=float, default=EXPORT_OPTIONS["ctr_smooth"],
                         help="heat-map Gaussian smoothing (1/4-grid cells) of the exported model")
     parser.add_argument("--no-export-ctr-gate", dest="export_ctr_gate", action="store_false",
                         help="do not gate the exported heat-map by the foreground probability")
-    parser.add_argument("--export-sem-smooth", type=float, default=1.0,
+    parser.add_argument("--export-sem-smooth", type=float, default=EXPORT_OPTIONS["sem_smooth"],
                         help="Gaussian smoothing of the exported model's semantic logits "
                              "(pixels of the 1/2-resolution map; 0 = none): removes specks that "
                              "become tiny false objects")

@@ -380,6 +380,28 @@ def test_init_from_an_exported_model_fine_tunes_it(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_export_checkpoint_uses_the_shipped_export_options(tmp_path):
+    from nbapp.models.arch import arch_of_export
+    from nbapp.train import EXPORT_OPTIONS, export_checkpoint
+
+    rp, lp = _volume_files(tmp_path, (12, 32, 32))
+    assert run(_args(tmp_path, rp, lp, patch=32, arch=TINY, steps=1)) == 0
+    last = tmp_path / "out" / "last.pth"
+    ck = export_checkpoint(last, tmp_path / "a.pt")
+    assert ck["step"] == 1
+    got = arch_of_export(torch.jit.load(str(tmp_path / "a.pt")))
+    assert {k: got[k] for k in EXPORT_OPTIONS} == EXPORT_OPTIONS
+    # the CLI's export defaults are the same options
+    args = _args(tmp_path, rp, lp)
+    assert (args.export_ctr_smooth, args.export_ctr_gate, args.export_sem_smooth) == (
+        EXPORT_OPTIONS["ctr_smooth"], EXPORT_OPTIONS["ctr_gate"], EXPORT_OPTIONS["sem_smooth"])
+    export_checkpoint(last, tmp_path / "b.pt", sem_smooth=0.0)
+    assert arch_of_export(torch.jit.load(str(tmp_path / "b.pt")))["sem_smooth"] == 0.0
+    with pytest.raises(ValueError, match="unknown export options"):
+        export_checkpoint(last, tmp_path / "c.pt", sem_smoth=1.0)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
 def test_init_default_starts_from_the_shipped_model(tmp_path):
     from nbapp.models import read_config
     from nbapp.models.loader import default_config_path
