@@ -79,6 +79,13 @@ def _add_3d_options(p: argparse.ArgumentParser) -> None:
     _add_consensus_options(p)
 
 
+def _add_data_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="confine reading to DIR, as the app does: inputs and models are taken "
+                        "from it and must resolve inside it (links, HDF5 external storage, "
+                        "zarr links and config paths included); model URLs must be the zoo's")
+
+
 def _consensus_params(args) -> ConsensusParams:
     return ConsensusParams(vote_threshold=args.vote, allow_one_view=args.allow_one_view,
                            min_size=args.min_size, min_extent=args.min_extent)
@@ -113,6 +120,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     seg.add_argument("--mode", choices=("2d", "batch", "3d"), default=None,
                      help="2d (default for 2D input), batch (each slice of a stack on its own), 3d")
     seg.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass")
+    _add_data_root(seg)
     _add_2d_options(seg)
     _add_3d_options(seg)
 
@@ -120,6 +128,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     for name in ("xy", "xz", "yz"):
         con.add_argument(name, metavar=name.upper(), help=f"the {name} stack (.tif or .zarr)")
     con.add_argument("-o", "--output", required=True, metavar="OUTPUT", help=".tif/.tiff or .zarr")
+    _add_data_root(con)
     _add_consensus_options(con)
 
     demo = sub.add_parser("demo", help="segment the bundled demo volume with the default model")
@@ -134,6 +143,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
                       help="'default', CONFIG.yaml or a TorchScript file")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("--device", default="cpu")
+    _add_data_root(info)
 
     app = sub.add_parser("app", help="serve the widget app as a web page (Voila, 127.0.0.1)")
     app.add_argument("--port", type=int, default=8866, metavar="N",
@@ -146,6 +156,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     ev.add_argument("pred", metavar="PRED")
     ev.add_argument("gt", metavar="GT")
     ev.add_argument("--json", action="store_true", help="print JSON")
+    _add_data_root(ev)
 
     if importlib.util.find_spec("nbapp.train") is not None:  # optional in minimal installs
         tr = sub.add_parser("train", help="train a model on volumes with instance labels")
@@ -171,14 +182,14 @@ def _slice_params(args) -> SliceParams:
 
 
 def _check_output(out: Path, source: str | None = None) -> None:
-    """Fail before any work when OUTPUT cannot be written or would overwrite the input."""
-    from nbapp.io import WRITE_FORMATS
+    """Fail before any work when OUTPUT cannot be written (unknown type, missing or read-only
+    folder) or would overwrite the input."""
+    from nbapp.io import WRITE_FORMATS, check_writable
 
     if out.suffix.lower() not in WRITE_FORMATS:
         raise InputError(f"cannot write {str(out)!r}: OUTPUT must end with "
                          f"{' or '.join(WRITE_FORMATS)}")
-    if not (out.parent if str(out.parent) else Path(".")).is_dir():
-        raise InputError(f"output folder {str(out.parent)!r} does not exist")
+    check_writable(out)
     if source is None:
         return
     src, dst = Path(source).resolve(), out.resolve()
@@ -187,17 +198,38 @@ def _check_output(out: Path, source: str | None = None) -> None:
                          "choose another name")
 
 
+def _input_path(args, text: str) -> str:
+    """An input as the readers get it: taken from --data-root (and checked there) when given."""
+    if args.data_root is None:
+        return text
+    from nbapp.confine import confine
+    from nbapp.io import source_file
+
+    source = source_file(text)
+    return str(confine(source, args.data_root, "input")) + text[len(source):]
+
+
+def _model(args, device):
+    """The --model spec, loaded now (confined to --data-root) when a data root is given."""
+    if args.data_root is None:
+        return args.model
+    from nbapp.models import load_model
+
+    return load_model(args.model, device=device, root=args.data_root)
+
+
 def _cmd_segment(args) -> int:
     from nbapp.io import read_image, source_file, write_labels
 
     params = _slice_params(args)
     out = Path(args.output)
+    args.input = _input_path(args, args.input)
     _check_output(out, source_file(args.input))
     if args.batch_size < 1:
         raise ParameterError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.mode == "3d":
         return _segment_3d(args, params, out)
-    image, meta = read_image(args.input)
+    image, meta = read_image(args.input, root=args.data_root)
     image = np.asarray(image)
     mode = args.mode
     if image.size == 0:
@@ -220,7 +252,8 @@ def _cmd_segment(args) -> int:
     from nbapp.inference import SliceSegmenter
 
     t0 = time.perf_counter()
-    seg = SliceSegmenter(args.model, device=args.device, cache_size=1, batch_size=args.batch_size)
+    seg = SliceSegmenter(_model(args, args.device), device=args.device, cache_size=1,
+                         batch_size=args.batch_size)
     t_load = time.perf_counter() - t0
     if mode == "batch":
         labels = seg.segment_batch(image if image.ndim == 3 else image[None], params)
@@ -247,7 +280,7 @@ def _segment_3d(args, sp: SliceParams, out: Path) -> int:
         for p in stack_paths(out).values():
             _check_output(p, source_file(args.input))
     client = _dask_client(args.scheduler) if args.scheduler else None
-    volume, meta = read_image(args.input, lazy=True)
+    volume, meta = read_image(args.input, lazy=True, root=args.data_root)
     if len(volume.shape) != 3:
         raise InputError(f"--mode 3d needs a volume (Z, Y, X); {args.input} has shape "
                          f"{tuple(volume.shape)}")
@@ -256,7 +289,10 @@ def _segment_3d(args, sp: SliceParams, out: Path) -> int:
     progress, close_bars = _progress_bars()
     t0 = time.perf_counter()
     try:
-        result = segment_volume(volume, args.model, params, devices=args.devices or args.device,
+        model = args.model if client is not None else _model(args, None)
+        if client is not None and args.data_root is not None:
+            _model(args, "cpu")  # checked here; the workers load it by name
+        result = segment_volume(volume, model, params, devices=args.devices or args.device,
                                 client=client, progress=progress, batch_size=args.batch_size)
     finally:
         close_bars()
@@ -318,11 +354,12 @@ def _cmd_consensus(args) -> int:
 
     params = _consensus_params(args)
     out = Path(args.output)
-    for src in (args.xy, args.xz, args.yz):
-        _check_output(out, src)
+    for name in ("xy", "xz", "yz"):
+        setattr(args, name, _input_path(args, getattr(args, name)))
+        _check_output(out, getattr(args, name))
     stacks = {}
     for name in ("xy", "xz", "yz"):
-        arr = np.asarray(read_image(getattr(args, name))[0])
+        arr = np.asarray(read_image(getattr(args, name), root=args.data_root)[0])
         if arr.ndim != 3:
             raise InputError(f"the {name} stack must be a volume (Z, Y, X), got shape {arr.shape}")
         if not np.issubdtype(arr.dtype, np.integer):
@@ -389,7 +426,7 @@ def _cmd_demo(args) -> int:
 def _cmd_info(args) -> int:
     from nbapp.models import load_model
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, root=args.data_root)
     info = model.info()
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -415,8 +452,8 @@ def _cmd_evaluate(args) -> int:
         from nbapp import metrics
     except ImportError:
         raise NbappError("evaluation needs nbapp.metrics, which this installation lacks") from None
-    pred = np.asarray(read_image(args.pred)[0])
-    gt = np.asarray(read_image(args.gt)[0])
+    pred = np.asarray(read_image(args.pred, root=args.data_root)[0])
+    gt = np.asarray(read_image(args.gt, root=args.data_root)[0])
     if pred.shape != gt.shape:
         raise InputError(f"PRED has shape {pred.shape} but GT has shape {gt.shape}")
     for name, a in (("PRED", pred), ("GT", gt)):

@@ -8,17 +8,24 @@ when complete, so a failed or interrupted write never leaves a half-written outp
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
+import struct
 import tempfile
 import uuid
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from nbapp.errors import InputError
+from nbapp.confine import confine, confine_tree
+from nbapp.errors import InputError, NbappError
+from nbapp.memory import OutOfMemory, check_fits, format_bytes
 
 __all__ = ["read_image", "write_labels", "READ_FORMATS", "WRITE_FORMATS", "split_h5_path",
-           "split_zarr_path", "source_file"]
+           "split_zarr_path", "source_file", "remove_stale_temporaries", "check_writable"]
 
 READ_FORMATS = (".tif", ".tiff", ".npy", ".zarr", ".mrc", ".map", ".rec", ".h5", ".hdf5",
                 ".png", ".jpg", ".jpeg")
@@ -73,7 +80,8 @@ def _suffix(path: str) -> str:
     return Path(path.rstrip("/")).suffix.lower()
 
 
-def read_image(path: str | os.PathLike, lazy: bool = False) -> tuple[np.ndarray, dict]:
+def read_image(path: str | os.PathLike, lazy: bool = False, root: str | os.PathLike | None = None,
+               max_bytes: int | None = None) -> tuple[np.ndarray, dict]:
     """Read an image, stack or volume; return ``(array, meta)``.
 
     Parameters
@@ -84,6 +92,15 @@ def read_image(path: str | os.PathLike, lazy: bool = False) -> tuple[np.ndarray,
         be omitted when the file holds only one), ``.png``/``.jpg`` (RGB is converted to grey).
     lazy : bool
         Return a memory-mapped or zarr array where possible instead of loading into memory.
+    root : path, optional
+        Confine reading to this folder (what the app passes: its data root). Relative paths
+        are taken from it, and everything the read would open must resolve inside it: the
+        file, every symbolic link of a zarr store, HDF5 external storage and virtual datasets
+        (refused), OME-TIFF companion files.
+    max_bytes : int, optional
+        Refuse a file whose decoded array (shape x item size, known from its header before
+        anything is decoded) is larger. Default: 90 % of the memory this process has left
+        (:func:`nbapp.memory.available_bytes`). Lazy reads that stay on disk are not counted.
 
     Returns
     -------
@@ -94,7 +111,10 @@ def read_image(path: str | os.PathLike, lazy: bool = False) -> tuple[np.ndarray,
     Raises
     ------
     InputError
-        The file is missing, of an unknown type, corrupt, or does not say which array to read.
+        The file is missing, of an unknown type, corrupt, does not say which array to read,
+        or lies (or refers to data) outside ``root``.
+    nbapp.memory.OutOfMemory
+        The decoded array would not fit (``max_bytes`` or the memory left).
     """
     spath = os.fspath(path)
     file, dataset = split_h5_path(spath)
@@ -103,28 +123,71 @@ def read_image(path: str | os.PathLike, lazy: bool = False) -> tuple[np.ndarray,
     if ext not in READ_FORMATS:
         raise InputError(f"cannot read {spath!r}: unknown file type {ext or '(none)'}; "
                          f"supported: {', '.join(READ_FORMATS)}")
+    if root is not None:
+        file = str(confine(file, root, "input"))
+        if node:  # a path inside the store: what it resolves to must stay in the root too
+            confine(os.path.join(file, node), root, "zarr node", shown=node)
     if not os.path.exists(file):
         raise InputError(f"input {file!r} does not exist")
     meta: dict = {"path": spath, "format": ext.lstrip(".")}
+    limit = _Limit(spath, max_bytes)
     try:
-        if ext in (".tif", ".tiff"):
-            arr = _read_tiff(file, lazy, meta)
-        elif ext == ".npy":
-            arr = np.load(file, mmap_mode="r" if lazy else None, allow_pickle=False)
-        elif ext == ".zarr":
-            arr = _read_zarr(file, node, lazy, meta)
-        elif ext in (".mrc", ".map", ".rec"):
-            arr = _read_mrc(file, lazy, meta)
-        elif ext in (".h5", ".hdf5"):
-            arr = _read_h5(file, dataset, meta)
-        else:
-            arr = _read_picture(file, meta)
-    except InputError:
+        with warnings.catch_warnings():
+            # Pillow warns above 89 M pixels; the decoded size is checked here instead
+            warnings.simplefilter("ignore", getattr(_pil_image(), "DecompressionBombWarning",
+                                                    Warning))
+            if ext in (".tif", ".tiff"):
+                arr = _read_tiff(file, lazy, meta, limit, root)
+            elif ext == ".npy":
+                arr = _read_npy(file, lazy, limit)
+            elif ext == ".zarr":
+                confine_tree(file, root, "zarr store")
+                arr = _read_zarr(file, node, lazy, meta, limit)
+            elif ext in (".mrc", ".map", ".rec"):
+                arr = _read_mrc(file, lazy, meta, limit)
+            elif ext in (".h5", ".hdf5"):
+                arr = _read_h5(file, dataset, meta, limit, root)
+            else:
+                arr = _read_picture(file, meta, limit)
+    except NbappError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+    except _DECODER_ERRORS as exc:  # corrupt, truncated or hostile files: one clear line
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot read {spath!r} as {ext.lstrip('.').upper()}: {msg}") from None
     return arr, meta
+
+
+#: What decoders raise on corrupt, truncated or hostile files (tifffile's struct.error on a
+#: truncated header, zlib.error on a damaged stream, h5py's OSError and KeyError, ...).
+_DECODER_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, IndexError, RuntimeError,
+                   struct.error, zlib.error)
+
+
+def _pil_image():
+    from PIL import Image
+
+    return Image
+
+
+class _Limit:
+    """The decoded-size check of one read: ``limit(shape, dtype)`` before any decoding."""
+
+    def __init__(self, path: str, max_bytes: int | None):
+        self.path, self.max_bytes = path, max_bytes
+
+    def __call__(self, shape, dtype, factor: float = 1.0) -> None:
+        nbytes = float(np.prod([int(s) for s in shape], dtype=float)) * np.dtype(dtype).itemsize
+        need = nbytes * factor
+        what = (f"{Path(self.path).name} decodes to {'x'.join(str(int(s)) for s in shape)} "
+                f"{np.dtype(dtype)} ({format_bytes(nbytes)})")
+        if self.max_bytes is not None:
+            if need > self.max_bytes:
+                raise OutOfMemory(f"{what}, over the limit of {format_bytes(self.max_bytes)} for "
+                                  "one image; read a smaller crop, or use a lazy format (zarr, "
+                                  "uncompressed TIFF) for large volumes")
+            return
+        check_fits(need, what, "read a smaller crop, or use a lazy format (zarr, uncompressed "
+                               "TIFF) for large volumes")
 
 
 def _tiff_voxel_size(tif) -> tuple | None:
@@ -144,12 +207,14 @@ def _tiff_voxel_size(tif) -> tuple | None:
     return (z, xy, xy)
 
 
-def _read_tiff(file: str, lazy: bool, meta: dict) -> np.ndarray:
+def _read_tiff(file: str, lazy: bool, meta: dict, limit: _Limit, root) -> np.ndarray:
     import tifffile
 
     with tifffile.TiffFile(file) as tif:
         if not tif.pages:
             raise InputError(f"TIFF {file!r} has no images")
+        if root is not None and tif.is_ome:
+            _confine_ome_files(tif, file, root)
         vs = _tiff_voxel_size(tif)
         if vs:
             meta["voxel_size"] = vs
@@ -158,7 +223,30 @@ def _read_tiff(file: str, lazy: bool, meta: dict) -> np.ndarray:
                 return tifffile.memmap(file, mode="r")
             except ValueError:
                 pass
+        series = tif.series[0]
+        limit(series.shape, series.dtype)
         return tif.asarray()
+
+
+def _confine_ome_files(tif, file: str, root) -> None:
+    """An OME-TIFF names companion files (``UUID FileName``) that tifffile opens beside it:
+    each must stay inside the root."""
+    xml = tif.ome_metadata or ""
+    folder = os.path.dirname(file)
+    for name in set(re.findall(r"FileName\s*=\s*[\"']([^\"']+)[\"']", xml)):
+        confine(os.path.join(folder, name), root, f"OME-TIFF {Path(file).name}: companion file")
+
+
+def _read_npy(file: str, lazy: bool, limit: _Limit) -> np.ndarray:
+    if lazy:
+        return np.load(file, mmap_mode="r", allow_pickle=False)
+    fmt = np.lib.format
+    with open(file, "rb") as f:
+        version = fmt.read_magic(f)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    limit(shape, dtype)
+    return np.load(file, allow_pickle=False)
 
 
 #: OME-NGFF length units -> nanometres.
@@ -195,7 +283,7 @@ def _ome_level0(group, file: str, meta: dict):
     return arr
 
 
-def _read_zarr(file: str, node: str | None, lazy: bool, meta: dict) -> np.ndarray:
+def _read_zarr(file: str, node: str | None, lazy: bool, meta: dict, limit: _Limit) -> np.ndarray:
     import zarr
 
     try:
@@ -223,6 +311,7 @@ def _read_zarr(file: str, node: str | None, lazy: bool, meta: dict) -> np.ndarra
             arr = root[names[0]]
     if lazy:
         return arr
+    limit(arr.shape, arr.dtype)
     data = np.asarray(arr[...])
     if meta["format"] == "ome-zarr":  # (t, c, z, y, x) files with one time point and channel
         while data.ndim > 3 and data.shape[0] == 1:
@@ -230,18 +319,17 @@ def _read_zarr(file: str, node: str | None, lazy: bool, meta: dict) -> np.ndarra
     return data
 
 
-def _read_mrc(file: str, lazy: bool, meta: dict) -> np.ndarray:
+def _read_mrc(file: str, lazy: bool, meta: dict, limit: _Limit) -> np.ndarray:
     try:
         import mrcfile
     except ImportError:
         raise InputError("reading MRC files needs mrcfile: pip install 'nbapp[io]'") from None
-    import warnings
 
     # permissive: read files with slightly non-standard headers; problems come back as warnings,
     # which are reported in the error (one line) instead of being printed
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mrc = (mrcfile.mmap if lazy else mrcfile.open)(file, mode="r", permissive=True)
+        mrc = mrcfile.mmap(file, mode="r", permissive=True)
     try:
         if mrc.data is None:
             why = f": {caught[0].message}" if caught else ""
@@ -251,19 +339,21 @@ def _read_mrc(file: str, lazy: bool, meta: dict) -> np.ndarray:
             meta["voxel_size"] = (float(vs.z) / 10, float(vs.y) / 10, float(vs.x) / 10)  # Å -> nm
         if lazy:
             return mrc.data
+        limit(mrc.data.shape, mrc.data.dtype)
         return np.array(mrc.data)
     finally:
         if not lazy or mrc.data is None:
             mrc.close()
 
 
-def _read_h5(file: str, dataset: str | None, meta: dict) -> np.ndarray:
+def _read_h5(file: str, dataset: str | None, meta: dict, limit: _Limit, root) -> np.ndarray:
     try:
         import h5py
     except ImportError:
         raise InputError("reading HDF5 files needs h5py: pip install 'nbapp[io]'") from None
     with h5py.File(file, "r") as f:
         names: list[str] = []
+        # visititems follows hard links only: external links (to other files) are not listed
         f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
         if not names:
             raise InputError(f"HDF5 file {file!r} holds no datasets")
@@ -276,16 +366,39 @@ def _read_h5(file: str, dataset: str | None, meta: dict) -> np.ndarray:
             raise InputError(f"HDF5 file {file!r} has no dataset {dataset!r}; it holds {names}")
         meta["dataset"] = dataset
         ds = f[dataset]
+        if root is not None:
+            # the raw data of these lives in other files, named by paths HDF5 resolves itself:
+            # refused outright when reading is confined to a data root
+            if ds.external:
+                raise InputError(f"HDF5 dataset {dataset!r} of {Path(file).name} keeps its data "
+                                 f"in external file(s) {[e[0] for e in ds.external]}, which is "
+                                 "not allowed inside the data root; store the data in the file")
+            if ds.is_virtual:
+                raise InputError(f"HDF5 dataset {dataset!r} of {Path(file).name} is a virtual "
+                                 "dataset mapping other files, which is not allowed inside the "
+                                 "data root; store the data in the file")
         if "element_size_um" in ds.attrs:
             meta["voxel_size"] = tuple(1000.0 * float(v) for v in ds.attrs["element_size_um"])
+        limit(ds.shape, ds.dtype)
         return ds[...]
 
 
-def _read_picture(file: str, meta: dict) -> np.ndarray:
+def _read_picture(file: str, meta: dict, limit: _Limit) -> np.ndarray:
     """PNG / JPEG with Pillow: grey as it is, RGB(A) and palette images converted to grey."""
     from PIL import Image
 
-    with Image.open(file) as im:
+    try:
+        im = Image.open(file)
+    except Image.DecompressionBombError:
+        raise InputError(f"{Path(file).name} has more pixels than Pillow will decode "
+                         f"({Image.MAX_IMAGE_PIXELS * 2:,}): it is too large for a picture "
+                         "format; save it as TIFF or zarr") from None
+    with im:
+        grey = im.mode in ("L", "1", "I", "I;16", "I;16B", "F", "LA")
+        dtype = {"I": "i4", "F": "f4", "I;16": "u2", "I;16B": ">u2"}.get(im.mode, "u1")
+        bands = 1 if grey else len(im.getbands())
+        # decoding, then for colour the RGB copy and the grey result
+        limit((im.height, im.width), dtype, factor=1 if grey else bands + 4)
         if im.mode in ("L", "1", "I", "I;16", "I;16B", "F"):
             return np.array(im)
         if im.mode == "LA":
@@ -320,7 +433,8 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, chunks: tuple | No
     if ext != ".zarr" and path.is_dir():
         raise InputError(f"cannot write {str(path)!r}: it is an existing folder")
     labels = labels if hasattr(labels, "shape") and hasattr(labels, "dtype") else np.asarray(labels)
-    tmp = folder / f".{path.name}.{uuid.uuid4().hex[:8]}.part{ext}"
+    remove_stale_temporaries(path)
+    tmp = folder / _temp_name(path.name, "part" + ext)
     try:
         if ext in (".tif", ".tiff"):
             import tifffile
@@ -353,7 +467,8 @@ def _replace_tree(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
-    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+    old = target.parent / _temp_name(target.name, "old")
+    old.mkdir()
     try:
         os.replace(target, old / target.name)
         try:
@@ -363,6 +478,78 @@ def _replace_tree(new: Path, target: Path) -> None:
             raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, before any work, unless a file can be created beside ``path``.
+
+    Raises
+    ------
+    InputError
+        The output folder is missing, or refuses a new file (read-only file system,
+        permissions, disk full), with the system's reason.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"output folder {str(folder)!r} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as exc:
+        raise InputError(f"cannot write {str(path)!r}: the folder {str(folder)!r} refuses new "
+                         f"files ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _temp_name(name: str, kind: str) -> str:
+    """Hidden name of a temporary beside ``name``: it says which host and process made it, so
+    that a later run can tell a dead writer's leftovers from a live writer's work."""
+    return f".{name}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.{kind}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove what writers of ``path`` that died (``kill -9``, power loss) left beside it.
+
+    A writer's temporaries are named ``.NAME.HOST-PID-RANDOM.part.EXT`` (the data being
+    written) and ``.NAME.HOST-PID-RANDOM.old`` (the previous output while it is replaced); those
+    of this host whose process is gone are removed, and a previous output that was moved
+    aside but never replaced is put back. Temporaries of live processes and of other hosts are
+    left alone. Returns what was removed.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{8}}"
+                         rf"\.(?P<kind>part{re.escape(path.suffix)}|old)$")
+    host = socket.gethostname()
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if not m or m["host"] != host or _pid_alive(int(m["pid"])):
+            continue
+        stale = Path(entry.path)
+        if m["kind"] == "old" and not path.exists() and (stale / path.name).exists():
+            os.replace(stale / path.name, path)  # the interrupted writer had moved it aside
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
 
 
 def _default_chunks(shape: tuple) -> tuple:

@@ -22,7 +22,14 @@ import yaml
 
 from nbapp.errors import ModelError
 
-__all__ = ["ModelConfig", "read_config", "cache_dir", "fetch"]
+__all__ = ["ModelConfig", "read_config", "cache_dir", "fetch", "trusted_url", "confine_config",
+           "TRUSTED_URL_PREFIXES", "MIRROR_ENV"]
+
+#: Where models may be downloaded from when loading is confined to a data root (the app): the
+#: empanada model registry's record (MitoNet_v1, MitoNet_v1_mini and their quantized files).
+TRUSTED_URL_PREFIXES = ("https://zenodo.org/record/6861565/files/",)
+#: Environment variable naming a facility's own copy of the models (also trusted).
+MIRROR_ENV = "NBAPP_MODEL_MIRROR"
 
 REQUIRED_FIELDS = ("class_names", "labels", "thing_list", "model", "padding_factor", "norms")
 
@@ -162,6 +169,48 @@ def _resolve(model: str, base: Path) -> str:
         return model
     p = Path(os.path.expanduser(model))
     return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def trusted_url(url: str) -> bool:
+    """True for a URL a confined page may make the server download: one under
+    :data:`TRUSTED_URL_PREFIXES` or under the mirror named by ``$NBAPP_MODEL_MIRROR``.
+
+    >>> trusted_url("https://zenodo.org/record/6861565/files/MitoNet_v1.pth?download=1")
+    True
+    >>> trusted_url("http://127.0.0.1:8000/x.pth"), trusted_url("file:///etc/passwd")
+    (False, False)
+    """
+    prefixes = list(TRUSTED_URL_PREFIXES)
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    if mirror:
+        prefixes.append(mirror.rstrip("/") + "/")
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or ".." in parsed.path.split("/"):
+        return False
+    return any(url.startswith(p) for p in prefixes)
+
+
+def confine_config(config: "ModelConfig", root) -> None:
+    """Refuse a config that names weights outside ``root``: local files must resolve inside
+    it, URLs must be :func:`trusted_url` (no ``file://``, no other server)."""
+    from nbapp.confine import confine
+    from nbapp.errors import InputError
+
+    where = Path(config.config_path).name if config.config_path else config.name
+    for key in ("model", "model_quantized"):
+        location = getattr(config, key)
+        if not location:
+            continue
+        if _is_url(location):
+            if not trusted_url(location):
+                raise ModelError(f"model config {where}: {key} {location!r} is not a known model "
+                                 f"download; inside the data root a config may name files in "
+                                 f"the root or the model zoo's URLs (or ${MIRROR_ENV})")
+            continue
+        try:
+            confine(location, root, f"model config {where}: {key}")
+        except InputError as exc:
+            raise ModelError(str(exc)) from None
 
 
 def cache_dir() -> Path:

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from nbapp.errors import ModelError
-from nbapp.models.config import ModelConfig, fetch, read_config
+from nbapp.confine import confine
+from nbapp.errors import InputError, ModelError
+from nbapp.models.config import ModelConfig, confine_config, fetch, read_config
 
 __all__ = ["Model", "load_model", "resolve_device", "default_config_path", "check_outputs"]
 
@@ -204,27 +205,46 @@ def _load_torchscript(path: Path, device: torch.device) -> tuple[torch.nn.Module
                          "dict needs its architecture: export with torch.jit.script") from None
     cfg = None
     if extra[_EXTRA_CONFIG]:
-        cfg = yaml.safe_load(extra[_EXTRA_CONFIG])
+        try:
+            cfg = yaml.safe_load(extra[_EXTRA_CONFIG])
+        except yaml.YAMLError as exc:
+            raise ModelError(f"{path}: its embedded {_EXTRA_CONFIG} is not valid YAML "
+                             f"({exc.__class__.__name__})") from None
+        if cfg is not None and not isinstance(cfg, dict):
+            raise ModelError(f"{path}: its embedded {_EXTRA_CONFIG} must be a mapping of fields, "
+                             f"got {type(cfg).__name__}")
     return module, cfg
 
 
-def _config_for_file(path: Path, embedded: dict | None) -> ModelConfig:
+def _config_for_file(path: Path, embedded: dict | None, root=None) -> ModelConfig:
     for ext in (".yaml", ".yml"):
         sibling = path.with_suffix(ext)
         if sibling.is_file():
+            if root is not None:
+                _confined(sibling, root, "model config")
             return read_config(sibling)
     if embedded:
-        norms = embedded.get("norms", {})
-        return ModelConfig(
-            name=path.stem,
-            class_names={int(k): str(v) for k, v in embedded.get("class_names", {1: "mito"}).items()},
-            labels=tuple(int(v) for v in embedded.get("labels", (1,))),
-            thing_list=tuple(int(v) for v in embedded.get("thing_list", (1,))),
-            model=str(path),
-            padding_factor=int(embedded.get("padding_factor", 16)),
-            norms=(float(norms.get("mean", 0.57571)), float(norms.get("std", 0.12765))),
-            description=str(embedded.get("description", "")).strip(),
-        )
+        try:
+            norms = embedded.get("norms") or {}
+            config = ModelConfig(
+                name=path.stem,
+                class_names={int(k): str(v)
+                             for k, v in (embedded.get("class_names") or {1: "mito"}).items()},
+                labels=tuple(int(v) for v in embedded.get("labels", (1,))),
+                thing_list=tuple(int(v) for v in embedded.get("thing_list", (1,))),
+                model=str(path),
+                padding_factor=int(embedded.get("padding_factor", 16)),
+                norms=(float(norms.get("mean", 0.57571)), float(norms.get("std", 0.12765))),
+                description=str(embedded.get("description", "")).strip(),
+            )
+        except (AttributeError, TypeError, ValueError):
+            raise ModelError(f"{path}: its embedded {_EXTRA_CONFIG} has fields of the wrong type "
+                             "(class_names a mapping, labels and thing_list lists of class ids, "
+                             "padding_factor an integer, norms a mapping of numbers)") from None
+        if config.padding_factor < 1 or not config.labels:
+            raise ModelError(f"{path}: its embedded {_EXTRA_CONFIG} needs padding_factor >= 1 "
+                             "and at least one label")
+        return config
     return ModelConfig(
         name=path.stem,
         model=str(path),
@@ -233,7 +253,15 @@ def _config_for_file(path: Path, embedded: dict | None) -> ModelConfig:
     )
 
 
-def load_model(spec="default", device=None, warm_up: bool = True) -> Model:
+def _confined(path, root, what: str) -> Path:
+    """:func:`nbapp.confine.confine` with the error as a :class:`ModelError`."""
+    try:
+        return confine(path, root, what)
+    except InputError as exc:
+        raise ModelError(str(exc)) from None
+
+
+def load_model(spec="default", device=None, warm_up: bool = True, root=None) -> Model:
     """Load a segmentation model and return it in eval mode on ``device``.
 
     Parameters
@@ -246,6 +274,17 @@ def load_model(spec="default", device=None, warm_up: bool = True) -> Model:
         ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; default: the first GPU, else CPU.
     warm_up : bool
         Run one small forward pass now (checks the contract; later calls are fast).
+    root : path, optional
+        Confine loading to this folder (the app passes its data root): a path spec is taken
+        from it and must resolve inside it, and so must the weights a config names (``model``
+        and ``model_quantized``) and a config beside a TorchScript file; a config's URLs must
+        be the model zoo's (:func:`nbapp.models.config.trusted_url`). ``"default"`` and
+        in-memory models are always allowed.
+
+    Raises
+    ------
+    ModelError
+        The model or its config is missing, invalid, outside ``root``, or breaks the contract.
     """
     dev = resolve_device(device)
     if isinstance(spec, Model):
@@ -256,13 +295,19 @@ def load_model(spec="default", device=None, warm_up: bool = True) -> Model:
     else:
         if not isinstance(spec, (str, os.PathLike)):
             raise ModelError(f"model must be 'default', a path or a torch module, got {type(spec).__name__}")
-        if str(spec) == "default":
+        shipped = str(spec) == "default"
+        if shipped:
+            root = None  # the shipped model is always allowed
             spec = default_config_path()
             if not spec.is_file():
                 raise ModelError(f"the default model is missing from this installation ({spec})")
+        elif root is not None:
+            spec = _confined(spec, root, "model")
         path = Path(spec)
         if path.suffix.lower() in (".yaml", ".yml"):
             config = read_config(path)
+            if root is not None:
+                confine_config(config, root)
             weights = fetch(config.model, config.sha256)
             module, _ = _load_torchscript(Path(weights), dev)
             model = Model(module, config, dev, str(weights))
@@ -271,7 +316,7 @@ def load_model(spec="default", device=None, warm_up: bool = True) -> Model:
                 raise ModelError(f"model {str(spec)!r} does not exist: give 'default', a .yaml "
                                  "config or a TorchScript file")
             module, embedded = _load_torchscript(path, dev)
-            model = Model(module, _config_for_file(path, embedded), dev, str(path))
+            model = Model(module, _config_for_file(path, embedded, root), dev, str(path))
     if warm_up:
         model.warm_up()
     return model

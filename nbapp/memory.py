@@ -1,0 +1,158 @@
+"""How much memory this process may still use, and a check before big allocations.
+
+A process under a container or cgroup memory limit is killed by the kernel, without a Python
+``MemoryError``, when it goes over; so anything that is about to decode a file or start a job
+whose size is known compares it with :func:`available_bytes` first and raises a clear error
+instead. The figure is the smallest of: the machine's available memory (``MemAvailable``), the
+room left under every cgroup memory limit above this process (v1 and v2; reclaimable page cache
+counts as free), and the room left under ``RLIMIT_AS``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nbapp.errors import NbappError
+
+__all__ = ["available_bytes", "format_bytes", "check_fits", "OutOfMemory", "CGROUP_ROOT"]
+
+#: Where cgroup file systems are mounted (a module constant so that tests can point it at a
+#: folder of their own).
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+_UNLIMITED = 1 << 60
+
+
+class OutOfMemory(NbappError, MemoryError):
+    """Something would need more memory than this process has."""
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in the largest unit that keeps the number above 1.
+
+    >>> format_bytes(1 << 30), format_bytes(144e6), format_bytes(512)
+    ('1.0 GiB', '137 MiB', '512 B')
+    """
+    n = float(n)
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            value = n / size
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{int(n)} B"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return _UNLIMITED
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroup_room(proc_cgroup: str) -> int:
+    """Room left under the tightest cgroup memory limit on the way to the root (v1 or v2)."""
+    room = _UNLIMITED
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controllers == "":  # cgroup v2 (unified)
+            base, limit_f, usage_f, stat_f, reclaim = (
+                CGROUP_ROOT, "memory.max", "memory.current", "memory.stat", "inactive_file")
+            if not (base / "cgroup.controllers").exists():
+                base = CGROUP_ROOT / "unified"
+        elif "memory" in controllers.split(","):
+            base, limit_f, usage_f, stat_f, reclaim = (
+                CGROUP_ROOT / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                "memory.stat", "total_inactive_file")
+        else:
+            continue
+        group = base / rel.lstrip("/")
+        # walk up: a parent's limit binds its children too
+        for folder in [group, *group.parents]:
+            if not str(folder).startswith(str(base)):
+                break
+            limit = _read_int(folder / limit_f)
+            usage = _read_int(folder / usage_f)
+            if limit is not None and usage is not None and limit < _UNLIMITED:
+                used = max(0, usage - _stat_value(folder / stat_f, reclaim))
+                room = min(room, max(0, limit - used))
+            if folder == base:
+                break
+    return room
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UNLIMITED
+
+
+def _rlimit_room() -> int:
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return _UNLIMITED
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return _UNLIMITED
+    size = _stat_value_colon(Path("/proc/self/status"), "VmSize")
+    return max(0, soft - size)
+
+
+def _stat_value_colon(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def available_bytes() -> int:
+    """Bytes this process can still allocate before the machine, a cgroup limit or
+    ``RLIMIT_AS`` stops it (a large number where nothing can be measured)."""
+    try:
+        proc_cgroup = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        proc_cgroup = ""
+    return int(min(_meminfo_available(), _cgroup_room(proc_cgroup), _rlimit_room()))
+
+
+def check_fits(nbytes: float, what: str, hint: str, fraction: float = 0.9) -> None:
+    """Raise :class:`OutOfMemory` when ``nbytes`` is more than ``fraction`` of the memory this
+    process has left; ``what`` says what needs it and ``hint`` how to need less.
+
+    >>> check_fits(1, "a byte", "")
+    >>> check_fits(1 << 62, "a 4 EiB array", "use a smaller one")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    nbapp.memory.OutOfMemory: out of memory: a 4 EiB array needs 4194304 TiB but this process has ...
+    """
+    room = available_bytes()
+    if nbytes > fraction * room:
+        raise OutOfMemory(f"out of memory: {what} needs {format_bytes(nbytes)} but this process "
+                          f"has {format_bytes(room)} left; {hint}")
