@@ -151,6 +151,9 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     app.add_argument("--no-browser", action="store_true", help="do not open a web browser")
     app.add_argument("--data-root", default=None, metavar="DIR",
                      help="the only folder the app's path box may read (default: this folder)")
+    app.add_argument("--cull-idle-timeout", type=int, default=3600, metavar="S",
+                     help="shut down a kernel whose page is gone after S seconds without "
+                          "activity (a running 3D job is kept; default %(default)s)")
 
     ev = sub.add_parser("evaluate", help="compare predicted labels with ground truth")
     ev.add_argument("pred", metavar="PRED")
@@ -473,7 +476,8 @@ def _cmd_evaluate(args) -> int:
 def _cmd_app(args) -> int:
     from nbapp.serve import serve
 
-    return serve(port=args.port, open_browser=not args.no_browser, data_root=args.data_root)
+    return serve(port=args.port, open_browser=not args.no_browser, data_root=args.data_root,
+                 cull_idle_timeout=args.cull_idle_timeout)
 
 
 def _one_line(message: str) -> str:
@@ -507,12 +511,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return int(train.run(args) or 0)
         return handler(args)
+    except MemoryError as exc:  # nbapp's own checks say what needs the memory
+        print(f"nbapp: error: {_one_line(exc)}" if isinstance(exc, NbappError) else _OOM,
+              file=sys.stderr)
+        return 1
     except NbappError as exc:
         print(f"nbapp: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except MemoryError:
-        print(_OOM, file=sys.stderr)
-        return 1
     except RuntimeError as exc:
         if type(exc).__name__ != "OutOfMemoryError":  # torch's (GPU) out-of-memory error
             raise

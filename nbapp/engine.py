@@ -20,7 +20,14 @@ from nbapp.intensity import check_image_values, intensity_range, to_unit
 from nbapp.models.loader import Model, load_model
 from nbapp.params import DOWNSAMPLING_FACTORS
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "FORWARD_BYTES_PER_PIXEL", "HEADS_BYTES_PER_PIXEL"]
+
+#: CPU memory one forward pass of nbapp's default model needs, per pixel of the model input:
+#: bench/bench_memory.py measures 105-135 B from 512x512 to 2048x2048, with or without fine
+#: boundaries; larger models (MitoNet_v1) need more, so for them the check is a floor.
+FORWARD_BYTES_PER_PIXEL = 140
+#: The heads kept per input pixel: semantic, centre and two offset maps, float32.
+HEADS_BYTES_PER_PIXEL = 16
 
 
 class Engine:
@@ -82,6 +89,37 @@ class Engine:
                 "use a larger image or less downsampling"
             )
 
+    def memory_needed(self, shape: tuple, count: int, downsampling: int = 1) -> int:
+        """Bytes of CPU memory :meth:`infer` needs for ``count`` (H, W) images (0 on a GPU,
+        whose own allocator raises a clean out-of-memory error)."""
+        if self.device.type != "cpu":
+            return 0
+        hd, wd = self.input_shape(shape, downsampling)
+        pixels = hd * wd
+        return int(min(count, self.batch_size) * pixels * FORWARD_BYTES_PER_PIXEL
+                   + count * pixels * HEADS_BYTES_PER_PIXEL)
+
+    def check_memory(self, shape: tuple, count: int, downsampling: int = 1,
+                     what: str = "image", extra: int = 0) -> None:
+        """Raise :class:`nbapp.memory.OutOfMemory` before running the network on ``count``
+        images of ``shape`` when it (plus ``extra`` bytes) would not fit, naming the smallest
+        Image Downsampling that would."""
+        from nbapp.memory import available_bytes, check_fits, format_bytes
+
+        need = self.memory_needed(shape, count, downsampling) + extra
+        if need == 0:
+            return
+        room = 0.9 * available_bytes()
+        if need <= room:
+            return
+        fits = [d for d in DOWNSAMPLING_FACTORS if d > downsampling
+                and self.memory_needed(shape, count, d) + extra <= room
+                and min(self.input_shape(shape, d)) >= self.model.config.padding_factor]
+        hint = (f"use Image Downsampling {fits[0]} (needs "
+                f"{format_bytes(self.memory_needed(shape, count, fits[0]) + extra)})"
+                if fits else "use a smaller image or crop")
+        check_fits(need, f"{what} of {shape[0]}x{shape[1]} at downsampling {downsampling}", hint)
+
     def infer(self, images: np.ndarray, downsampling: int = 1, fine_boundaries: bool = False,
               intensity: tuple | None = None) -> list[Heads]:
         """Network outputs for each image of a (H, W) image or an (N, H, W) stack.
@@ -99,6 +137,8 @@ class Engine:
             of all the given images together (pass one range for all slices of a volume).
         """
         arr = self.check_image(images, downsampling)
+        self.check_memory(arr.shape[1:], arr.shape[0], downsampling,
+                          "image" if arr.shape[0] == 1 else f"{arr.shape[0]} images")
         if intensity is None:
             intensity = intensity_range(arr)
         lo, hi = float(intensity[0]), float(intensity[1])

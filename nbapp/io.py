@@ -120,13 +120,13 @@ def read_image(path: str | os.PathLike, lazy: bool = False, root: str | os.PathL
     file, dataset = split_h5_path(spath)
     file, node = split_zarr_path(file)
     ext = _suffix(file)
-    if ext not in READ_FORMATS:
-        raise InputError(f"cannot read {spath!r}: unknown file type {ext or '(none)'}; "
-                         f"supported: {', '.join(READ_FORMATS)}")
-    if root is not None:
+    if root is not None:  # first: a path outside the root is refused whatever it names
         file = str(confine(file, root, "input"))
         if node:  # a path inside the store: what it resolves to must stay in the root too
             confine(os.path.join(file, node), root, "zarr node", shown=node)
+    if ext not in READ_FORMATS:
+        raise InputError(f"cannot read {spath!r}: unknown file type {ext or '(none)'}; "
+                         f"supported: {', '.join(READ_FORMATS)}")
     if not os.path.exists(file):
         raise InputError(f"input {file!r} does not exist")
     meta: dict = {"path": spath, "format": ext.lstrip(".")}
@@ -508,7 +508,8 @@ def _temp_name(name: str, kind: str) -> str:
     return f".{name}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.{kind}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True unless no process ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -539,7 +540,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         m = pattern.match(entry.name)
-        if not m or m["host"] != host or _pid_alive(int(m["pid"])):
+        if not m or m["host"] != host or pid_alive(int(m["pid"])):
             continue
         stale = Path(entry.path)
         if m["kind"] == "old" and not path.exists() and (stale / path.name).exists():

@@ -11,15 +11,60 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Generator
 
 from nbapp.errors import NbappError
 
-__all__ = ["JobState", "Snapshot", "JobRunner", "JobBusyError"]
+__all__ = ["JobState", "Snapshot", "JobRunner", "JobBusyError", "JobMarker", "MARKERS_ENV"]
+
+#: Environment variable naming the folder where a served app's kernels mark a running job; set
+#: by ``nbapp app`` (:mod:`nbapp.serve`) for the Voila server and the kernels it starts.
+MARKERS_ENV = "NBAPP_JOB_MARKERS"
+
+
+class JobMarker:
+    """A file that tells the server a kernel runs a long job, and tells the kernel its page is
+    gone.
+
+    While ``KEY.job`` exists the server does not shut the kernel down when its page closes (or
+    when it is culled); it writes ``KEY.orphaned`` instead and shuts the kernel down once the
+    job has ended and :meth:`end` removed the marker. ``KEY`` is the kernel id.
+    """
+
+    def __init__(self, folder: str | os.PathLike, key: str):
+        self.path = Path(folder) / f"{key}.job"
+        self.orphan_path = Path(folder) / f"{key}.orphaned"
+
+    @classmethod
+    def from_env(cls, key: str | None) -> "JobMarker | None":
+        """The marker for ``key`` in ``$NBAPP_JOB_MARKERS``; None when not served or no key."""
+        folder = os.environ.get(MARKERS_ENV)
+        if not folder or not key or not Path(folder).is_dir():
+            return None
+        return cls(folder, key)
+
+    @property
+    def running(self) -> bool:
+        return self.path.exists()
+
+    @property
+    def orphaned(self) -> bool:
+        """True once the page was closed while the job ran."""
+        return self.orphan_path.exists()
+
+    def begin(self) -> None:
+        self.orphan_path.unlink(missing_ok=True)
+        self.path.write_text(str(os.getpid()))
+
+    def end(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.orphan_path.unlink(missing_ok=True)
 
 
 class JobBusyError(NbappError, RuntimeError):
@@ -160,7 +205,7 @@ class JobRunner:
             if gen is not None:
                 gen.close()
             msg = str(exc) if isinstance(exc, NbappError) else f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, MemoryError):
+            if isinstance(exc, MemoryError) and not isinstance(exc, NbappError):
                 msg = "out of memory: use more downsampling, a smaller volume or single-plane mode"
             self._publish(state=JobState.FAILED, error=msg, eta=None)
             if not isinstance(exc, Exception):

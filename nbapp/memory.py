@@ -4,8 +4,8 @@ A process under a container or cgroup memory limit is killed by the kernel, with
 ``MemoryError``, when it goes over; so anything that is about to decode a file or start a job
 whose size is known compares it with :func:`available_bytes` first and raises a clear error
 instead. The figure is the smallest of: the machine's available memory (``MemAvailable``), the
-room left under every cgroup memory limit above this process (v1 and v2; reclaimable page cache
-counts as free), and the room left under ``RLIMIT_AS``.
+room left under every cgroup memory limit above this process (v1 and v2; file pages, which
+the kernel evicts before it kills, count as free), and the room left under ``RLIMIT_AS``.
 """
 
 from __future__ import annotations
@@ -54,15 +54,17 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def _stat_value(path: Path, key: str) -> int:
+def _stat_value(path: Path, *keys: str) -> int:
+    """Sum of the ``keys`` of a cgroup ``memory.stat`` file (0 for missing ones)."""
+    total = 0
     try:
         for line in path.read_text().splitlines():
             name, _, value = line.partition(" ")
-            if name == key:
-                return int(value)
+            if name in keys:
+                total += int(value)
     except (OSError, ValueError):
         pass
-    return 0
+    return total
 
 
 def _cgroup_room(proc_cgroup: str) -> int:
@@ -75,13 +77,14 @@ def _cgroup_room(proc_cgroup: str) -> int:
         _, controllers, rel = parts
         if controllers == "":  # cgroup v2 (unified)
             base, limit_f, usage_f, stat_f, reclaim = (
-                CGROUP_ROOT, "memory.max", "memory.current", "memory.stat", "inactive_file")
+                CGROUP_ROOT, "memory.max", "memory.current", "memory.stat",
+                ("inactive_file", "active_file"))
             if not (base / "cgroup.controllers").exists():
                 base = CGROUP_ROOT / "unified"
         elif "memory" in controllers.split(","):
             base, limit_f, usage_f, stat_f, reclaim = (
                 CGROUP_ROOT / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
-                "memory.stat", "total_inactive_file")
+                "memory.stat", ("total_inactive_file", "total_active_file"))
         else:
             continue
         group = base / rel.lstrip("/")
@@ -92,7 +95,7 @@ def _cgroup_room(proc_cgroup: str) -> int:
             limit = _read_int(folder / limit_f)
             usage = _read_int(folder / usage_f)
             if limit is not None and usage is not None and limit < _UNLIMITED:
-                used = max(0, usage - _stat_value(folder / stat_f, reclaim))
+                used = max(0, usage - _stat_value(folder / stat_f, *reclaim))
                 room = min(room, max(0, limit - used))
             if folder == base:
                 break

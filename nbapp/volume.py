@@ -23,7 +23,7 @@ from nbapp.intensity import check_image_values, intensity_range
 from nbapp.params import PLANES, ConsensusParams, VolumeParams
 from nbapp.postprocess import segment_heads
 
-__all__ = ["Progress", "VolumeResult", "Cancelled", "plane_axis", "get_slice", "median_window",
+__all__ = ["Progress", "VolumeResult", "Cancelled", "job_memory", "check_job_memory", "plane_axis", "get_slice", "median_window",
            "plane_stack_steps", "volume_steps", "segment_volume", "consensus", "semantic_consensus",
            "volume_intensity", "filter_stack"]
 
@@ -279,6 +279,49 @@ def semantic_consensus(stacks: dict, vote_threshold: int = 2) -> np.ndarray:
     return out
 
 
+#: Peak bytes per voxel a 3D job holds besides its input and the network's working memory:
+#: bench/bench_3d.py measures 13.2 (single-plane) and 28.4 (ortho-plane) B per voxel of peak
+#: growth on Lucchi++ (165x768x1024), about 3 of which is the network on 768x1024 slices.
+JOB_BYTES_PER_VOXEL = {"single": 12, "ortho": 28}
+
+
+def job_memory(shape: tuple, params: VolumeParams, engine=None) -> int:
+    """Estimated peak bytes of a 3D job on a volume of ``shape`` (input not counted): the
+    per-plane label stacks, tracking and consensus, plus the network's working memory on the
+    largest slices when ``engine`` runs on the CPU.
+
+    >>> job_memory((100, 1000, 1000), VolumeParams()) / 1e9
+    2.8
+    """
+    voxels = int(np.prod([int(s) for s in shape], dtype=np.int64))
+    per = JOB_BYTES_PER_VOXEL["ortho" if params.orthoplane else "single"]
+    net = 0
+    if engine is not None and hasattr(engine, "memory_needed"):
+        for plane in params.planes:
+            ax = plane_axis(plane)
+            shape2d = tuple(s for i, s in enumerate(shape) if i != ax)
+            net = max(net, engine.memory_needed(shape2d, getattr(engine, "batch_size", 1),
+                                                params.slice.downsampling))
+    return voxels * per + net
+
+
+def check_job_memory(shape: tuple, params: VolumeParams, engine=None) -> None:
+    """Raise :class:`nbapp.memory.OutOfMemory` before a 3D job that would not fit in the
+    memory this process has left, saying what would."""
+    from nbapp.memory import available_bytes, check_fits, format_bytes
+
+    need = job_memory(shape, params, engine)
+    if need <= 0.9 * available_bytes():
+        return
+    hints = []
+    if params.orthoplane:
+        single = dataclasses.replace(params, orthoplane=False)
+        hints.append(f"run single-plane (needs {format_bytes(job_memory(shape, single, engine))})")
+    hints.append("crop the volume")
+    check_fits(need, f"the {'ortho-plane' if params.orthoplane else 'single-plane'} 3D job on a "
+                     f"{'x'.join(map(str, shape))} volume", " or ".join(hints))
+
+
 def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
                  intensity: tuple | None = None, heads_source=None, plane_runner=None
                  ) -> Generator[Progress, None, VolumeResult]:
@@ -301,6 +344,7 @@ def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
         if check is not None:
             check(shape2d, params.slice.downsampling,
                   f"{plane} slice (volume {'x'.join(map(str, volume.shape))})")
+    check_job_memory(tuple(volume.shape), params, engine)
     timings = {"network_s": 0.0, "median_s": 0.0, "postprocess_s": 0.0, "stacks_wall_s": 0.0,
                "tracking_s": 0.0, "consensus_s": 0.0}
     stacks = {}

@@ -82,13 +82,15 @@ def stop(server: AppServer, timeout_s: float = 30.0) -> int:
 
 @contextmanager
 def running_app(workdir: Path, data_root: Path | None = None, extra_env: dict | None = None,
-                deadline_s: float = 60.0):
-    """``nbapp app --no-browser --port <free> --data-root DATA_ROOT`` in its own process group."""
+                deadline_s: float = 60.0, extra_args: tuple = ()):
+    """``nbapp app --no-browser --port <free> --data-root DATA_ROOT [EXTRA_ARGS]`` in its own
+    process group."""
     port = free_port()
     log = Path(workdir) / f"nbapp_app_{port}.log"
     argv = [sys.executable, "-m", "nbapp.cli", "app", "--no-browser", "--port", str(port)]
     if data_root is not None:
         argv += ["--data-root", str(data_root)]
+    argv += [str(a) for a in extra_args]
     env = {**os.environ, **(extra_env or {})}
     with open(log, "wb") as fh:
         proc = subprocess.Popen(argv, cwd=workdir, stdout=fh, stderr=subprocess.STDOUT,

@@ -757,3 +757,64 @@ def test_console_script(tmp_path):
     missing = tmp_path / "nope.tif"
     assert res.stderr.splitlines() == [f"nbapp: error: input '{missing}' does not exist"]
     assert files_in(tmp_path / "out") == []
+
+
+# --------------------------------------------------------------------------------------------
+# hardening (issue 15): one line for hostile inputs, output checked first, --data-root
+
+
+def test_segment_png_decompression_bomb_is_one_line(capsys, tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    (tmp_path / "bomb30k.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 30001))
+        + chunk(b"IEND", b""))
+    rc, _, err = run(capsys, "segment", tmp_path / "bomb30k.png", "-o", tmp_path / "o.tif")
+    assert_one_line_error(rc, err, "bomb30k.png", "more pixels than Pillow will decode")
+    assert files_in(tmp_path) == ["bomb30k.png"]
+
+
+def test_segment_six_byte_tiff_is_one_line(capsys, tmp_path):
+    (tmp_path / "t.tif").write_bytes(b"II*\x00\x08\x00")
+    rc, _, err = run(capsys, "segment", tmp_path / "t.tif", "-o", tmp_path / "o.tif")
+    assert_one_line_error(rc, err, "t.tif")
+
+
+@pytest.mark.parametrize("mode", ["2d", "3d"])
+def test_read_only_output_folder_fails_before_any_work(capsys, tmp_path, readonly_dir,
+                                                       monkeypatch, mode):
+    from nbapp import inference, io as nio
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the output was checked")
+
+    monkeypatch.setattr(inference, "SliceSegmenter", no_work)
+    monkeypatch.setattr(nio, "read_image", no_work)
+    img = np.zeros((4, 64, 64) if mode == "3d" else (64, 64), np.uint8)
+    tifffile.imwrite(tmp_path / "in.tif", img, photometric="minisblack")
+    rc, _, err = run(capsys, "segment", tmp_path / "in.tif", "-o", readonly_dir / "lab.tif",
+                     "--mode", mode)
+    assert_one_line_error(rc, err, "refuses new files")
+
+
+def test_segment_data_root_confines_input_and_model(capsys, tmp_path, oracle):
+    model, images, _ = oracle  # config and images in one folder: the data root here
+    root = Path(images).parent
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    tifffile.imwrite(outside / "x.tif", np.zeros((64, 64), np.uint8))
+    rc, _, err = run(capsys, "segment", outside / "x.tif", "-o", tmp_path / "o.tif",
+                     "--data-root", root, "--model", model)
+    assert_one_line_error(rc, err, "outside the data root")
+    rc, _, err = run(capsys, "segment", Path(images).name, "-o", tmp_path / "o.tif",
+                     "--mode", "batch", "--data-root", root, "--model", outside / "m.pt")
+    assert_one_line_error(rc, err, "outside the data root")
+    rc, _, err = run(capsys, "segment", Path(images).name, "-o", tmp_path / "o.tif",
+                     "--mode", "batch", "--data-root", root, "--model", Path(model).name)
+    assert rc == 0, err

@@ -412,3 +412,9 @@ def test_check_writable_refuses_a_read_only_folder(readonly_dir):
     with pytest.raises(InputError, match="refuses new files") as exc:
         check_writable(readonly_dir / "out.tif")
     assert "read-only" in str(exc.value).lower() or "permission" in str(exc.value).lower()
+
+
+def test_outside_paths_are_refused_before_their_type_is_looked_at(layout):
+    root, _ = layout
+    with pytest.raises(OutsideRootError):
+        read_image("/etc/passwd", root=root)

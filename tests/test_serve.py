@@ -65,6 +65,19 @@ def test_data_root_reaches_the_kernel_environment(tmp_path):
     assert env == {"PATH": "/bin", serve.DATA_ROOT_ENV: str(tmp_path)}
 
 
+def test_job_markers_reach_the_kernel_environment(tmp_path):
+    env = serve.voila_environment(tmp_path, base={}, markers=tmp_path / "jobs")
+    assert env[serve.MARKERS_ENV] == str(tmp_path / "jobs")
+
+
+def test_cull_idle_timeout_option(capsys):
+    cmd = serve.voila_command(9001, cull_idle_timeout=10)
+    assert "--MappingKernelManager.cull_idle_timeout=10" in cmd
+    assert "--MappingKernelManager.cull_interval=5" in cmd
+    rc, err = run(capsys, "app", "--cull-idle-timeout", "0", "--port", free_port())
+    assert_one_line_error(rc, err, "--cull-idle-timeout must be a positive number")
+
+
 def test_data_root_defaults_to_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert serve.resolve_data_root(None) == tmp_path.resolve()
@@ -94,6 +107,7 @@ def test_voila_applies_the_settings(tmp_path):
     assert app.voila_configuration.show_tracebacks is False
     assert app.voila_configuration.prelaunch_hook is serve.set_xsrf_cookie
     assert not settings.get("disable_check_xsrf", False)
+    assert "JobAwareKernelManager" in [c.__name__ for c in type(km).__mro__]
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,3 +218,43 @@ def test_ctrl_c_stops_the_server_with_status_0(tmp_path):
         os.killpg(app.proc.pid, signal.SIGINT)
         assert app.proc.wait(30) == 0, app.log_text()
     assert "Traceback" not in app.log_text()
+
+
+# --------------------------------------------------------------------------------------------
+# a kernel running a 3D job outlives its page; one without is shut down (issue 15, item 10)
+
+
+@needs_app
+@pytest.mark.slow
+def test_kernel_with_a_job_is_shut_down_only_after_the_job(tmp_path, monkeypatch):
+    """A real kernel under the job-aware manager: the page's shutdown waits for the job."""
+    import asyncio
+
+    from nbapp.jobs import JobMarker
+
+    monkeypatch.setenv(serve.MARKERS_ENV, str(tmp_path))
+
+    async def scenario():
+        km = serve.job_aware_kernel_manager()(connection_dir=str(tmp_path), root_dir=str(tmp_path))
+        km.job_poll_s = 0.05
+        with_job = await km.start_kernel(kernel_name="python3")
+        without = await km.start_kernel(kernel_name="python3")
+        marker = JobMarker(tmp_path, with_job)
+        marker.begin()  # what the app does when a 3D job starts
+        await km.shutdown_kernel(with_job)  # the page closed
+        await km.shutdown_kernel(without)
+        assert without not in km
+        assert with_job in km and await km._alive(with_job)
+        assert marker.orphaned  # the app saves its result when the job ends
+        await km.shutdown_kernel(with_job)  # a second request (culling) changes nothing
+        await asyncio.sleep(0.3)
+        assert with_job in km and await km._alive(with_job)
+        marker.end()  # the job ended
+        for _ in range(200):
+            if with_job not in km:
+                break
+            await asyncio.sleep(0.05)
+        assert with_job not in km
+        await km.shutdown_all()
+
+    asyncio.run(scenario())

@@ -5,6 +5,7 @@ results of worker threads reach the state only through :func:`nbapp.ui.threads.c
 
 from __future__ import annotations
 
+import atexit
 import csv
 import math
 import os
@@ -17,14 +18,15 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from nbapp.confine import confine
 from nbapp.errors import InputError, ModelError, NbappError
 from nbapp.intensity import intensity_range
-from nbapp.jobs import JobRunner, JobState, Snapshot
+from nbapp.jobs import JobMarker, JobRunner, JobState, Snapshot
 from nbapp.params import PLANES
 from nbapp.ui.state import AppState, CompareResult, DataSet, Result2D
-from nbapp.ui.threads import LatestRunner, call_in_ui
+from nbapp.ui.threads import LatestRunner, call_in_ui, kernel_id
 
-__all__ = ["Session", "resolve_in_root", "suggest_filters", "suggest_median", "object_table",
+__all__ = ["Session", "suggest_filters", "suggest_median", "object_table",
            "detect_kind", "available_device_names", "describe_error", "COMPARE_FACTORS", "ALL_GPUS"]
 
 COMPARE_FACTORS = (1, 2, 4, 8)
@@ -32,39 +34,27 @@ COMPARE_FACTORS = (1, 2, 4, 8)
 ALL_GPUS = "all GPUs"
 UPLOAD_FORMATS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".mrc", ".map", ".rec",
                   ".h5", ".hdf5")
+#: Uploads go to a private folder named for this process, removed when the session closes or
+#: the process exits; one left by a killed kernel is removed by the next session.
+UPLOAD_PREFIX = "nbapp-upload-"
+
+
+def remove_stale_uploads(folder: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the upload folders of app processes that are gone (a kernel killed before it
+    could clean up); returns them. Folders of live processes are left alone."""
+    from nbapp.io import pid_alive
+
+    base = Path(folder or tempfile.gettempdir())
+    removed = []
+    for p in base.glob(f"{UPLOAD_PREFIX}*"):
+        pid = p.name[len(UPLOAD_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 # ---------------------------------------------------------------- pure helpers
-
-def resolve_in_root(path: str, root: str | os.PathLike | None) -> Path:
-    """The real path that ``path`` names, checked to stay inside ``root`` (when given).
-
-    Relative paths are taken from ``root``. Rejected: ``..`` components, absolute paths outside
-    the root, and symbolic links that lead out of it.
-
-    >>> resolve_in_root("a/../../etc/passwd", "/data")
-    Traceback (most recent call last):
-    ...
-    nbapp.errors.InputError: path 'a/../../etc/passwd' contains '..': give a path inside the data root
-    """
-    text = str(path).strip()
-    if not text:
-        raise InputError("no path given")
-    if root is None:
-        return Path(text).expanduser()
-    if ".." in Path(text.replace("\\", "/")).parts:
-        raise InputError(f"path {text!r} contains '..': give a path inside the data root")
-    root_real = Path(os.path.realpath(root))
-    p = Path(text)
-    if not p.is_absolute():
-        p = Path(root) / p
-    real = Path(os.path.realpath(p))
-    try:
-        real.relative_to(root_real)
-    except ValueError:
-        raise InputError(f"path {text!r} is outside the data root {str(root)!r}") from None
-    return real
-
 
 def detect_kind(shape: tuple, voxel_size=None) -> str:
     """Guess what an array is: ``image`` (2D), ``stack`` (few unrelated 2D images) or ``volume``.
@@ -199,7 +189,9 @@ class Session:
         self.segmenter = None
         self._engines: dict = {}
         self._upload_dir: str | None = None
+        remove_stale_uploads()
         self._job_devices: list[str] | None = None  # None: the model's device
+        self._marker: JobMarker | None = None  # served app: tells the server a job runs
         self._quiet = False  # set while several state changes make one 2D request
         state.observe(self._params_changed, names=["slice_params", "plane", "index"])
 
@@ -264,9 +256,9 @@ class Session:
 
         try:
             text = str(path).strip()
-            resolve_in_root(source_file(text) if text else text, self.data_root)
-            full = text if self.data_root is None or os.path.isabs(text) else str(self.data_root / text)
-            arr, meta = read_image(full)
+            if not text:
+                raise InputError("no path given: type a file name (inside the data root)")
+            arr, meta = read_image(text, root=self.data_root)
         except Exception as exc:  # noqa: BLE001
             self.report(exc, "cannot load")
             return
@@ -276,25 +268,32 @@ class Session:
         """Read an uploaded file (size-limited; written to a private temporary folder)."""
         from nbapp.io import read_image
 
+        target = None
         try:
-            size = len(content) if size is None else int(size)
-            if size > self.upload_limit_mb * 1e6:
-                raise InputError(f"upload {name!r} is {size / 1e6:.1f} MB, over the limit of "
+            # the bytes received count, not the size the browser claims (``size`` is ignored)
+            received = memoryview(content).nbytes
+            if received > self.upload_limit_mb * 1e6:
+                raise InputError(f"upload {name!r} is {received / 1e6:.1f} MB, over the limit of "
                                  f"{self.upload_limit_mb:g} MB: put the file in the data folder "
                                  "and give its path instead")
             base = Path(str(name).replace("\\", "/")).name
             ext = Path(base).suffix.lower()
-            if ext not in UPLOAD_FORMATS:
+            if ext not in UPLOAD_FORMATS or base.startswith("."):
                 raise InputError(f"cannot read upload {base!r}: use one of {', '.join(UPLOAD_FORMATS)}")
             if self._upload_dir is None:
-                self._upload_dir = tempfile.mkdtemp(prefix="nbapp-upload-")
+                remove_stale_uploads()
+                self._upload_dir = tempfile.mkdtemp(prefix=f"{UPLOAD_PREFIX}{os.getpid()}-")
+                atexit.register(shutil.rmtree, self._upload_dir, True)  # the kernel's exit
             target = Path(self._upload_dir) / base
-            target.write_bytes(bytes(content))
-            arr, meta = read_image(target)
-            arr = np.array(arr)
+            target.write_bytes(content)
+            # confined to the upload folder: an HDF5 upload cannot pull in files of the server
+            arr, meta = read_image(target, root=self._upload_dir)
         except Exception as exc:  # noqa: BLE001
             self.report(exc, "upload failed")
             return
+        finally:
+            if target is not None:
+                target.unlink(missing_ok=True)  # read into memory: the copy on disk is not needed
         self.set_volume(arr, base, meta.get("voxel_size"), meta)
 
     def load_demo(self, shape=None, n_mito=None) -> None:
@@ -322,11 +321,9 @@ class Session:
                 device = self._job_devices[0] if self._job_devices else "cpu"
             else:
                 self._job_devices = None
-            if isinstance(spec, (str, os.PathLike)) and str(spec).strip() != "default":
-                text = str(spec).strip()
-                real = resolve_in_root(text, self.data_root)
-                spec = str(real) if self.data_root is not None else text
-            model = load_model(spec, device=device)
+            if isinstance(spec, (str, os.PathLike)):
+                spec = str(spec).strip()
+            model = load_model(spec, device=device, root=self.data_root)
             seg = SliceSegmenter(model)
         except Exception as exc:  # noqa: BLE001
             self.report(exc, "cannot load the model")
@@ -517,9 +514,10 @@ class Session:
         return self._engines[key]
 
     def run_3d(self) -> bool:
-        """Start the 3D job (in JobRunner's thread); False if it could not start."""
+        """Start the 3D job (in JobRunner's thread); False if it could not start (among other
+        reasons: it would need more memory than the kernel has)."""
         from nbapp.jobs import DevicePool
-        from nbapp.volume import volume_steps
+        from nbapp.volume import check_job_memory, volume_steps
 
         st = self.state
         try:
@@ -533,6 +531,7 @@ class Session:
             vp = st.volume_params.replace(slice=st.slice_params.replace(batch_mode=False))
             engines = self._engines_for(st.model)
             volume, intensity = st.data.array, st.data.intensity
+            check_job_memory(tuple(volume.shape), vp, engines[0])
 
             def job():
                 return volume_steps(engines[0], volume, vp, intensity=intensity,
@@ -540,11 +539,43 @@ class Session:
 
             st.say(f"3D job started: {'ortho-plane' if vp.orthoplane else vp.plane} on "
                    f"{', '.join(str(e.device) for e in engines)}", "info")
+            if not self.jobs.busy:
+                self._marker = JobMarker.from_env(kernel_id())
+                if self._marker is not None:
+                    self._marker.begin()
             self.jobs.submit(job, name="3d")
         except Exception as exc:  # noqa: BLE001
+            self._end_marker()
             self.report(exc, "cannot start the 3D job")
             return False
         return True
+
+    def _end_marker(self) -> bool:
+        """Remove the running-job marker; True if the page was closed while the job ran."""
+        marker, self._marker = self._marker, None
+        if marker is None:
+            return False
+        orphaned = marker.orphaned
+        marker.end()
+        return orphaned
+
+    def _save_for_closed_page(self, labels) -> None:
+        """The page closed while the job ran: keep its result in the data root's
+        ``nbapp-exports/`` (the server shuts the kernel down right after)."""
+        from nbapp.io import write_labels
+
+        if self.data_root is None or labels is None:
+            return
+        name = Path(self.state.data.name if self.state.data else "volume").stem or "volume"
+        folder = self.data_root / "nbapp-exports"
+        try:
+            folder.mkdir(exist_ok=True)
+            target = write_labels(folder / f"{name}_3d_{time.strftime('%Y%m%d-%H%M%S')}.tif",
+                                  labels)
+        except (OSError, NbappError) as exc:
+            self.report(exc, "saving the 3D result of a closed page failed")
+            return
+        self.state.say(f"the page was closed during the 3D job: labels saved to {target}", "ok")
 
     def cancel_3d(self) -> None:
         if self.jobs.busy:
@@ -558,6 +589,10 @@ class Session:
         st = self.state
         if snap.job_id < st.job.job_id:
             return
+        if snap.finished and self._marker is not None:
+            if self._marker.orphaned and snap.state == JobState.DONE:
+                self._save_for_closed_page(getattr(snap.result, "labels", None))
+            self._end_marker()
         st.job = snap
         if snap.state == JobState.DONE and snap.result is not None:
             res = snap.result
@@ -605,11 +640,10 @@ class Session:
             raise InputError("give a file name to export to")
         if self.data_root is None:
             return Path(text).expanduser()
-        if ".." in Path(text).parts:
-            raise InputError(f"path {text!r} contains '..': give a path inside the data root")
         target = Path(text) if Path(text).is_absolute() else self.data_root / text
-        resolve_in_root(str(target.parent), self.data_root)
-        return target
+        # the folder is resolved (links followed) and must be in the root; the file name is
+        # the writer's (a link there would be replaced, not followed)
+        return confine(str(target.parent), self.data_root, "export folder") / target.name
 
     def current_labels(self) -> np.ndarray | None:
         st = self.state
@@ -661,6 +695,7 @@ class Session:
     # -- lifetime
     def close(self) -> None:
         self.jobs.shutdown()
+        self._end_marker()
         self.runner2d.shutdown()
         if self._upload_dir is not None:
             shutil.rmtree(self._upload_dir, ignore_errors=True)

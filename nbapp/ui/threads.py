@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 import traceback
+from pathlib import Path
 from typing import Callable
 
-__all__ = ["call_in_ui", "LatestRunner"]
+__all__ = ["call_in_ui", "LatestRunner", "kernel_id"]
 
 _error_sinks: list[Callable[[str], None]] = []
 
@@ -27,6 +28,19 @@ def _kernel_loop():
     ip = get_ipython()
     kernel = getattr(ip, "kernel", None) if ip is not None else None
     return getattr(kernel, "io_loop", None)
+
+
+def kernel_id() -> str | None:
+    """The id of the Jupyter kernel this runs in (from its connection file), or None."""
+    try:
+        from ipykernel.connect import get_connection_file
+    except ImportError:  # pragma: no cover - ipykernel comes with the app extra
+        return None
+    try:
+        name = Path(get_connection_file()).stem
+    except (RuntimeError, AttributeError):  # not in a kernel
+        return None
+    return name[len("kernel-"):] if name.startswith("kernel-") else None
 
 
 def _guarded(fn: Callable[[], None]) -> None:
