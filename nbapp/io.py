@@ -207,9 +207,40 @@ def _tiff_voxel_size(tif) -> tuple | None:
     return (z, xy, xy)
 
 
+def _bounded_zlib(data, out=None):
+    """Deflate that stops at the segment's size: tifffile's own fallback decoder ignores the
+    expected size, so one small strip could inflate to gigabytes (a zlib bomb hidden in a
+    valid header)."""
+    if not isinstance(out, int):
+        return zlib.decompress(data)
+    inflater = zlib.decompressobj()
+    result = inflater.decompress(data, out)
+    if inflater.unconsumed_tail:  # input left over once the segment is full
+        raise ValueError(f"a compressed strip inflates past its {out} bytes (a decompression "
+                         "bomb?)")
+    return result
+
+
+def _bound_tiff_decoders(tifffile) -> None:
+    """Use :func:`_bounded_zlib` for deflate TIFFs where tifffile would use its unbounded
+    fallback (imagecodecs, when installed, honours the size itself)."""
+    codecs = getattr(tifffile.TIFF.DECOMPRESSORS, "_codecs", None)
+    if codecs is None:
+        return
+    for key in (8, 32946, 50013):  # deflate, old-style deflate, PixTIFF deflate
+        try:
+            current = tifffile.TIFF.DECOMPRESSORS[key]
+        except (KeyError, ImportError, NotImplementedError):
+            continue
+        if current is not _bounded_zlib and "imagecodecs" not in str(
+                getattr(current, "__module__", "")).replace("_imagecodecs", ""):
+            codecs[key] = _bounded_zlib
+
+
 def _read_tiff(file: str, lazy: bool, meta: dict, limit: _Limit, root) -> np.ndarray:
     import tifffile
 
+    _bound_tiff_decoders(tifffile)
     with tifffile.TiffFile(file) as tif:
         if not tif.pages:
             raise InputError(f"TIFF {file!r} has no images")

@@ -418,3 +418,47 @@ def test_outside_paths_are_refused_before_their_type_is_looked_at(layout):
     root, _ = layout
     with pytest.raises(OutsideRootError):
         read_image("/etc/passwd", root=root)
+
+
+def strip_bomb_tiff(path: Path, inflated: int = 64 << 20) -> None:
+    """A valid 16x16 zlib TIFF whose one strip inflates to ``inflated`` bytes: the header says
+    256 bytes, so only a decoder that stops at the strip's size is safe."""
+    import io as _io
+
+    buf = _io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((16, 16), np.uint8), compression="zlib",
+                     photometric="minisblack")
+    raw = bytearray(buf.getvalue())
+    with tifffile.TiffFile(_io.BytesIO(bytes(raw))) as tif:
+        offsets, counts = tif.pages[0].tags["StripOffsets"], tif.pages[0].tags["StripByteCounts"]
+        formats = {3: "<H", 4: "<I"}
+        spans = [(offsets.valueoffset, formats[offsets.dtype]),
+                 (counts.valueoffset, formats[counts.dtype])]
+    bomb = zlib.compress(b"\0" * inflated, 9)
+    for (where, fmt), value in zip(spans, (len(raw), len(bomb))):
+        raw[where:where + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    path.write_bytes(bytes(raw) + bomb)
+
+
+def test_zlib_bomb_inside_a_small_tiff_strip_is_refused(tmp_path):
+    strip_bomb_tiff(tmp_path / "strip.tif", 256 << 20)
+    assert (tmp_path / "strip.tif").stat().st_size < 300_000
+    with pytest.raises(InputError, match="inflates past its 256 bytes"):
+        read_image(tmp_path / "strip.tif")
+    # in a fresh process, peak memory shows whether the strip was inflated before the refusal
+    code = ("import resource\nfrom nbapp.io import read_image\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"try:\n    read_image({str(tmp_path / 'strip.tif')!r})\nexcept ValueError:\n    pass\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    grown_mb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  check=True).stdout)
+    assert grown_mb < 64, f"the strip was inflated anyway ({grown_mb} MB)"
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"predictor": True}, {"tile": (32, 32)}])
+def test_zlib_tiffs_still_read_exactly(tmp_path, kwargs):
+    data = np.random.default_rng(2).integers(0, 4000, (3, 70, 90), dtype=np.uint16)
+    data[:, :30] = 0
+    tifffile.imwrite(tmp_path / "z.tif", data, compression="zlib", photometric="minisblack",
+                     **kwargs)
+    np.testing.assert_array_equal(read_image(tmp_path / "z.tif")[0], data)
