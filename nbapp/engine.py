@@ -23,11 +23,12 @@ from nbapp.params import DOWNSAMPLING_FACTORS
 __all__ = ["Engine", "FORWARD_BYTES_PER_PIXEL", "HEADS_BYTES_PER_PIXEL"]
 
 #: CPU memory one forward pass of nbapp's default model needs, per pixel of the model input:
-#: bench/bench_memory.py measures 105-135 B from 512x512 to 2048x2048, with or without fine
-#: boundaries; larger models (MitoNet_v1) need more, so for them the check is a floor.
-FORWARD_BYTES_PER_PIXEL = 140
-#: The heads kept per input pixel: semantic, centre and two offset maps, float32.
-HEADS_BYTES_PER_PIXEL = 16
+#: bench/bench_memory.py measures 110-142 B for 512x512 to 2048x2048 inputs, with or without
+#: fine boundaries; larger models (MitoNet_v1) need more, so for them the check is a floor.
+FORWARD_BYTES_PER_PIXEL = 120
+#: What each image keeps per pixel of the full-resolution image: the heads resized back
+#: (semantic, centre and two offset maps, float32) and the float input.
+HEADS_BYTES_PER_PIXEL = 20
 
 
 class Engine:
@@ -95,9 +96,8 @@ class Engine:
         if self.device.type != "cpu":
             return 0
         hd, wd = self.input_shape(shape, downsampling)
-        pixels = hd * wd
-        return int(min(count, self.batch_size) * pixels * FORWARD_BYTES_PER_PIXEL
-                   + count * pixels * HEADS_BYTES_PER_PIXEL)
+        return int(min(count, self.batch_size) * hd * wd * FORWARD_BYTES_PER_PIXEL
+                   + count * shape[0] * shape[1] * HEADS_BYTES_PER_PIXEL)
 
     def check_memory(self, shape: tuple, count: int, downsampling: int = 1,
                      what: str = "image", extra: int = 0) -> None:

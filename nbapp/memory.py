@@ -10,7 +10,6 @@ the kernel evicts before it kills, count as free), and the room left under ``RLI
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from nbapp.errors import NbappError
@@ -153,7 +152,7 @@ def check_fits(nbytes: float, what: str, hint: str, fraction: float = 0.9) -> No
     >>> check_fits(1 << 62, "a 4 EiB array", "use a smaller one")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    nbapp.memory.OutOfMemory: out of memory: a 4 EiB array needs 4194304 TiB but this process has ...
+    nbapp.memory.OutOfMemory: out of memory: a 4 EiB array needs 4194304 TiB but ...
     """
     room = available_bytes()
     if nbytes > fraction * room:

@@ -23,7 +23,8 @@ from nbapp.intensity import check_image_values, intensity_range
 from nbapp.params import PLANES, ConsensusParams, VolumeParams
 from nbapp.postprocess import segment_heads
 
-__all__ = ["Progress", "VolumeResult", "Cancelled", "job_memory", "check_job_memory", "plane_axis", "get_slice", "median_window",
+__all__ = ["Progress", "VolumeResult", "Cancelled", "job_memory", "check_job_memory",
+           "plane_axis", "get_slice", "median_window",
            "plane_stack_steps", "volume_steps", "segment_volume", "consensus", "semantic_consensus",
            "volume_intensity", "filter_stack"]
 
@@ -279,10 +280,14 @@ def semantic_consensus(stacks: dict, vote_threshold: int = 2) -> np.ndarray:
     return out
 
 
-#: Peak bytes per voxel a 3D job holds besides its input and the network's working memory:
-#: bench/bench_3d.py measures 13.2 (single-plane) and 28.4 (ortho-plane) B per voxel of peak
-#: growth on Lucchi++ (165x768x1024), about 3 of which is the network on 768x1024 slices.
-JOB_BYTES_PER_VOXEL = {"single": 12, "ortho": 28}
+#: Peak bytes per voxel a 3D job holds besides its input and the network's working memory.
+#: Measured peak growth, network included: Lucchi++ 165x768x1024 (bench/bench_3d.py) 13.2
+#: single-plane and 28.4 ortho-plane; the synthetic 96x512x512 demo volume, with more objects
+#: per voxel (bench/bench_memory.py), 27 for both. The larger figures are used: refusing a
+#: job that would just fit is better than a kernel killed without a word.
+JOB_BYTES_PER_VOXEL = {"single": 28, "ortho": 30}
+#: Fixed part of a job's peak (buffers that do not grow with the volume).
+JOB_OVERHEAD_BYTES = 32 << 20
 
 
 def job_memory(shape: tuple, params: VolumeParams, engine=None) -> int:
@@ -290,8 +295,8 @@ def job_memory(shape: tuple, params: VolumeParams, engine=None) -> int:
     per-plane label stacks, tracking and consensus, plus the network's working memory on the
     largest slices when ``engine`` runs on the CPU.
 
-    >>> job_memory((100, 1000, 1000), VolumeParams()) / 1e9
-    2.8
+    >>> round(job_memory((100, 1000, 1000), VolumeParams()) / 1e9, 2)
+    3.03
     """
     voxels = int(np.prod([int(s) for s in shape], dtype=np.int64))
     per = JOB_BYTES_PER_VOXEL["ortho" if params.orthoplane else "single"]
@@ -302,7 +307,7 @@ def job_memory(shape: tuple, params: VolumeParams, engine=None) -> int:
             shape2d = tuple(s for i, s in enumerate(shape) if i != ax)
             net = max(net, engine.memory_needed(shape2d, getattr(engine, "batch_size", 1),
                                                 params.slice.downsampling))
-    return voxels * per + net
+    return voxels * per + net + JOB_OVERHEAD_BYTES
 
 
 def check_job_memory(shape: tuple, params: VolumeParams, engine=None) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from files import save_as
 from nbapp import io as nio
 from nbapp import memory
 from nbapp.confine import OutsideRootError, confine, confine_tree
@@ -46,6 +47,14 @@ def zarr_array(path: Path, data: np.ndarray) -> None:
     z = zarr.open(str(path), mode="w", shape=data.shape, dtype=data.dtype,
                   chunks=data.shape)
     z[...] = data
+
+
+@pytest.fixture
+def secret_store(layout):
+    """(root, outside, the outside store): a zarr array of 7s that must never be read."""
+    root, outside = layout
+    zarr_array(outside / "secret.zarr", np.full((8, 8), 7, np.uint8))
+    return root, outside, outside / "secret.zarr"
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,19 +137,16 @@ def test_h5_external_link_is_not_followed(layout):
 # 3. zarr: symbolic links anywhere in the store, `..` in the node path
 
 
-def test_zarr_whose_array_is_a_link_out_of_the_root_is_refused(layout):
-    root, outside = layout
-    zarr_array(outside / "secret.zarr", np.full((8, 8), 7, np.uint8))
-    store = zarr.open_group(str(root / "in.zarr"), mode="w")
-    store.attrs["x"] = 1
-    (root / "in.zarr" / "raw").symlink_to(outside / "secret.zarr")
+def test_zarr_whose_array_is_a_link_out_of_the_root_is_refused(secret_store):
+    root, _, secret = secret_store
+    zarr.open_group(str(root / "in.zarr"), mode="w")
+    (root / "in.zarr" / "raw").symlink_to(secret)
     with pytest.raises(OutsideRootError, match="zarr node 'raw' is outside"):
         read_image(f"{root / 'in.zarr'}/raw", root=root)
 
 
-def test_zarr_whose_chunk_folder_is_a_link_out_of_the_root_is_refused(layout):
-    root, outside = layout
-    zarr_array(outside / "secret.zarr", np.full((8, 8), 7, np.uint8))
+def test_zarr_whose_chunk_folder_is_a_link_out_of_the_root_is_refused(secret_store):
+    root, _, secret = secret_store
     zarr_array(root / "in.zarr", np.ones((8, 8), np.uint8))  # zeros would store no chunk
     # zarr v3 keeps chunks in c/, v2 beside .zarray: link each to the outside store's
     chunks = [p for p in (root / "in.zarr").iterdir() if p.name == "c" or p.name[0].isdigit()]
@@ -150,16 +156,15 @@ def test_zarr_whose_chunk_folder_is_a_link_out_of_the_root_is_refused(layout):
             shutil.rmtree(c)
         else:
             c.unlink()
-        c.symlink_to(outside / "secret.zarr" / c.name)
+        c.symlink_to(secret / c.name)
     with pytest.raises(OutsideRootError):
         read_image(root / "in.zarr", root=root)
 
 
-def test_zarr_node_cannot_climb_out_of_its_store(layout):
-    root, outside = layout
-    zarr_array(outside / "secret.zarr", np.full((8, 8), 7, np.uint8))
+def test_zarr_node_cannot_climb_out_of_its_store(secret_store):
+    root, _, secret = secret_store
     zarr_array(root / "in.zarr", np.zeros((8, 8), np.uint8))
-    rel = os.path.relpath(outside / "secret.zarr", root / "in.zarr")
+    rel = os.path.relpath(secret, root / "in.zarr")
     with pytest.raises(OutsideRootError):
         read_image(f"{root / 'in.zarr'}/{rel}", root=root)
 
@@ -283,19 +288,9 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
 
 @pytest.mark.parametrize("ext", [".npy", ".zarr", ".h5", ".mrc"])
 def test_decoded_size_checked_for_every_format(tmp_path, ext):
-    mrcfile = pytest.importorskip("mrcfile")
+    pytest.importorskip("mrcfile")
     data = np.zeros((4, 64, 64), np.uint16)
-    path = tmp_path / f"v{ext}"
-    if ext == ".npy":
-        np.save(path, data)
-    elif ext == ".zarr":
-        zarr_array(path, data)
-    elif ext == ".h5":
-        with h5py.File(path, "w") as f:
-            f["raw"] = data
-    else:
-        with mrcfile.new(path) as m:
-            m.set_data(data)
+    path = save_as(tmp_path / f"v{ext}", data)
     with pytest.raises(OutOfMemory, match=r"4x64x64 uint16 \(32 KiB\)"):
         read_image(path, max_bytes=1000)
     assert read_image(path, max_bytes=1 << 20)[0].shape == data.shape
@@ -320,23 +315,13 @@ def test_truncated_tiff_is_one_line(tmp_path):
 @pytest.mark.parametrize("ext", [".tif", ".png", ".npy", ".h5", ".mrc", ".jpg"])
 @pytest.mark.parametrize("cut", [0.3, 0.6, 0.9])
 def test_truncated_files_of_every_format_are_input_errors(tmp_path, ext, cut):
-    mrcfile = pytest.importorskip("mrcfile")
-    from PIL import Image
-
+    pytest.importorskip("mrcfile")
     data = np.random.default_rng(1).integers(0, 255, (3, 40, 40), dtype=np.uint8)
     path = tmp_path / f"f{ext}"
     if ext == ".tif":
-        tifffile.imwrite(path, data, compression="zlib", photometric="minisblack")
-    elif ext in (".png", ".jpg"):
-        Image.fromarray(data[0]).save(path)
-    elif ext == ".npy":
-        np.save(path, data)
-    elif ext == ".h5":
-        with h5py.File(path, "w") as f:
-            f["raw"] = data
+        save_as(path, data, compression="zlib")
     else:
-        with mrcfile.new(path) as m:
-            m.set_data(data)
+        save_as(path, data[0] if ext in (".png", ".jpg") else data)
     raw = path.read_bytes()
     path.write_bytes(raw[: int(len(raw) * cut)])
     try:

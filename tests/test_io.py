@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from files import save_as
 from nbapp import io as nio
 from nbapp.errors import InputError
 from nbapp.io import read_image, source_file, split_h5_path, split_zarr_path, write_labels
@@ -43,20 +44,7 @@ def files_in(folder: Path) -> list[str]:
 @pytest.mark.parametrize("array", [IMG8, VOL16, FLT], ids=["uint8-2d", "uint16-3d", "float32"])
 @pytest.mark.parametrize("ext", [".tif", ".tiff", ".npy", ".zarr", ".h5", ".mrc"])
 def test_read_round_trip(tmp_path, ext, array):
-    path = tmp_path / f"img{ext}"
-    if ext in (".tif", ".tiff"):
-        tifffile.imwrite(path, array, photometric="minisblack")
-    elif ext == ".npy":
-        np.save(path, array)
-    elif ext == ".zarr":
-        z = zarr.open(str(path), mode="w", shape=array.shape, dtype=array.dtype)
-        z[...] = array
-    elif ext == ".h5":
-        with h5py.File(path, "w") as f:
-            f["raw"] = array
-    else:
-        with mrcfile.new(path) as m:
-            m.set_data(array)
+    path = save_as(tmp_path / f"img{ext}", array)
     out, meta = read_image(path)
     assert isinstance(out, np.ndarray)
     # MRC has no uint8 mode: mrcfile stores uint8 as uint16 (mode 6)
