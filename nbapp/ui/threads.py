@@ -31,15 +31,17 @@ def _kernel_loop():
 
 
 def kernel_id() -> str | None:
-    """The id of the Jupyter kernel this runs in (from its connection file), or None."""
-    try:
-        from ipykernel.connect import get_connection_file
-    except ImportError:  # pragma: no cover - ipykernel comes with the app extra
+    """The id of the Jupyter kernel this runs in (from its connection file), or None.
+
+    Outside a kernel nothing of ipykernel is imported (importing its kernel app replaces the
+    comm manager that widgets made earlier are registered with)."""
+    if _kernel_loop() is None:
         return None
-    try:
-        name = Path(get_connection_file()).stem
-    except (RuntimeError, AttributeError):  # not in a kernel
+    from ipykernel.kernelapp import IPKernelApp
+
+    if not IPKernelApp.initialized():
         return None
+    name = Path(IPKernelApp.instance().connection_file or "").stem
     return name[len("kernel-"):] if name.startswith("kernel-") else None
 
 
