@@ -28,7 +28,7 @@ _LAZY = {
     "read_image": "nbapp.io",
     "write_labels": "nbapp.io",
     "segment_volume": "nbapp.volume",
-    "consensus": "nbapp.volume",
+    "run_consensus": "nbapp.volume",
     "JobRunner": "nbapp.jobs",
 }
 
@@ -37,7 +37,7 @@ __all__ = [
     "Engine",
     "JobRunner",
     "VolumeParams",
-    "consensus",
+    "run_consensus",
     "segment_volume",
     "Heads",
     "InputError",
@@ -59,7 +59,11 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module = importlib.import_module(_LAZY[name])
+        return getattr(module, "consensus" if name == "run_consensus" else name)
+    if name == "consensus":  # the submodule nbapp.consensus, until something imports it
+        raise AttributeError("module 'nbapp' has no attribute 'consensus': the consensus of "
+                             "stored stacks is nbapp.run_consensus(stacks, params)")
     raise AttributeError(f"module 'nbapp' has no attribute {name!r}")
 
 

@@ -71,7 +71,8 @@ def _add_3d_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--median", type=int, default=d.median_size, metavar="N",
                    help="Median Filter Size: 1, 3, 5, 7, 9 or 11 (default %(default)s)")
     g.add_argument("--return-stacks", action="store_true",
-                   help="also write OUTPUT_xy, OUTPUT_xz, OUTPUT_yz beside OUTPUT")
+                   help="also write the per-plane stacks beside OUTPUT: OUTPUT_xy, OUTPUT_xz, "
+                        "OUTPUT_yz (ortho-plane) or the one plane's (single-plane)")
     g.add_argument("--devices", default=None, metavar="LIST",
                    help="devices for the job, e.g. cpu or cuda:0,cuda:1 (default: all GPUs, else cpu)")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
@@ -302,14 +303,17 @@ def _segment_3d(args, sp: SliceParams, out: Path) -> int:
         if client is not None:
             client.close()
     labels, stacks = result if args.return_stacks else (result, {})
+    written = []
     for plane, path in stack_paths(out).items():
         if plane in stacks:
             write_labels(path, stacks[plane])
+            written.append(path.name)
     write_labels(out, labels)
     n = int(labels.max())
+    also = f", and the {'/'.join(stacks)} stack{'s' if len(stacks) > 1 else ''} " \
+           f"({', '.join(written)})" if written else ""
     print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {n} objects in "
-          f"{time.perf_counter() - t0:.1f} s" + (", and the xy/xz/yz stacks" if stacks else ""),
-          file=sys.stderr)
+          f"{time.perf_counter() - t0:.1f} s{also}", file=sys.stderr)
     return 0
 
 

@@ -34,6 +34,7 @@ def test_3d_with_stacks_then_consensus_from_files_matches(setup, capsys):
     stacks = [tifffile.imread(d / f"out_{p}.tif") for p in ("xy", "xz", "yz")]
     assert full.shape == (20, 32, 36) and all(s.shape == full.shape for s in stacks)
     assert "xy network" in err  # the progress bars went to the terminal
+    assert "and the xy/xz/yz stacks (out_xy.tif, out_xz.tif, out_yz.tif)" in err
     code, err = run(capsys, "consensus", d / "out_xy.tif", d / "out_xz.tif", d / "out_yz.tif",
                     "-o", d / "again.tif", "--min-size", "0", "--min-extent", "0")
     assert code == 0, err
@@ -43,6 +44,17 @@ def test_3d_with_stacks_then_consensus_from_files_matches(setup, capsys):
                   "-o", d / "vote3.tif", "--vote", "3", "--min-size", "0", "--min-extent", "0")
     assert code == 0
     assert np.count_nonzero(tifffile.imread(d / "vote3.tif")) <= np.count_nonzero(full)
+
+
+def test_single_plane_return_stacks_says_what_it_wrote(setup, capsys):
+    """Issue 17 item 4: single-plane writes one stack and says so."""
+    d, model = setup
+    code, err = run(capsys, "segment", d / "vol.tif", "-o", d / "one.tif", "--mode", "3d",
+                    "--model", model, "--no-orthoplane", "--return-stacks", "--min-size", "0",
+                    "--min-extent", "0")
+    assert code == 0, err
+    assert "and the xy stack (one_xy.tif)" in err and "xz" not in err.splitlines()[-1]
+    assert sorted(p.name for p in d.glob("one*")) == ["one.tif", "one_xy.tif"]
 
 
 def test_single_plane_to_zarr(setup, capsys):

@@ -28,3 +28,19 @@ def test_import_nbapp_does_not_import_torch_or_widgets():
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_public_consensus_survives_a_3d_job_in_a_fresh_interpreter():
+    """Issue 17 item 1: after a 3D job imports nbapp.consensus (the module), the README's call
+    still works."""
+    code = ("import numpy as np, nbapp\n"
+            "from nbapp.samples import demo_volume\n"
+            "vol = demo_volume(shape=(32, 64, 64), n_mito=3)[0]\n"
+            "lab, st = nbapp.segment_volume(vol, 'default', nbapp.VolumeParams(return_stacks=True))\n"
+            "again = nbapp.run_consensus(st, nbapp.ConsensusParams(vote_threshold=3))\n"
+            "print(sorted(st), again.shape, again.dtype)\n"
+            "try:\n    nbapp.consensus\nexcept AttributeError as e:\n    print('no', e)\n"
+            "else:\n    print('module', type(nbapp.consensus).__name__)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "['xy', 'xz', 'yz'] (32, 64, 64) int32" in res.stdout

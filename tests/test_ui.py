@@ -395,7 +395,11 @@ def test_threaded_3d_job_runs_in_the_background_and_cancels(volume):
 def test_3d_needs_a_volume(app, volume):
     app.session.set_volume(volume[8], "image")
     app.controls3d.run.click()
-    assert app.state.status_level == "error" and "needs a volume" in app.state.status
+    assert app.state.status_level == "error"
+    assert app.state.status.endswith("the data is one 2D image: load a volume, or use the 2D tab")
+    app.session.set_volume(volume[:4], "stack")  # few slices, no voxel size: batch mode
+    app.controls3d.run.click()
+    assert "turn Batch mode off to segment it as a volume" in app.state.status
 
 
 # ---------------------------------------------------------------- data, errors, exports
@@ -753,5 +757,25 @@ def test_3d_job_with_its_page_open_saves_nothing(volume, tmp_path, monkeypatch):
         assert a.session.run_3d()
         assert a.state.job.state == JobState.DONE
         assert os.listdir(tmp_path) == []
+    finally:
+        a.close()
+
+
+def test_a_2d_error_clears_when_the_next_result_arrives():
+    """Issue 17 item 2: Max objects per class below the count (overflow), then back."""
+    from nbapp.samples import demo_volume
+    from nbapp.ui import App
+
+    a = App(volume=demo_volume()[0], device="cpu", synchronous=True)
+    try:
+        st, w = a.state, a.controls2d.widgets["label_divisor"]
+        assert st.result2d.count > 3
+        w.value = 3
+        assert st.status_level == "error" and "label_divisor" in st.status
+        assert "updating" not in a.viewer2d.info.value
+        w.value = 10000
+        assert st.status_level == "ok" and st.status == f"2D inference: {st.result2d.count} instances"
+        assert "updating" not in a.viewer2d.info.value
+        assert f"<b>{st.result2d.count}</b> instances" in a.viewer2d.info.value
     finally:
         a.close()

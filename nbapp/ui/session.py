@@ -192,6 +192,7 @@ class Session:
         remove_stale_uploads()
         self._job_devices: list[str] | None = None  # None: the model's device
         self._marker: JobMarker | None = None  # served app: tells the server a job runs
+        self._error_2d = False  # the status line shows a 2D inference error
         self._quiet = False  # set while several state changes make one 2D request
         state.observe(self._params_changed, names=["slice_params", "plane", "index"])
 
@@ -417,8 +418,13 @@ class Session:
         st.busy2d = False
         if error is not None:
             self.report(error, "2D inference failed")
+            self._error_2d = True
             return
         st.result2d = result
+        if self._error_2d:  # the error the status line shows is over: say so there
+            self._error_2d = False
+            if st.status_level == "error":
+                st.say(f"2D inference: {result.count} instances", "ok")
 
     def compare_downsampling(self) -> None:
         """Run the current slice at downsampling 1, 2, 4 and 8 (one panel each)."""
@@ -523,9 +529,13 @@ class Session:
         try:
             if st.data is None:
                 raise InputError("load a volume first")
-            if self.effective_kind() != "volume":
-                raise InputError(f"3D inference needs a volume; the data is a "
-                                 f"{self.effective_kind()} (turn Batch mode off for a volume)")
+            if self.effective_kind() == "image":
+                raise InputError("3D inference needs a volume (Z, Y, X); the data is one 2D "
+                                 "image: load a volume, or use the 2D tab")
+            if self.effective_kind() == "stack":
+                raise InputError("3D inference needs a volume; the data is used as a stack of "
+                                 "unrelated 2D images (Batch mode): turn Batch mode off to "
+                                 "segment it as a volume")
             if st.model is None:
                 raise ModelError("load a model first")
             vp = st.volume_params.replace(slice=st.slice_params.replace(batch_mode=False))

@@ -131,8 +131,7 @@ class Viewer2D:
             self.on_box(y1 - y0, x1 - x0)
 
     def _busy(self, change) -> None:
-        if change.new:
-            self.info.value = self._text(self.state.result2d, busy=True)
+        self.info.value = self._text(self.state.result2d, busy=bool(change.new))
 
     def _text(self, r, busy=False) -> str:
         if r is None:
