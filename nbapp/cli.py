@@ -52,7 +52,8 @@ def _add_2d_options(p: argparse.ArgumentParser) -> None:
 def _add_consensus_options(p: argparse.ArgumentParser) -> None:
     d = ConsensusParams()
     g = p.add_argument_group("consensus and 3D filters (SPEC section 3)")
-    g.add_argument("--vote", type=int, default=d.vote_threshold, metavar="N",
+    g.add_argument("--vote", "--vote-threshold", dest="vote", type=int, default=d.vote_threshold,
+                   metavar="N",
                    help="Voxel Vote Threshold Out of 3, 1-3 (default %(default)s)")
     g.add_argument("--allow-one-view", action="store_true",
                    help="Permit detections found in 1 stack into consensus")
@@ -68,7 +69,8 @@ def _add_3d_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plane", default=d.plane, help="Inference plane: xy, xz or yz (default %(default)s)")
     g.add_argument("--orthoplane", action=argparse.BooleanOptionalAction, default=d.orthoplane,
                    help="Run ortho-plane: xy, xz and yz stacks and their consensus (default: on)")
-    g.add_argument("--median", type=int, default=d.median_size, metavar="N",
+    g.add_argument("--median", "--median-size", dest="median", type=int, default=d.median_size,
+                   metavar="N",
                    help="Median Filter Size: 1, 3, 5, 7, 9 or 11 (default %(default)s)")
     g.add_argument("--return-stacks", action="store_true",
                    help="also write the per-plane stacks beside OUTPUT: OUTPUT_xy, OUTPUT_xz, "

@@ -375,33 +375,10 @@ def panoptic_loss(out: dict, batch: dict, hard_frac: float = 0.2, w_dice: float 
 # ----------------------------------------------------------------------------------- validation
 
 
-def _simple_segment(sem: np.ndarray, ctr: np.ndarray, off: np.ndarray, seg_thr: float = 0.5,
-                    ctr_thr: float = 0.1, nms: int = 3) -> np.ndarray:
-    """Minimal coarse-grid Panoptic-DeepLab grouping (used when nbapp.postprocess is absent)."""
-    fg = sem >= seg_thr
-    peak = (ctr > ctr_thr) & (ctr == ndi.maximum_filter(ctr, size=nms, mode="constant",
-                                                         cval=-np.inf))
-    cy, cx = np.nonzero(peak)
-    h4, w4 = ctr.shape
-    out = np.zeros(sem.shape, np.int32)
-    if cy.size == 0:
-        return out
-    centres = np.stack([cy * 4 + 1.5, cx * 4 + 1.5], 1)
-    gy, gx = np.meshgrid(np.arange(h4) * 4 + 1.5, np.arange(w4) * 4 + 1.5, indexing="ij")
-    pts = np.stack([(gy + off[0]).ravel(), (gx + off[1]).ravel()], 1)
-    d = ((pts[:, None, :] - centres[None]) ** 2).sum(-1)
-    cells = (d.argmin(1) + 1).reshape(h4, w4)
-    full = np.repeat(np.repeat(cells, 4, 0), 4, 1)[: sem.shape[0], : sem.shape[1]]
-    out[fg] = full[fg]
-    return cc_label(out, connectivity=2).astype(np.int32)
-
-
 def _segment(sem: np.ndarray, ctr: np.ndarray, off: np.ndarray) -> np.ndarray:
-    try:
-        from nbapp.heads import Heads
-        from nbapp.postprocess import segment_heads
-    except ImportError:
-        return _simple_segment(sem, ctr, off)
+    from nbapp.heads import Heads
+    from nbapp.postprocess import segment_heads
+
     return segment_heads(Heads(sem[None], ctr, off, 1, 4))
 
 

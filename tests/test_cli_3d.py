@@ -57,6 +57,23 @@ def test_single_plane_return_stacks_says_what_it_wrote(setup, capsys):
     assert sorted(p.name for p in d.glob("one*")) == ["one.tif", "one_xy.tif"]
 
 
+def test_flags_named_like_the_fields(setup, capsys):
+    """Issue 17 item 15: --vote-threshold and --median-size are --vote and --median."""
+    d, model = setup
+    code, err = run(capsys, "segment", d / "vol.tif", "-o", d / "a.tif", "--mode", "3d",
+                    "--model", model, "--vote-threshold", "1", "--median-size", "5",
+                    "--min-size", "0", "--min-extent", "0")
+    assert code == 0, err
+    code, err = run(capsys, "segment", d / "vol.tif", "-o", d / "b.tif", "--mode", "3d",
+                    "--model", model, "--vote", "1", "--median", "5", "--min-size", "0",
+                    "--min-extent", "0")
+    assert code == 0, err
+    np.testing.assert_array_equal(tifffile.imread(d / "a.tif"), tifffile.imread(d / "b.tif"))
+    code, err = run(capsys, "segment", d / "vol.tif", "-o", d / "c.tif", "--mode", "3d",
+                    "--model", model, "--median-size", "4")
+    assert code == 2 and "median_size must be an odd number" in err
+
+
 def test_single_plane_to_zarr(setup, capsys):
     import zarr
 
@@ -116,6 +133,7 @@ def test_consensus_of_float_or_2d_stacks(setup, capsys):
     assert code == 2 and "must be a volume" in err
 
 
+@pytest.mark.slow  # the Dask client waits out its 10 s connection timeout
 def test_unreachable_scheduler(setup, capsys):
     pytest.importorskip("distributed")
     d, model = setup

@@ -14,7 +14,7 @@ import traitlets
 from traitlets import Any, Bool, Dict, Float, HasTraits, Instance, Int, List, Unicode
 
 from nbapp.jobs import Snapshot
-from nbapp.params import ConsensusParams, SliceParams, VolumeParams
+from nbapp.params import SliceParams, VolumeParams
 
 __all__ = ["AppState", "DataSet", "Result2D", "CompareResult", "KINDS"]
 
@@ -109,10 +109,6 @@ class AppState(HasTraits):
     status = Unicode("")
     status_level = traitlets.Enum(("info", "ok", "warning", "error"), default_value="info")
     messages = List(Unicode())
-
-    @property
-    def consensus_params(self) -> ConsensusParams:
-        return self.volume_params.consensus
 
     def say(self, text: str, level: str = "info", detail: str | None = None) -> None:
         """Show ``text`` in the status line and append it (and ``detail``) to the log."""

@@ -1,7 +1,0 @@
-"""Doctest collection of nbapp.ui needs the app extra; without it the core suite still runs."""
-
-import importlib.util
-
-collect_ignore_glob = [] if all(
-    importlib.util.find_spec(m) for m in ("ipywidgets", "ipympl", "ipyvolume", "matplotlib")
-) else ["*.py"]
