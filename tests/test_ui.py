@@ -498,6 +498,10 @@ def test_exports_go_inside_the_data_root(volume, tmp_path):
         small_lab(a)
         a.session.run_3d()
         c = a.controls3d
+        c.export_labels.click()  # issue 17 item 9: the defaults go to nbapp-exports/
+        c.export_table.click()
+        assert sorted(os.listdir(tmp_path)) == ["nbapp-exports"]
+        assert sorted(os.listdir(tmp_path / "nbapp-exports")) == ["labels.tif", "objects.csv"]
         c.export_path.value = "out.tif"
         c.export_labels.click()
         np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), a.state.labels3d)

@@ -12,7 +12,7 @@ import ipywidgets as W
 from nbapp.errors import NbappError
 from nbapp.jobs import JobState
 from nbapp.params import DOWNSAMPLING_FACTORS, LABELS, MEDIAN_SIZES, PLANES
-from nbapp.ui.session import Session
+from nbapp.ui.session import EXPORT_FOLDER, Session
 from nbapp.ui.state import AppState
 
 __all__ = ["StatusArea", "DataPanel", "ModelPanel", "Controls2D", "Controls3D", "ProgressBars"]
@@ -320,11 +320,13 @@ class Controls3D:
         self.cancel.on_click(lambda _: session.cancel_3d())
         self.rerun.on_click(lambda _: session.rerun_consensus())
         self.progress = ProgressBars(state)
-        self.export_path = W.Text(value="labels.tif", description="Export to", style=_WIDE,
+        self.export_path = W.Text(value=f"{EXPORT_FOLDER}/labels.tif", description="Export to",
+                                  style=_WIDE,
                                   placeholder="NAME.tif or NAME.zarr" + (
                                       " (inside the data root)" if session.data_root else ""))
         self.export_labels = W.Button(description="Export labels", icon="download")
-        self.table_path = W.Text(value="objects.csv", description="Table to", style=_WIDE)
+        self.table_path = W.Text(value=f"{EXPORT_FOLDER}/objects.csv", description="Table to",
+                                 style=_WIDE)
         self.export_table = W.Button(description="Export table (CSV)", icon="table")
         self.export_labels.on_click(lambda _: session.export_labels(self.export_path.value))
         self.export_table.on_click(lambda _: session.export_table(self.table_path.value))

@@ -37,6 +37,8 @@ UPLOAD_FORMATS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".mrc", ".ma
 #: Uploads go to a private folder named for this process, removed when the session closes or
 #: the process exits; one left by a killed kernel is removed by the next session.
 UPLOAD_PREFIX = "nbapp-upload-"
+#: Where exports go by default, inside the data root (made on first use).
+EXPORT_FOLDER = "nbapp-exports"
 
 
 def remove_stale_uploads(folder: str | os.PathLike | None = None) -> list[Path]:
@@ -577,7 +579,7 @@ class Session:
         if self.data_root is None or labels is None:
             return
         name = Path(self.state.data.name if self.state.data else "volume").stem or "volume"
-        folder = self.data_root / "nbapp-exports"
+        folder = self.data_root / EXPORT_FOLDER
         try:
             folder.mkdir(exist_ok=True)
             target = write_labels(folder / f"{name}_3d_{time.strftime('%Y%m%d-%H%M%S')}.tif",
@@ -649,11 +651,17 @@ class Session:
         if not text:
             raise InputError("give a file name to export to")
         if self.data_root is None:
-            return Path(text).expanduser()
-        target = Path(text) if Path(text).is_absolute() else self.data_root / text
-        # the folder is resolved (links followed) and must be in the root; the file name is
-        # the writer's (a link there would be replaced, not followed)
-        return confine(str(target.parent), self.data_root, "export folder") / target.name
+            target = Path(text).expanduser()
+        else:
+            target = Path(text) if Path(text).is_absolute() else self.data_root / text
+            # the folder is resolved (links followed) and must be in the root; the file name
+            # is the writer's (a link there would be replaced, not followed)
+            target = confine(str(target.parent), self.data_root, "export folder") / target.name
+        base = Path(".") if self.data_root is None else Path(os.path.realpath(self.data_root))
+        if target.parent.name == EXPORT_FOLDER and not target.parent.exists() and \
+                Path(os.path.realpath(target.parent.parent)) == Path(os.path.realpath(base)):
+            target.parent.mkdir()  # the app's own exports folder, made on first use
+        return target
 
     def current_labels(self) -> np.ndarray | None:
         st = self.state
