@@ -783,3 +783,23 @@ def test_a_2d_error_clears_when_the_next_result_arrives():
         assert f"<b>{st.result2d.count}</b> instances" in a.viewer2d.info.value
     finally:
         a.close()
+
+
+def test_app_opens_on_the_2d_tab_when_ready_and_on_data_when_not(volume, tmp_path):
+    """Issue 17 item 7: the first screen is the viewer once data and model are ready; a model
+    that fails keeps the Data & model tab, where its error is."""
+    a = make_app(volume)
+    try:
+        assert a.tabs.selected_index == 1
+        assert "<details><summary>" in a.model_panel.info.value or \
+            not a.state.model_info.get("description")
+        assert a.children[1] is a.status.line and "nbapp-statusbar" in a.status.line._dom_classes
+    finally:
+        a.close()
+    from nbapp.ui import App
+
+    b = App(volume=volume, model=str(tmp_path / "missing.pt"), device="cpu", synchronous=True)
+    try:
+        assert b.tabs.selected_index == 0 and b.state.status_level == "error"
+    finally:
+        b.close()

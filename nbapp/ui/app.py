@@ -83,8 +83,12 @@ class App(W.VBox):
         tab_3d = W.VBox([self.controls3d.widget, results])
         self.tabs = W.Tab(children=[tab_data, tab_2d, tab_3d],
                           titles=("Data & model", "2D parameter testing", "3D inference"))
-        self.children = [W.HTML("<h3 style='margin:4px 0'>nbapp: mitochondria segmentation</h3>"),
-                         self.tabs, self.status.widget]
+        # the status line sits above the tabs and stays in view when the page scrolls, so that
+        # what a button did (or why it could not) shows where the user is looking
+        self.status.line.add_class("nbapp-statusbar")
+        self.children = [W.HTML(_CSS + "<h3 style='margin:4px 0'>nbapp: mitochondria "
+                                "segmentation</h3>"),
+                         self.status.line, self.tabs, self.status.log_box]
 
         if isinstance(volume, str):
             session.load_path(volume)
@@ -93,7 +97,9 @@ class App(W.VBox):
         else:
             session.load_demo()
         # the model last, so that a model problem is what the status line shows
-        session.load_model("default" if model is None else model, device or state.device)
+        ready = session.load_model("default" if model is None else model, device or state.device)
+        if ready and state.data is not None and state.status_level != "error":
+            self.tabs.selected_index = 1  # data and model ready: straight to the 2D viewer
         if model is not None and not isinstance(model, str):
             state.model_spec = "(in-memory model)"
             self.model_panel.spec.value = state.model_spec
@@ -123,6 +129,16 @@ class App(W.VBox):
             if w is not self:
                 w.close()
         super().close()
+
+
+_CSS = """<style>
+.nbapp-statusbar { position: sticky; top: 0; z-index: 20; background: #fff;
+                   padding: 2px 0; border-bottom: 1px solid #eee; }
+.nbapp-app { overflow: visible !important; }
+/* the notebook output areas around the app would each be the sticky line's scroll box */
+.jp-OutputArea:has(.nbapp-app), .jp-OutputArea-child:has(.nbapp-app),
+.jp-OutputArea-output:has(.nbapp-app) { overflow: visible !important; }
+</style>"""
 
 
 def app(volume=None, model=None, device=None, data_root=None, upload_limit_mb: float = 200.0,

@@ -51,7 +51,7 @@ class StatusArea:
                                             border="1px solid #ddd"))
         self.log_box = W.Accordion(children=[self.log], titles=("Log",))
         self.log_box.selected_index = None
-        self.widget = W.VBox([self.line, self.log_box])
+        # the app places ``line`` (above its tabs) and ``log_box`` (below them) itself
         self._seen = 0
         state.observe(self._status, names=["status", "status_level"])
         state.observe(self._messages, names=["messages"])
@@ -154,9 +154,16 @@ class ModelPanel:
                 ("padding factor", i.get("padding_factor")),
                 ("parameters", f"{i.get('parameters', 0):,}"), ("device", i.get("device")),
                 ("description", i.get("description"))]
+        def cell(key, value) -> str:
+            text = html.escape(str(value))
+            if key == "description" and text:  # long: folded, one click away
+                first = text.split(". ")[0][:90]
+                return f"<details><summary>{first} ...</summary>{text}</details>"
+            return text
+
         self.info.value = "<table class='nbapp-model-info'>" + "".join(
-            f"<tr><th style='text-align:left;padding-right:8px'>{k}</th>"
-            f"<td>{html.escape(str(v))}</td></tr>" for k, v in rows) + "</table>"
+            f"<tr><th style='text-align:left;padding-right:8px;vertical-align:top'>{k}</th>"
+            f"<td>{cell(k, v)}</td></tr>" for k, v in rows) + "</table>"
 
 
 class Controls2D:

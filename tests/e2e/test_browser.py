@@ -162,6 +162,23 @@ def test_errors_show_in_the_page(app, path, needle):
     assert_no_page_errors(app)
 
 
+def test_the_status_line_stays_in_view_at_1366x768(app):
+    """Issue 17 item 6: an error caused by a button shows where the user is looking, also
+    after scrolling down a long tab."""
+    page = app.page
+    page.set_viewport_size({"width": 1366, "height": 768})
+    try:
+        for tab in ("Data & model", "3D inference"):
+            app.tab(tab)
+            page.mouse.wheel(0, 2000)  # scroll to the bottom of the tab
+            page.wait_for_timeout(300)  # let the scroll settle (bounded)
+            box = app.status().bounding_box()
+            assert box is not None and 0 <= box["y"] and box["y"] + box["height"] <= 768, box
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
+        page.mouse.wheel(0, -4000)
+
+
 def test_closing_the_tab_shuts_its_kernel_down(server, browser):
     """The page's shutdown request on unload passes the XSRF check (voila issue 1458)."""
     ctx, rec = browser
