@@ -43,16 +43,15 @@ def load_volume(size: str) -> tuple[np.ndarray, str]:
 
 
 def one(size: str, mode: str, model: str, devices: str) -> dict:
-    from nbapp.jobs import DevicePool
     from nbapp.params import VolumeParams
-    from nbapp.volume import make_engines, volume_steps
+    from nbapp.run3d import job_steps, make_engines
 
     vol, source = load_volume(size)
     params = VolumeParams(orthoplane=mode == "ortho")
     engines = make_engines(model, devices.split(","), batch_size=4)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    gen = volume_steps(engines[0], vol, params, heads_source=DevicePool(engines))
+    gen = job_steps(engines, vol, params)
     while True:
         try:
             next(gen)

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from nbapp.models import load_model
     from nbapp.params import SliceParams, VolumeParams
     from nbapp.samples import demo_volume
-    from nbapp.volume import available_devices, segment_volume
+    from nbapp.run3d import available_devices, segment_volume
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", default=None, help="comma list; default cpu + all GPUs")

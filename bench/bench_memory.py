@@ -58,17 +58,17 @@ def one_2d(side: int, batch: int, ds: int, fine: bool) -> dict:
 def one_3d(shape: tuple, ortho: bool) -> dict:
     import numpy as np
 
-    from nbapp.jobs import DevicePool
     from nbapp.params import VolumeParams
+    from nbapp.run3d import job_steps, make_engines
     from nbapp.samples import demo_volume
-    from nbapp.volume import job_memory, make_engines, volume_steps
+    from nbapp.volume import job_memory
 
     n = max(12, int(np.prod(shape) / 350_000))
     vol = demo_volume(shape=shape, n_mito=n, seed=11)[0]
     params = VolumeParams(orthoplane=ortho)
     engines = make_engines("default", ["cpu"])
     before = rss_mb()
-    gen = volume_steps(engines[0], vol, params, heads_source=DevicePool(engines))
+    gen = job_steps(engines, vol, params)
     for _ in gen:
         pass
     grown = (peak_mb() - before) * 2**20

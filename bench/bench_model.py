@@ -66,7 +66,7 @@ def evaluate_2d(model, raw: np.ndarray, labels: np.ndarray, downsampling: int) -
 def evaluate_3d(model, raw: np.ndarray, labels: np.ndarray, ortho: bool) -> dict:
     from nbapp.metrics import instance_metrics
     from nbapp.params import VolumeParams
-    from nbapp.volume import segment_volume
+    from nbapp.run3d import segment_volume
 
     t0 = time.perf_counter()
     pred = segment_volume(raw, model, VolumeParams(orthoplane=ortho), devices=["cpu"])

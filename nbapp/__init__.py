@@ -27,7 +27,7 @@ _LAZY = {
     "Heads": "nbapp.heads",
     "read_image": "nbapp.io",
     "write_labels": "nbapp.io",
-    "segment_volume": "nbapp.volume",
+    "segment_volume": "nbapp.run3d",
     "run_consensus": "nbapp.volume",
     "JobRunner": "nbapp.jobs",
 }

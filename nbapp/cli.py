@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nbapp.errors import InputError, NbappError, ParameterError
+from nbapp.memory import out_of_memory_message
 from nbapp.params import ConsensusParams, SliceParams, VolumeParams
 
 __all__ = ["main", "build_parser"]
@@ -290,7 +291,7 @@ def _segment_3d(args, sp: SliceParams, out: Path) -> int:
     if len(volume.shape) != 3:
         raise InputError(f"--mode 3d needs a volume (Z, Y, X); {args.input} has shape "
                          f"{tuple(volume.shape)}")
-    from nbapp.volume import segment_volume
+    from nbapp.run3d import segment_volume
 
     progress, close_bars = _progress_bars()
     t0 = time.perf_counter()
@@ -398,7 +399,7 @@ def _cmd_demo(args) -> int:
           f"mitochondria (nbapp.samples.demo_volume)", file=sys.stderr)
     t0 = time.perf_counter()
     if args.mode == "3d":
-        from nbapp.volume import segment_volume
+        from nbapp.run3d import segment_volume
 
         progress, close_bars = _progress_bars()
         try:
@@ -495,10 +496,6 @@ def _one_line(message: str) -> str:
     return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
-_OOM = ("nbapp: error: out of memory; use --downsampling, a smaller --batch-size or a smaller "
-        "input")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nbapp`` console script; returns the exit status."""
     try:
@@ -518,8 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(train.run(args) or 0)
         return handler(args)
     except MemoryError as exc:  # nbapp's own checks say what needs the memory
-        print(f"nbapp: error: {_one_line(exc)}" if isinstance(exc, NbappError) else _OOM,
-              file=sys.stderr)
+        print(f"nbapp: error: {_one_line(out_of_memory_message(exc))}", file=sys.stderr)
         return 1
     except NbappError as exc:
         print(f"nbapp: error: {_one_line(exc)}", file=sys.stderr)
@@ -527,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         if type(exc).__name__ != "OutOfMemoryError":  # torch's (GPU) out-of-memory error
             raise
-        print(_OOM, file=sys.stderr)
+        print(f"nbapp: error: {out_of_memory_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("nbapp: error: interrupted", file=sys.stderr)

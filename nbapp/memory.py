@@ -14,7 +14,11 @@ from pathlib import Path
 
 from nbapp.errors import NbappError
 
-__all__ = ["available_bytes", "format_bytes", "check_fits", "OutOfMemory", "CGROUP_ROOT"]
+__all__ = ["available_bytes", "format_bytes", "check_fits", "OutOfMemory", "CGROUP_ROOT",
+           "out_of_memory_message"]
+
+#: What to try when memory runs out and nothing more precise is known.
+OOM_HINT = "use more downsampling, a smaller batch size, a smaller input or single-plane mode"
 
 #: Where cgroup file systems are mounted (a module constant so that tests can point it at a
 #: folder of their own).
@@ -158,3 +162,19 @@ def check_fits(nbytes: float, what: str, hint: str, fraction: float = 0.9) -> No
     if nbytes > fraction * room:
         raise OutOfMemory(f"out of memory: {what} needs {format_bytes(nbytes)} but this process "
                           f"has {format_bytes(room)} left; {hint}")
+
+
+def out_of_memory_message(exc: BaseException) -> str:
+    """The one line shown for running out of memory (page, CLI and job state): nbapp's own
+    checks say what needed the memory; a bare ``MemoryError`` or a GPU out-of-memory error gets
+    :data:`OOM_HINT`.
+
+    >>> out_of_memory_message(MemoryError())
+    'out of memory: use more downsampling, a smaller batch size, a smaller input or single-plane mode'
+    """
+    if isinstance(exc, OutOfMemory):
+        return str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if text.startswith("out of memory"):  # the model wrapper's message names the input
+        return text
+    return f"out of memory: {OOM_HINT}"

@@ -2,7 +2,8 @@
 
 The algorithm is written as generators that yield :class:`Progress` and return their result
 (STYLE #10); threads, progress bars and cancellation live outside, in :mod:`nbapp.jobs` and the
-CLI. :func:`segment_volume` is the synchronous recipe.
+CLI, and the job is assembled (engines, devices, Dask) in :mod:`nbapp.run3d`, whose
+:func:`~nbapp.run3d.segment_volume` is the synchronous recipe. Nothing here imports those.
 
 Memory: network outputs are streamed; only a window of ``median_size`` slices of outputs is held
 at a time. Each plane's labels are one int32 volume.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Generator
+from typing import Generator
 
 import numpy as np
 
@@ -24,8 +25,8 @@ from nbapp.params import PLANES, ConsensusParams, VolumeParams
 from nbapp.postprocess import segment_heads
 
 __all__ = ["Progress", "VolumeResult", "Cancelled", "job_memory", "check_job_memory",
-           "plane_axis", "get_slice", "median_window",
-           "plane_stack_steps", "volume_steps", "segment_volume", "consensus", "semantic_consensus",
+           "plane_axis", "get_slice", "median_window", "check_volume",
+           "plane_stack_steps", "volume_steps", "consensus", "semantic_consensus",
            "volume_intensity", "filter_stack"]
 
 #: Per-slice label divisor used inside 3D jobs: large enough that no slice overflows.
@@ -98,7 +99,8 @@ def volume_intensity(volume) -> tuple:
     return intensity_range(np.stack([np.asarray(volume[int(z)]) for z in zs]))
 
 
-def _check_volume(volume) -> None:
+def check_volume(volume) -> None:
+    """Raise :class:`InputError` unless ``volume`` is a non-empty (Z, Y, X) array."""
     shape = getattr(volume, "shape", None)
     if shape is None or len(shape) != 3:
         raise InputError(f"3D inference needs a volume (Z, Y, X), got shape {shape}")
@@ -338,7 +340,7 @@ def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
     network + post-processing of a plane (a generator returning the raw per-slice stack, as
     :func:`plane_stack_steps` does); the Dask path uses it.
     """
-    _check_volume(volume)
+    check_volume(volume)
     if intensity is None:
         intensity = volume_intensity(volume)
     thing_list = tuple(engine.model.config.thing_list)
@@ -392,97 +394,3 @@ def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
             "model": engine.model.config.name, "params": params}
     return VolumeResult(labels, stacks if (params.return_stacks or params.orthoplane) else {},
                         timings, meta)
-
-
-def _drain(gen, progress: Callable | None, cancel) -> VolumeResult:
-    while True:
-        if cancel is not None and cancel.is_set():
-            gen.close()
-            raise Cancelled("the job was cancelled")
-        try:
-            p = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(p)
-
-
-def available_devices() -> list[str]:
-    """All CUDA GPUs if there are any, else the CPU (the default device list of a 3D job)."""
-    import torch
-
-    n = torch.cuda.device_count()
-    return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
-
-
-def parse_devices(devices) -> list[str]:
-    """``None`` -> all available; ``"cpu,cuda:0"`` or a list -> that list (checked)."""
-    from nbapp.models import resolve_device
-
-    if devices is None:
-        return available_devices()
-    items = devices.split(",") if isinstance(devices, str) else list(devices)
-    items = [str(d).strip() for d in items if str(d).strip()]
-    if not items:
-        raise InputError("the device list is empty: give e.g. cpu or cuda:0,cuda:1")
-    for d in items:
-        resolve_device(d)
-    return items
-
-
-def make_engines(model, devices, batch_size: int = 4) -> list:
-    """One engine per device, sharing one loaded model (copied to each device)."""
-    from nbapp.engine import Engine
-    from nbapp.models import load_model
-
-    devs = parse_devices(devices)
-    base = load_model(model, device=devs[0])
-    return [Engine(base.to(d), batch_size=batch_size) for d in devs]
-
-
-def segment_volume(volume, model="default", params: VolumeParams = VolumeParams(), devices=None,
-                   client=None, progress: Callable | None = None, cancel=None,
-                   batch_size: int = 4) -> np.ndarray | tuple[np.ndarray, dict]:
-    """Segment a (Z, Y, X) volume: single plane or ortho-plane with consensus.
-
-    Parameters
-    ----------
-    volume : (Z, Y, X) array (numpy, memory-mapped or zarr)
-    model : str, Model or torch.nn.Module
-        What :func:`nbapp.load_model` accepts.
-    params : VolumeParams
-    devices : list of str or str, optional
-        Devices to run on, one worker each; default: all CUDA GPUs, else the CPU.
-    client : dask.distributed.Client, optional
-        Run the network and 2D post-processing as tasks on a Dask cluster.
-    progress : callable, optional
-        Called with each :class:`Progress` (in the calling thread).
-    cancel : threading.Event, optional
-        Set it to stop the job (raises :class:`Cancelled`).
-
-    Returns
-    -------
-    labels : (Z, Y, X) int32
-        ids 1..N.
-    stacks : dict, only when ``params.return_stacks``
-        {"xy", "xz", "yz"} -> (Z, Y, X) int32 per-plane labels.
-    """
-    from nbapp.jobs import DevicePool
-
-    if not isinstance(params, VolumeParams):
-        raise InputError(f"params must be VolumeParams, got {type(params).__name__}")
-    _check_volume(volume)
-    engines = make_engines(model, devices, batch_size)
-    if client is not None:
-        from nbapp.cluster import DaskPlanes
-
-        steps = volume_steps(engines[0], volume, params,
-                             plane_runner=DaskPlanes(client, model, batch_size))
-    else:
-        steps = volume_steps(engines[0], volume, params, heads_source=DevicePool(engines))
-    result = _drain(steps, progress, cancel)
-    if params.return_stacks:
-        if params.slice.semantic_only:
-            return result.labels, result.stacks
-        return result.labels, {p: filter_stack(st, params.consensus) for p, st in result.stacks.items()}
-    return result.labels

@@ -53,7 +53,7 @@ def test_engine_heads_agree_across_devices(demo):
 
 def test_volume_on_gpu_and_cpu_workers_matches_cpu_only(demo):
     from nbapp.params import VolumeParams
-    from nbapp.volume import segment_volume
+    from nbapp.run3d import segment_volume
 
     vol = demo[0][:40]
     params = VolumeParams(orthoplane=True)
@@ -64,6 +64,6 @@ def test_volume_on_gpu_and_cpu_workers_matches_cpu_only(demo):
 
 
 def test_default_devices_are_all_gpus():
-    from nbapp.volume import parse_devices
+    from nbapp.run3d import parse_devices
 
     assert parse_devices(None) == [f"cuda:{i}" for i in range(torch.cuda.device_count())]

@@ -20,6 +20,7 @@ def test_import_linter_contracts_hold():
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "0 broken" in res.stdout
+    assert "Layers: app and CLI, 3D front door" in res.stdout  # the floors are checked too
 
 
 def test_import_nbapp_does_not_import_torch_or_widgets():

@@ -14,8 +14,8 @@ from nbapp import InputError, ParameterError
 from nbapp.jobs import DevicePool, JobRunner, JobState
 from nbapp.metrics import instance_metrics
 from nbapp.params import ConsensusParams, SliceParams, VolumeParams
-from nbapp.volume import (Cancelled, consensus, get_slice, median_window, segment_volume,
-                          volume_steps)
+from nbapp.run3d import segment_volume
+from nbapp.volume import Cancelled, consensus, get_slice, median_window, volume_steps
 
 SMALL = ConsensusParams(min_size=20, min_extent=2)
 

@@ -18,7 +18,8 @@ from nbapp.confine import confine
 from nbapp.errors import InputError, ModelError
 from nbapp.models.config import ModelConfig, confine_config, fetch, read_config
 
-__all__ = ["Model", "load_model", "resolve_device", "default_config_path", "check_outputs"]
+__all__ = ["Model", "load_model", "resolve_device", "default_config_path", "check_outputs",
+           "gpu_devices", "device_names"]
 
 _EXTRA_CONFIG = "nbapp_config.yaml"
 
@@ -26,6 +27,21 @@ _EXTRA_CONFIG = "nbapp_config.yaml"
 def default_config_path() -> Path:
     """Path of the YAML config of the model shipped inside the package."""
     return Path(__file__).resolve().parent / "default" / "nbapp_mito.yaml"
+
+
+def gpu_devices() -> list[str]:
+    """Every CUDA device torch sees: ``["cuda:0", "cuda:1", ...]`` (empty without a GPU)."""
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def device_names() -> list[str]:
+    """Every device a model can run on here: ``cpu``, each CUDA GPU, then ``mps`` if present.
+
+    >>> device_names()[0]
+    'cpu'
+    """
+    mps = getattr(torch.backends, "mps", None)
+    return ["cpu", *gpu_devices()] + (["mps"] if mps is not None and mps.is_available() else [])
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -140,24 +140,23 @@ def object_table(labels: np.ndarray) -> list[dict]:
 
 
 def available_device_names() -> list[str]:
-    """cpu, every CUDA device and mps when present."""
-    import torch
+    """The device choices of the app: every device, and "all GPUs" when there are several."""
+    from nbapp.models import device_names, gpu_devices
 
-    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    names = ["cpu"] + cuda + ([ALL_GPUS] if len(cuda) > 1 else [])
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        names.append("mps")
+    names = device_names()
+    if len(gpu_devices()) > 1:
+        names.insert(1 + len(gpu_devices()), ALL_GPUS)
     return names
 
 
 def describe_error(exc: BaseException) -> tuple[str, str | None]:
     """(one line for the status, traceback for the log or None) for an exception."""
+    from nbapp.memory import out_of_memory_message
+
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return out_of_memory_message(exc), None
     if isinstance(exc, NbappError):
         return str(exc), None
-    if isinstance(exc, MemoryError):
-        return (f"out of memory: {exc or 'use more downsampling, a smaller volume or single-plane'}",
-                None)
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return f"{type(exc).__name__}: {exc}", tb
 
@@ -318,9 +317,9 @@ class Session:
         all_gpus = device == ALL_GPUS
         try:
             if all_gpus:
-                import torch
+                from nbapp.models import gpu_devices
 
-                self._job_devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+                self._job_devices = gpu_devices()
                 device = self._job_devices[0] if self._job_devices else "cpu"
             else:
                 self._job_devices = None
@@ -513,7 +512,7 @@ class Session:
 
     # -- 3D
     def _engines_for(self, model) -> list:
-        from nbapp.volume import make_engines
+        from nbapp.run3d import make_engines
 
         devices = tuple(self._job_devices or [str(model.device)])
         key = (id(model), devices)
@@ -524,8 +523,8 @@ class Session:
     def run_3d(self) -> bool:
         """Start the 3D job (in JobRunner's thread); False if it could not start (among other
         reasons: it would need more memory than the kernel has)."""
-        from nbapp.jobs import DevicePool
-        from nbapp.volume import check_job_memory, volume_steps
+        from nbapp.run3d import job_steps
+        from nbapp.volume import check_job_memory
 
         st = self.state
         try:
@@ -546,8 +545,7 @@ class Session:
             check_job_memory(tuple(volume.shape), vp, engines[0])
 
             def job():
-                return volume_steps(engines[0], volume, vp, intensity=intensity,
-                                    heads_source=DevicePool(engines))
+                return job_steps(engines, volume, vp, intensity=intensity)
 
             st.say(f"3D job started: {'ortho-plane' if vp.orthoplane else vp.plane} on "
                    f"{', '.join(str(e.device) for e in engines)}", "info")
