@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from matplotlib.figure import Figure
     from skimage.measure import label
 
-    from nbapp.ui.viewer2d import _setup_image_axes, _show, label_display
+    from nbapp.ui.figures import label_display, setup_image_axes, show_image
 
     rng = np.random.default_rng(0)
     img = rng.random((args.size, args.size)).astype(np.float32)
@@ -49,9 +49,9 @@ def main(argv=None) -> int:
     def drawer(stage: str):
         fig = Figure(figsize=(5.5, 5.5))
         canvas = FigureCanvasAgg(fig)
-        base, over = _setup_image_axes(fig.add_axes((0, 0, 1, 1)))
-        _show(base, img, (0.1, 0.9))
-        _show(over, labels)
+        base, over = setup_image_axes(fig.add_axes((0, 0, 1, 1)))
+        show_image(base, img, (0.1, 0.9))
+        show_image(over, labels)
         base.set_interpolation_stage(stage)
         over.set_interpolation_stage(stage)
         flip = [labels, labels[::-1]]

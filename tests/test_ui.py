@@ -144,16 +144,16 @@ def test_slice_view_paints_what_colour_mapping_every_pixel_first_paints():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from nbapp.ui.viewer2d import _setup_image_axes, _show, label_display
+    from nbapp.ui.figures import label_display, setup_image_axes, show_image
 
     rng = np.random.default_rng(0)
     img = rng.random((1024, 1024)).astype(np.float32)
     lab = label_display(rng.integers(0, 300, (1024, 1024)))
     fig = Figure(figsize=(5.5, 5.5))
     canvas = FigureCanvasAgg(fig)
-    base, over = _setup_image_axes(fig.add_axes((0, 0, 1, 1)))
-    _show(base, img, (0.1, 0.9))
-    _show(over, lab)
+    base, over = setup_image_axes(fig.add_axes((0, 0, 1, 1)))
+    show_image(base, img, (0.1, 0.9))
+    show_image(over, lab)
     assert base.get_interpolation_stage() == over.get_interpolation_stage() == "data"
     pictures = []
     for stage in ("data", "rgba"):
@@ -778,7 +778,8 @@ def test_a_2d_error_clears_when_the_next_result_arrives():
         assert st.status_level == "error" and "label_divisor" in st.status
         assert "updating" not in a.viewer2d.info.value
         w.value = 10000
-        assert st.status_level == "ok" and st.status == f"2D inference: {st.result2d.count} instances"
+        assert st.status_level == "ok"
+        assert st.status == f"2D inference: {st.result2d.count} instances"
         assert "updating" not in a.viewer2d.info.value
         assert f"<b>{st.result2d.count}</b> instances" in a.viewer2d.info.value
     finally:

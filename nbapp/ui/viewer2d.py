@@ -6,97 +6,16 @@ updated in place: ``set_data`` / ``set_extent`` / ``draw_idle``, never rebuilt.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import ipywidgets as W
-from matplotlib.colors import ListedColormap, hsv_to_rgb
-from matplotlib.figure import Figure
+from matplotlib.colors import hsv_to_rgb
 from matplotlib.widgets import RectangleSelector
 
+from nbapp.ui.figures import (NEAREST, figure_widget, image_clim, label_cmap, label_display,
+                              setup_image_axes, show_image)
 from nbapp.ui.state import AppState
 
-__all__ = ["figure_widget", "label_cmap", "label_display", "Viewer2D", "HeadsView", "CompareView"]
-
-_N_COLOURS = 255
-
-
-def figure_widget(figsize=(5, 5), **kw) -> Figure:
-    """A matplotlib Figure whose canvas is an ipympl widget (with zoom / pan toolbar), made
-    without pyplot (no global figure registry)."""
-    from ipympl.backend_nbagg import Canvas, FigureManager
-
-    fig = Figure(figsize=figsize, **kw)
-    canvas = Canvas(fig)
-    with warnings.catch_warnings():
-        # ipympl 0.10's Toolbar passes the canvas on to traitlets' HasTraits.__init__
-        warnings.filterwarnings("ignore", message=r"Passing unrecognized arguments to super\(Toolbar\)",
-                                category=DeprecationWarning)
-        canvas.manager = FigureManager(canvas, 0)
-    canvas.header_visible = False
-    canvas.footer_visible = False
-    canvas.resizable = False
-    return fig
-
-
-def label_cmap(seed: int = 0) -> ListedColormap:
-    """255 shuffled bright colours after a transparent 0."""
-    rng = np.random.default_rng(seed)
-    hues = rng.permutation(_N_COLOURS) / _N_COLOURS
-    sat = rng.uniform(0.6, 1.0, _N_COLOURS)
-    val = rng.uniform(0.75, 1.0, _N_COLOURS)
-    rgb = hsv_to_rgb(np.stack([hues, sat, val], axis=1))
-    colours = np.concatenate([[[0, 0, 0, 0]], np.concatenate([rgb, np.ones((_N_COLOURS, 1))], 1)])
-    return ListedColormap(colours, name="nbapp-labels")
-
-
-def label_display(labels: np.ndarray) -> np.ndarray:
-    """Label ids -> colour indices 0..255 (0 stays 0; neighbouring ids get different colours).
-
-    >>> label_display(np.array([[0, 1, 10001, 255]])).tolist()
-    [[0, 1, 56, 255]]
-    """
-    lab = np.asarray(labels).astype(np.int64, copy=False)
-    out = (lab - 1) % _N_COLOURS + 1
-    out[lab == 0] = 0
-    return out.astype(np.uint8)
-
-
-# Nearest-neighbour images are resampled to screen pixels BEFORE colour mapping ("data"
-# stage): the same picture as mapping all 1024x1024 values to RGBA first (matplotlib's "auto"
-# when downsampling), 6x less drawing time (bench/bench_viewer_draw.py).
-_NEAREST = {"interpolation": "nearest", "interpolation_stage": "data"}
-
-
-def _setup_image_axes(ax, shape=(2, 2), cmap=None, overlay=True, opacity=0.5):
-    ax.set_axis_off()
-    base = ax.imshow(np.zeros(shape, np.float32), cmap="gray", vmin=0, vmax=1, **_NEAREST)
-    over = None
-    if overlay:
-        over = ax.imshow(np.zeros(shape, np.uint8), cmap=cmap or label_cmap(), vmin=0,
-                         vmax=_N_COLOURS, alpha=opacity, **_NEAREST)
-    return base, over
-
-
-def _show(image_artist, array, clim=None) -> None:
-    """Put ``array`` into an existing AxesImage, fitting extent and limits to its shape."""
-    h, w = array.shape[:2]
-    old = image_artist.get_array().shape[:2]
-    image_artist.set_data(array)
-    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
-    if tuple(image_artist.get_extent()) != extent:
-        image_artist.set_extent(extent)
-    if clim is not None:
-        image_artist.set_clim(*clim)
-    if old != (h, w):
-        image_artist.axes.set_xlim(-0.5, w - 0.5)
-        image_artist.axes.set_ylim(h - 0.5, -0.5)
-
-
-def _image_clim(img: np.ndarray) -> tuple:
-    lo, hi = np.percentile(img, (0.5, 99.5)) if img.size else (0, 1)
-    return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
-
+__all__ = ["Viewer2D", "HeadsView", "CompareView"]
 
 class Viewer2D:
     """The slice, its labels (opacity), the count and timings, and a box tool."""
@@ -106,7 +25,7 @@ class Viewer2D:
         self.on_box = on_box
         self.figure = figure_widget((5.5, 5.5))
         self.ax = self.figure.add_axes((0, 0, 1, 1))
-        self.image, self.overlay = _setup_image_axes(self.ax, opacity=state.opacity)
+        self.image, self.overlay = setup_image_axes(self.ax, opacity=state.opacity)
         self.canvas = self.figure.canvas
         self.info = W.HTML("")
         self.selector = RectangleSelector(self.ax, self._selected, useblit=False, interactive=True,
@@ -148,9 +67,9 @@ class Viewer2D:
             return
         labels = r.labels
         if r.heads is None or r.heads is not self._last_heads:  # same cached outputs: same image
-            _show(self.image, r.image, _image_clim(r.image))
+            show_image(self.image, r.image, image_clim(r.image))
             self._last_heads = r.heads
-        _show(self.overlay, label_display(labels))
+        show_image(self.overlay, label_display(labels))
         self.info.value = self._text(r)
         self.draws += 1
         self.canvas.draw_idle()
@@ -185,9 +104,9 @@ class HeadsView:
             ax.set_axis_off()
             ax.set_title(t, fontsize=9)
         self.images.append(axes[0].imshow(np.zeros((2, 2)), cmap="magma", vmin=0, vmax=1,
-                                          **_NEAREST))
-        self.images.append(axes[1].imshow(np.zeros((2, 2)), cmap="viridis", **_NEAREST))
-        self.images.append(axes[2].imshow(np.zeros((2, 2, 3)), **_NEAREST))
+                                          **NEAREST))
+        self.images.append(axes[1].imshow(np.zeros((2, 2)), cmap="viridis", **NEAREST))
+        self.images.append(axes[2].imshow(np.zeros((2, 2, 3)), **NEAREST))
         (self.centres,) = axes[1].plot([], [], "r+", markersize=8, markeredgewidth=1.5)
         self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.05)
         self.canvas = self.figure.canvas
@@ -208,10 +127,10 @@ class HeadsView:
         h = r.heads
         H, Wd = h.shape
         sem = h.sem[0] if h.sem.shape[0] == 1 else 1.0 - h.sem[0]
-        _show(self.images[0], sem)
+        show_image(self.images[0], sem)
         ctr = h.ctr
         for img, arr in ((self.images[1], ctr), (self.images[2], offsets_to_rgb(h.offsets))):
-            _show(img, arr)
+            show_image(img, arr)
             img.set_extent((-0.5, Wd - 0.5, H - 0.5, -0.5))
             img.axes.set_xlim(-0.5, Wd - 0.5)
             img.axes.set_ylim(H - 0.5, -0.5)
@@ -233,7 +152,7 @@ class CompareView:
         self.figure = figure_widget((10, 2.9))
         self.axes = list(self.figure.subplots(1, n))
         cmap = label_cmap()
-        self.panels = [_setup_image_axes(ax, cmap=cmap, opacity=state.opacity) for ax in self.axes]
+        self.panels = [setup_image_axes(ax, cmap=cmap, opacity=state.opacity) for ax in self.axes]
         for ax in self.axes:
             ax.set_title("", fontsize=9)
         self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.05)
@@ -255,12 +174,12 @@ class CompareView:
             return
         self.widget.layout.display = None
         for (base, over), ax, c in zip(self.panels, self.axes, results):
-            _show(base, c.image, _image_clim(c.image))
+            show_image(base, c.image, image_clim(c.image))
             if c.labels is None:
-                _show(over, np.zeros(c.image.shape, np.uint8))
+                show_image(over, np.zeros(c.image.shape, np.uint8))
                 ax.set_title(f"downsampling {c.downsampling}: too small", fontsize=9)
             else:
-                _show(over, label_display(c.labels))
+                show_image(over, label_display(c.labels))
                 net = 1000 * c.network_s
                 ax.set_title(f"ds {c.downsampling}: {c.count} objects, "
                              f"{net:.0f}+{1000 * c.postprocess_s:.0f} ms", fontsize=9)

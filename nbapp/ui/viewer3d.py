@@ -11,7 +11,7 @@ from matplotlib.colors import to_hex
 
 from nbapp.params import PLANES
 from nbapp.ui.state import AppState
-from nbapp.ui.viewer2d import _setup_image_axes, _show, figure_widget, label_cmap, label_display
+from nbapp.ui.figures import figure_widget, label_cmap, label_display, setup_image_axes, show_image
 
 __all__ = ["StacksView", "LabelsView3D", "ObjectTable", "object_meshes"]
 
@@ -26,7 +26,7 @@ class StacksView:
         self.figure = figure_widget((10, 2.9))
         self.axes = list(self.figure.subplots(1, len(PANELS)))
         cmap = label_cmap()
-        self.panels = [_setup_image_axes(ax, cmap=cmap, opacity=0.6) for ax in self.axes]
+        self.panels = [setup_image_axes(ax, cmap=cmap, opacity=0.6) for ax in self.axes]
         for ax, name in zip(self.axes, PANELS):
             ax.set_title(f"{name}: -", fontsize=9)
         self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.05)
@@ -50,13 +50,13 @@ class StacksView:
         if st.data is not None and st.data.array.ndim == 3 and st.data.shape == tuple(shape):
             img = np.asarray(st.data.array[z], np.float32)
         for (base, over), ax, name, v in zip(self.panels, self.axes, PANELS, vols):
-            _show(base, img if img is not None else np.zeros(shape[1:], np.float32),
+            show_image(base, img if img is not None else np.zeros(shape[1:], np.float32),
                   (float(img.min()), float(img.max()) + 1e-6) if img is not None else (0, 1))
             if v is None:
-                _show(over, np.zeros(shape[1:], np.uint8))
+                show_image(over, np.zeros(shape[1:], np.uint8))
                 ax.set_title(f"{name}: -", fontsize=9)
             else:
-                _show(over, label_display(v[z]))
+                show_image(over, label_display(v[z]))
                 n = int(np.count_nonzero(np.unique(v)))
                 ax.set_title(f"{name}: {n} objects", fontsize=9)
         self.canvas.draw_idle()
