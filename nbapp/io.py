@@ -99,7 +99,8 @@ def read_image(path: str | os.PathLike, lazy: bool = False, root: str | os.PathL
         (refused), OME-TIFF companion files.
     max_bytes : int, optional
         Refuse a file whose decoded array (shape x item size, known from its header before
-        anything is decoded) is larger. Default: 90 % of the memory this process has left
+        anything is decoded) is larger. Default: half the memory this process has left
+        (what is read must leave room to work on it)
         (:func:`nbapp.memory.available_bytes`). Lazy reads that stay on disk are not counted.
 
     Returns
@@ -169,6 +170,10 @@ def _pil_image():
     return Image
 
 
+#: Share of the memory left that one in-memory read may take: the rest is for working on it.
+READ_FRACTION = 0.5
+
+
 class _Limit:
     """The decoded-size check of one read: ``limit(shape, dtype)`` before any decoding."""
 
@@ -179,15 +184,18 @@ class _Limit:
         nbytes = float(np.prod([int(s) for s in shape], dtype=float)) * np.dtype(dtype).itemsize
         need = nbytes * factor
         what = (f"{Path(self.path).name} decodes to {'x'.join(str(int(s)) for s in shape)} "
-                f"{np.dtype(dtype)} ({format_bytes(nbytes)})")
+                f"{np.dtype(dtype)} ({format_bytes(nbytes)}), "
+                + ("and decoding it" if factor > 1 else "which"))
         if self.max_bytes is not None:
             if need > self.max_bytes:
-                raise OutOfMemory(f"{what}, over the limit of {format_bytes(self.max_bytes)} for "
-                                  "one image; read a smaller crop, or use a lazy format (zarr, "
-                                  "uncompressed TIFF) for large volumes")
+                raise OutOfMemory(f"out of memory: {what} needs {format_bytes(need)}, over the "
+                                  f"limit of {format_bytes(self.max_bytes)} for one image; read "
+                                  "a smaller crop, or use a lazy format (zarr, uncompressed "
+                                  "TIFF) for large volumes")
             return
-        check_fits(need, what, "read a smaller crop, or use a lazy format (zarr, uncompressed "
-                               "TIFF) for large volumes")
+        check_fits(need, what, fraction=READ_FRACTION,
+                   hint="read a smaller crop, or use a lazy format (zarr, uncompressed TIFF) for "
+                        "large volumes")
 
 
 def _tiff_voxel_size(tif) -> tuple | None:
@@ -428,8 +436,8 @@ def _read_picture(file: str, meta: dict, limit: _Limit) -> np.ndarray:
         grey = im.mode in ("L", "1", "I", "I;16", "I;16B", "F", "LA")
         dtype = {"I": "i4", "F": "f4", "I;16": "u2", "I;16B": ">u2"}.get(im.mode, "u1")
         bands = 1 if grey else len(im.getbands())
-        # decoding, then for colour the RGB copy and the grey result
-        limit((im.height, im.width), dtype, factor=1 if grey else bands + 4)
+        # Pillow's decoded image and the numpy copy; for colour also the RGB copy and the grey
+        limit((im.height, im.width), dtype, factor=2 if grey else bands + 4)
         if im.mode in ("L", "1", "I", "I;16", "I;16B", "F"):
             return np.array(im)
         if im.mode == "LA":

@@ -159,9 +159,15 @@ def check_fits(nbytes: float, what: str, hint: str, fraction: float = 0.9) -> No
     nbapp.memory.OutOfMemory: out of memory: a 4 EiB array needs 4194304 TiB but ...
     """
     room = available_bytes()
-    if nbytes > fraction * room:
+    if nbytes <= fraction * room:
+        return
+    if fraction >= 0.9:
         raise OutOfMemory(f"out of memory: {what} needs {format_bytes(nbytes)} but this process "
                           f"has {format_bytes(room)} left; {hint}")
+    share = "half" if fraction == 0.5 else f"{fraction:.0%}"
+    raise OutOfMemory(f"out of memory: {what} needs {format_bytes(nbytes)}, more than {share} of "
+                      f"the {format_bytes(room)} this process has left (the rest is needed to "
+                      f"work on it); {hint}")
 
 
 def out_of_memory_message(exc: BaseException) -> str:

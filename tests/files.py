@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import struct
+import zlib
+
 import numpy as np
 
 
@@ -39,3 +42,19 @@ def save_as(path: Path, array: np.ndarray, **tiff_options) -> Path:
     else:
         raise ValueError(f"save_as: no writer for {ext!r}")
     return Path(path)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+def png_of_zeros(path: Path, width: int, height: int) -> None:
+    """A real grey PNG of zeros, written row by row (never held in memory)."""
+    chunk = png_chunk
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))

@@ -767,9 +767,7 @@ def test_segment_png_decompression_bomb_is_one_line(capsys, tmp_path):
     import struct
     import zlib
 
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    from files import png_chunk as chunk
 
     ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
     (tmp_path / "bomb30k.png").write_bytes(

@@ -212,12 +212,13 @@ def _cgroup_runner(limit: int):
     return None, None
 
 
-def run_capped(args: list, limit: int, cwd) -> subprocess.CompletedProcess:
+def run_capped(args: list, limit: int, cwd, python_args: tuple = ("-m", "nbapp.cli")
+               ) -> subprocess.CompletedProcess:
     enter, group = _cgroup_runner(limit)
     if enter is None:
         pytest.skip("cannot create a memory cgroup here (needs root and a cgroup file system)")
     try:
-        return subprocess.run([sys.executable, "-m", "nbapp.cli", *args], capture_output=True,
+        return subprocess.run([sys.executable, *python_args, *args], capture_output=True,
                               text=True, preexec_fn=enter, cwd=cwd, timeout=300)
     finally:
         try:
@@ -254,3 +255,22 @@ def test_cli_under_a_700_mb_limit_refuses_a_3d_job_too_large(tmp_path):
     assert "nbapp: error: out of memory: the ortho-plane 3D job on a 96x512x512 volume" \
         in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["vol.tif"]
+
+
+@pytest.mark.slow
+def test_app_under_a_700_mb_limit_refuses_a_12000_pixel_png_upload(tmp_path):
+    """140 KB of PNG that decodes to 137 MiB: the kernel (torch, widgets, the model) must say
+    so in the status line, not be killed."""
+    pytest.importorskip("ipyvolume")
+    from files import png_of_zeros
+
+    png_of_zeros(tmp_path / "big.png", 12000, 12000)
+    code = ("from nbapp.ui import App\n"
+            "a = App(device='cpu', synchronous=True)\n"
+            "a.session.load_upload('big.png', open('big.png', 'rb').read())\n"
+            "print(a.state.status_level, a.state.status)\n"
+            "a.close()\n")
+    proc = run_capped([], 700 << 20, tmp_path, python_args=("-W", "ignore", "-c", code))
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.startswith("error upload failed: out of memory: big.png decodes to "
+                                  "12000x12000 uint8 (137 MiB)"), proc.stdout
