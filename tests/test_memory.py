@@ -258,19 +258,33 @@ def test_cli_under_a_700_mb_limit_refuses_a_3d_job_too_large(tmp_path):
 
 
 @pytest.mark.slow
-def test_app_under_a_700_mb_limit_refuses_a_12000_pixel_png_upload(tmp_path):
-    """140 KB of PNG that decodes to 137 MiB: the kernel (torch, widgets, the model) must say
-    so in the status line, not be killed."""
+@pytest.mark.parametrize("name, shown", [
+    ("big.png", "big.png decodes to 12000x12000 uint8 (137 MiB)"),
+    ("bomb.tif", "bomb.tif decodes to 16x8192x8192 uint8 (1.0 GiB)"),
+])
+def test_app_under_a_700_mb_limit_refuses_small_uploads_that_decode_big(tmp_path, name, shown):
+    """140 KB of PNG that decodes to 137 MiB, 1.2 MB of zlib TIFF that decodes to 1 GiB: the
+    kernel (torch, widgets, the model) must say so in the status line, not be killed."""
     pytest.importorskip("ipyvolume")
+    import tifffile
+
     from files import png_of_zeros
 
-    png_of_zeros(tmp_path / "big.png", 12000, 12000)
-    code = ("from nbapp.ui import App\n"
+    if name == "big.png":
+        png_of_zeros(tmp_path / name, 12000, 12000)
+    else:
+        page = np.zeros((8192, 8192), np.uint8)
+        tifffile.imwrite(tmp_path / name, (page for _ in range(16)), shape=(16, 8192, 8192),
+                         dtype=np.uint8, compression="zlib", photometric="minisblack")
+    code = ("import glob, os\n"
+            "from nbapp.ui import App\n"
             "a = App(device='cpu', synchronous=True)\n"
-            "a.session.load_upload('big.png', open('big.png', 'rb').read())\n"
+            f"a.session.load_upload({name!r}, open({name!r}, 'rb').read())\n"
             "print(a.state.status_level, a.state.status)\n"
+            "print('left behind:', os.listdir(a.session._upload_dir))\n"
             "a.close()\n")
     proc = run_capped([], 700 << 20, tmp_path, python_args=("-W", "ignore", "-c", code))
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
-    assert proc.stdout.startswith("error upload failed: out of memory: big.png decodes to "
-                                  "12000x12000 uint8 (137 MiB)"), proc.stdout
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"error upload failed: out of memory: {shown}"), proc.stdout
+    assert lines[1] == "left behind: []"
