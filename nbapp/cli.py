@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nbapp.errors import InputError, NbappError, ParameterError
-from nbapp.memory import out_of_memory_message
+from nbapp.memory import check_address_space, out_of_memory_message
 from nbapp.params import ConsensusParams, SliceParams, VolumeParams
 
 __all__ = ["main", "build_parser"]
@@ -509,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         handler = {"segment": _cmd_segment, "info": _cmd_info, "evaluate": _cmd_evaluate,
                    "consensus": _cmd_consensus, "demo": _cmd_demo,
                    "app": _cmd_app}.get(args.command)
+        if args.command in ("segment", "info", "demo", "train"):  # these start torch
+            check_address_space()
         if handler is None:
             from nbapp import train
 

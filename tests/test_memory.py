@@ -288,3 +288,23 @@ def test_app_under_a_700_mb_limit_refuses_small_uploads_that_decode_big(tmp_path
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(f"error upload failed: out of memory: {shown}"), proc.stdout
     assert lines[1] == "left behind: []"
+
+
+def test_cli_under_a_small_ulimit_v_says_so_instead_of_aborting(tmp_path):
+    """Below the address space torch needs, glibc aborts while torch starts its threads
+    ("cannot allocate memory for thread-local data"): the CLI checks first."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "small.tif", np.zeros((64, 64), np.uint8))
+    limit = 700 << 20
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "nbapp.cli", "segment", "small.tif", "-o",
+                           "o.tif"], capture_output=True, text=True, cwd=tmp_path,
+                          preexec_fn=cap, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith("nbapp: error: out of memory: the address-space limit "
+                                  "(ulimit -v) is 700 MiB")
+    assert sorted(os.listdir(tmp_path)) == ["small.tif"]
