@@ -124,6 +124,9 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     seg.add_argument("--mode", choices=("2d", "batch", "3d"), default=None,
                      help="2d (default for 2D input), batch (each slice of a stack on its own), 3d")
     seg.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass")
+    seg.add_argument("--table", default=None, metavar="TABLE.csv",
+                     help="also write the object table (id, voxels, bounding box, centroid, "
+                          "extent; one row per object) as CSV")
     _add_data_root(seg)
     _add_2d_options(seg)
     _add_3d_options(seg)
@@ -225,6 +228,28 @@ def _model(args, device):
     return load_model(args.model, device=device, root=args.data_root)
 
 
+def _write_table(args, labels) -> None:
+    """``--table``: one CSV row per object of the labels just written. A 2D image is one slice
+    (z0 = 0, z1 = 1); in batch mode each image's objects are its own (z is the image index)."""
+    if args.table is None:
+        return
+    from nbapp.objects import object_table, write_table
+
+    lab = np.asarray(labels)
+    if lab.ndim == 2:
+        rows = object_table(lab[None])
+    elif args.mode == "batch":  # ids restart in every image
+        rows = []
+        for z, image in enumerate(lab):
+            for r in object_table(image[None]):
+                b, c = r["bbox"], r["centroid"]
+                rows.append({**r, "bbox": (z, *b[1:3], z + 1, *b[4:6]),
+                             "centroid": (float(z), *c[1:])})
+    else:
+        rows = object_table(lab)
+    write_table(args.table, rows)
+
+
 def _cmd_segment(args) -> int:
     from nbapp.io import read_image, source_file, write_labels
 
@@ -232,6 +257,12 @@ def _cmd_segment(args) -> int:
     out = Path(args.output)
     args.input = _input_path(args, args.input)
     _check_output(out, source_file(args.input))
+    if args.table is not None:
+        if Path(args.table).suffix.lower() != ".csv":
+            raise InputError(f"--table is written as CSV: give a .csv name, not {args.table!r}")
+        from nbapp.io import check_writable
+
+        check_writable(Path(args.table))
     if args.batch_size < 1:
         raise ParameterError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.mode == "3d":
@@ -270,6 +301,7 @@ def _cmd_segment(args) -> int:
         labels = seg(image, params)
         n = int(np.count_nonzero(np.unique(labels)))
     write_labels(out, labels)
+    _write_table(args, labels)
     t = seg.timings
     print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {n} objects "
           f"(model load {t_load:.2f} s, network {t.get('network_s', 0):.2f} s, "
@@ -312,6 +344,7 @@ def _segment_3d(args, sp: SliceParams, out: Path) -> int:
             write_labels(path, stacks[plane])
             written.append(path.name)
     write_labels(out, labels)
+    _write_table(args, labels)
     n = int(labels.max())
     also = f", and the {'/'.join(stacks)} stack{'s' if len(stacks) > 1 else ''} " \
            f"({', '.join(written)})" if written else ""

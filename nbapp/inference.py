@@ -124,9 +124,10 @@ class SliceSegmenter:
         self._last = (image.copy(), digest)
         return digest
 
-    def postprocess(self, heads: Heads, params: SliceParams) -> np.ndarray:
-        """Post-processing only (steps 4-10) for ``heads``."""
-        return segment_heads(heads, params, self.engine.model.config.thing_list)
+    def postprocess(self, heads: Heads, params: SliceParams, return_centres: bool = False):
+        """Post-processing only (steps 4-10) for ``heads``; with ``return_centres`` also the
+        detected centres, ``(labels, centres)``."""
+        return segment_heads(heads, params, self.engine.model.config.thing_list, return_centres)
 
     def __call__(self, image: np.ndarray, params: SliceParams | None = None, key=None,
                  intensity: tuple | None = None) -> np.ndarray:

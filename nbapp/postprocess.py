@@ -58,8 +58,9 @@ _KDTREE_MIN_CENTRES = 32
 
 
 def segment_heads(
-    heads: Heads, params: SliceParams = SliceParams(), thing_list: tuple = (1,)
-) -> np.ndarray:
+    heads: Heads, params: SliceParams = SliceParams(), thing_list: tuple = (1,),
+    return_centres: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Turn one image's network outputs into int32 panoptic labels at the original size.
 
     Parameters
@@ -71,16 +72,21 @@ def segment_heads(
         parameters in it are already reflected in ``heads``).
     thing_list : tuple of int
         Classes that have instances.
+    return_centres : bool
+        Also return the detected centres (what the app marks on the centre heat-map).
 
     Returns
     -------
     (H, W) int32
         ``class * label_divisor + instance`` (instances numbered from 1 per class in raster
         order of their first pixel); stuff classes get ``class * label_divisor``.
+    centres : (N, 2) int array, with ``return_centres``
+        (row, column) of each centre on the heat-map's grid (none in semantic-only mode).
     """
     sem = semantic_classes(heads.sem, params.seg_threshold)
     if params.semantic_only:
-        return semantic_labels(sem, params.label_divisor)
+        labels = semantic_labels(sem, params.label_divisor)
+        return (labels, np.zeros((0, 2), np.intp)) if return_centres else labels
     one_class = tuple(thing_list) == (1,) and heads.sem.shape[0] == 1
     things = sem.view(bool) if one_class else np.isin(sem, thing_list)
     factor = heads.downsampling * heads.grid_step
@@ -100,7 +106,7 @@ def segment_heads(
                                          min_fragment)
     if params.fill_holes:
         labels = fill_instance_holes(labels)
-    return labels
+    return (labels, centres) if return_centres else labels
 
 
 def semantic_classes(sem: np.ndarray, seg_threshold: float = 0.5) -> np.ndarray:

@@ -176,3 +176,41 @@ def test_progress_bars_redraw_at_most_every_tenth_of_a_second(capsys):
     err = capsys.readouterr().err
     assert "1000/1000" in err
     assert err.count("\r") < 50
+
+
+def test_table_of_objects_from_the_command_line(setup, capsys):
+    """Issue 17 item 13: nbapp segment --table writes the app's object table."""
+    import csv
+
+    from nbapp.objects import TABLE_COLUMNS, object_table
+
+    d, model = setup
+    code, err = run(capsys, "segment", d / "vol.tif", "-o", d / "t.tif", "--mode", "3d",
+                    "--model", model, "--min-size", "0", "--min-extent", "0", "--vote", "1",
+                    "--allow-one-view", "--table", d / "objects.csv")
+    assert code == 0, err
+    labels = tifffile.imread(d / "t.tif")
+    with open(d / "objects.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == TABLE_COLUMNS
+    expected = object_table(labels)
+    assert len(rows) - 1 == len(expected) == labels.max() > 0
+    assert [int(r[0]) for r in rows[1:]] == [e["id"] for e in expected]
+    assert [int(r[1]) for r in rows[1:]] == [int((labels == e["id"]).sum()) for e in expected]
+    code, err = run(capsys, "segment", d / "vol.tif", "-o", d / "u.tif", "--mode", "3d",
+                    "--model", model, "--table", d / "objects.txt")
+    assert code == 2 and "--table is written as CSV" in err and not (d / "u.tif").exists()
+
+
+def test_table_in_batch_mode_keeps_images_apart(setup, capsys):
+    import csv
+
+    d, model = setup
+    code, err = run(capsys, "segment", d / "vol.tif", "-o", d / "b.tif", "--mode", "batch",
+                    "--model", model, "--table", d / "b.csv")
+    assert code == 0, err
+    labels = tifffile.imread(d / "b.tif")
+    with open(d / "b.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(int(np.count_nonzero(np.unique(s))) for s in labels)
+    assert all(int(r["z1"]) - int(r["z0"]) == 1 for r in rows)

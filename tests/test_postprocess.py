@@ -572,3 +572,19 @@ def test_merged_fragment_takes_the_class_of_the_instance_it_joins():
     assert (out[0:2, 7:9] == out[5, 10]).all()
     assert 200 < out[5, 10] < 300 and 100 < out[5, 0] < 200
     np.testing.assert_array_equal(out, _reference_panoptic(sem, inst, (1, 2), 100, 16))
+
+
+def test_segment_heads_returns_the_centres_it_grouped_around():
+    """Issue 17 item 13: the centres come with the labels (the app no longer finds them again)."""
+    from models import ideal_heads
+    from nbapp.postprocess import find_centres, segment_heads
+
+    lab = np.zeros((64, 64), np.int32)
+    lab[8:24, 8:24], lab[36:60, 30:50] = 1, 2
+    heads = ideal_heads(lab)
+    labels, centres = segment_heads(heads, SliceParams(), return_centres=True)
+    np.testing.assert_array_equal(labels, segment_heads(heads, SliceParams()))
+    np.testing.assert_array_equal(centres, find_centres(heads.ctr, 0.1, 3))
+    assert len(centres) == 2
+    sem_only, none = segment_heads(heads, SliceParams(semantic_only=True), return_centres=True)
+    assert none.shape == (0, 2) and sem_only.max() > 0

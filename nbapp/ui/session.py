@@ -6,8 +6,6 @@ results of worker threads reach the state only through :func:`nbapp.ui.threads.c
 from __future__ import annotations
 
 import atexit
-import csv
-import math
 import os
 import shutil
 import tempfile
@@ -16,9 +14,9 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from nbapp.confine import confine
+from nbapp.objects import object_table, suggest_filters, suggest_median, write_table
 from nbapp.errors import InputError, ModelError, NbappError
 from nbapp.intensity import intensity_range
 from nbapp.jobs import JobMarker, JobRunner, JobState, Snapshot
@@ -26,8 +24,7 @@ from nbapp.params import PLANES
 from nbapp.ui.state import AppState, CompareResult, DataSet, Result2D
 from nbapp.ui.threads import LatestRunner, call_in_ui, kernel_id
 
-__all__ = ["Session", "suggest_filters", "suggest_median", "object_table",
-           "detect_kind", "available_device_names", "describe_error", "COMPARE_FACTORS", "ALL_GPUS"]
+__all__ = ["Session", "detect_kind", "available_device_names", "describe_error", "COMPARE_FACTORS", "ALL_GPUS"]
 
 COMPARE_FACTORS = (1, 2, 4, 8)
 #: Device choice that runs 3D jobs on every CUDA device (2D uses the first).
@@ -71,72 +68,6 @@ def detect_kind(shape: tuple, voxel_size=None) -> str:
     if voxel_size is None and shape[0] < 8:
         return "stack"
     return "volume"
-
-
-def suggest_filters(height: float, width: float) -> dict:
-    """Min Size and Min Box Extent suggested by a box drawn around the smallest object to keep.
-
-    The third side of the box is taken as the smaller drawn side; an ellipsoid fills about half
-    of its box, so Min Size is half the box volume minus a 20 % margin; Min Box Extent is the
-    smallest side minus 2 voxels.
-
-    >>> suggest_filters(20, 30)
-    {'min_size': 4800, 'min_extent': 18}
-    """
-    h, w = abs(float(height)), abs(float(width))
-    third = min(h, w)
-    volume = h * w * third
-    return {"min_size": int(min(1_000_000, math.floor(volume / 2 * 0.8))),
-            "min_extent": int(max(0, min(1000, math.floor(min(h, w, third)) - 2)))}
-
-
-def suggest_median(voxel_size) -> int | None:
-    """Median Filter Size for a voxel size in nm (the spacing along Z, the xy stacking axis):
-    3 above 20 nm, 5 from 10 to 20 nm, 7 below 10 nm, 9 below 5 nm.
-
-    >>> [suggest_median((s, 5, 5)) for s in (30, 15, 8, 4)]
-    [3, 5, 7, 9]
-    """
-    if not voxel_size:
-        return None
-    z = float(voxel_size[0])
-    if not math.isfinite(z) or z <= 0:
-        return None
-    if z >= 20:
-        return 3
-    if z >= 10:
-        return 5
-    if z >= 5:
-        return 7
-    return 9
-
-
-def object_table(labels: np.ndarray) -> list[dict]:
-    """One row per object of a (Z, Y, X) label volume: id, voxels, bounding box (start
-    inclusive, stop exclusive), centroid and extent (Z, Y, X).
-
-    >>> lab = np.zeros((2, 3, 4), np.int32); lab[0, 1:3, 1:4] = 5
-    >>> object_table(lab)[0]["bbox"], object_table(lab)[0]["voxels"]
-    ((0, 1, 1, 1, 3, 4), 6)
-    """
-    labels = np.asarray(labels)
-    ids = np.unique(labels)
-    ids = ids[ids != 0]
-    if ids.size == 0:
-        return []
-    objs = ndi.find_objects(labels.astype(np.int64, copy=False), max_label=int(ids.max()))
-    rows = []
-    for i in ids:
-        sl = objs[int(i) - 1]
-        mask = labels[sl] == i
-        coords = np.nonzero(mask)
-        n = int(coords[0].size)
-        centroid = tuple(round(float(c.mean()) + s.start, 1) for c, s in zip(coords, sl))
-        starts = tuple(int(s.start) for s in sl)
-        stops = tuple(int(s.stop) for s in sl)
-        rows.append({"id": int(i), "voxels": n, "bbox": starts + stops, "centroid": centroid,
-                     "extent": tuple(b - a for a, b in zip(starts, stops))})
-    return rows
 
 
 def available_device_names() -> list[str]:
@@ -401,15 +332,12 @@ class Session:
         self.runner2d.submit("slice", work, deliver)
 
     def _compute_2d(self, seg, data, kind, plane, index, sp) -> Result2D:
-        from nbapp.postprocess import find_centres
-
         img, intensity = self.slice_image(plane, index)
         heads = seg.heads(img, sp, key=(id(data), kind, plane, index), intensity=intensity)
         timing = dict(seg.timings)
         t0 = time.perf_counter()
-        labels = seg.postprocess(heads, sp)
+        labels, centres = seg.postprocess(heads, sp, return_centres=True)
         post = time.perf_counter() - t0
-        centres = find_centres(heads.ctr, sp.center_threshold, sp.min_distance)
         count = int(np.count_nonzero(np.unique(labels)))
         return Result2D(img, labels, heads, centres, count, float(timing.get("network_s", 0.0)),
                         post, bool(timing.get("cached", False)), plane, index, sp)
@@ -688,20 +616,7 @@ class Session:
         try:
             if not st.table:
                 raise InputError("no object table yet: run a 3D job first")
-            target = self._export_target(path)
-            if target.suffix.lower() != ".csv":
-                raise InputError(f"the table is written as CSV: give a .csv name, not {target.name!r}")
-            if not target.parent.is_dir():
-                raise InputError(f"output folder {str(target.parent)!r} does not exist")
-            tmp = target.with_name(f".{target.name}.part")
-            with open(tmp, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["id", "voxels", "z0", "y0", "x0", "z1", "y1", "x1",
-                            "centroid_z", "centroid_y", "centroid_x", "extent_z", "extent_y",
-                            "extent_x"])
-                for r in st.table:
-                    w.writerow([r["id"], r["voxels"], *r["bbox"], *r["centroid"], *r["extent"]])
-            os.replace(tmp, target)
+            target = write_table(self._export_target(path), st.table)
         except Exception as exc:  # noqa: BLE001
             self.report(exc, "table export failed")
             return None

@@ -1,0 +1,118 @@
+"""Measurements of a label volume, and filter settings suggested from the data: the object
+table (the app's table, ``nbapp segment --table``), Min Size / Min Box Extent from a box drawn
+around the smallest object, and the Median Filter Size from the voxel size. Pure numpy.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from nbapp.errors import InputError
+
+__all__ = ["object_table", "write_table", "TABLE_COLUMNS", "suggest_filters", "suggest_median"]
+
+#: The columns of :func:`write_table` (start inclusive, stop exclusive; (Z, Y, X) order).
+TABLE_COLUMNS = ("id", "voxels", "z0", "y0", "x0", "z1", "y1", "x1", "centroid_z", "centroid_y",
+                 "centroid_x", "extent_z", "extent_y", "extent_x")
+
+
+def suggest_filters(height: float, width: float) -> dict:
+    """Min Size and Min Box Extent suggested by a box drawn around the smallest object to keep.
+
+    The third side of the box is taken as the smaller drawn side; an ellipsoid fills about half
+    of its box, so Min Size is half the box volume minus a 20 % margin; Min Box Extent is the
+    smallest side minus 2 voxels.
+
+    >>> suggest_filters(20, 30)
+    {'min_size': 4800, 'min_extent': 18}
+    """
+    h, w = abs(float(height)), abs(float(width))
+    third = min(h, w)
+    volume = h * w * third
+    return {"min_size": int(min(1_000_000, math.floor(volume / 2 * 0.8))),
+            "min_extent": int(max(0, min(1000, math.floor(min(h, w, third)) - 2)))}
+
+
+def suggest_median(voxel_size) -> int | None:
+    """Median Filter Size for a voxel size in nm (the spacing along Z, the xy stacking axis):
+    3 above 20 nm, 5 from 10 to 20 nm, 7 below 10 nm, 9 below 5 nm.
+
+    >>> [suggest_median((s, 5, 5)) for s in (30, 15, 8, 4)]
+    [3, 5, 7, 9]
+    """
+    if not voxel_size:
+        return None
+    z = float(voxel_size[0])
+    if not math.isfinite(z) or z <= 0:
+        return None
+    if z >= 20:
+        return 3
+    if z >= 10:
+        return 5
+    if z >= 5:
+        return 7
+    return 9
+
+
+def object_table(labels: np.ndarray) -> list[dict]:
+    """One row per object of a (Z, Y, X) label volume: id, voxels, bounding box (start
+    inclusive, stop exclusive), centroid and extent (Z, Y, X).
+
+    >>> lab = np.zeros((2, 3, 4), np.int32); lab[0, 1:3, 1:4] = 5
+    >>> object_table(lab)[0]["bbox"], object_table(lab)[0]["voxels"]
+    ((0, 1, 1, 1, 3, 4), 6)
+    """
+    labels = np.asarray(labels)
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    if ids.size == 0:
+        return []
+    objs = ndi.find_objects(labels.astype(np.int64, copy=False), max_label=int(ids.max()))
+    rows = []
+    for i in ids:
+        sl = objs[int(i) - 1]
+        mask = labels[sl] == i
+        coords = np.nonzero(mask)
+        n = int(coords[0].size)
+        centroid = tuple(round(float(c.mean()) + s.start, 1) for c, s in zip(coords, sl))
+        starts = tuple(int(s.start) for s in sl)
+        stops = tuple(int(s.stop) for s in sl)
+        rows.append({"id": int(i), "voxels": n, "bbox": starts + stops, "centroid": centroid,
+                     "extent": tuple(b - a for a, b in zip(starts, stops))})
+    return rows
+
+
+def write_table(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """Write :func:`object_table` rows to a CSV file (under a temporary name, renamed when
+    complete).
+
+    Raises
+    ------
+    InputError
+        Not a ``.csv`` name, a missing folder, or the write failed.
+    """
+    target = Path(path)
+    if target.suffix.lower() != ".csv":
+        raise InputError(f"the table is written as CSV: give a .csv name, not {target.name!r}")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"output folder {str(folder)!r} does not exist")
+    tmp = folder / f".{target.name}.{os.getpid()}.part"
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(TABLE_COLUMNS)
+            for r in rows:
+                w.writerow([r["id"], r["voxels"], *r["bbox"], *r["centroid"], *r["extent"]])
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise InputError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
