@@ -717,7 +717,7 @@ def test_3d_job_of_a_closed_page_saves_its_labels_and_frees_the_kernel(volume, t
     import tifffile
 
     from nbapp.jobs import MARKERS_ENV, JobMarker
-    from nbapp.ui import session as session_mod
+    from nbapp.ui import session3d as session_mod
 
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -751,7 +751,7 @@ def test_3d_job_of_a_closed_page_saves_its_labels_and_frees_the_kernel(volume, t
 
 def test_3d_job_with_its_page_open_saves_nothing(volume, tmp_path, monkeypatch):
     from nbapp.jobs import MARKERS_ENV
-    from nbapp.ui import session as session_mod
+    from nbapp.ui import session3d as session_mod
 
     monkeypatch.setenv(MARKERS_ENV, str(tmp_path))
     monkeypatch.setattr(session_mod, "kernel_id", lambda: "k2")

@@ -1,5 +1,6 @@
-"""What the app does, without widgets: load data and models, 2D live inference, the 3D job,
-consensus, suggestions and exports. It reads and writes :class:`~nbapp.ui.state.AppState`;
+"""What the app does, without widgets: load data and models, exports, lifetime; with the 2D
+actions (:mod:`nbapp.ui.session2d`) and the 3D ones (:mod:`nbapp.ui.session3d`) as its
+bases. It reads and writes :class:`~nbapp.ui.state.AppState`;
 results of worker threads reach the state only through :func:`nbapp.ui.threads.call_in_ui`.
 """
 
@@ -9,24 +10,24 @@ import atexit
 import os
 import shutil
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 
 from nbapp.confine import confine
-from nbapp.objects import object_table, suggest_filters, suggest_median, write_table
-from nbapp.errors import InputError, ModelError, NbappError
+from nbapp.objects import suggest_median, write_table
+from nbapp.errors import InputError, NbappError
 from nbapp.intensity import intensity_range
-from nbapp.jobs import JobMarker, JobRunner, JobState, Snapshot
-from nbapp.params import PLANES
-from nbapp.ui.state import AppState, CompareResult, DataSet, Result2D
-from nbapp.ui.threads import LatestRunner, call_in_ui, kernel_id
+from nbapp.jobs import JobMarker, JobRunner
+from nbapp.ui.state import AppState, DataSet
+from nbapp.ui.session2d import COMPARE_FACTORS, SliceActions
+from nbapp.ui.session3d import EXPORT_FOLDER, VolumeActions
+from nbapp.ui.threads import LatestRunner
 
-__all__ = ["Session", "detect_kind", "available_device_names", "describe_error", "COMPARE_FACTORS", "ALL_GPUS"]
+__all__ = ["Session", "detect_kind", "available_device_names", "describe_error",
+           "COMPARE_FACTORS", "ALL_GPUS", "EXPORT_FOLDER"]
 
-COMPARE_FACTORS = (1, 2, 4, 8)
 #: Device choice that runs 3D jobs on every CUDA device (2D uses the first).
 ALL_GPUS = "all GPUs"
 UPLOAD_FORMATS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".mrc", ".map", ".rec",
@@ -34,8 +35,6 @@ UPLOAD_FORMATS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".mrc", ".ma
 #: Uploads go to a private folder named for this process, removed when the session closes or
 #: the process exits; one left by a killed kernel is removed by the next session.
 UPLOAD_PREFIX = "nbapp-upload-"
-#: Where exports go by default, inside the data root (made on first use).
-EXPORT_FOLDER = "nbapp-exports"
 
 
 def remove_stale_uploads(folder: str | os.PathLike | None = None) -> list[Path]:
@@ -94,8 +93,10 @@ def describe_error(exc: BaseException) -> tuple[str, str | None]:
 
 # ---------------------------------------------------------------- the session
 
-class Session:
-    """The app's actions on one :class:`AppState`.
+class Session(SliceActions, VolumeActions):
+    """The app's actions on one :class:`AppState`: data, model, exports and lifetime here; the
+    2D tab's in :class:`~nbapp.ui.session2d.SliceActions`, the 3D tab's in
+    :class:`~nbapp.ui.session3d.VolumeActions`.
 
     Parameters
     ----------
@@ -274,302 +275,6 @@ class Session:
                f"({info.get('parameters', 0):,} parameters)", "ok")
         self.request_2d()
         return True
-
-    # -- 2D
-    def effective_kind(self) -> str | None:
-        d = self.state.data
-        if d is None:
-            return None
-        if d.array.ndim == 2:
-            return "image"
-        return "stack" if self.state.slice_params.batch_mode else "volume"
-
-    def slice_image(self, plane: str, index: int) -> tuple[np.ndarray, tuple]:
-        """The 2D image shown for (plane, index) and its intensity range."""
-        d = self.state.data
-        kind = self.effective_kind()
-        if kind == "image":
-            return d.array, d.intensity
-        if kind == "stack":
-            img = np.asarray(d.array[index])
-            return img, intensity_range(img)
-        from nbapp.volume import get_slice
-
-        return get_slice(d.array, plane, index), d.intensity
-
-    def slice_count(self, plane: str | None = None) -> int:
-        d = self.state.data
-        if d is None or d.array.ndim == 2:
-            return 1
-        kind = self.effective_kind()
-        plane = "xy" if kind == "stack" else (plane or self.state.plane)
-        return d.array.shape[PLANES.index(plane)]
-
-    def _params_changed(self, change) -> None:
-        if not self._quiet:
-            self.request_2d()
-
-    def request_2d(self) -> None:
-        """Segment the current slice (latest request wins; cached heads when only
-        post-processing parameters changed)."""
-        st = self.state
-        if st.data is None or self.segmenter is None:
-            return
-        kind = self.effective_kind()
-        plane = st.plane if kind == "volume" else "xy"
-        index = min(max(st.index, 0), self.slice_count(plane) - 1)
-        sp = st.slice_params
-        seg = self.segmenter
-        data = st.data
-        st.busy2d = True
-
-        def work():
-            return self._compute_2d(seg, data, kind, plane, index, sp)
-
-        def deliver(result, error):
-            call_in_ui(lambda: self._apply_2d(result, error))
-
-        self.runner2d.submit("slice", work, deliver)
-
-    def _compute_2d(self, seg, data, kind, plane, index, sp) -> Result2D:
-        img, intensity = self.slice_image(plane, index)
-        heads = seg.heads(img, sp, key=(id(data), kind, plane, index), intensity=intensity)
-        timing = dict(seg.timings)
-        t0 = time.perf_counter()
-        labels, centres = seg.postprocess(heads, sp, return_centres=True)
-        post = time.perf_counter() - t0
-        count = int(np.count_nonzero(np.unique(labels)))
-        return Result2D(img, labels, heads, centres, count, float(timing.get("network_s", 0.0)),
-                        post, bool(timing.get("cached", False)), plane, index, sp)
-
-    def _apply_2d(self, result, error) -> None:
-        st = self.state
-        st.busy2d = False
-        if error is not None:
-            self.report(error, "2D inference failed")
-            self._error_2d = True
-            return
-        st.result2d = result
-        if self._error_2d:  # the error the status line shows is over: say so there
-            self._error_2d = False
-            if st.status_level == "error":
-                st.say(f"2D inference: {result.count} instances", "ok")
-
-    def compare_downsampling(self) -> None:
-        """Run the current slice at downsampling 1, 2, 4 and 8 (one panel each)."""
-        st = self.state
-        if st.data is None or self.segmenter is None:
-            st.say("load data and a model first", "warning")
-            return
-        kind = self.effective_kind()
-        plane = st.plane if kind == "volume" else "xy"
-        index = min(max(st.index, 0), self.slice_count(plane) - 1)
-        sp, seg, data = st.slice_params, self.segmenter, st.data
-
-        def work():
-            out = []
-            for ds in COMPARE_FACTORS:
-                try:
-                    r = self._compute_2d(seg, data, kind, plane, index, sp.replace(downsampling=ds))
-                    out.append(CompareResult(ds, r.image, r.labels, r.count, r.network_s,
-                                             r.postprocess_s))
-                except NbappError as exc:
-                    img, _ = self.slice_image(plane, index)
-                    out.append(CompareResult(ds, img, None, 0, 0.0, 0.0, str(exc)))
-            return out
-
-        def deliver(result, error):
-            def apply():
-                if error is not None:
-                    self.report(error, "compare downsampling failed")
-                else:
-                    st.compare = result
-                    st.say("compared downsampling " + ", ".join(
-                        f"{c.downsampling}: {c.count if c.error is None else 'too small'}"
-                        for c in result), "ok")
-            call_in_ui(apply)
-
-        self.runner2d.submit("compare", work, deliver)
-
-    def run_batch(self) -> None:
-        """Batch mode: segment every image of the stack on its own."""
-        st = self.state
-        if st.data is None or self.segmenter is None or st.data.array.ndim != 3:
-            st.say("batch mode needs a stack of 2D images and a model", "warning")
-            return
-        seg, arr, sp = self.segmenter, st.data.array, st.slice_params
-
-        def deliver(result, error):
-            def apply():
-                if error is not None:
-                    self.report(error, "batch inference failed")
-                    return
-                st.batch_labels = result
-                n = sum(int(np.count_nonzero(np.unique(s))) for s in result)
-                st.say(f"batch mode: {n} instances in {len(result)} images", "ok")
-            call_in_ui(apply)
-
-        self.runner2d.submit("batch", lambda: seg.segment_batch(np.asarray(arr), sp), deliver)
-
-    def suggest_from_box(self, height: float, width: float) -> dict:
-        st = self.state
-        sug = {k: v for k, v in st.suggestion.items() if k == "median_size"}
-        sug.update(suggest_filters(height, width))
-        st.box = (float(abs(height)), float(abs(width)))
-        st.suggestion = sug
-        return sug
-
-    def apply_suggestion(self) -> None:
-        st = self.state
-        sug = st.suggestion
-        if not sug:
-            st.say("draw a box around the smallest object first", "warning")
-            return
-        try:
-            cp = st.volume_params.consensus.replace(
-                **{k: sug[k] for k in ("min_size", "min_extent") if k in sug})
-            vp = st.volume_params.replace(consensus=cp)
-            if "median_size" in sug:
-                vp = vp.replace(median_size=sug["median_size"])
-        except NbappError as exc:
-            self.report(exc, "cannot apply the suggestion")
-            return
-        st.volume_params = vp
-        st.say(f"applied: Min Size {cp.min_size}, Min Box Extent {cp.min_extent}, "
-               f"Median Filter Size {vp.median_size}", "ok")
-
-    # -- 3D
-    def _engines_for(self, model) -> list:
-        from nbapp.run3d import make_engines
-
-        devices = tuple(self._job_devices or [str(model.device)])
-        key = (id(model), devices)
-        if key not in self._engines:
-            self._engines = {key: make_engines(model, list(devices))}
-        return self._engines[key]
-
-    def run_3d(self) -> bool:
-        """Start the 3D job (in JobRunner's thread); False if it could not start (among other
-        reasons: it would need more memory than the kernel has)."""
-        from nbapp.run3d import job_steps
-        from nbapp.volume import check_job_memory
-
-        st = self.state
-        try:
-            if st.data is None:
-                raise InputError("load a volume first")
-            if self.effective_kind() == "image":
-                raise InputError("3D inference needs a volume (Z, Y, X); the data is one 2D "
-                                 "image: load a volume, or use the 2D tab")
-            if self.effective_kind() == "stack":
-                raise InputError("3D inference needs a volume; the data is used as a stack of "
-                                 "unrelated 2D images (Batch mode): turn Batch mode off to "
-                                 "segment it as a volume")
-            if st.model is None:
-                raise ModelError("load a model first")
-            vp = st.volume_params.replace(slice=st.slice_params.replace(batch_mode=False))
-            engines = self._engines_for(st.model)
-            volume, intensity = st.data.array, st.data.intensity
-            check_job_memory(tuple(volume.shape), vp, engines[0])
-
-            def job():
-                return job_steps(engines, volume, vp, intensity=intensity)
-
-            st.say(f"3D job started: {'ortho-plane' if vp.orthoplane else vp.plane} on "
-                   f"{', '.join(str(e.device) for e in engines)}", "info")
-            if not self.jobs.busy:
-                self._marker = JobMarker.from_env(kernel_id())
-                if self._marker is not None:
-                    self._marker.begin()
-            self.jobs.submit(job, name="3d")
-        except Exception as exc:  # noqa: BLE001
-            self._end_marker()
-            self.report(exc, "cannot start the 3D job")
-            return False
-        return True
-
-    def _end_marker(self) -> bool:
-        """Remove the running-job marker; True if the page was closed while the job ran."""
-        marker, self._marker = self._marker, None
-        if marker is None:
-            return False
-        orphaned = marker.orphaned
-        marker.end()
-        return orphaned
-
-    def _save_for_closed_page(self, labels) -> None:
-        """The page closed while the job ran: keep its result in the data root's
-        ``nbapp-exports/`` (the server shuts the kernel down right after)."""
-        from nbapp.io import write_labels
-
-        if self.data_root is None or labels is None:
-            return
-        name = Path(self.state.data.name if self.state.data else "volume").stem or "volume"
-        folder = self.data_root / EXPORT_FOLDER
-        try:
-            folder.mkdir(exist_ok=True)
-            target = write_labels(folder / f"{name}_3d_{time.strftime('%Y%m%d-%H%M%S')}.tif",
-                                  labels)
-        except (OSError, NbappError) as exc:
-            self.report(exc, "saving the 3D result of a closed page failed")
-            return
-        self.state.say(f"the page was closed during the 3D job: labels saved to {target}", "ok")
-
-    def cancel_3d(self) -> None:
-        if self.jobs.busy:
-            self.jobs.cancel()
-            self.state.say("cancelling the 3D job ...", "warning")
-
-    def _job_update(self, snap: Snapshot) -> None:
-        call_in_ui(lambda: self._apply_job(snap))
-
-    def _apply_job(self, snap: Snapshot) -> None:
-        st = self.state
-        if snap.job_id < st.job.job_id:
-            return
-        if snap.finished and self._marker is not None:
-            if self._marker.orphaned and snap.state == JobState.DONE:
-                self._save_for_closed_page(getattr(snap.result, "labels", None))
-            self._end_marker()
-        st.job = snap
-        if snap.state == JobState.DONE and snap.result is not None:
-            res = snap.result
-            with st.hold_trait_notifications():
-                st.stacks = dict(res.stacks)
-                st.labels3d = res.labels
-                st.table = object_table(res.labels)
-                st.result_slice = min(st.result_slice, res.labels.shape[0] - 1)
-            t = res.timings
-            st.say(f"3D job done in {snap.elapsed:.1f} s: {len(st.table)} objects "
-                   f"(network {t.get('network_s', 0):.1f} s, tracking {t.get('tracking_s', 0):.1f} s, "
-                   f"consensus {t.get('consensus_s', 0):.1f} s)", "ok")
-        elif snap.state == JobState.CANCELLED:
-            st.say("3D job cancelled", "warning")
-        elif snap.state == JobState.FAILED:
-            st.say(f"3D job failed: {snap.error}", "error")
-
-    def rerun_consensus(self) -> None:
-        """Consensus again from the stored stacks with the current vote / min size / min extent /
-        permit-one-stack (no network)."""
-        from nbapp.volume import consensus
-
-        st = self.state
-        try:
-            if not all(p in st.stacks for p in PLANES):
-                raise InputError("re-running the consensus needs the xy, xz and yz stacks of an "
-                                 "ortho-plane 3D job: run one first")
-            t0 = time.perf_counter()
-            labels = consensus(st.stacks, st.volume_params.consensus)
-        except Exception as exc:  # noqa: BLE001
-            self.report(exc, "consensus failed")
-            return
-        with st.hold_trait_notifications():
-            st.labels3d = labels
-            st.table = object_table(labels)
-        cp = st.volume_params.consensus
-        st.say(f"consensus re-run in {time.perf_counter() - t0:.2f} s (vote {cp.vote_threshold}, "
-               f"min size {cp.min_size}, min extent {cp.min_extent}, one stack "
-               f"{'allowed' if cp.allow_one_view else 'not allowed'}): {len(st.table)} objects", "ok")
 
     # -- export
     def _export_target(self, path: str) -> Path:

@@ -1,0 +1,191 @@
+"""The 2D tab's actions (live inference on the visible slice, compare downsampling, batch
+mode, the box tool's suggestions), as a part of :class:`nbapp.ui.session.Session`.
+
+Slider changes reach :meth:`SliceActions.request_2d`, which hands the work to the session's
+``LatestRunner`` (debounced, latest request wins); results come back to the state only through
+:func:`nbapp.ui.threads.call_in_ui`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from nbapp.errors import NbappError
+from nbapp.intensity import intensity_range
+from nbapp.objects import suggest_filters
+from nbapp.params import PLANES
+from nbapp.ui.state import CompareResult, Result2D
+from nbapp.ui.threads import call_in_ui
+
+__all__ = ["SliceActions", "COMPARE_FACTORS"]
+
+COMPARE_FACTORS = (1, 2, 4, 8)
+
+
+class SliceActions:
+    """2D actions of :class:`~nbapp.ui.session.Session` (a base class of it; it provides
+    ``state``, ``segmenter``, ``runner2d`` and ``report``)."""
+
+    def effective_kind(self) -> str | None:
+        d = self.state.data
+        if d is None:
+            return None
+        if d.array.ndim == 2:
+            return "image"
+        return "stack" if self.state.slice_params.batch_mode else "volume"
+
+    def slice_image(self, plane: str, index: int) -> tuple[np.ndarray, tuple]:
+        """The 2D image shown for (plane, index) and its intensity range."""
+        d = self.state.data
+        kind = self.effective_kind()
+        if kind == "image":
+            return d.array, d.intensity
+        if kind == "stack":
+            img = np.asarray(d.array[index])
+            return img, intensity_range(img)
+        from nbapp.volume import get_slice
+
+        return get_slice(d.array, plane, index), d.intensity
+
+    def slice_count(self, plane: str | None = None) -> int:
+        d = self.state.data
+        if d is None or d.array.ndim == 2:
+            return 1
+        kind = self.effective_kind()
+        plane = "xy" if kind == "stack" else (plane or self.state.plane)
+        return d.array.shape[PLANES.index(plane)]
+
+    def _params_changed(self, change) -> None:
+        if not self._quiet:
+            self.request_2d()
+
+    def request_2d(self) -> None:
+        """Segment the current slice (latest request wins; cached heads when only
+        post-processing parameters changed)."""
+        st = self.state
+        if st.data is None or self.segmenter is None:
+            return
+        kind = self.effective_kind()
+        plane = st.plane if kind == "volume" else "xy"
+        index = min(max(st.index, 0), self.slice_count(plane) - 1)
+        sp = st.slice_params
+        seg = self.segmenter
+        data = st.data
+        st.busy2d = True
+
+        def work():
+            return self._compute_2d(seg, data, kind, plane, index, sp)
+
+        def deliver(result, error):
+            call_in_ui(lambda: self._apply_2d(result, error))
+
+        self.runner2d.submit("slice", work, deliver)
+
+    def _compute_2d(self, seg, data, kind, plane, index, sp) -> Result2D:
+        img, intensity = self.slice_image(plane, index)
+        heads = seg.heads(img, sp, key=(id(data), kind, plane, index), intensity=intensity)
+        timing = dict(seg.timings)
+        t0 = time.perf_counter()
+        labels, centres = seg.postprocess(heads, sp, return_centres=True)
+        post = time.perf_counter() - t0
+        count = int(np.count_nonzero(np.unique(labels)))
+        return Result2D(img, labels, heads, centres, count, float(timing.get("network_s", 0.0)),
+                        post, bool(timing.get("cached", False)), plane, index, sp)
+
+    def _apply_2d(self, result, error) -> None:
+        st = self.state
+        st.busy2d = False
+        if error is not None:
+            self.report(error, "2D inference failed")
+            self._error_2d = True
+            return
+        st.result2d = result
+        if self._error_2d:  # the error the status line shows is over: say so there
+            self._error_2d = False
+            if st.status_level == "error":
+                st.say(f"2D inference: {result.count} instances", "ok")
+
+    def compare_downsampling(self) -> None:
+        """Run the current slice at downsampling 1, 2, 4 and 8 (one panel each)."""
+        st = self.state
+        if st.data is None or self.segmenter is None:
+            st.say("load data and a model first", "warning")
+            return
+        kind = self.effective_kind()
+        plane = st.plane if kind == "volume" else "xy"
+        index = min(max(st.index, 0), self.slice_count(plane) - 1)
+        sp, seg, data = st.slice_params, self.segmenter, st.data
+
+        def work():
+            out = []
+            for ds in COMPARE_FACTORS:
+                try:
+                    r = self._compute_2d(seg, data, kind, plane, index, sp.replace(downsampling=ds))
+                    out.append(CompareResult(ds, r.image, r.labels, r.count, r.network_s,
+                                             r.postprocess_s))
+                except NbappError as exc:
+                    img, _ = self.slice_image(plane, index)
+                    out.append(CompareResult(ds, img, None, 0, 0.0, 0.0, str(exc)))
+            return out
+
+        def deliver(result, error):
+            def apply():
+                if error is not None:
+                    self.report(error, "compare downsampling failed")
+                else:
+                    st.compare = result
+                    st.say("compared downsampling " + ", ".join(
+                        f"{c.downsampling}: {c.count if c.error is None else 'too small'}"
+                        for c in result), "ok")
+            call_in_ui(apply)
+
+        self.runner2d.submit("compare", work, deliver)
+
+    def run_batch(self) -> None:
+        """Batch mode: segment every image of the stack on its own."""
+        st = self.state
+        if st.data is None or self.segmenter is None or st.data.array.ndim != 3:
+            st.say("batch mode needs a stack of 2D images and a model", "warning")
+            return
+        seg, arr, sp = self.segmenter, st.data.array, st.slice_params
+
+        def deliver(result, error):
+            def apply():
+                if error is not None:
+                    self.report(error, "batch inference failed")
+                    return
+                st.batch_labels = result
+                n = sum(int(np.count_nonzero(np.unique(s))) for s in result)
+                st.say(f"batch mode: {n} instances in {len(result)} images", "ok")
+            call_in_ui(apply)
+
+        self.runner2d.submit("batch", lambda: seg.segment_batch(np.asarray(arr), sp), deliver)
+
+    def suggest_from_box(self, height: float, width: float) -> dict:
+        st = self.state
+        sug = {k: v for k, v in st.suggestion.items() if k == "median_size"}
+        sug.update(suggest_filters(height, width))
+        st.box = (float(abs(height)), float(abs(width)))
+        st.suggestion = sug
+        return sug
+
+    def apply_suggestion(self) -> None:
+        st = self.state
+        sug = st.suggestion
+        if not sug:
+            st.say("draw a box around the smallest object first", "warning")
+            return
+        try:
+            cp = st.volume_params.consensus.replace(
+                **{k: sug[k] for k in ("min_size", "min_extent") if k in sug})
+            vp = st.volume_params.replace(consensus=cp)
+            if "median_size" in sug:
+                vp = vp.replace(median_size=sug["median_size"])
+        except NbappError as exc:
+            self.report(exc, "cannot apply the suggestion")
+            return
+        st.volume_params = vp
+        st.say(f"applied: Min Size {cp.min_size}, Min Box Extent {cp.min_extent}, "
+               f"Median Filter Size {vp.median_size}", "ok")

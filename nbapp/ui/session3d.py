@@ -1,0 +1,159 @@
+"""The 3D tab's actions (start, cancel and watch the 3D job, re-run the consensus, keep the
+result of a job whose page was closed), as a part of :class:`nbapp.ui.session.Session`.
+
+The job is built by :func:`nbapp.run3d.job_steps` and run by the session's ``JobRunner``; its
+snapshots reach the state only through :func:`nbapp.ui.threads.call_in_ui`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from nbapp.errors import InputError, ModelError, NbappError
+from nbapp.jobs import JobMarker, JobState, Snapshot
+from nbapp.objects import object_table
+from nbapp.params import PLANES
+from nbapp.ui.threads import call_in_ui, kernel_id
+
+__all__ = ["VolumeActions", "EXPORT_FOLDER"]
+
+#: Where exports go by default, inside the data root (made on first use).
+EXPORT_FOLDER = "nbapp-exports"
+
+
+class VolumeActions:
+    """3D actions of :class:`~nbapp.ui.session.Session` (a base class of it; it provides
+    ``state``, ``jobs``, ``data_root``, ``report`` and the model's engines)."""
+
+    def _engines_for(self, model) -> list:
+        from nbapp.run3d import make_engines
+
+        devices = tuple(self._job_devices or [str(model.device)])
+        key = (id(model), devices)
+        if key not in self._engines:
+            self._engines = {key: make_engines(model, list(devices))}
+        return self._engines[key]
+
+    def run_3d(self) -> bool:
+        """Start the 3D job (in JobRunner's thread); False if it could not start (among other
+        reasons: it would need more memory than the kernel has)."""
+        from nbapp.run3d import job_steps
+        from nbapp.volume import check_job_memory
+
+        st = self.state
+        try:
+            if st.data is None:
+                raise InputError("load a volume first")
+            if self.effective_kind() == "image":
+                raise InputError("3D inference needs a volume (Z, Y, X); the data is one 2D "
+                                 "image: load a volume, or use the 2D tab")
+            if self.effective_kind() == "stack":
+                raise InputError("3D inference needs a volume; the data is used as a stack of "
+                                 "unrelated 2D images (Batch mode): turn Batch mode off to "
+                                 "segment it as a volume")
+            if st.model is None:
+                raise ModelError("load a model first")
+            vp = st.volume_params.replace(slice=st.slice_params.replace(batch_mode=False))
+            engines = self._engines_for(st.model)
+            volume, intensity = st.data.array, st.data.intensity
+            check_job_memory(tuple(volume.shape), vp, engines[0])
+
+            def job():
+                return job_steps(engines, volume, vp, intensity=intensity)
+
+            st.say(f"3D job started: {'ortho-plane' if vp.orthoplane else vp.plane} on "
+                   f"{', '.join(str(e.device) for e in engines)}", "info")
+            if not self.jobs.busy:
+                self._marker = JobMarker.from_env(kernel_id())
+                if self._marker is not None:
+                    self._marker.begin()
+            self.jobs.submit(job, name="3d")
+        except Exception as exc:  # noqa: BLE001
+            self._end_marker()
+            self.report(exc, "cannot start the 3D job")
+            return False
+        return True
+
+    def _end_marker(self) -> bool:
+        """Remove the running-job marker; True if the page was closed while the job ran."""
+        marker, self._marker = self._marker, None
+        if marker is None:
+            return False
+        orphaned = marker.orphaned
+        marker.end()
+        return orphaned
+
+    def _save_for_closed_page(self, labels) -> None:
+        """The page closed while the job ran: keep its result in the data root's
+        ``nbapp-exports/`` (the server shuts the kernel down right after)."""
+        from nbapp.io import write_labels
+
+        if self.data_root is None or labels is None:
+            return
+        name = Path(self.state.data.name if self.state.data else "volume").stem or "volume"
+        folder = self.data_root / EXPORT_FOLDER
+        try:
+            folder.mkdir(exist_ok=True)
+            target = write_labels(folder / f"{name}_3d_{time.strftime('%Y%m%d-%H%M%S')}.tif",
+                                  labels)
+        except (OSError, NbappError) as exc:
+            self.report(exc, "saving the 3D result of a closed page failed")
+            return
+        self.state.say(f"the page was closed during the 3D job: labels saved to {target}", "ok")
+
+    def cancel_3d(self) -> None:
+        if self.jobs.busy:
+            self.jobs.cancel()
+            self.state.say("cancelling the 3D job ...", "warning")
+
+    def _job_update(self, snap: Snapshot) -> None:
+        call_in_ui(lambda: self._apply_job(snap))
+
+    def _apply_job(self, snap: Snapshot) -> None:
+        st = self.state
+        if snap.job_id < st.job.job_id:
+            return
+        if snap.finished and self._marker is not None:
+            if self._marker.orphaned and snap.state == JobState.DONE:
+                self._save_for_closed_page(getattr(snap.result, "labels", None))
+            self._end_marker()
+        st.job = snap
+        if snap.state == JobState.DONE and snap.result is not None:
+            res = snap.result
+            with st.hold_trait_notifications():
+                st.stacks = dict(res.stacks)
+                st.labels3d = res.labels
+                st.table = object_table(res.labels)
+                st.result_slice = min(st.result_slice, res.labels.shape[0] - 1)
+            t = res.timings
+            st.say(f"3D job done in {snap.elapsed:.1f} s: {len(st.table)} objects "
+                   f"(network {t.get('network_s', 0):.1f} s, tracking {t.get('tracking_s', 0):.1f} s, "
+                   f"consensus {t.get('consensus_s', 0):.1f} s)", "ok")
+        elif snap.state == JobState.CANCELLED:
+            st.say("3D job cancelled", "warning")
+        elif snap.state == JobState.FAILED:
+            st.say(f"3D job failed: {snap.error}", "error")
+
+    def rerun_consensus(self) -> None:
+        """Consensus again from the stored stacks with the current vote / min size / min extent /
+        permit-one-stack (no network)."""
+        from nbapp.volume import consensus
+
+        st = self.state
+        try:
+            if not all(p in st.stacks for p in PLANES):
+                raise InputError("re-running the consensus needs the xy, xz and yz stacks of an "
+                                 "ortho-plane 3D job: run one first")
+            t0 = time.perf_counter()
+            labels = consensus(st.stacks, st.volume_params.consensus)
+        except Exception as exc:  # noqa: BLE001
+            self.report(exc, "consensus failed")
+            return
+        with st.hold_trait_notifications():
+            st.labels3d = labels
+            st.table = object_table(labels)
+        cp = st.volume_params.consensus
+        st.say(f"consensus re-run in {time.perf_counter() - t0:.2f} s (vote {cp.vote_threshold}, "
+               f"min size {cp.min_size}, min extent {cp.min_extent}, one stack "
+               f"{'allowed' if cp.allow_one_view else 'not allowed'}): {len(st.table)} objects", "ok")
