@@ -612,7 +612,7 @@ def test_labelled_widgets_show_their_whole_label():
     box, slider = w["allow_one_view"], w["vote_threshold"]
     assert box.description == LABELS["allow_one_view"] and box.tooltip == box.description
     assert box.indent is False and box.layout.width == "auto"
-    assert slider.layout.width == "460px" and slider.style.description_width == "initial"
+    assert slider.layout.width == "480px" and slider.style.description_width == "250px"
     slider.value = 3
     assert seen == [("vote_threshold", 3)]
 

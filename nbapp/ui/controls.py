@@ -18,6 +18,12 @@ from nbapp.ui.state import AppState
 __all__ = ["StatusArea", "DataPanel", "ModelPanel", "Controls2D", "Controls3D", "ProgressBars"]
 
 _WIDE = {"description_width": "initial"}
+#: One label column for every slider, dropdown and number box of a panel, wide enough for the
+#: longest SPEC label ("Segmentation Confidence Threshold"), so that their tracks and boxes
+#: start at the same place and have the same length.
+_LABEL_COLUMN = {"description_width": "250px"}
+_PARAM_WIDTH = "480px"
+_COLUMN_WIDTH = "500px"  # the 2D controls' column: fixed, so the viewer beside it never moves
 _COLOURS = {"info": "#333", "ok": "#1a7f37", "warning": "#9a6700", "error": "#cf222e"}
 
 
@@ -25,17 +31,25 @@ def _layout(width="420px"):
     return W.Layout(width=width)
 
 
+def _fit(*buttons) -> None:
+    """Buttons as wide as their text (ipywidgets' fixed width cuts longer ones off)."""
+    for b in buttons:
+        b.layout.width = "auto"
+        b.layout.min_width = "fit-content"
+
+
 def _labelled(widgets: dict, handler_for) -> dict:
     """Give each parameter widget its SPEC label and observe its value with ``handler_for(name)``."""
     for name, widget in widgets.items():
         widget.description = LABELS[name]
         widget.tooltip = LABELS[name]  # the whole label on hover, should the panel be narrow
-        widget.style = _WIDE
         if isinstance(widget, W.Checkbox):
+            widget.style = _WIDE
             widget.indent = False  # long labels ("Permit detections ...") are not cut off
-        if not widget.layout.width:
-            # wide enough for the longest label plus a usable slider track
-            widget.layout.width = "auto" if isinstance(widget, W.Checkbox) else "460px"
+            widget.layout.width = "auto"
+        else:  # one label column: tracks and boxes line up
+            widget.style = _LABEL_COLUMN
+            widget.layout.width = _PARAM_WIDTH
         widget.observe(handler_for(name), names=["value"])
     return widgets
 
@@ -174,7 +188,7 @@ class Controls2D:
         sp = state.slice_params
         self.plane = W.ToggleButtons(options=PLANES, value=state.plane, description="Plane")
         self.index = W.IntSlider(0, min=0, max=0, description="Slice", continuous_update=True,
-                                 layout=_layout())
+                                 style=_LABEL_COLUMN, layout=_layout(_PARAM_WIDTH))
         w = {
             "downsampling": W.Dropdown(options=DOWNSAMPLING_FACTORS, value=sp.downsampling),
             "seg_threshold": W.FloatSlider(sp.seg_threshold, min=0.1, max=0.9, step=0.05,
@@ -190,7 +204,8 @@ class Controls2D:
         }
         self.widgets = _labelled(w, self._param)
         self.opacity = W.FloatSlider(state.opacity, min=0, max=1, step=0.05,
-                                     description="Label opacity", style=_WIDE, layout=_layout())
+                                     description="Label opacity", style=_LABEL_COLUMN,
+                                     layout=_layout(_PARAM_WIDTH))
         W.link((self.opacity, "value"), (state, "opacity"))
         self.show_heads = W.ToggleButton(False, description="Network outputs", icon="eye")
         W.link((self.show_heads, "value"), (state, "show_heads"))
@@ -202,8 +217,10 @@ class Controls2D:
                                   tooltip="draw a box around the smallest object to keep")
         if on_box_mode is not None:
             self.box.observe(lambda c: on_box_mode(c.new), names=["value"])
-        self.suggestion = W.HTML("")
+        # wraps inside the column: a long suggestion never widens it (nor moves the viewer)
+        self.suggestion = W.HTML("", layout=_layout(_PARAM_WIDTH))
         self.apply = W.Button(description="Apply suggestion", disabled=True)
+        _fit(self.show_heads, self.compare, self.run_batch, self.box, self.apply)
         self.apply.on_click(lambda _: session.apply_suggestion())
         self.plane.observe(lambda c: setattr(state, "plane", c.new), names=["value"])
         self.index.observe(lambda c: setattr(state, "index", c.new), names=["value"])
@@ -213,7 +230,7 @@ class Controls2D:
             W.HBox([self.plane]), self.index, *w.values(), self.opacity,
             W.HBox([self.show_heads, self.compare, self.run_batch]),
             W.HBox([self.box, self.apply]), self.suggestion,
-        ])
+        ], layout=W.Layout(width=_COLUMN_WIDTH, min_width=_COLUMN_WIDTH))
 
     def _param(self, name):
         def handler(change):
@@ -265,8 +282,10 @@ class ProgressBars:
 
     def __init__(self, state: AppState):
         self.state = state
+        # one label column, so that the consensus bar is as long as the plane bars
         self.bars = {p: W.IntProgress(0, min=0, max=1, description=p if p != "all" else "consensus",
-                                      style=_WIDE, layout=_layout("300px")) for p in self.ROWS}
+                                      style={"description_width": "80px"},
+                                      layout=_layout("300px")) for p in self.ROWS}
         self.labels = {p: W.Label("") for p in self.ROWS}
         self.summary = W.HTML("")
         self.widget = W.VBox([self.summary] + [W.HBox([self.bars[p], self.labels[p]]) for p in self.ROWS])
@@ -335,6 +354,7 @@ class Controls3D:
         self.table_path = W.Text(value=f"{EXPORT_FOLDER}/objects.csv", description="Table to",
                                  style=_WIDE)
         self.export_table = W.Button(description="Export table (CSV)", icon="table")
+        _fit(self.run, self.cancel, self.rerun, self.export_labels, self.export_table)
         self.export_labels.on_click(lambda _: session.export_labels(self.export_path.value))
         self.export_table.on_click(lambda _: session.export_table(self.table_path.value))
         state.observe(self._from_state, names=["volume_params"])

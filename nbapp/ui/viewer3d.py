@@ -146,7 +146,9 @@ class ObjectTable:
         self.state = state
         self.max_rows = max_rows
         self.html = W.HTML("")
-        self.widget = W.VBox([self.html], layout=W.Layout(max_height="320px", overflow="auto"))
+        # a scroll bar that is always there: more rows than fit must look scrollable
+        self.widget = W.VBox([self.html], layout=W.Layout(max_height="320px",
+                                                          overflow="hidden scroll"))
         state.observe(self._update, names=["table"])
 
     @property

@@ -195,3 +195,51 @@ def test_closing_the_tab_shuts_its_kernel_down(server, browser):
         assert time.monotonic() < deadline, server.log_text()[-3000:]
         time.sleep(0.2)  # polling the server log, bounded by the deadline
     assert "403 POST /voila/api/shutdown" not in server.log_text()
+
+
+def test_controls_line_up_and_no_label_is_cut_at_1366x768(app):
+    """Issue 17 item 8: slider tracks of one width and start, whole button labels, progress
+    bars of one length."""
+    page = app.page
+    page.set_viewport_size({"width": 1366, "height": 768})
+    try:
+        app.tab("2D parameter testing")
+        tracks = page.evaluate(
+            "() => [...document.querySelectorAll('.nbapp-app .widget-hslider')]"
+            ".filter(e => e.offsetParent).map(e => { const t = e.querySelector("
+            "'.slider-container').getBoundingClientRect(); return [Math.round(t.left), "
+            "Math.round(t.width)]; })")
+        assert len(tracks) >= 5 and len({tuple(t) for t in tracks}) == 1, tracks
+        for tab in ("2D parameter testing", "3D inference", "Data & model"):
+            app.tab(tab)
+            cut = page.evaluate(
+                "() => [...document.querySelectorAll('.nbapp-app button')]"
+                ".filter(b => b.offsetParent && b.scrollWidth > b.clientWidth + 1)"
+                ".map(b => b.textContent.trim())")
+            assert cut == [], (tab, cut)
+        app.tab("3D inference")
+        bars = page.evaluate(
+            "() => [...document.querySelectorAll('.nbapp-app .widget-hprogress .progress')]"
+            ".filter(e => e.offsetParent).map(e => Math.round(e.getBoundingClientRect().width))")
+        assert len(bars) == 4 and len(set(bars)) == 1, bars
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_drawing_a_box_does_not_move_the_viewer(app):
+    """Issue 17 item 8: the box tool's suggestion text wraps inside the controls' column."""
+    needs_model(app)
+    page = app.page
+    app.tab("2D parameter testing")
+    canvas = app.viewer_canvas()
+    before = canvas.bounding_box()
+    page.locator("button:visible").filter(has_text=re.compile(r"^\s*Draw box\s*$")).click()
+    x, y = before["x"] + before["width"] * 0.3, before["y"] + before["height"] * 0.3
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 60, y + 40, steps=5)
+    page.mouse.up()
+    app.wait_for_text("Min Size")
+    after = canvas.bounding_box()
+    assert (round(after["x"]), round(after["y"])) == (round(before["x"]), round(before["y"]))
+    page.locator("button:visible").filter(has_text=re.compile(r"^\s*Draw box\s*$")).click()
