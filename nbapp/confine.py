@@ -62,6 +62,8 @@ def confine(path: str | os.PathLike, root: str | os.PathLike | None,
     text = os.fspath(path).strip() if isinstance(path, str) else os.fspath(path)
     if not text:
         raise InputError(f"no {what} given")
+    if "\0" in str(text):
+        raise InputError(f"{what} {str(text)!r} contains a NUL character")
     if root is None:
         return Path(os.path.expanduser(text))
     root_real = _real_root(root)

@@ -432,3 +432,9 @@ def test_zlib_tiffs_still_read_exactly(tmp_path, kwargs):
     tifffile.imwrite(tmp_path / "z.tif", data, compression="zlib", photometric="minisblack",
                      **kwargs)
     np.testing.assert_array_equal(read_image(tmp_path / "z.tif")[0], data)
+
+
+def test_nul_in_a_path_is_an_input_error(layout):
+    root, _ = layout
+    with pytest.raises(InputError, match="NUL character"):
+        read_image("a\0b.tif", root=root)

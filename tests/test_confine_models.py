@@ -198,3 +198,9 @@ def test_zip_check_reads_no_outside_file(layout):
     assert zipfile.is_zipfile(outside / "outside.pt")
     with pytest.raises(ModelError, match="outside"):
         load_model(str(outside / "outside.pt"), device="cpu", root=root)
+
+
+def test_nul_in_a_model_path_is_a_model_error(layout):
+    root, _ = layout
+    with pytest.raises(ModelError, match="NUL character"):
+        load_model("a\0b.pt", device="cpu", root=root)
