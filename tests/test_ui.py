@@ -804,3 +804,46 @@ def test_app_opens_on_the_2d_tab_when_ready_and_on_data_when_not(volume, tmp_pat
         assert b.tabs.selected_index == 0 and b.state.status_level == "error"
     finally:
         b.close()
+
+
+def test_page_load_defers_the_3d_view_and_reuses_the_demo_volume(tmp_path):
+    """Issue 17 item 11: ipyvolume is imported when the 3D tab is first opened, and the demo
+    volume is generated once per machine (then read from the cache)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\n"
+            "from nbapp.ui import App\n"
+            "a = App(device='cpu', synchronous=True)\n"
+            "print('ipyvolume' in sys.modules, a.view3d.figure is None)\n"
+            "a.tabs.selected_index = 2\n"
+            "print('ipyvolume' in sys.modules, a.view3d.figure is not None)\n"
+            "a.close()\n")
+    env = {**os.environ, "NBAPP_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True,
+                         text=True, env=env, check=True).stdout.split("\n")
+    assert out[:2] == ["False True", "True True"]
+    cached = list((tmp_path / "demo").glob("demo-48x256x256-12-0-*.npz"))
+    assert len(cached) == 1
+
+
+def test_demo_volume_cache_is_exact_and_survives_a_broken_file(tmp_path, monkeypatch):
+    from nbapp import samples
+
+    monkeypatch.setenv("NBAPP_CACHE", str(tmp_path))
+    shape = (8, 64, 64)
+    fresh = samples._generate(shape, 2, 3)
+    samples._demo_cached.cache_clear()
+    first = samples._demo_cached(shape, 2, 3)  # generated and stored
+    path = samples._disk_cache_file(shape, 2, 3)
+    assert path.is_file()
+    samples._demo_cached.cache_clear()
+    again = samples._demo_cached(shape, 2, 3)  # read back
+    for a, b, c in zip(fresh, first, again):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    path.write_bytes(b"not an npz")
+    samples._demo_cached.cache_clear()
+    np.testing.assert_array_equal(samples._demo_cached(shape, 2, 3)[0], fresh[0])
+    samples._demo_cached.cache_clear()
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]

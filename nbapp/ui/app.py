@@ -83,6 +83,9 @@ class App(W.VBox):
         tab_3d = W.VBox([self.controls3d.widget, results])
         self.tabs = W.Tab(children=[tab_data, tab_2d, tab_3d],
                           titles=("Data & model", "2D parameter testing", "3D inference"))
+        # the 3D view (ipyvolume) is built when the 3D tab is first opened, not at page load
+        self.tabs.observe(lambda c: self.view3d.ensure_figure() if c.new == 2 else None,
+                          names=["selected_index"])
         # the status line sits above the tabs and stays in view when the page scrolls, so that
         # what a button did (or why it could not) shows where the user is looking
         self.status.line.add_class("nbapp-statusbar")

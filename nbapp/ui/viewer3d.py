@@ -103,23 +103,33 @@ class LabelsView3D:
     """The labels in 3D: one coloured surface per object in an ipyvolume Figure widget."""
 
     def __init__(self, state: AppState, width: int = 420, height: int = 420):
-        import ipyvolume as ipv
-
         self.state = state
-        self.figure = ipv.Figure(width=width, height=height)
-        self.figure.camera_control = "orbit"
+        self.size = (width, height)
+        self.figure = None  # made on first use: importing ipyvolume costs the first page load
         self.cmap = label_cmap()
         self.note = W.HTML("<i>run a 3D job to see the objects in 3D</i>")
-        self.widget = W.VBox([self.note, self.figure])
+        self.widget = W.VBox([self.note])
         state.observe(self._update, names=["labels3d"])
+
+    def ensure_figure(self):
+        """The ipyvolume Figure, made the first time it is needed."""
+        if self.figure is None:
+            import ipyvolume as ipv
+
+            self.figure = ipv.Figure(width=self.size[0], height=self.size[1])
+            self.figure.camera_control = "orbit"
+            self.widget.children = [self.note, self.figure]
+        return self.figure
 
     def _update(self, change=None) -> None:
         import ipyvolume as ipv
 
         labels = self.state.labels3d
         if labels is None:
-            self.figure.meshes = []
+            if self.figure is not None:
+                self.figure.meshes = []
             return
+        self.ensure_figure()
         vs = self.state.data.voxel_size if self.state.data is not None else None
         parts = object_meshes(labels, vs)
         meshes = []
