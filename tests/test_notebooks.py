@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 
@@ -75,6 +76,10 @@ def test_2d_teaching(tmp_path):
     nb, _ = execute("2d_teaching.ipynb", tmp_path)
     out = text(nb)
     assert "semantic (1, 256, 256)" in out
+    # the offsets figure's claim, "arrows point at the centre" (issue 18 item 1: they pointed
+    # away, 15 px from any centre, when dy was mirrored)
+    tip = re.search(r"arrow tips land a median ([0-9.]+) px from the nearest centre", out)
+    assert tip and float(tip.group(1)) < 4.0, tip
     assert "'cached': True" in out  # threshold changes re-use the network outputs
     assert "against the ground truth: F1@0.5" in out
     assert images(nb) >= 8
