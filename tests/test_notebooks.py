@@ -106,6 +106,9 @@ def test_headless(tmp_path):
     assert "exit status 2" in out and "nbapp: error: input" in out
     assert '"f1":' in out
     assert "fine-tuned from default" in out and "slice 16, fine-tuned model:" in out
+    # it trains (issue 18 item 4: it stopped at step 0 on its time limit) and says what it bought
+    assert "nbapp.train: done at step 30" in out, out[-3000:]
+    assert re.search(r"held-out slices, F1@0.5: default [0-9.]+ -> fine-tuned [0-9.]+", out)
     assert "same labels as without Dask: True" in out
 
 
