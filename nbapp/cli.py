@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nbapp.errors import InputError, NbappError, ParameterError
-from nbapp.memory import check_address_space, out_of_memory_message
+from nbapp.memory import check_address_space, is_out_of_memory, out_of_memory_message
 from nbapp.params import ConsensusParams, SliceParams, VolumeParams
 
 __all__ = ["main", "build_parser"]
@@ -328,9 +328,11 @@ def _segment_3d(args, sp: SliceParams, out: Path) -> int:
     progress, close_bars = _progress_bars()
     t0 = time.perf_counter()
     try:
-        model = args.model if client is not None else _model(args, None)
-        if client is not None and args.data_root is not None:
-            _model(args, "cpu")  # checked here; the workers load it by name
+        if client is None:
+            model = _model(args, None)
+        else:  # the workers load the model by name; with --data-root it is checked here first
+            model = args.model
+            _model(args, "cpu")
         result = segment_volume(volume, model, params, devices=args.devices or args.device,
                                 client=client, progress=progress, batch_size=args.batch_size)
     finally:
@@ -556,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nbapp: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as exc:
-        if type(exc).__name__ != "OutOfMemoryError":  # torch's (GPU) out-of-memory error
+        if not is_out_of_memory(exc):  # torch's (GPU) out-of-memory error is a RuntimeError
             raise
         print(f"nbapp: error: {out_of_memory_message(exc)}", file=sys.stderr)
         return 1

@@ -100,24 +100,24 @@ class Engine:
                    + count * shape[0] * shape[1] * HEADS_BYTES_PER_PIXEL)
 
     def check_memory(self, shape: tuple, count: int, downsampling: int = 1,
-                     what: str = "image", extra: int = 0) -> None:
+                     what: str = "image") -> None:
         """Raise :class:`nbapp.memory.OutOfMemory` before running the network on ``count``
-        images of ``shape`` when it (plus ``extra`` bytes) would not fit, naming the smallest
-        Image Downsampling that would."""
-        from nbapp.memory import available_bytes, check_fits, format_bytes
+        images of ``shape`` when it would not fit, naming the smallest Image Downsampling that
+        would."""
+        from nbapp.memory import check_fits, format_bytes
 
-        need = self.memory_needed(shape, count, downsampling) + extra
+        need = self.memory_needed(shape, count, downsampling)
         if need == 0:
             return
-        room = 0.9 * available_bytes()
-        if need <= room:
-            return
-        fits = [d for d in DOWNSAMPLING_FACTORS if d > downsampling
-                and self.memory_needed(shape, count, d) + extra <= room
-                and min(self.input_shape(shape, d)) >= self.model.config.padding_factor]
-        hint = (f"use Image Downsampling {fits[0]} (needs "
-                f"{format_bytes(self.memory_needed(shape, count, fits[0]) + extra)})"
-                if fits else "use a smaller image or crop")
+
+        def hint(allowed: float) -> str:
+            fits = [d for d in DOWNSAMPLING_FACTORS if d > downsampling
+                    and self.memory_needed(shape, count, d) <= allowed
+                    and min(self.input_shape(shape, d)) >= self.model.config.padding_factor]
+            return (f"use Image Downsampling {fits[0]} (needs "
+                    f"{format_bytes(self.memory_needed(shape, count, fits[0]))})"
+                    if fits else "use a smaller image or crop")
+
         check_fits(need, f"{what} of {shape[0]}x{shape[1]} at downsampling {downsampling}", hint)
 
     def infer(self, images: np.ndarray, downsampling: int = 1, fine_boundaries: bool = False,

@@ -100,8 +100,8 @@ def read_image(path: str | os.PathLike, lazy: bool = False, root: str | os.PathL
     max_bytes : int, optional
         Refuse a file whose decoded array (shape x item size, known from its header before
         anything is decoded) is larger. Default: half the memory this process has left
-        (what is read must leave room to work on it)
-        (:func:`nbapp.memory.available_bytes`). Lazy reads that stay on disk are not counted.
+        (:func:`nbapp.memory.available_bytes`; the rest is for working on what is read). Lazy
+        reads that stay on disk are not counted.
 
     Returns
     -------
@@ -240,8 +240,8 @@ def _bound_tiff_decoders(tifffile) -> None:
             current = tifffile.TIFF.DECOMPRESSORS[key]
         except (KeyError, ImportError, NotImplementedError):
             continue
-        if current is not _bounded_zlib and "imagecodecs" not in str(
-                getattr(current, "__module__", "")).replace("_imagecodecs", ""):
+        # tifffile's fallback lives in tifffile._imagecodecs; the imagecodecs package's own
+        if str(getattr(current, "__module__", "")).split(".")[0] != "imagecodecs":
             codecs[key] = _bounded_zlib
 
 
@@ -422,6 +422,10 @@ def _read_h5(file: str, dataset: str | None, meta: dict, limit: _Limit, root) ->
         return ds[...]
 
 
+#: Pillow modes read as they are (one grey band).
+_GREY_MODES = ("L", "1", "I", "I;16", "I;16B", "F")
+
+
 def _read_picture(file: str, meta: dict, limit: _Limit) -> np.ndarray:
     """PNG / JPEG with Pillow: grey as it is, RGB(A) and palette images converted to grey."""
     from PIL import Image
@@ -433,12 +437,12 @@ def _read_picture(file: str, meta: dict, limit: _Limit) -> np.ndarray:
                          f"({Image.MAX_IMAGE_PIXELS * 2:,}): it is too large for a picture "
                          "format; save it as TIFF or zarr") from None
     with im:
-        grey = im.mode in ("L", "1", "I", "I;16", "I;16B", "F", "LA")
+        grey = im.mode in _GREY_MODES or im.mode == "LA"
         dtype = {"I": "i4", "F": "f4", "I;16": "u2", "I;16B": ">u2"}.get(im.mode, "u1")
         bands = 1 if grey else len(im.getbands())
         # Pillow's decoded image and the numpy copy; for colour also the RGB copy and the grey
         limit((im.height, im.width), dtype, factor=2 if grey else bands + 4)
-        if im.mode in ("L", "1", "I", "I;16", "I;16B", "F"):
+        if im.mode in _GREY_MODES:
             return np.array(im)
         if im.mode == "LA":
             return np.array(im.getchannel("L"))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Generator
 
 from nbapp.errors import NbappError
-from nbapp.memory import out_of_memory_message
+from nbapp.memory import is_out_of_memory, out_of_memory_message
 
 __all__ = ["JobState", "Snapshot", "JobRunner", "JobBusyError", "JobMarker", "MARKERS_ENV"]
 
@@ -206,7 +206,7 @@ class JobRunner:
             if gen is not None:
                 gen.close()
             msg = str(exc) if isinstance(exc, NbappError) else f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            if is_out_of_memory(exc):
                 msg = out_of_memory_message(exc)
             self._publish(state=JobState.FAILED, error=msg, eta=None)
             if not isinstance(exc, Exception):

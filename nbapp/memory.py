@@ -15,7 +15,8 @@ from pathlib import Path
 from nbapp.errors import NbappError
 
 __all__ = ["available_bytes", "format_bytes", "check_fits", "OutOfMemory", "CGROUP_ROOT",
-           "out_of_memory_message", "check_address_space", "TORCH_ADDRESS_SPACE"]
+           "out_of_memory_message", "is_out_of_memory", "check_address_space",
+           "TORCH_ADDRESS_SPACE"]
 
 #: Address space (not memory) a process needs to import torch, load a model and start its
 #: threads: VmSize is about 820 MiB after one forward pass of the default model on the CPU,
@@ -111,37 +112,38 @@ def _cgroup_room(proc_cgroup: str) -> int:
     return room
 
 
-def _meminfo_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return _UNLIMITED
-
-
-def _rlimit_room() -> int:
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    except (ImportError, OSError, ValueError):
-        return _UNLIMITED
-    if soft == resource.RLIM_INFINITY or soft < 0:
-        return _UNLIMITED
-    size = _stat_value_colon(Path("/proc/self/status"), "VmSize")
-    return max(0, soft - size)
-
-
-def _stat_value_colon(path: Path, key: str) -> int:
+def _kb_value(path: Path, key: str) -> int | None:
+    """``KEY:  N kB`` of a /proc status file, in bytes (None when it is not there)."""
     try:
         for line in path.read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return None
+
+
+def _meminfo_available() -> int:
+    value = _kb_value(Path("/proc/meminfo"), "MemAvailable")
+    return _UNLIMITED if value is None else value
+
+
+def _rlimit_as() -> int | None:
+    """The soft ``RLIMIT_AS`` (``ulimit -v``) in bytes, or None when there is none."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY or soft < 0 else soft
+
+
+def _rlimit_room() -> int:
+    soft = _rlimit_as()
+    if soft is None:
+        return _UNLIMITED
+    return max(0, soft - (_kb_value(Path("/proc/self/status"), "VmSize") or 0))
 
 
 def available_bytes() -> int:
@@ -154,9 +156,10 @@ def available_bytes() -> int:
     return int(min(_meminfo_available(), _cgroup_room(proc_cgroup), _rlimit_room()))
 
 
-def check_fits(nbytes: float, what: str, hint: str, fraction: float = 0.9) -> None:
+def check_fits(nbytes: float, what: str, hint, fraction: float = 0.9) -> None:
     """Raise :class:`OutOfMemory` when ``nbytes`` is more than ``fraction`` of the memory this
-    process has left; ``what`` says what needs it and ``hint`` how to need less.
+    process has left; ``what`` says what needs it and ``hint`` how to need less: a text, or a
+    function of the bytes allowed that makes it (called only when the check fails).
 
     >>> check_fits(1, "a byte", "")
     >>> check_fits(1 << 62, "a 4 EiB array", "use a smaller one")  # doctest: +ELLIPSIS
@@ -167,6 +170,8 @@ def check_fits(nbytes: float, what: str, hint: str, fraction: float = 0.9) -> No
     room = available_bytes()
     if nbytes <= fraction * room:
         return
+    if callable(hint):
+        hint = hint(fraction * room)
     if fraction >= 0.9:
         raise OutOfMemory(f"out of memory: {what} needs {format_bytes(nbytes)} but this process "
                           f"has {format_bytes(room)} left; {hint}")
@@ -174,6 +179,16 @@ def check_fits(nbytes: float, what: str, hint: str, fraction: float = 0.9) -> No
     raise OutOfMemory(f"out of memory: {what} needs {format_bytes(nbytes)}, more than {share} of "
                       f"the {format_bytes(room)} this process has left (the rest is needed to "
                       f"work on it); {hint}")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a ``MemoryError`` (nbapp's own :class:`OutOfMemory` included) and for torch's
+    GPU ``OutOfMemoryError`` (a ``RuntimeError``).
+
+    >>> is_out_of_memory(MemoryError()), is_out_of_memory(RuntimeError("x"))
+    (True, False)
+    """
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
 
 
 def out_of_memory_message(exc: BaseException) -> str:
@@ -195,13 +210,8 @@ def out_of_memory_message(exc: BaseException) -> str:
 def check_address_space(need: int = TORCH_ADDRESS_SPACE) -> None:
     """Raise :class:`OutOfMemory` with what to do when ``ulimit -v`` (``RLIMIT_AS``) is too
     small for torch to start at all (it would abort or hang in native code instead)."""
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    except (ImportError, OSError, ValueError):
-        return
-    if soft == resource.RLIM_INFINITY or soft < 0 or soft >= need:
+    soft = _rlimit_as()
+    if soft is None or soft >= need:
         return
     raise OutOfMemory(f"out of memory: the address-space limit (ulimit -v) is "
                       f"{format_bytes(soft)}, below the {format_bytes(need)} of address space "

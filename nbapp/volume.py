@@ -315,18 +315,17 @@ def job_memory(shape: tuple, params: VolumeParams, engine=None) -> int:
 def check_job_memory(shape: tuple, params: VolumeParams, engine=None) -> None:
     """Raise :class:`nbapp.memory.OutOfMemory` before a 3D job that would not fit in the
     memory this process has left, saying what would."""
-    from nbapp.memory import available_bytes, check_fits, format_bytes
+    from nbapp.memory import check_fits, format_bytes
 
-    need = job_memory(shape, params, engine)
-    if need <= 0.9 * available_bytes():
-        return
-    hints = []
-    if params.orthoplane:
-        single = dataclasses.replace(params, orthoplane=False)
-        hints.append(f"run single-plane (needs {format_bytes(job_memory(shape, single, engine))})")
-    hints.append("crop the volume")
-    check_fits(need, f"the {'ortho-plane' if params.orthoplane else 'single-plane'} 3D job on a "
-                     f"{'x'.join(map(str, shape))} volume", " or ".join(hints))
+    def hint(_allowed: float) -> str:
+        if not params.orthoplane:
+            return "crop the volume"
+        single = job_memory(shape, dataclasses.replace(params, orthoplane=False), engine)
+        return f"run single-plane (needs {format_bytes(single)}) or crop the volume"
+
+    check_fits(job_memory(shape, params, engine),
+               f"the {'ortho-plane' if params.orthoplane else 'single-plane'} 3D job on a "
+               f"{'x'.join(map(str, shape))} volume", hint)
 
 
 def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),

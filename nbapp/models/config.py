@@ -23,7 +23,7 @@ import yaml
 from nbapp.errors import ModelError
 
 __all__ = ["ModelConfig", "read_config", "cache_dir", "fetch", "trusted_url", "confine_config",
-           "TRUSTED_URL_PREFIXES", "MIRROR_ENV"]
+           "confine_model_path", "TRUSTED_URL_PREFIXES", "MIRROR_ENV"]
 
 #: Where models may be downloaded from when loading is confined to a data root (the app): the
 #: empanada model registry's record (MitoNet_v1, MitoNet_v1_mini and their quantized files).
@@ -190,12 +190,20 @@ def trusted_url(url: str) -> bool:
     return any(url.startswith(p) for p in prefixes)
 
 
-def confine_config(config: "ModelConfig", root) -> None:
-    """Refuse a config that names weights outside ``root``: local files must resolve inside
-    it, URLs must be :func:`trusted_url` (no ``file://``, no other server)."""
+def confine_model_path(path, root, what: str) -> Path:
+    """:func:`nbapp.confine.confine` for model files: its error as a :class:`ModelError`."""
     from nbapp.confine import confine
     from nbapp.errors import InputError
 
+    try:
+        return confine(path, root, what)
+    except InputError as exc:
+        raise ModelError(str(exc)) from None
+
+
+def confine_config(config: "ModelConfig", root) -> None:
+    """Refuse a config that names weights outside ``root``: local files must resolve inside
+    it, URLs must be :func:`trusted_url` (no ``file://``, no other server)."""
     where = Path(config.config_path).name if config.config_path else config.name
     for key in ("model", "model_quantized"):
         location = getattr(config, key)
@@ -207,10 +215,7 @@ def confine_config(config: "ModelConfig", root) -> None:
                                  f"download; inside the data root a config may name files in "
                                  f"the root or the model zoo's URLs (or ${MIRROR_ENV})")
             continue
-        try:
-            confine(location, root, f"model config {where}: {key}")
-        except InputError as exc:
-            raise ModelError(str(exc)) from None
+        confine_model_path(location, root, f"model config {where}: {key}")
 
 
 def cache_dir() -> Path:

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from nbapp.confine import confine
-from nbapp.errors import InputError, ModelError
-from nbapp.models.config import ModelConfig, confine_config, fetch, read_config
+from nbapp.errors import ModelError
+from nbapp.models.config import ModelConfig, confine_config, confine_model_path, fetch, read_config
 
 __all__ = ["Model", "load_model", "resolve_device", "default_config_path", "check_outputs",
            "gpu_devices", "device_names"]
@@ -237,7 +236,7 @@ def _config_for_file(path: Path, embedded: dict | None, root=None) -> ModelConfi
         sibling = path.with_suffix(ext)
         if sibling.is_file():
             if root is not None:
-                _confined(sibling, root, "model config")
+                confine_model_path(sibling, root, "model config")
             return read_config(sibling)
     if embedded:
         try:
@@ -267,14 +266,6 @@ def _config_for_file(path: Path, embedded: dict | None, root=None) -> ModelConfi
         description="TorchScript model without a config: assumed one thing class (1), "
                     "padding factor 16 and MitoNet's intensity norms.",
     )
-
-
-def _confined(path, root, what: str) -> Path:
-    """:func:`nbapp.confine.confine` with the error as a :class:`ModelError`."""
-    try:
-        return confine(path, root, what)
-    except InputError as exc:
-        raise ModelError(str(exc)) from None
 
 
 def load_model(spec="default", device=None, warm_up: bool = True, root=None) -> Model:
@@ -311,14 +302,13 @@ def load_model(spec="default", device=None, warm_up: bool = True, root=None) -> 
     else:
         if not isinstance(spec, (str, os.PathLike)):
             raise ModelError(f"model must be 'default', a path or a torch module, got {type(spec).__name__}")
-        shipped = str(spec) == "default"
-        if shipped:
+        if str(spec) == "default":
             root = None  # the shipped model is always allowed
             spec = default_config_path()
             if not spec.is_file():
                 raise ModelError(f"the default model is missing from this installation ({spec})")
         elif root is not None:
-            spec = _confined(spec, root, "model")
+            spec = confine_model_path(spec, root, "model")
         path = Path(spec)
         if path.suffix.lower() in (".yaml", ".yml"):
             config = read_config(path)

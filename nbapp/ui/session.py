@@ -73,17 +73,17 @@ def available_device_names() -> list[str]:
     """The device choices of the app: every device, and "all GPUs" when there are several."""
     from nbapp.models import device_names, gpu_devices
 
-    names = device_names()
-    if len(gpu_devices()) > 1:
-        names.insert(1 + len(gpu_devices()), ALL_GPUS)
+    names, gpus = device_names(), gpu_devices()
+    if len(gpus) > 1:
+        names.insert(1 + len(gpus), ALL_GPUS)  # after the GPUs themselves
     return names
 
 
 def describe_error(exc: BaseException) -> tuple[str, str | None]:
     """(one line for the status, traceback for the log or None) for an exception."""
-    from nbapp.memory import out_of_memory_message
+    from nbapp.memory import is_out_of_memory, out_of_memory_message
 
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+    if is_out_of_memory(exc):
         return out_of_memory_message(exc), None
     if isinstance(exc, NbappError):
         return str(exc), None
@@ -214,8 +214,7 @@ class Session(SliceActions, VolumeActions):
             ext = Path(base).suffix.lower()
             if ext not in UPLOAD_FORMATS or base.startswith("."):
                 raise InputError(f"cannot read upload {base!r}: use one of {', '.join(UPLOAD_FORMATS)}")
-            if self._upload_dir is None:
-                remove_stale_uploads()
+            if self._upload_dir is None:  # (dead kernels' folders went at start-up)
                 self._upload_dir = tempfile.mkdtemp(prefix=f"{UPLOAD_PREFIX}{os.getpid()}-")
                 atexit.register(shutil.rmtree, self._upload_dir, True)  # the kernel's exit
             target = Path(self._upload_dir) / base
@@ -288,9 +287,9 @@ class Session(SliceActions, VolumeActions):
             # the folder is resolved (links followed) and must be in the root; the file name
             # is the writer's (a link there would be replaced, not followed)
             target = confine(str(target.parent), self.data_root, "export folder") / target.name
-        base = Path(".") if self.data_root is None else Path(os.path.realpath(self.data_root))
+        base = Path(os.path.realpath(self.data_root if self.data_root is not None else "."))
         if target.parent.name == EXPORT_FOLDER and not target.parent.exists() and \
-                Path(os.path.realpath(target.parent.parent)) == Path(os.path.realpath(base)):
+                Path(os.path.realpath(target.parent.parent)) == base:
             target.parent.mkdir()  # the app's own exports folder, made on first use
         return target
 

@@ -92,11 +92,9 @@ class VolumeActions:
         if self.data_root is None or labels is None:
             return
         name = Path(self.state.data.name if self.state.data else "volume").stem or "volume"
-        folder = self.data_root / EXPORT_FOLDER
         try:
-            folder.mkdir(exist_ok=True)
-            target = write_labels(folder / f"{name}_3d_{time.strftime('%Y%m%d-%H%M%S')}.tif",
-                                  labels)
+            target = write_labels(self._export_target(
+                f"{EXPORT_FOLDER}/{name}_3d_{time.strftime('%Y%m%d-%H%M%S')}.tif"), labels)
         except (OSError, NbappError) as exc:
             self.report(exc, "saving the 3D result of a closed page failed")
             return
