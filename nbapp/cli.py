@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nbapp.errors import InputError, NbappError, ParameterError
+from nbapp.errors import InputError, ModelError, NbappError, ParameterError
 from nbapp.memory import check_address_space, is_out_of_memory, out_of_memory_message
 from nbapp.params import ConsensusParams, SliceParams, VolumeParams
 
@@ -119,7 +119,9 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
                      help=".tif/.tiff, .npy, .zarr (array or OME-Zarr), .mrc, FILE.h5:dataset, .png")
     seg.add_argument("-o", "--output", required=True, metavar="OUTPUT", help=".tif/.tiff or .zarr")
     seg.add_argument("--model", default="default",
-                     help="'default', an empanada-format CONFIG.yaml or a TorchScript FILE.pth")
+                     help="'default', a zoo name (`nbapp models` lists them, e.g. MitoNet_v1; "
+                          "downloaded once), an empanada-format CONFIG.yaml or a TorchScript FILE")
+    _add_quantized(seg)
     seg.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     seg.add_argument("--mode", choices=("2d", "batch", "3d"), default=None,
                      help="2d (default for 2D input), batch (each slice of a stack on its own), 3d")
@@ -140,17 +142,27 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="segment the bundled demo volume with the default model")
     demo.add_argument("-o", "--output", default="nbapp_demo_labels.tif", metavar="OUTPUT")
-    demo.add_argument("--model", default="default")
+    demo.add_argument("--model", default="default", help="'default', a zoo name, CONFIG.yaml or FILE")
+    _add_quantized(demo)
     demo.add_argument("--device", default=None)
     demo.add_argument("--mode", choices=("2d", "batch", "3d"), default="3d",
                       help="3d (default: ortho-plane with consensus), batch, or 2d (middle slice)")
 
     info = sub.add_parser("info", help="describe a model")
     info.add_argument("model", nargs="?", default="default", metavar="MODEL",
-                      help="'default', CONFIG.yaml or a TorchScript file")
+                      help="'default', a zoo name, CONFIG.yaml or a TorchScript file")
+    _add_quantized(info)
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("--device", default="cpu")
     _add_data_root(info)
+
+    models = sub.add_parser("models", help="list the model zoo (named models that download once)")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    what = models.add_mutually_exclusive_group()
+    what.add_argument("--path", metavar="NAME", default=None,
+                      help="print where NAME's file goes (to put it there by hand when offline)")
+    what.add_argument("--download", metavar="NAME", default=None,
+                      help="download NAME now (with a progress bar), e.g. before going offline")
 
     app = sub.add_parser("app", help="serve the widget app as a web page (Voila, 127.0.0.1)")
     app.add_argument("--port", type=int, default=8866, metavar="N",
@@ -219,6 +231,34 @@ def _input_path(args, text: str) -> str:
     return str(confine(source, args.data_root, "input")) + text[len(source):]
 
 
+def _add_quantized(p) -> None:
+    p.add_argument("--quantized", action="store_true",
+                   help="use the zoo model's quantized file (CPU only; smaller and faster there)")
+
+
+def _prepare_model(args) -> None:
+    """Resolve --quantized into the zoo name (``NAME_quantized``, run on the CPU) and download a
+    zoo model here, with one progress bar, before any worker loads it by name."""
+    spec = getattr(args, "model", None) or getattr(args, "init", None)
+    if not isinstance(spec, str):
+        return
+    from nbapp.models import zoo
+
+    quantized = bool(getattr(args, "quantized", False))
+    entry = zoo.find(spec, quantized)
+    if entry is None:
+        if quantized:
+            raise ModelError(f"--quantized needs a zoo model name (`nbapp models` lists them), "
+                             f"not {spec!r}")
+        return
+    if quantized:
+        args.model = entry.name
+        if getattr(args, "device", None) is None:
+            args.device = "cpu"
+    if not entry.bundled:
+        zoo.fetch_model(entry, progress=True)
+
+
 def _model(args, device):
     """The --model spec, loaded now (confined to --data-root) when a data root is given."""
     if args.data_root is None:
@@ -226,6 +266,31 @@ def _model(args, device):
     from nbapp.models import load_model
 
     return load_model(args.model, device=device, root=args.data_root)
+
+
+def _table_classes(args) -> tuple[int, dict]:
+    """(label divisor, {class id: name}) for the object table: 3D ids are 1..N, of the
+    model's thing classes."""
+    from nbapp.models import load_model
+
+    try:
+        cfg = load_model(args.model, device="cpu", warm_up=False, root=args.data_root,
+                         progress=False).config
+    except NbappError:
+        return 0, {}
+    if args.mode == "3d":
+        return 0, {c: cfg.class_names.get(c, str(c)) for c in cfg.thing_list}
+    return args.label_divisor, dict(cfg.class_names)
+
+
+def _per_class(labels, divisor: int, names: dict) -> str:
+    """" (mito 10, er 2)" for several classes, else ""."""
+    from nbapp.objects import class_counts
+
+    if len(names) < 2:
+        return ""
+    counts = class_counts(labels, divisor, names)
+    return " (" + ", ".join(f"{k or '?'} {v}" for k, v in counts.items()) + ")"
 
 
 def _write_table(args, labels) -> None:
@@ -236,17 +301,18 @@ def _write_table(args, labels) -> None:
     from nbapp.objects import object_table, write_table
 
     lab = np.asarray(labels)
+    divisor, names = _table_classes(args)
     if lab.ndim == 2:
-        rows = object_table(lab[None])
+        rows = object_table(lab[None], divisor, names)
     elif args.mode == "batch":  # ids restart in every image
         rows = []
         for z, image in enumerate(lab):
-            for r in object_table(image[None]):
+            for r in object_table(image[None], divisor, names):
                 b, c = r["bbox"], r["centroid"]
                 rows.append({**r, "bbox": (z, *b[1:3], z + 1, *b[4:6]),
                              "centroid": (float(z), *c[1:])})
     else:
-        rows = object_table(lab)
+        rows = object_table(lab, divisor, names)
     write_table(args.table, rows)
 
 
@@ -303,7 +369,8 @@ def _cmd_segment(args) -> int:
     write_labels(out, labels)
     _write_table(args, labels)
     t = seg.timings
-    print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {n} objects "
+    per_class = _per_class(labels, params.label_divisor, dict(seg.engine.model.config.class_names))
+    print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {n} objects{per_class} "
           f"(model load {t_load:.2f} s, network {t.get('network_s', 0):.2f} s, "
           f"post-processing {t.get('postprocess_s', 0):.2f} s)", file=sys.stderr)
     return 0
@@ -515,6 +582,42 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_models(args) -> int:
+    from nbapp.models import zoo
+
+    name = args.path or args.download
+    if name is not None:
+        entry = zoo.find(name)
+        if entry is None:
+            raise ModelError(f"unknown model {name!r}; `nbapp models` lists the zoo")
+        if entry.bundled:
+            from nbapp.models import default_config_path
+
+            print(f"{name} is bundled with nbapp: {default_config_path().parent}")
+            return 0
+        if args.download:
+            path = zoo.fetch_model(entry, progress=True)
+            print(f"{name}: {path}")
+            return 0
+        print(f"{zoo.model_path(name)}")
+        print(f"  (download {zoo.download_url(entry)} and save it there; then {name} works offline)")
+        return 0
+    rows = zoo.zoo_listing()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<27} {'classes':<10} {'pad':>4} {'pixel':>6}  status")
+    for r in rows:
+        status = ("bundled" if r["bundled"] else "downloaded" if r["downloaded"]
+                  else "downloads on first use")
+        pixel = f"{r['pixel_size_nm']:g} nm" if r["pixel_size_nm"] else "-"
+        print(f"{r['name']:<27} {','.join(r['classes']):<10} {r['padding_factor']:>4} "
+              f"{pixel:>6}  {status}")
+    print("\nuse: nbapp segment IMAGE -o OUT --model NAME [--quantized]; "
+          "nbapp models --path NAME prints where the file goes")
+    return 0
+
+
 def _cmd_app(args) -> int:
     from nbapp.serve import serve
 
@@ -543,9 +646,10 @@ def main(argv: list[str] | None = None) -> int:
             return exc.code if isinstance(exc.code, int) else 0
         handler = {"segment": _cmd_segment, "info": _cmd_info, "evaluate": _cmd_evaluate,
                    "consensus": _cmd_consensus, "demo": _cmd_demo,
-                   "app": _cmd_app}.get(args.command)
+                   "app": _cmd_app, "models": _cmd_models}.get(args.command)
         if args.command in ("segment", "info", "demo", "train"):  # these start torch
             check_address_space()
+            _prepare_model(args)
         if handler is None:
             from nbapp import train
 

@@ -29,6 +29,9 @@ FORWARD_BYTES_PER_PIXEL = 120
 #: What each image keeps per pixel of the full-resolution image: the heads resized back
 #: (semantic, centre and two offset maps, float32) and the float input.
 HEADS_BYTES_PER_PIXEL = 20
+#: The smallest image side (after downsampling) given to a model whose padding factor is larger:
+#: such images are zero-padded (NucleoNet's factor is 512, a CEM crop is 224 px).
+MIN_SIDE = 32
 
 
 class Engine:
@@ -83,11 +86,12 @@ class Engine:
             raise ParameterError(f"downsampling must be one of {DOWNSAMPLING_FACTORS}, got {downsampling!r}")
         hd, wd = self.input_shape(shape, downsampling)
         pf = self.model.config.padding_factor
-        if min(hd, wd) < pf:
+        limit = min(pf, MIN_SIDE)  # smaller inputs are zero-padded up to the padding factor
+        if min(hd, wd) < limit:
             raise InputError(
                 f"{what} of {shape[0]}x{shape[1]} pixels is too small: after downsampling by "
-                f"{downsampling} it is {hd}x{wd}, smaller than the model's padding factor {pf}; "
-                "use a larger image or less downsampling"
+                f"{downsampling} it is {hd}x{wd}, smaller than the {limit} px the model needs "
+                f"(padding factor {pf}); use a larger image or less downsampling"
             )
 
     def memory_needed(self, shape: tuple, count: int, downsampling: int = 1) -> int:

@@ -22,7 +22,8 @@ from typing import Any, Callable, Generator
 from nbapp.errors import NbappError
 from nbapp.memory import is_out_of_memory, out_of_memory_message
 
-__all__ = ["JobState", "Snapshot", "JobRunner", "JobBusyError", "JobMarker", "MARKERS_ENV"]
+__all__ = ["JobState", "Snapshot", "JobRunner", "JobBusyError", "JobMarker", "MARKERS_ENV",
+           "Step", "callback_steps"]
 
 #: Environment variable naming the folder where a served app's kernels mark a running job; set
 #: by ``nbapp app`` (:mod:`nbapp.serve`) for the Voila server and the kernels it starts.
@@ -100,6 +101,7 @@ class Snapshot:
     eta: float | None = None
     error: str | None = None
     result: Any = None
+    detail: Any = None  # what the last step carried besides its counts (e.g. a loss curve)
 
     @property
     def finished(self) -> bool:
@@ -200,7 +202,7 @@ class JobRunner:
                 stages[p.plane] = p.stage
                 elapsed = time.monotonic() - (snap.started or time.monotonic())
                 self._publish(plane=p.plane, stage=p.stage, done=p.done, total=p.total,
-                              planes=planes, stages=stages,
+                              planes=planes, stages=stages, detail=getattr(p, "detail", None),
                               eta=_eta(elapsed, p.done, p.total) if p.stage == "network" else None)
         except BaseException as exc:  # noqa: BLE001 - a failed job reports any error it had
             if gen is not None:
@@ -230,6 +232,56 @@ class JobRunner:
         """Cancel any running job and wait for its thread to end."""
         self.cancel()
         self.wait(timeout)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One progress report of a job that is not a 3D job (a download, a training run)."""
+
+    plane: str
+    stage: str
+    done: int
+    total: int
+    detail: Any = None
+
+
+def callback_steps(fn: Callable, stage: str, poll_s: float = 0.2) -> Generator:
+    """Turn ``fn(report, cancel)``, a blocking call that reports progress through
+    ``report(done, total, detail=None)`` and stops when the ``cancel`` event is set, into a
+    job for :class:`JobRunner`: ``fn`` runs in a helper thread, the generator yields a
+    :class:`Step` at least every ``poll_s`` and returns ``fn``'s result (or raises its error).
+    Closing the generator (the job cancelled) sets ``cancel`` and waits for ``fn`` to stop."""
+    latest = [Step(stage, stage, 0, 0)]
+    box: dict = {}
+    cancel = threading.Event()
+    changed = threading.Event()
+
+    def report(done, total, detail=None) -> None:
+        latest[0] = Step(stage, stage, int(done), int(total or 0), detail)
+        changed.set()
+
+    def target() -> None:
+        try:
+            box["result"] = fn(report, cancel)
+        except BaseException as exc:  # noqa: BLE001 - handed to the job's thread below
+            box["error"] = exc
+        finally:
+            changed.set()
+
+    helper = threading.Thread(target=target, name=f"nbapp-{stage}", daemon=True)
+    helper.start()
+    try:
+        while helper.is_alive():
+            changed.wait(poll_s)
+            changed.clear()
+            yield latest[0]
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+    finally:
+        if helper.is_alive():
+            cancel.set()
+            helper.join(30)
 
 
 class DevicePool:

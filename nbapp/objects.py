@@ -15,11 +15,45 @@ from scipy import ndimage as ndi
 
 from nbapp.errors import InputError
 
-__all__ = ["object_table", "write_table", "TABLE_COLUMNS", "suggest_filters", "suggest_median"]
+__all__ = ["object_table", "write_table", "TABLE_COLUMNS", "suggest_filters", "suggest_median",
+           "class_name", "class_counts"]
 
 #: The columns of :func:`write_table` (start inclusive, stop exclusive; (Z, Y, X) order).
-TABLE_COLUMNS = ("id", "voxels", "z0", "y0", "x0", "z1", "y1", "x1", "centroid_z", "centroid_y",
-                 "centroid_x", "extent_z", "extent_y", "extent_x")
+TABLE_COLUMNS = ("id", "class", "voxels", "z0", "y0", "x0", "z1", "y1", "x1", "centroid_z",
+                 "centroid_y", "centroid_x", "extent_z", "extent_y", "extent_x")
+
+
+def class_name(label: int, label_divisor: int = 0, class_names: dict | None = None) -> str:
+    """The class of a label id: ``id // label_divisor`` (panoptic ids) named by
+    ``class_names``; with one class, or ids numbered 1..N of a one-class model, that class;
+    "" when it cannot be known (ids 1..N of a multi-class model).
+
+    >>> class_name(2003, 1000, {1: "mito", 2: "er"}), class_name(7, 0, {1: "mito"})
+    ('er', 'mito')
+    """
+    if not class_names:
+        return ""
+    if label_divisor and label >= label_divisor:
+        c = int(label) // int(label_divisor)
+        return str(class_names.get(c, c))
+    if len(class_names) == 1:
+        return str(next(iter(class_names.values())))
+    return ""
+
+
+def class_counts(labels: np.ndarray, label_divisor: int = 0,
+                 class_names: dict | None = None) -> dict:
+    """Objects per class name of a label image or volume ({"": n} when classes are unknown).
+
+    >>> class_counts(np.array([[0, 1001, 1002, 2001]]), 1000, {1: "mito", 2: "er"})
+    {'mito': 2, 'er': 1}
+    """
+    ids = np.unique(np.asarray(labels))
+    counts: dict = {}
+    for i in ids[ids > 0]:
+        name = class_name(int(i), label_divisor, class_names)
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def suggest_filters(height: float, width: float) -> dict:
@@ -60,9 +94,10 @@ def suggest_median(voxel_size) -> int | None:
     return 9
 
 
-def object_table(labels: np.ndarray) -> list[dict]:
-    """One row per object of a (Z, Y, X) label volume: id, voxels, bounding box (start
-    inclusive, stop exclusive), centroid and extent (Z, Y, X).
+def object_table(labels: np.ndarray, label_divisor: int = 0,
+                 class_names: dict | None = None) -> list[dict]:
+    """One row per object of a (Z, Y, X) label volume: id, class (:func:`class_name`), voxels,
+    bounding box (start inclusive, stop exclusive), centroid and extent (Z, Y, X).
 
     >>> lab = np.zeros((2, 3, 4), np.int32); lab[0, 1:3, 1:4] = 5
     >>> object_table(lab)[0]["bbox"], object_table(lab)[0]["voxels"]
@@ -83,7 +118,8 @@ def object_table(labels: np.ndarray) -> list[dict]:
         centroid = tuple(round(float(c.mean()) + s.start, 1) for c, s in zip(coords, sl))
         starts = tuple(int(s.start) for s in sl)
         stops = tuple(int(s.stop) for s in sl)
-        rows.append({"id": int(i), "voxels": n, "bbox": starts + stops, "centroid": centroid,
+        rows.append({"id": int(i), "class": class_name(int(i), label_divisor, class_names),
+                     "voxels": n, "bbox": starts + stops, "centroid": centroid,
                      "extent": tuple(b - a for a, b in zip(starts, stops))})
     return rows
 
@@ -109,7 +145,8 @@ def write_table(path: str | os.PathLike, rows: list[dict]) -> Path:
             w = csv.writer(f)
             w.writerow(TABLE_COLUMNS)
             for r in rows:
-                w.writerow([r["id"], r["voxels"], *r["bbox"], *r["centroid"], *r["extent"]])
+                w.writerow([r["id"], r.get("class", ""), r["voxels"], *r["bbox"], *r["centroid"],
+                            *r["extent"]])
         os.replace(tmp, target)
     except OSError as exc:
         raise InputError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None

@@ -264,3 +264,52 @@ def disks(shape=(96, 128), centres=((30, 30), (30, 52), (70, 90)), radius=12) ->
     for i, (cy, cx) in enumerate(centres, start=1):
         lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i
     return lab
+
+
+class StandIn(nn.Module):
+    """A stand-in for a zoo model: random weights, the registry model's classes and padding
+    factor (an input whose sides are not multiples of it is refused, as a real export fails),
+    Panoptic-DeepLab output shapes. ``quantized`` makes its convolutions int8 (x86 / fbgemm)."""
+
+    def __init__(self, classes: int = 1, padding_factor: int = 16, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.padding_factor = padding_factor
+        self.quant = torch.ao.quantization.QuantStub()
+        self.dequant = torch.ao.quantization.DeQuantStub()
+        self.stem = nn.Conv2d(1, 8, 3, stride=4, padding=1)
+        self.heads = nn.Conv2d(8, classes + 3, 1)
+        self.classes = classes
+
+    def forward(self, x: Tensor, render_steps: int = 2, interpolate_ins: bool = True) -> Dict[str, Tensor]:
+        if x.shape[-1] % self.padding_factor != 0 or x.shape[-2] % self.padding_factor != 0:
+            raise RuntimeError(f"input sides must be multiples of {self.padding_factor}")
+        f = self.dequant(self.heads(self.stem(self.quant(x))))
+        sem = F.interpolate(f[:, :self.classes], scale_factor=4.0, mode="bilinear", align_corners=False)
+        ctr = torch.sigmoid(f[:, self.classes:self.classes + 1])
+        off = f[:, self.classes + 1:]
+        if interpolate_ins:
+            ctr = F.interpolate(ctr, scale_factor=4.0, mode="bilinear", align_corners=False)
+            off = F.interpolate(off, scale_factor=4.0, mode="bilinear", align_corners=False)
+        return {"sem_logits": sem, "ctr_hmp": ctr, "offsets": off}
+
+
+def standin_bytes(classes: int = 1, padding_factor: int = 16, quantized: bool = False,
+                  seed: int = 0) -> bytes:
+    """The TorchScript file of a :class:`StandIn`, as bytes."""
+    import io as _io
+
+    import warnings
+
+    m = StandIn(classes, padding_factor, seed).eval()
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
+        warnings.simplefilter("ignore")
+        if quantized:
+            m.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+            torch.ao.quantization.prepare(m, inplace=True)
+            with torch.no_grad():
+                m(torch.rand(2, 1, padding_factor, padding_factor))
+            torch.ao.quantization.convert(m, inplace=True)
+        buf = _io.BytesIO()
+        torch.jit.save(torch.jit.script(m), buf)
+    return buf.getvalue()

@@ -196,7 +196,8 @@ def test_table_of_objects_from_the_command_line(setup, capsys):
     expected = object_table(labels)
     assert len(rows) - 1 == len(expected) == labels.max() > 0
     assert [int(r[0]) for r in rows[1:]] == [e["id"] for e in expected]
-    assert [int(r[1]) for r in rows[1:]] == [int((labels == e["id"]).sum()) for e in expected]
+    assert [r[1] for r in rows[1:]] == ["mito"] * len(expected)  # the model's one class
+    assert [int(r[2]) for r in rows[1:]] == [int((labels == e["id"]).sum()) for e in expected]
     code, err = run(capsys, "segment", d / "vol.tif", "-o", d / "u.tif", "--mode", "3d",
                     "--model", model, "--table", d / "objects.txt")
     assert code == 2 and "--table is written as CSV" in err and not (d / "u.tif").exists()

@@ -147,7 +147,7 @@ def test_multiclass_probabilities_sum_to_one():
     (np.array([[np.nan] * 32] * 32, np.float32), "NaN or infinite"),
     (np.full((32, 32), np.inf, np.float64), "NaN or infinite"),
     (np.zeros((0, 32), np.uint8), "empty"),
-    (np.zeros((10, 40), np.uint8), "smaller than the model's padding factor 16"),
+    (np.zeros((10, 40), np.uint8), "smaller than the 16 px the model needs \\(padding factor 16\\)"),
     (np.array([["a"] * 32] * 32), "expected integer or float"),
 ])
 def test_bad_images_are_rejected_with_the_reason(image, message):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import zipfile
 
 import pytest
@@ -89,33 +88,52 @@ def test_missing_config_file(tmp_path):
         read_config(tmp_path / "nope.yaml")
 
 
-def test_url_is_downloaded_once_with_hash_recorded(tmp_path, scripted):
-    url = scripted.resolve().as_uri()
+@pytest.fixture
+def served(scripted):
+    """``scripted`` served over HTTP on 127.0.0.1: (url, server)."""
+    from model_server import ModelServer
+
+    srv = ModelServer({"/tiny.pt": scripted.read_bytes()})
+    yield f"{srv.url}/tiny.pt", srv
+    srv.close()
+
+
+def test_url_is_downloaded_once(tmp_path, scripted, served):
+    url, srv = served
     first = fetch(url, progress=False)
+    assert first.read_bytes() == scripted.read_bytes() and first.is_relative_to(tmp_path / "cache")
     digest = hashlib.sha256(scripted.read_bytes()).hexdigest()
-    record = json.loads(first.with_name(first.name + ".sha256").read_text())
-    assert record == {"url": url, "sha256": digest}
-    scripted.unlink()  # the source is gone: a second fetch must come from the cache
+    srv.close()  # the server is gone: a second fetch must come from the cache
     assert fetch(url, digest, progress=False) == first
-    assert not list(first.parent.glob("*.part"))
+    assert not [p for p in first.parent.iterdir() if p != first]
 
 
-def test_download_hash_mismatch_is_an_error_and_leaves_nothing(tmp_path, scripted):
+def test_download_hash_mismatch_is_an_error_and_leaves_nothing(tmp_path, served):
     with pytest.raises(ModelError, match="SHA-256"):
-        fetch(scripted.resolve().as_uri(), sha256="0" * 64, progress=False)
+        fetch(served[0], sha256="0" * 64, progress=False)
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
-def test_cached_file_with_other_hash_is_an_error(scripted):
-    url = scripted.resolve().as_uri()
-    fetch(url, progress=False)
+def test_cached_file_with_other_hash_is_an_error(served):
+    fetch(served[0], progress=False)
     with pytest.raises(ModelError, match="delete"):
-        fetch(url, sha256="f" * 64, progress=False)
+        fetch(served[0], sha256="f" * 64, progress=False)
+
+
+def test_local_file_with_other_hash_is_an_error(scripted):
+    with pytest.raises(ModelError, match="has SHA-256 .* the config expects f"):
+        fetch(scripted.resolve().as_uri(), sha256="f" * 64)
+    assert fetch(scripted.resolve().as_uri()) == scripted.resolve()
 
 
 def test_unreachable_url_is_a_clear_error():
-    with pytest.raises(ModelError, match="cannot download.*offline"):
+    with pytest.raises(ModelError, match="cannot download.*no network.*put it at"):
         fetch("http://127.0.0.1:9/MitoNet_v1.pth", progress=False)
+
+
+def test_other_url_schemes_are_refused():
+    with pytest.raises(ModelError, match="only http"):
+        fetch("ftp://127.0.0.1/m.pt", progress=False)
 
 
 def test_missing_local_model_file(tmp_path):
@@ -123,9 +141,9 @@ def test_missing_local_model_file(tmp_path):
         fetch(str(tmp_path / "none.pt"))
 
 
-def test_yaml_with_url_loads_through_cache(tmp_path, scripted):
+def test_yaml_with_url_loads_through_cache(tmp_path, served):
     cfg = tmp_path / "remote.yaml"
-    cfg.write_text(MITONET_LIKE.format(model=scripted.resolve().as_uri()))
+    cfg.write_text(MITONET_LIKE.format(model=served[0]))
     model = load_model(cfg, device="cpu")
     assert model.weights.startswith(str(tmp_path / "cache"))
     info = model.info()

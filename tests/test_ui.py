@@ -7,6 +7,7 @@ import datetime
 import io
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -324,7 +325,8 @@ def test_3d_job_feeds_progress_bars_and_shows_stacks_3d_view_and_table(app):
     assert len(app.view3d.figure.meshes) == min(n, 64)
     assert not app.controls3d.rerun.disabled and "3D job done" in st.status
     row = st.table[0]
-    assert set(row) == {"id", "voxels", "bbox", "centroid", "extent"}
+    assert set(row) == {"id", "class", "voxels", "bbox", "centroid", "extent"}
+    assert row["class"] == "mito"  # the in-memory model's one class
 
 
 def test_rerun_consensus_uses_stored_stacks_without_the_network(app, tmp_path):
@@ -512,7 +514,7 @@ def test_exports_go_inside_the_data_root(volume, tmp_path):
         c.export_table.click()
         with open(tmp_path / "objects.csv", newline="") as f:
             rows = list(csv.reader(f))
-        assert rows[0][:2] == ["id", "voxels"] and len(rows) == len(a.state.table) + 1
+        assert rows[0][:3] == ["id", "class", "voxels"] and len(rows) == len(a.state.table) + 1
         c.export_path.value = "../escape.tif"
         c.export_labels.click()
         assert a.state.status_level == "error" and not (tmp_path.parent / "escape.tif").exists()
@@ -591,7 +593,7 @@ def test_bad_model_config_in_the_data_root_is_reported(volume, tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     a = make_app(volume, data_root=tmp_path)
     try:
-        assert a.model_panel.spec.options == ("default", "broken.yaml")
+        assert a.model_panel.spec.options [0] == "default" and a.model_panel.spec.options[-1] == "broken.yaml"
         a.model_panel.spec.value = "broken.yaml"
         a.model_panel.load.click()
         assert a.state.status_level == "error" and "broken.yaml" in a.state.status
@@ -847,3 +849,88 @@ def test_demo_volume_cache_is_exact_and_survives_a_broken_file(tmp_path, monkeyp
     np.testing.assert_array_equal(samples._demo_cached(shape, 2, 3)[0], fresh[0])
     samples._demo_cached.cache_clear()
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+# --------------------------------------------------------------------------------------------
+# the model zoo in the page
+
+
+@pytest.fixture
+def zoo_server(tmp_path, monkeypatch):
+    from model_server import ModelServer
+    from models import standin_bytes
+    from nbapp.models import zoo
+    from nbapp.models.config import MIRROR_ENV
+
+    monkeypatch.setenv("NBAPP_CACHE", str(tmp_path / "cache"))
+    mini = zoo.find("MitoNet_v1_mini")
+    srv = ModelServer({"/" + mini.file_name: standin_bytes(1, 128),
+                       "/MitoNet_v1_mini_quantized.pth": standin_bytes(1, 128, quantized=True)})
+    monkeypatch.setenv(MIRROR_ENV, srv.url)
+    yield srv
+    srv.close()
+
+
+def test_model_dropdown_offers_the_zoo_and_downloads_then_loads(volume, zoo_server):
+    from nbapp.models import zoo
+
+    app = make_app(volume)
+    try:
+        panel = app.model_panel
+        assert panel.spec.options[:5] == ("default", "MitoNet_v1", "MitoNet_v1_mini",
+                                          "NucleoNet_base_v2", "DropNet_base_v1")
+        seen = []
+        app.state.observe(lambda c: seen.append((c.new.state.value, c.new.done, c.new.total)),
+                          names=["download"])
+        panel.spec.value = "MitoNet_v1_mini"
+        panel.load.click()
+        size = len(zoo_server.files["/MitoNet_v1_mini.pth"])
+        assert ("done", size, size) in seen and seen[0][0] == "running"
+        assert app.state.model_info["name"] == "MitoNet_v1_mini"
+        assert app.state.model_info["padding_factor"] == 128
+        assert app.state.status_level == "ok" and "MitoNet_v1_mini" in app.state.status
+        assert panel.download_row.layout.display == "none" and not panel.load.disabled
+        assert zoo.model_path("MitoNet_v1_mini").is_file()
+        assert app.state.result2d is not None  # the slice is segmented with the new model
+        panel.quantized.value = True
+        panel.load.click()
+        assert app.state.model_info["name"] == "MitoNet_v1_mini_quantized"
+        assert app.state.model_info["device"] == "cpu"
+    finally:
+        app.close()
+
+
+def test_model_download_shows_progress_and_cancels(volume, zoo_server):
+    zoo_server.delay_s = 0.02  # about 0.5 s for the 24 KB stand-in
+    app = make_app(volume, synchronous=False)
+    try:
+        panel = app.model_panel
+        panel.spec.value = "MitoNet_v1_mini"
+        panel.load.click()
+        deadline = time.monotonic() + 10
+        while app.state.download.done == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert panel.download_row.layout.display == "flex" and panel.load.disabled
+        assert 0 < panel.bar.value < 1 and "MB" in panel.bar_text.value
+        panel.cancel.click()
+        app.session.downloads.wait(10)
+        deadline = time.monotonic() + 5
+        while "cancelled" not in app.state.status and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert app.state.download.state == JobState.CANCELLED
+        assert "cancelled" in app.state.status and app.state.status_level == "warning"
+        assert app.state.model_info["name"] != "MitoNet_v1_mini"
+    finally:
+        app.close()
+
+
+def test_model_download_error_shows_in_the_status(volume, zoo_server):
+    zoo_server.files.clear()
+    app = make_app(volume)
+    try:
+        app.model_panel.spec.value = "MitoNet_v1_mini"
+        app.model_panel.load.click()
+        assert app.state.status_level == "error"
+        assert "HTTP 404" in app.state.status and "nbapp models --path" in app.state.status
+    finally:
+        app.close()

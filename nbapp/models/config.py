@@ -8,11 +8,8 @@ format load unchanged.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import shutil
-import tempfile
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -26,8 +23,10 @@ __all__ = ["ModelConfig", "read_config", "cache_dir", "fetch", "trusted_url", "c
            "confine_model_path", "TRUSTED_URL_PREFIXES", "MIRROR_ENV"]
 
 #: Where models may be downloaded from when loading is confined to a data root (the app): the
-#: empanada model registry's record (MitoNet_v1, MitoNet_v1_mini and their quantized files).
-TRUSTED_URL_PREFIXES = ("https://zenodo.org/record/6861565/files/",)
+#: empanada model registry's records (MitoNet_v1 and _mini, NucleoNet_base_v2, DropNet_base_v1).
+TRUSTED_URL_PREFIXES = ("https://zenodo.org/record/6861565/files/",
+                        "https://zenodo.org/records/18142651/files/",
+                        "https://zenodo.org/records/15298854/files/")
 #: Environment variable naming a facility's own copy of the models (also trusted).
 MIRROR_ENV = "NBAPP_MODEL_MIRROR"
 
@@ -62,6 +61,8 @@ class ModelConfig:
         Optional quantized model path or URL.
     sha256 : str or None
         Expected SHA-256 of the model file, if the config gives one.
+    pixel_size_nm : float or None
+        The pixel size (nm) the model works best at (nbapp's ``pixel_size_nm`` field), if known.
     """
 
     name: str
@@ -75,6 +76,7 @@ class ModelConfig:
     config_path: str | None = None
     model_quantized: str | None = None
     sha256: str | None = None
+    pixel_size_nm: float | None = None
 
     def __hash__(self) -> int:
         return hash((self.name, self.model, self.config_path, self.padding_factor, self.norms))
@@ -90,6 +92,7 @@ class ModelConfig:
             "norms": {"mean": self.norms[0], "std": self.norms[1]},
             "description": self.description,
             "config": self.config_path,
+            "pixel_size_nm": self.pixel_size_nm,
         }
 
 
@@ -145,6 +148,14 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if not isinstance(model, str) or not model:
         raise _fail(path, "model must be a path or URL of a TorchScript file")
     quant = raw.get("model_quantized")
+    pixel = raw.get("pixel_size_nm")
+    if pixel is not None:
+        try:
+            pixel = float(pixel)
+        except (TypeError, ValueError):
+            pixel = float("nan")
+        if not (math.isfinite(pixel) and pixel > 0):
+            raise _fail(path, f"pixel_size_nm must be a positive number of nm, got {raw['pixel_size_nm']!r}")
     return ModelConfig(
         name=path.stem,
         class_names=class_names,
@@ -157,6 +168,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         config_path=str(path.resolve()),
         model_quantized=_resolve(quant, path.parent) if isinstance(quant, str) and quant else None,
         sha256=raw.get("sha256"),
+        pixel_size_nm=pixel,
     )
 
 
@@ -223,56 +235,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NBAPP_CACHE") or Path.home() / ".cache" / "nbapp")
 
 
-def fetch(location: str, sha256: str | None = None, progress: bool = True) -> Path:
-    """Return a local path for ``location``; download a URL once into :func:`cache_dir`.
-
-    The cached file's SHA-256 is recorded beside it (``.sha256``) and checked against
-    ``sha256`` when given. A download goes to a temporary file that is renamed when complete,
-    so an interrupted download never looks cached.
+def fetch(location: str, sha256: str | None = None, progress=True, cancel=None) -> Path:
+    """Return a local path for ``location``; download an http(s) URL once into
+    :func:`cache_dir` (see :func:`nbapp.models.download.download`: hash checked, atomic,
+    resumable, cancellable). ``file://`` URLs and paths are used where they are.
     """
-    if not _is_url(location):
-        p = Path(location)
-        if not p.is_file():
-            raise ModelError(f"model file {p} does not exist")
-        return p
     parsed = urllib.parse.urlparse(location)
-    name = Path(urllib.parse.unquote(parsed.path)).name or "model.pt"
-    key = hashlib.sha256(location.encode()).hexdigest()[:16]
-    target = cache_dir() / key / name
-    record = target.with_name(target.name + ".sha256")
-    if target.is_file() and record.is_file():
-        digest = json.loads(record.read_text())["sha256"]
-        if sha256 and digest != sha256:
-            raise ModelError(f"cached {target} has SHA-256 {digest}, the config expects {sha256}; "
-                             f"delete {target.parent} to download it again")
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
-    h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                resp = urllib.request.urlopen(location, timeout=30)  # noqa: S310 (http/file only)
-            except (OSError, ValueError) as exc:
-                raise ModelError(f"cannot download model from {location}: {exc} "
-                                 "(offline? download it by hand and give the local path)") from None
-            with resp:
-                total = int(resp.headers.get("Content-Length") or 0) or None
-                from tqdm.auto import tqdm
+    if parsed.scheme == "file":
+        location = urllib.request.url2pathname(parsed.path)
+    elif _is_url(location):
+        if parsed.scheme not in ("http", "https"):
+            raise ModelError(f"cannot download {location}: only http(s) and file URLs are supported")
+        from nbapp.models.download import download
 
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}",
-                          disable=not progress) as bar:
-                    while chunk := resp.read(1 << 20):
-                        out.write(chunk)
-                        h.update(chunk)
-                        bar.update(len(chunk))
-        digest = h.hexdigest()
-        if sha256 and digest != sha256:
-            raise ModelError(f"download of {location} has SHA-256 {digest}, "
-                             f"the config expects {sha256}")
-        shutil.move(tmp, target)
-        record.write_text(json.dumps({"url": location, "sha256": digest}))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+        name = Path(urllib.parse.unquote(parsed.path)).name or "model.pt"
+        key = hashlib.sha256(location.encode()).hexdigest()[:16]
+        return download(location, cache_dir() / key / name, sha256, progress=progress,
+                        cancel=cancel)
+    p = Path(location)
+    if not p.is_file():
+        raise ModelError(f"model file {p} does not exist")
+    if sha256:
+        from nbapp.models.download import _sha256
+
+        digest = _sha256(p)
+        if digest != sha256.lower():
+            raise ModelError(f"model file {p} has SHA-256 {digest}, the config expects {sha256}")
+    return p

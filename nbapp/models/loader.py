@@ -268,13 +268,33 @@ def _config_for_file(path: Path, embedded: dict | None, root=None) -> ModelConfi
     )
 
 
-def load_model(spec="default", device=None, warm_up: bool = True, root=None) -> Model:
+def quantized_engines() -> list[str]:
+    """The quantized CPU engines this torch build has (fbgemm / x86 / qnnpack / onednn)."""
+    return [e for e in torch.backends.quantized.supported_engines if e != "none"]
+
+
+def check_quantized(device: torch.device) -> None:
+    """Refuse to run a quantized model where it cannot run: off the CPU, or on a torch build
+    without a quantized CPU engine."""
+    if device.type != "cpu":
+        raise ModelError(f"quantized models run on the CPU only, not on {device}; drop "
+                         "--quantized (untick Quantized) to use the full model on the GPU")
+    if not quantized_engines():
+        raise ModelError("this torch build's CPU backend cannot run quantized models (no "
+                         "quantized engine such as fbgemm, x86 or qnnpack); load the full model "
+                         "(drop --quantized)")
+
+
+def load_model(spec="default", device=None, warm_up: bool = True, root=None,
+               quantized: bool = False, progress=True, cancel=None) -> Model:
     """Load a segmentation model and return it in eval mode on ``device``.
 
     Parameters
     ----------
     spec : str, path, Model or torch.nn.Module
-        ``"default"`` (the model shipped with nbapp), an empanada-format ``.yaml`` config (its
+        ``"default"`` (the model shipped with nbapp), a zoo name (``nbapp models`` lists them:
+        ``MitoNet_v1``, ``MitoNet_v1_mini`` ... downloaded once into the cache), an
+        empanada-format ``.yaml`` config (its
         ``model`` may be a URL, downloaded once into the cache), a TorchScript file (a config
         beside it with the same stem is used when present), a :class:`Model`, or a module.
     device : str or torch.device, optional
@@ -287,13 +307,36 @@ def load_model(spec="default", device=None, warm_up: bool = True, root=None) -> 
         and ``model_quantized``) and a config beside a TorchScript file; a config's URLs must
         be the model zoo's (:func:`nbapp.models.config.trusted_url`). ``"default"`` and
         in-memory models are always allowed.
+    quantized : bool
+        Use the zoo model's quantized CPU file (``MITONET_quantized``).
+    progress : bool or callable
+        Download progress: a tqdm bar, or ``progress(done_bytes, total_bytes)``.
+    cancel : threading.Event, optional
+        Set it to cancel a download (:class:`nbapp.models.download.DownloadCancelled`).
 
     Raises
     ------
     ModelError
         The model or its config is missing, invalid, outside ``root``, or breaks the contract.
     """
+    from nbapp.models import zoo
+
+    entry = zoo.find(str(spec), quantized) if isinstance(spec, (str, os.PathLike)) else None
+    if quantized and entry is None:
+        raise ModelError(f"--quantized needs a zoo model name (`nbapp models` lists them), "
+                         f"not {str(spec)!r}")
+    if entry is not None and entry.quantized and device is None:
+        device = "cpu"
     dev = resolve_device(device)
+    if entry is not None and not entry.bundled:
+        if entry.quantized:
+            check_quantized(dev)
+        weights = zoo.fetch_model(entry, progress=progress, cancel=cancel)
+        module, _ = _load_torchscript(weights, dev)
+        model = Model(module, entry.config, dev, str(weights))
+        if warm_up:
+            model.warm_up()
+        return model
     if isinstance(spec, Model):
         return spec.to(dev)
     if isinstance(spec, torch.nn.Module):
@@ -314,7 +357,7 @@ def load_model(spec="default", device=None, warm_up: bool = True, root=None) -> 
             config = read_config(path)
             if root is not None:
                 confine_config(config, root)
-            weights = fetch(config.model, config.sha256)
+            weights = fetch(config.model, config.sha256, progress=progress, cancel=cancel)
             module, _ = _load_torchscript(Path(weights), dev)
             model = Model(module, config, dev, str(weights))
         else:

@@ -125,36 +125,64 @@ class DataPanel:
 
 
 class ModelPanel:
-    """Model choice, device choice and the model info."""
+    """Model choice (the zoo, and model files in the data root), quantized, device, the
+    download bar with its Cancel button, and the model info."""
 
     def __init__(self, state: AppState, session: Session, devices: list[str]):
         self.state, self.session = state, session
         self.spec = W.Combobox(value=state.model_spec, options=self._choices(session.data_root),
-                               description="Model", placeholder="default, config .yaml or TorchScript .pt",
+                               description="Model",
+                               placeholder="default, a zoo name, config .yaml or TorchScript .pt",
                                ensure_option=False, layout=_layout("420px"))
+        self.quantized = W.Checkbox(state.quantized, description="Quantized (CPU; zoo models)",
+                                    indent=False, layout=_layout("260px"))
         self.device = W.Dropdown(options=devices, value=state.device if state.device in devices
                                  else devices[0], description="Device")
         self.load = W.Button(description="Load model", icon="cube")
+        self.bar = W.FloatProgress(0.0, min=0.0, max=1.0, description="Download",
+                                   layout=_layout("300px"))
+        self.bar_text = W.HTML("")
+        self.cancel = W.Button(description="Cancel", icon="stop", button_style="warning")
+        self.cancel.on_click(lambda _: session.cancel_download())
+        self.download_row = W.HBox([self.bar, self.bar_text, self.cancel],
+                                   layout=W.Layout(display="none"))
         self.info = W.HTML("<i>no model loaded</i>")
         self.load.on_click(self._load)
-        self.widget = W.VBox([W.HTML("<b>Model</b>"), W.HBox([self.spec, self.load]), self.device,
-                              self.info])
+        self.widget = W.VBox([W.HTML("<b>Model</b>"), W.HBox([self.spec, self.load]),
+                              self.quantized, self.device, self.download_row, self.info])
         state.observe(self._info, names=["model_info"])
+        state.observe(self._download, names=["download"])
 
     @staticmethod
     def _choices(root) -> list[str]:
-        """"default" and the model files at the top of the data root."""
+        """"default", the zoo's models and the model files at the top of the data root."""
         from pathlib import Path
+
+        from nbapp.models import zoo
 
         found = []
         if root is not None and Path(root).is_dir():
             found = sorted(p.name for p in Path(root).iterdir()
                            if p.suffix.lower() in (".yaml", ".yml", ".pt", ".pth") and p.is_file())
-        return ["default", *found[:50]]
+        named = [m.name for m in zoo.zoo().values() if not m.quantized]
+        return [*named, *found[:50]]
 
     def _load(self, _=None) -> None:
         self.state.model_spec = self.spec.value.strip() or "default"
+        self.state.quantized = bool(self.quantized.value)
         self.session.load_model(self.state.model_spec, self.device.value)
+
+    def _download(self, change=None) -> None:
+        snap = self.state.download
+        running = snap.state.value == "running"
+        self.download_row.layout.display = "flex" if running else "none"
+        self.load.disabled = running
+        if running:
+            total = snap.total or 0
+            self.bar.value = snap.done / total if total else 0.0
+            size = f"{snap.done / 1e6:.1f} / {total / 1e6:.1f} MB" if total else \
+                f"{snap.done / 1e6:.1f} MB"
+            self.bar_text.value = f"&nbsp;{html.escape(str(self.state.model_spec))}: {size}"
 
     def _info(self, change=None) -> None:
         i = self.state.model_info

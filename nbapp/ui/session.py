@@ -19,11 +19,11 @@ from nbapp.confine import confine
 from nbapp.objects import suggest_median, write_table
 from nbapp.errors import InputError, NbappError
 from nbapp.intensity import intensity_range
-from nbapp.jobs import JobMarker, JobRunner
+from nbapp.jobs import JobMarker, JobRunner, JobState
 from nbapp.ui.state import AppState, DataSet
 from nbapp.ui.session2d import COMPARE_FACTORS, SliceActions
 from nbapp.ui.session3d import EXPORT_FOLDER, VolumeActions
-from nbapp.ui.threads import LatestRunner
+from nbapp.ui.threads import LatestRunner, call_in_ui
 
 __all__ = ["Session", "detect_kind", "available_device_names", "describe_error",
            "COMPARE_FACTORS", "ALL_GPUS", "EXPORT_FOLDER"]
@@ -119,6 +119,9 @@ class Session(SliceActions, VolumeActions):
         self.synchronous = synchronous
         self.runner2d = LatestRunner(debounce_s=debounce_s, synchronous=synchronous)
         self.jobs = JobRunner(on_update=self._job_update, synchronous=synchronous)
+        self.downloads = JobRunner(on_update=lambda snap: call_in_ui(lambda: self._downloaded(snap)),
+                                   synchronous=synchronous)
+        self._pending_load: tuple | None = None  # (spec, device) to load once downloaded
         self.segmenter = None
         self._engines: dict = {}
         self._upload_dir: str | None = None
@@ -238,14 +241,27 @@ class Session(SliceActions, VolumeActions):
 
     # -- model
     def load_model(self, spec=None, device: str | None = None) -> bool:
-        """Load a model (``default``, a YAML config, a TorchScript file or a Model); True if ok."""
+        """Load a model (``default``, a zoo name, a YAML config, a TorchScript file or a Model);
+        True if it is loaded now. A zoo model that is not downloaded yet is downloaded in the
+        background first (``state.download`` shows the progress; :meth:`cancel_download`
+        stops it) and then loaded; False meanwhile."""
         from nbapp.inference import SliceSegmenter
-        from nbapp.models import load_model
+        from nbapp.models import load_model, zoo
 
         st = self.state
         spec = st.model_spec if spec is None else spec
         device = device or st.device or "cpu"
         all_gpus = device == ALL_GPUS
+        if isinstance(spec, str):
+            try:
+                entry = zoo.find(spec.strip(), st.quantized)
+            except Exception as exc:  # noqa: BLE001
+                self.report(exc, "cannot load the model")
+                return False
+            if entry is not None and not entry.bundled:
+                spec = entry.name
+                if not zoo.model_path(entry.name).is_file():
+                    return self._download(entry, device)
         try:
             if all_gpus:
                 from nbapp.models import gpu_devices
@@ -274,6 +290,47 @@ class Session(SliceActions, VolumeActions):
                f"({info.get('parameters', 0):,} parameters)", "ok")
         self.request_2d()
         return True
+
+    def _download(self, entry, device) -> bool:
+        """Start downloading a zoo model; it is loaded when the download ends."""
+        from nbapp.jobs import JobBusyError, callback_steps
+        from nbapp.models import zoo
+
+        def job():
+            return (yield from callback_steps(
+                lambda report, cancel: zoo.fetch_model(entry, progress=report, cancel=cancel),
+                "download"))
+
+        if self.downloads.busy:
+            self.state.say("a model is downloading: wait for it or cancel it first", "warning")
+            return False
+        self.state.say(f"downloading {entry.name} from {zoo.download_url(entry)} (once; it is "
+                       f"kept in {zoo.model_path(entry.name).parent})", "info")
+        self._pending_load = (entry.name, device)
+        try:
+            self.downloads.submit(job, name=entry.name)
+        except JobBusyError:
+            self._pending_load = None
+            self.state.say("a model is downloading: wait for it or cancel it first", "warning")
+        return False
+
+    def cancel_download(self) -> None:
+        """Stop the model download (what arrived is kept: loading the model again resumes it)."""
+        self.downloads.cancel()
+
+    def _downloaded(self, snap) -> None:
+        st = self.state
+        st.download = snap
+        if not snap.finished or self._pending_load is None:
+            return
+        spec, device = self._pending_load
+        self._pending_load = None
+        if snap.state == JobState.DONE:
+            self.load_model(spec, device)
+        elif snap.state == JobState.CANCELLED:
+            st.say(f"download of {spec} cancelled; Load model again continues it", "warning")
+        else:
+            st.say(f"cannot load the model: {snap.error}", "error")
 
     # -- export
     def _export_target(self, path: str) -> Path:
@@ -330,6 +387,7 @@ class Session(SliceActions, VolumeActions):
     # -- lifetime
     def close(self) -> None:
         self.jobs.shutdown()
+        self.downloads.shutdown()
         self._end_marker()
         self.runner2d.shutdown()
         if self._upload_dir is not None:

@@ -26,6 +26,12 @@ class VolumeActions:
     """3D actions of :class:`~nbapp.ui.session.Session` (a base class of it; it provides
     ``state``, ``jobs``, ``data_root``, ``report`` and the model's engines)."""
 
+    def _class_names(self) -> dict:
+        """Names of the model's thing classes (3D objects are numbered 1..N: with one thing
+        class each object is of that class)."""
+        cfg = getattr(self.state.model, "config", None)
+        return {c: cfg.class_names.get(c, str(c)) for c in cfg.thing_list} if cfg else {}
+
     def _engines_for(self, model) -> list:
         from nbapp.run3d import make_engines
 
@@ -122,7 +128,7 @@ class VolumeActions:
             with st.hold_trait_notifications():
                 st.stacks = dict(res.stacks)
                 st.labels3d = res.labels
-                st.table = object_table(res.labels)
+                st.table = object_table(res.labels, 0, self._class_names())
                 st.result_slice = min(st.result_slice, res.labels.shape[0] - 1)
             t = res.timings
             st.say(f"3D job done in {snap.elapsed:.1f} s: {len(st.table)} objects "
@@ -150,7 +156,7 @@ class VolumeActions:
             return
         with st.hold_trait_notifications():
             st.labels3d = labels
-            st.table = object_table(labels)
+            st.table = object_table(labels, 0, self._class_names())
         cp = st.volume_params.consensus
         st.say(f"consensus re-run in {time.perf_counter() - t0:.2f} s (vote {cp.vote_threshold}, "
                f"min size {cp.min_size}, min extent {cp.min_extent}, one stack "

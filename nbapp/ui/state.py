@@ -85,6 +85,8 @@ class AppState(HasTraits):
     model_info = Dict()
     device = Unicode("cpu")
     devices = List(Unicode())
+    quantized = Bool(False)  # use a zoo model's quantized CPU file
+    download = Instance(Snapshot, default_value=Snapshot())  # the model download in progress
     # parameters
     slice_params = Instance(SliceParams, default_value=SliceParams())
     volume_params = Instance(VolumeParams, default_value=VolumeParams())

@@ -6,11 +6,14 @@ updated in place: ``set_data`` / ``set_extent`` / ``draw_idle``, never rebuilt.
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import ipywidgets as W
 from matplotlib.colors import hsv_to_rgb
 from matplotlib.widgets import RectangleSelector
 
+from nbapp.objects import class_counts
 from nbapp.ui.figures import (NEAREST, figure_widget, image_clim, label_cmap, label_display,
                               setup_image_axes, show_image)
 from nbapp.ui.state import AppState
@@ -56,9 +59,17 @@ class Viewer2D:
         if r is None:
             return "<i>computing ...</i>" if busy else "<i>no result yet</i>"
         net = "cached" if r.cached else f"{1000 * r.network_s:.0f} ms"
-        txt = (f"<b>{r.count}</b> instances &middot; network {net} &middot; post-processing "
+        txt = (f"<b>{r.count}</b> instances{self._per_class(r.labels)} &middot; network {net} &middot; post-processing "
                f"{1000 * r.postprocess_s:.0f} ms &middot; {r.plane} slice {r.index}")
         return txt + (" &middot; <i>updating ...</i>" if busy else "")
+
+    def _per_class(self, labels) -> str:
+        """" (mito 10, er 2)" for a model with several classes, else ""."""
+        cfg = getattr(self.state.model, "config", None)
+        if cfg is None or len(cfg.class_names) < 2:
+            return ""
+        counts = class_counts(labels, self.state.slice_params.label_divisor, cfg.class_names)
+        return " (" + ", ".join(f"{html.escape(k or '?')} {v}" for k, v in counts.items()) + ")"
 
     def _result(self, change=None) -> None:
         r = self.state.result2d

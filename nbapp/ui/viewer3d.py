@@ -170,17 +170,21 @@ class ObjectTable:
         if not rows:
             self.html.value = "<i>no objects</i>"
             return
-        head = ("<tr><th>id</th><th>voxels</th><th>bounding box (z0, y0, x0)-(z1, y1, x1)</th>"
+        head = ("<tr><th>id</th><th>class</th><th>voxels</th><th>bounding box (z0, y0, x0)-(z1, y1, x1)</th>"
                 "<th>centroid (z, y, x)</th><th>extent (z, y, x)</th></tr>")
         body = []
         for r in rows[: self.max_rows]:
             b = r["bbox"]
-            cells = (r["id"], r["voxels"], f"({b[0]}, {b[1]}, {b[2]})-({b[3]}, {b[4]}, {b[5]})",
+            cells = (r["id"], r.get("class", ""), r["voxels"], f"({b[0]}, {b[1]}, {b[2]})-({b[3]}, {b[4]}, {b[5]})",
                      "({}, {}, {})".format(*r["centroid"]), "({}, {}, {})".format(*r["extent"]))
             body.append("<tr class='nbapp-obj'>" + "".join(
                 f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
         more = (f"<p>{len(rows) - self.max_rows} more rows in the CSV export</p>"
                 if len(rows) > self.max_rows else "")
-        self.html.value = (f"<p>{len(rows)} objects</p><table class='nbapp-table' "
+        per_class = {}
+        for r in rows:
+            per_class[r.get("class", "")] = per_class.get(r.get("class", ""), 0) + 1
+        counts = ", ".join(f"{k} {v}" for k, v in per_class.items() if k)
+        self.html.value = (f"<p>{len(rows)} objects{': ' + counts if counts else ''}</p><table class='nbapp-table' "
                            "style='border-collapse:collapse;font-size:12px'>" + head
                            + "".join(body) + "</table>" + more)
