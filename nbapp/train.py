@@ -148,15 +148,20 @@ class PatchSampler:
     planes : tuple of str
         Planes the real patches are cut from: all three for isotropic volumes, ``("xy",)`` for
         anisotropic ones (serial sections) or a stack of unrelated 2D images.
+    weights : (Z, Y, X) float32, optional
+        Per-pixel weights of the semantic loss, cut and transformed with the patch (sample key
+        ``weight``).
     """
 
     def __init__(self, unit: np.ndarray, labels: np.ndarray, patch: int,
                  rng: np.random.Generator, sigma: float = 6.0,
-                 aug: AugmentConfig | None = None, planes: tuple = PLANES) -> None:
+                 aug: AugmentConfig | None = None, planes: tuple = PLANES,
+                 weights: np.ndarray | None = None) -> None:
         self.unit, self.labels, self.patch, self.rng = unit, labels, patch, rng
         self.sigma = sigma
         self.aug = aug or AugmentConfig()
         self.planes = tuple(planes)
+        self.weights = weights  # (Z, Y, X) per-pixel loss weights (e.g. corrected pixels), or None
 
     def sample(self) -> dict:
         """One patch: ``image`` (P, P) float32 in [0, 1], ``semantic`` (P, P) float32,
@@ -203,15 +208,21 @@ class PatchSampler:
             crop = ndi.gaussian_filter(crop, 0.4 * scale, mode="mirror")
         image = ndi.map_coordinates(crop, coords, order=1, mode="mirror").reshape(p, p)
         labs = ndi.map_coordinates(lcrop, coords, order=0, mode="mirror").reshape(p, p)
-        return self._finish(image.astype(np.float32), labs, object_contrast=True)
+        weight = None
+        if self.weights is not None:
+            wcrop = np.ascontiguousarray(_plane(self.weights, plane, index)[lo[0]:hi[0], lo[1]:hi[1]])
+            weight = ndi.map_coordinates(wcrop, coords, order=0, mode="mirror").reshape(p, p)
+        return self._finish(image.astype(np.float32), labs, object_contrast=True, weight=weight)
 
     def _synthetic(self) -> dict:
         """A patch from :func:`nbapp.synth.synthetic_patch` (other EM appearances), with the
         padding band and photometric augmentations of the real patches."""
         image, labs = synthetic_patch(self.rng, self.patch, self.aug.hard_negatives_p)
-        return self._finish(image, labs, object_contrast=False)
+        weight = None if self.weights is None else np.ones(labs.shape, np.float32)
+        return self._finish(image, labs, object_contrast=False, weight=weight)
 
-    def _finish(self, image: np.ndarray, labs: np.ndarray, object_contrast: bool) -> dict:
+    def _finish(self, image: np.ndarray, labs: np.ndarray, object_contrast: bool,
+                weight: np.ndarray | None = None) -> dict:
         """Padding band, instances (2D 8-connected components), targets and intensity
         augmentations of one patch; the sample dict of :meth:`sample`."""
         pad = self._pad_band(self.patch)
@@ -220,13 +231,16 @@ class PatchSampler:
         t = panoptic_targets(inst, sigma=self.sigma)
         if object_contrast:
             image = self._object_contrast(image, inst)
-        return {"image": self._photometric(image), "semantic": t.semantic.astype(np.float32),
-                "heatmap": t.heatmap, "offsets": t.offsets, "fg": inst != 0, "pad": pad}
+        out = {"image": self._photometric(image), "semantic": t.semantic.astype(np.float32),
+               "heatmap": t.heatmap, "offsets": t.offsets, "fg": inst != 0, "pad": pad}
+        if weight is not None:
+            out["weight"] = np.where(pad, 1.0, weight).astype(np.float32)
+        return out
 
     def with_rng(self, rng: np.random.Generator) -> "PatchSampler":
         """The same sampler (data, patch size, sigma, augmentations) drawing from ``rng``."""
         return PatchSampler(self.unit, self.labels, self.patch, rng, self.sigma, self.aug,
-                            self.planes)
+                            self.planes, self.weights)
 
     def _pad_band(self, p: int) -> np.ndarray:
         """Mask of a random band at the bottom and/or right edge that :meth:`batch` fills with
@@ -286,14 +300,19 @@ class PatchSampler:
 
     def batch(self, n: int, norms: dict) -> dict:
         """Stack ``n`` samples into tensors; the image is normalised with ``norms``."""
-        items = [self.sample() for _ in range(n)]
-        out = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
-        out["image"] = ((out["image"] - norms["mean"]) / norms["std"])[:, None]
-        out["image"][out.pop("pad")[:, None]] = 0.0
-        out["semantic"] = out["semantic"][:, None]
-        out["heatmap"] = out["heatmap"][:, None]
-        out["fg"] = out["fg"][:, None]
-        return out
+        return collate([self.sample() for _ in range(n)], norms)
+
+
+def collate(items: list[dict], norms: dict) -> dict:
+    """Stack :meth:`PatchSampler.sample` dicts into (N, 1, P, P) tensors (offsets (N, 2, P, P));
+    the image normalised with ``norms`` and set to 0 (the engine's padding) in its pad band."""
+    out = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
+    out["image"] = ((out["image"] - norms["mean"]) / norms["std"])[:, None]
+    out["image"][out.pop("pad")[:, None]] = 0.0
+    for k in ("semantic", "heatmap", "fg", "weight"):
+        if k in out:
+            out[k] = out[k][:, None]
+    return out
 
 
 class _PatchStream(torch.utils.data.IterableDataset):
@@ -346,7 +365,8 @@ def panoptic_loss(out: dict, batch: dict, hard_frac: float = 0.2, w_dice: float 
         ``sem_logits`` (N, 1, H, W), ``ctr_hmp`` (N, 1, H/4, W/4), ``offsets`` (N, 2, H/4, W/4).
     batch : dict
         ``semantic`` (N, 1, H, W), ``heatmap`` (N, 1, H, W), ``offsets`` (N, 2, H, W),
-        ``fg`` (N, 1, H, W) bool.
+        ``fg`` (N, 1, H, W) bool, optionally ``weight`` (N, 1, H, W) per-pixel weights of the
+        semantic term.
 
     Returns
     -------
@@ -357,6 +377,8 @@ def panoptic_loss(out: dict, batch: dict, hard_frac: float = 0.2, w_dice: float 
     size = batch["semantic"].shape[-2:]
     logits = out["sem_logits"]
     bce = F.binary_cross_entropy_with_logits(logits, batch["semantic"], reduction="none")
+    if "weight" in batch:  # e.g. pixels the user corrected count more
+        bce = bce * batch["weight"]
     k = max(1, int(hard_frac * bce.numel()))
     sem = bce.flatten().topk(k).values.mean()
     prob = torch.sigmoid(logits)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ipywidgets as W
 
-from nbapp.ui.controls import Controls2D, Controls3D, DataPanel, ModelPanel, StatusArea
+from nbapp.ui.controls import (Controls2D, Controls3D, DataPanel, ModelPanel, ProofreadPanel,
+                               StatusArea)
 from nbapp.ui.session import Session, available_device_names
 from nbapp.ui.state import AppState
 from nbapp.ui.threads import add_error_sink, remove_error_sink
@@ -65,8 +66,13 @@ class App(W.VBox):
 
         self.data_panel = DataPanel(state, session)
         self.model_panel = ModelPanel(state, session, devices)
-        self.viewer2d = Viewer2D(state, on_box=session.suggest_from_box)
+        self.viewer2d = Viewer2D(state, on_box=session.suggest_from_box,
+                                 on_click=session.edit_click, on_stroke=session.edit_stroke)
         self.controls2d = Controls2D(state, session, on_box_mode=self.viewer2d.set_box_mode)
+        self.proofread = ProofreadPanel(state, session, box_toggle=self.controls2d.box)
+        self.controls2d.box.observe(
+            lambda c: setattr(self.proofread.mode, "value", "view") if c.new else None,
+            names=["value"])
         self.heads_view = HeadsView(state)
         self.compare_view = CompareView(state)
         self.controls3d = Controls3D(state, session)
@@ -75,7 +81,8 @@ class App(W.VBox):
         self.table = ObjectTable(state)
 
         tab_data = W.VBox([self.data_panel.widget, self.model_panel.widget])
-        tab_2d = W.VBox([W.HBox([self.controls2d.widget, self.viewer2d.widget]),
+        viewer = W.VBox([self.proofread.tools, self.viewer2d.widget, self.proofread.train])
+        tab_2d = W.VBox([W.HBox([self.controls2d.widget, viewer]),
                          self.heads_view.widget, self.compare_view.widget])
         results = W.VBox([self.stacks_view.widget,
                           W.HBox([self.view3d.widget, self.table.widget]),

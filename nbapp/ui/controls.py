@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 
 import ipywidgets as W
+import numpy as np
 
 from nbapp.errors import NbappError
 from nbapp.jobs import JobState
@@ -15,7 +16,8 @@ from nbapp.params import DOWNSAMPLING_FACTORS, LABELS, MEDIAN_SIZES, PLANES
 from nbapp.ui.session import EXPORT_FOLDER, Session
 from nbapp.ui.state import AppState
 
-__all__ = ["StatusArea", "DataPanel", "ModelPanel", "Controls2D", "Controls3D", "ProgressBars"]
+__all__ = ["StatusArea", "DataPanel", "ModelPanel", "Controls2D", "Controls3D", "ProgressBars",
+           "ProofreadPanel", "loss_curve_svg"]
 
 _WIDE = {"description_width": "initial"}
 #: One label column for every slider, dropdown and number box of a panel, wide enough for the
@@ -423,3 +425,123 @@ class Controls3D:
         self.run.disabled = running
         self.cancel.disabled = not running
         self.rerun.disabled = running or not all(p in self.state.stacks for p in PLANES)
+
+
+class ProofreadPanel:
+    """Proofreading tools (above the viewer) and the training set / fine-tuning row (below it).
+
+    ``tools``: View, Delete (click an object), Merge (click two), Paint and Erase (drag; the
+    brush radius in pixels), Undo, Discard. ``train``: add the visible slice to the training set,
+    fine-tune for N minutes (progress, loss curve, Cancel), the before / after scores.
+    """
+
+    def __init__(self, state: AppState, session: Session, box_toggle=None):
+        self.state, self.session = state, session
+        self.mode = W.ToggleButtons(options=[("View", "view"), ("Delete", "delete"),
+                                             ("Merge", "merge"), ("Paint", "paint"),
+                                             ("Erase", "erase")], value=state.edit_mode,
+                                    tooltips=["look only", "click an object to delete it",
+                                              "click two objects to merge the second into the "
+                                              "first", "drag to paint (starting on an object "
+                                              "extends it, on background makes a new one)",
+                                              "drag to erase"],
+                                    style={"button_width": "62px"})
+        self.brush = W.IntSlider(state.brush, min=1, max=30, description="Brush",
+                                 continuous_update=False, style={"description_width": "44px"},
+                                 layout=_layout("180px"))
+        self.undo = W.Button(description="Undo", icon="undo")
+        self.discard = W.Button(description="Discard edits", icon="times")
+        self.add = W.Button(description="Add slice to training set", icon="plus",
+                            button_style="info")
+        self.summary = W.HTML("")
+        self.minutes = W.BoundedFloatText(3.0, min=0.5, max=60.0, step=0.5,
+                                          description="Minutes", layout=_layout("150px"),
+                                          style={"description_width": "56px"})
+        self.tune = W.Button(description="Fine-tune", icon="graduation-cap",
+                             button_style="primary")
+        self.cancel = W.Button(description="Cancel", icon="stop", button_style="warning",
+                               disabled=True)
+        self.bar = W.FloatProgress(0.0, min=0.0, max=1.0, layout=_layout("160px"))
+        self.curve = W.HTML("")
+        self.scores = W.HTML("")
+        _fit(self.undo, self.discard, self.add, self.tune, self.cancel)
+        self.mode.observe(self._mode, names=["value"])
+        self.brush.observe(lambda c: setattr(state, "brush", int(c.new)), names=["value"])
+        self.undo.on_click(lambda _: session.undo_edit())
+        self.discard.on_click(lambda _: session.discard_edits())
+        self.add.on_click(lambda _: session.add_to_training())
+        self.tune.on_click(lambda _: session.start_finetune(float(self.minutes.value)))
+        self.cancel.on_click(lambda _: session.cancel_finetune())
+        self.box_toggle = box_toggle
+        self.tools = W.HBox([self.mode, self.brush, self.undo, self.discard],
+                            layout=W.Layout(flex_flow="row wrap", align_items="center"))
+        self.train = W.VBox([
+            W.HBox([self.add, self.summary], layout=W.Layout(align_items="center")),
+            W.HBox([self.minutes, self.tune, self.cancel, self.bar],
+                   layout=W.Layout(align_items="center", flex_flow="row wrap")),
+            self.curve, self.scores])
+        state.observe(self._summary, names=["training"])
+        state.observe(self._tuning, names=["tuning"])
+        state.observe(self._scores, names=["tune_scores"])
+        state.training = session.training_set().summary()
+        self._summary()
+
+    def _mode(self, change) -> None:
+        self.state.edit_mode = change.new
+        if change.new != "view" and self.box_toggle is not None:
+            self.box_toggle.value = False  # one mouse tool at a time
+
+    def _summary(self, change=None) -> None:
+        self.summary.value = (f"&nbsp;training set: <b>{html.escape(self.state.training)}</b>"
+                              if self.state.training else "")
+
+    def _tuning(self, change=None) -> None:
+        snap = self.state.tuning
+        running = snap.state.value == "running"
+        self.tune.disabled = running
+        self.cancel.disabled = not running
+        losses = (snap.detail or {}).get("loss") if isinstance(snap.detail, dict) else None
+        minutes = (snap.detail or {}).get("minutes", 0.0) if isinstance(snap.detail, dict) else 0.0
+        if running:
+            limit = float(self.minutes.value)
+            self.bar.value = min(1.0, minutes / limit) if limit else 0.0
+        elif snap.finished:
+            self.bar.value = 1.0 if snap.state.value == "done" else self.bar.value
+        if losses:
+            self.curve.value = loss_curve_svg(losses, minutes)
+
+    def _scores(self, change=None) -> None:
+        s = self.state.tune_scores
+        if not s:
+            self.scores.value = ""
+            return
+        b, a = s["before"], s["after"]
+        self.scores.value = (
+            "<table class='nbapp-table' style='font-size:12px'><tr><th></th><th>F1@0.5</th>"
+            "<th>precision</th><th>recall</th></tr>"
+            + "".join(f"<tr><td>{k}</td><td>{v['f1']:.3f}</td><td>{v['precision']:.3f}</td>"
+                      f"<td>{v['recall']:.3f}</td></tr>" for k, v in (("before", b), ("after", a)))
+            + f"</table><small>on the stored slices; {s['steps']} steps in "
+              f"{s['minutes']:.1f} min; saved as {html.escape(s['config'])}</small>")
+
+
+def loss_curve_svg(losses: list, minutes: float = 0.0, width: int = 320, height: int = 90) -> str:
+    """A small SVG plot of the training loss (a running mean over 10 steps) against the step."""
+    y = np.convolve(np.asarray(losses, float), np.ones(10) / 10, mode="valid") \
+        if len(losses) >= 10 else np.asarray(losses, float)
+    if y.size < 2:
+        y = np.repeat(y, 2)
+    lo, hi = float(y.min()), float(y.max())
+    span = hi - lo or 1.0
+    pad = 28
+    xs = pad + (width - pad - 4) * np.arange(y.size) / (y.size - 1)
+    ys = 4 + (height - 20) * (1 - (y - lo) / span)
+    points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(xs, ys))
+    return (f"<svg width='{width}' height='{height}' class='nbapp-loss' "
+            f"style='font:10px sans-serif'><polyline fill='none' stroke='#0969da' "
+            f"stroke-width='1.5' points='{points}'/>"
+            f"<line x1='{pad}' y1='{height - 16}' x2='{width - 4}' y2='{height - 16}' "
+            f"stroke='#999'/><line x1='{pad}' y1='4' x2='{pad}' y2='{height - 16}' stroke='#999'/>"
+            f"<text x='0' y='12'>{hi:.2f}</text><text x='0' y='{height - 18}'>{lo:.2f}</text>"
+            f"<text x='{pad}' y='{height - 3}'>loss, {len(losses)} steps, {minutes:.1f} min"
+            f"</text></svg>")

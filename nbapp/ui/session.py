@@ -23,6 +23,7 @@ from nbapp.jobs import JobMarker, JobRunner, JobState
 from nbapp.ui.state import AppState, DataSet
 from nbapp.ui.session2d import COMPARE_FACTORS, SliceActions
 from nbapp.ui.session3d import EXPORT_FOLDER, VolumeActions
+from nbapp.ui.session_tune import TuneActions
 from nbapp.ui.threads import LatestRunner, call_in_ui
 
 __all__ = ["Session", "detect_kind", "available_device_names", "describe_error",
@@ -93,10 +94,11 @@ def describe_error(exc: BaseException) -> tuple[str, str | None]:
 
 # ---------------------------------------------------------------- the session
 
-class Session(SliceActions, VolumeActions):
+class Session(SliceActions, VolumeActions, TuneActions):
     """The app's actions on one :class:`AppState`: data, model, exports and lifetime here; the
     2D tab's in :class:`~nbapp.ui.session2d.SliceActions`, the 3D tab's in
-    :class:`~nbapp.ui.session3d.VolumeActions`.
+    :class:`~nbapp.ui.session3d.VolumeActions`, proofreading and fine-tuning in
+    :class:`~nbapp.ui.session_tune.TuneActions`.
 
     Parameters
     ----------
@@ -122,6 +124,7 @@ class Session(SliceActions, VolumeActions):
         self.downloads = JobRunner(on_update=lambda snap: call_in_ui(lambda: self._downloaded(snap)),
                                    synchronous=synchronous)
         self._pending_load: tuple | None = None  # (spec, device) to load once downloaded
+        self.tuning = JobRunner(on_update=self._tuned, synchronous=synchronous)
         self.segmenter = None
         self._engines: dict = {}
         self._upload_dir: str | None = None
@@ -291,6 +294,11 @@ class Session(SliceActions, VolumeActions):
         self.request_2d()
         return True
 
+    def use_model(self, model) -> bool:
+        """Make an already loaded :class:`~nbapp.models.Model` the active one (a tuned model)."""
+        self.state.model_spec = str(model.config.config_path or model.config.name)
+        return self.load_model(model, str(model.device))
+
     def _download(self, entry, device) -> bool:
         """Start downloading a zoo model; it is loaded when the download ends."""
         from nbapp.jobs import JobBusyError, callback_steps
@@ -388,6 +396,7 @@ class Session(SliceActions, VolumeActions):
     def close(self) -> None:
         self.jobs.shutdown()
         self.downloads.shutdown()
+        self.tuning.shutdown()
         self._end_marker()
         self.runner2d.shutdown()
         if self._upload_dir is not None:

@@ -101,7 +101,9 @@ class SliceActions:
             self.report(error, "2D inference failed")
             self._error_2d = True
             return
-        st.result2d = result
+        with st.hold_trait_notifications():
+            st.result2d = result
+            self.show_edits()  # the slice's proofreading edits, if any, stay on top
         if self._error_2d:  # the error the status line shows is over: say so there
             self._error_2d = False
             if st.status_level == "error":

@@ -101,6 +101,13 @@ class AppState(HasTraits):
     batch_labels = Any(None, allow_none=True)
     box = Any(None, allow_none=True)  # (height, width) of the last drawn box, in pixels
     suggestion = Dict()  # min_size, min_extent, median_size (each optional), why
+    # proofreading and fine-tuning
+    edit_mode = traitlets.Enum(("view", "delete", "merge", "paint", "erase"), default_value="view")
+    brush = Int(4)  # brush radius in pixels (paint, erase)
+    edited = Any(None, allow_none=True)  # the visible slice's edited labels, or None
+    training = Unicode("")  # what the training set holds
+    tuning = Instance(Snapshot, default_value=Snapshot())  # the fine-tuning job
+    tune_scores = Dict()  # before / after of the last fine-tuning
     # 3D
     job = Instance(Snapshot, default_value=Snapshot())
     stacks = Dict()  # plane -> (Z, Y, X) labels of the last 3D job

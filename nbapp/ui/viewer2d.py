@@ -23,9 +23,12 @@ __all__ = ["Viewer2D", "HeadsView", "CompareView"]
 class Viewer2D:
     """The slice, its labels (opacity), the count and timings, and a box tool."""
 
-    def __init__(self, state: AppState, on_box=None):
+    def __init__(self, state: AppState, on_box=None, on_click=None, on_stroke=None):
         self.state = state
         self.on_box = on_box
+        self.on_click = on_click  # (y, x) in the delete and merge tools
+        self.on_stroke = on_stroke  # [(y, x), ...] in the paint and erase tools
+        self._stroke: list | None = None
         self.figure = figure_widget((5.5, 5.5))
         self.ax = self.figure.add_axes((0, 0, 1, 1))
         self.image, self.overlay = setup_image_axes(self.ax, opacity=state.opacity)
@@ -35,7 +38,11 @@ class Viewer2D:
                                           button=[1], minspanx=1, minspany=1, spancoords="data")
         self.selector.set_active(False)
         self.widget = W.VBox([self.canvas, self.info])
-        state.observe(self._result, names=["result2d"])
+        state.observe(self._result, names=["result2d", "edited"])
+        self.trail, = self.ax.plot([], [], "-", color="#ffd400", lw=2, alpha=0.8)
+        self.canvas.mpl_connect("button_press_event", self._press)
+        self.canvas.mpl_connect("motion_notify_event", self._move)
+        self.canvas.mpl_connect("button_release_event", self._release)
         state.observe(self._opacity, names=["opacity"])
         state.observe(self._busy, names=["busy2d"])
         self.draws = 0
@@ -52,6 +59,45 @@ class Viewer2D:
         if self.on_box is not None:
             self.on_box(y1 - y0, x1 - x0)
 
+    # -- proofreading tools (state.edit_mode)
+    def _press(self, event) -> None:
+        mode = self.state.edit_mode
+        if mode == "view" or event.inaxes is not self.ax or event.button != 1 \
+                or event.xdata is None:
+            return
+        y, x = float(event.ydata), float(event.xdata)
+        if mode in ("delete", "merge"):
+            if self.on_click is not None:
+                self.on_click(y, x)
+            return
+        self._stroke = [(y, x)]
+        self.trail.set_data([x], [y])
+        self.trail.set_linewidth(max(1.0, 2.0 * self.state.brush * self._pixel_points()))
+        self.canvas.draw_idle()
+
+    def _move(self, event) -> None:
+        if self._stroke is None or event.inaxes is not self.ax or event.xdata is None:
+            return
+        self._stroke.append((float(event.ydata), float(event.xdata)))
+        ys, xs = zip(*self._stroke)
+        self.trail.set_data(xs, ys)
+        self.canvas.draw_idle()
+
+    def _release(self, event) -> None:
+        if self._stroke is None:
+            return
+        points, self._stroke = self._stroke, None
+        self.trail.set_data([], [])
+        if self.on_stroke is not None:
+            self.on_stroke(points)
+        self.canvas.draw_idle()
+
+    def _pixel_points(self) -> float:
+        """Line width (points) of one image pixel on the canvas."""
+        bbox = self.ax.get_window_extent()
+        x0, x1 = self.ax.get_xlim()
+        return bbox.width / max(abs(x1 - x0), 1.0) * 72.0 / self.figure.dpi
+
     def _busy(self, change) -> None:
         self.info.value = self._text(self.state.result2d, busy=bool(change.new))
 
@@ -61,6 +107,8 @@ class Viewer2D:
         net = "cached" if r.cached else f"{1000 * r.network_s:.0f} ms"
         txt = (f"<b>{r.count}</b> instances{self._per_class(r.labels)} &middot; network {net} &middot; post-processing "
                f"{1000 * r.postprocess_s:.0f} ms &middot; {r.plane} slice {r.index}")
+        if self.state.edited is not None:
+            txt += " &middot; <b>showing your edits</b>"
         return txt + (" &middot; <i>updating ...</i>" if busy else "")
 
     def _per_class(self, labels) -> str:
@@ -76,7 +124,8 @@ class Viewer2D:
         if r is None:
             self.info.value = self._text(None)
             return
-        labels = r.labels
+        edited = self.state.edited
+        labels = edited if edited is not None and edited.shape == r.labels.shape else r.labels
         if r.heads is None or r.heads is not self._last_heads:  # same cached outputs: same image
             show_image(self.image, r.image, image_clim(r.image))
             self._last_heads = r.heads

@@ -1,0 +1,298 @@
+"""Few-shot fine-tuning: adapt a model to the user's own EM from a few labelled (or proofread)
+2D slices, in minutes on a CPU.
+
+The recipe (:func:`finetune`): the slices are scaled as inference will see them
+(``downsampling``), every slice is a source of augmented patches (:class:`nbapp.train.PatchSampler`:
+rotations, flips, scale, contrast, noise), the whole network trains with AdamW at a constant
+learning rate after a short warm-up, batch norm statistics frozen at values recalibrated on the
+user's images (a batch of 4 patches is too small to estimate them), and pixels the user
+corrected (``weights``) weigh more in the semantic loss. The result is an empanada-format model
+(TorchScript + YAML) that ``--model``, the app and empanada-napari load.
+
+Fine-tuning needs a model in nbapp's architecture: ``default`` or a model fine-tuned from it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from nbapp.errors import InputError, ParameterError
+
+__all__ = ["FinetuneParams", "FinetuneResult", "finetune", "corrected_weights"]
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    """Settings of :func:`finetune` (the defaults are the measured recipe, bench/bench_fewshot.py).
+
+    Attributes
+    ----------
+    minutes : float
+        Time limit (the run stops at the first of ``minutes`` and ``max_steps``).
+    max_steps : int
+        Step limit.
+    patch : int
+        Side of the square training patches (a multiple of 32).
+    batch_size : int
+        Patches per step.
+    lr : float
+        Peak learning rate (AdamW).
+    weight_decay : float
+    warmup_steps : int
+        Linear warm-up of the learning rate.
+    corrected_weight : float
+        Weight, in the semantic loss, of pixels whose label the user changed (1 = no emphasis).
+    freeze_bn : bool
+        Keep batch-norm statistics fixed (recalibrated once on the user's images).
+    downsampling : int
+        Scale the slices down by this factor first: train at the scale inference will run at.
+    synthetic_p : float
+        Share of synthetic EM patches (:mod:`nbapp.synth`) mixed in, so that the model keeps
+        what it knew about other EM while it learns the user's.
+    seed : int
+    """
+
+    minutes: float = 5.0
+    max_steps: int = 100_000
+    patch: int = 256
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    corrected_weight: float = 4.0
+    freeze_bn: bool = True
+    downsampling: int = 1
+    synthetic_p: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        from nbapp.params import DOWNSAMPLING_FACTORS
+
+        if not (self.minutes > 0 and math.isfinite(self.minutes)):
+            raise ParameterError(f"minutes must be a positive number, got {self.minutes!r}")
+        if self.max_steps < 1:
+            raise ParameterError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.patch < 64 or self.patch % 32:
+            raise ParameterError(f"patch must be a multiple of 32 and >= 64, got {self.patch}")
+        if self.batch_size < 1:
+            raise ParameterError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ParameterError(f"lr must be > 0, got {self.lr}")
+        if self.corrected_weight < 1:
+            raise ParameterError(f"corrected_weight must be >= 1, got {self.corrected_weight}")
+        if not 0.0 <= self.synthetic_p <= 1.0:
+            raise ParameterError(f"synthetic_p must be a probability in [0, 1], got "
+                                 f"{self.synthetic_p}")
+        if self.downsampling not in DOWNSAMPLING_FACTORS:
+            raise ParameterError(f"downsampling must be one of {DOWNSAMPLING_FACTORS}, "
+                                 f"got {self.downsampling!r}")
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns: the tuned model (loaded, in eval mode), where it was
+    saved (``config``: the YAML), the loss curve and how long it took."""
+
+    model: object
+    config: Path | None
+    steps: int
+    seconds: float
+    losses: list = field(default_factory=list)
+    stopped: str = "done"  # "done", "time limit" or "cancelled"
+
+
+def corrected_weights(labels: np.ndarray, predicted: np.ndarray, weight: float) -> np.ndarray:
+    """Per-pixel loss weights: ``weight`` where the user's labels and the model's prediction
+    disagree on foreground (pixels added or erased in proofreading), 1 elsewhere.
+
+    >>> corrected_weights(np.array([[1, 0, 0]]), np.array([[1, 1, 0]]), 4.0).tolist()
+    [[1.0, 4.0, 1.0]]
+    """
+    changed = (np.asarray(labels) > 0) != (np.asarray(predicted) > 0)
+    return np.where(changed, np.float32(weight), np.float32(1.0)).astype(np.float32)
+
+
+def _as_slices(images, labels, weights) -> list[tuple]:
+    """(image, labels, weights or None) per 2D slice, checked."""
+    def split(x, what):
+        if x is None:
+            return None
+        if isinstance(x, np.ndarray) and x.ndim == 3:
+            return list(x)
+        if isinstance(x, np.ndarray) and x.ndim == 2:
+            return [x]
+        if isinstance(x, (list, tuple)):
+            return [np.asarray(a) for a in x]
+        raise InputError(f"{what} must be a 2D image, a (N, H, W) stack or a list of 2D "
+                         f"images, got {type(x).__name__}")
+
+    imgs, labs = split(images, "images"), split(labels, "labels")
+    wts = split(weights, "weights")
+    if not imgs:
+        raise InputError("fine-tuning needs at least one labelled slice")
+    if len(imgs) != len(labs) or (wts is not None and len(wts) != len(imgs)):
+        raise InputError(f"got {len(imgs)} images but {len(labs)} label images"
+                         + (f" and {len(wts)} weight maps" if wts is not None else ""))
+    out = []
+    for i, (im, la) in enumerate(zip(imgs, labs)):
+        w = None if wts is None else wts[i]
+        if im.ndim != 2 or im.shape != la.shape or (w is not None and w.shape != im.shape):
+            raise InputError(f"slice {i}: image {im.shape} and labels {la.shape}"
+                             + (f" and weights {w.shape}" if w is not None else "")
+                             + " must be 2D and of one shape")
+        if not np.issubdtype(la.dtype, np.integer) and not np.issubdtype(la.dtype, np.bool_):
+            raise InputError(f"slice {i}: labels must be integers (0 background), got {la.dtype}")
+        if min(im.shape) < 16:
+            raise InputError(f"slice {i} of {im.shape[0]}x{im.shape[1]} pixels is too small "
+                             "to train on (at least 16x16)")
+        out.append((im, la.astype(np.int32), w))
+    if not any(np.any(la > 0) for _, la, _ in out):
+        raise InputError("the labelled slices hold no objects: label (or keep) at least one "
+                         "object, else the model learns that there is nothing to find")
+    return out
+
+
+def _prepare(items: list[tuple], ds: int) -> list[tuple]:
+    """Unit-range images (the engine's intensity mapping) and labels at 1/ds scale."""
+    import torch
+    import torch.nn.functional as F
+
+    from nbapp.intensity import intensity_range, to_unit
+
+    out = []
+    for im, la, w in items:
+        lo, hi, _ = intensity_range(im)
+        unit = to_unit(im, lo, hi)
+        if ds > 1:
+            h, wd = -(-im.shape[0] // ds), -(-im.shape[1] // ds)
+            unit = F.interpolate(torch.from_numpy(unit)[None, None], size=(h, wd),
+                                 mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
+            la = la[::ds, ::ds]
+            w = None if w is None else w[::ds, ::ds]
+        out.append((np.ascontiguousarray(unit, np.float32), la,
+                    None if w is None else np.ascontiguousarray(w, np.float32)))
+    return out
+
+
+def finetune(images, labels, init="default", minutes: float | None = None,
+             params: FinetuneParams | None = None, weights=None, out=None,
+             name: str = "finetuned", progress: Callable | None = None,
+             cancel: threading.Event | None = None, device: str = "cpu",
+             threads: int | None = None) -> FinetuneResult:
+    """Fine-tune ``init`` on labelled 2D slices; return the tuned model.
+
+    Parameters
+    ----------
+    images, labels : (H, W) array, (N, H, W) stack or list of 2D arrays
+        The slices and their instance (or 0/1) labels, 0 background.
+    init : str
+        The model to start from: ``default`` or a model fine-tuned from it (YAML or TorchScript).
+    minutes : float, optional
+        Time limit; overrides ``params.minutes``.
+    params : FinetuneParams
+    weights : like ``labels``, optional
+        Per-pixel weights of the semantic loss (see :func:`corrected_weights`).
+    out : path, optional
+        Folder to save the model in (``NAME.pt`` + ``NAME.yaml``); a temporary folder if None.
+    progress : callable, optional
+        ``progress(step, max_steps, {"loss": [...], "minutes": m})`` after each step.
+    cancel : threading.Event, optional
+        Set to stop early; the model trained so far is saved and returned.
+
+    Raises
+    ------
+    InputError
+        Bad slices (shapes, dtypes, no objects).
+    ParameterError
+        Bad settings, or ``init`` is not in nbapp's architecture.
+    """
+    import tempfile
+
+    import torch
+
+    from nbapp.models import load_model, resolve_device
+    from nbapp.models.arch import build_model, recalibrate_batchnorm
+    from nbapp.train import (AugmentConfig, EXPORT_OPTIONS, PatchSampler, _load_init,
+                             _write_yaml, collate, config_dict, export_model, panoptic_loss)
+
+    p = params or FinetuneParams()
+    if minutes is not None:
+        p = FinetuneParams(**{**p.__dict__, "minutes": float(minutes)})
+    slices = _prepare(_as_slices(images, labels, weights), p.downsampling)
+    dev = resolve_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.monotonic()
+    start = _load_init(str(init))
+    arch = start["arch"]
+    model = build_model(**arch).to(dev)
+    model.load_state_dict(start["state_dict"])
+    norms = dict(start["norms"])
+    torch.manual_seed(p.seed)
+    rng = np.random.default_rng(p.seed)
+    aug = AugmentConfig(pad_p=0.1, zoom_out_p=0.1, synthetic_p=p.synthetic_p)
+    weighted = any(w is not None for _, _, w in slices)
+    samplers = [PatchSampler(u[None], la[None], p.patch, rng, aug=aug, planes=("xy",),
+                             weights=(w if w is not None else np.ones_like(u))[None]
+                             if weighted else None)
+                for u, la, w in slices]
+    area = np.array([u.size for u, _, _ in slices], float)
+    chance = area / area.sum()
+
+    def batch():
+        picks = rng.choice(len(samplers), size=p.batch_size, p=chance)
+        return collate([samplers[i].sample() for i in picks], norms)
+
+    if start["recalibrate"]:
+        recalibrate_batchnorm(model, (batch()["image"].to(dev) for _ in range(8)))
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    losses: list = []
+    step, stopped = 0, "done"
+    model.train()
+    if p.freeze_bn:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    limit = t0 + 60 * p.minutes
+    while step < p.max_steps:
+        if cancel is not None and cancel.is_set():
+            stopped = "cancelled"
+            break
+        if time.monotonic() >= limit:
+            stopped = "time limit"
+            break
+        for g in opt.param_groups:
+            g["lr"] = p.lr * min(1.0, (step + 1) / max(1, p.warmup_steps))
+        b = {k: v.to(dev) for k, v in batch().items()}
+        loss, _ = panoptic_loss(model(b["image"], 2, False), b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        step += 1
+        losses.append(float(loss.item()))
+        if progress is not None:
+            progress(step, p.max_steps, {"loss": losses, "minutes": (time.monotonic() - t0) / 60})
+    model.eval()
+    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="nbapp-finetune-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    pt, yml = folder / f"{name}.pt", folder / f"{name}.yaml"
+    tmp = folder / f".{name}.pt.part"
+    export_model(model.cpu(), tmp, EXPORT_OPTIONS["ctr_smooth"], EXPORT_OPTIONS["ctr_gate"], arch,
+                 EXPORT_OPTIONS["sem_smooth"])
+    tmp.replace(pt)
+    n_obj = sum(int(np.count_nonzero(np.unique(la))) for _, la, _ in slices)
+    desc = (f"{name}: fine-tuned by nbapp from {init} on {len(slices)} labelled slice(s) "
+            f"({n_obj} objects) at downsampling {p.downsampling}, {step} steps in "
+            f"{(time.monotonic() - t0) / 60:.1f} min ({stopped}).")
+    cfg = config_dict(norms, desc, model_file=pt.name)
+    _write_yaml(cfg, yml)
+    tuned = load_model(str(yml), device=dev)
+    return FinetuneResult(tuned, yml, step, time.monotonic() - t0, losses, stopped)

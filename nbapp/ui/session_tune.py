@@ -1,0 +1,244 @@
+"""Proofreading the visible slice and fine-tuning on the corrected slices, as a part of
+:class:`nbapp.ui.session.Session`.
+
+Edits go through a :class:`nbapp.proofread.LabelEditor` per (data, plane, index) (so going to
+another slice and back keeps them); ``state.edited`` holds the edited labels of the visible
+slice. "Add to training set" stores the slice in ``nbapp-training/`` inside the data root (or
+beside the data); "Fine-tune" trains the current model on the stored slices in a background
+job (``state.tuning``), and the tuned model becomes the active one when it ends.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nbapp.errors import InputError
+from nbapp.jobs import JobState
+from nbapp.proofread import TRAINING_FOLDER, LabelEditor, TrainingSet
+from nbapp.ui.threads import call_in_ui
+
+__all__ = ["TuneActions", "EDIT_MODES"]
+
+EDIT_MODES = ("view", "delete", "merge", "paint", "erase")
+
+
+class TuneActions:
+    """Proofreading and fine-tuning actions of :class:`~nbapp.ui.session.Session` (a base class
+    of it; it provides ``state``, ``data_root``, ``tuning`` (a JobRunner), ``report`` and
+    ``use_model``)."""
+
+    # -- proofreading
+    def _edit_key(self):
+        r = self.state.result2d
+        d = self.state.data
+        if r is None or d is None:
+            return None
+        return (d.name, id(d.array), r.plane, r.index)
+
+    def _editor(self) -> LabelEditor | None:
+        """The editor of the visible slice (made from its current result on first use)."""
+        key = self._edit_key()
+        if key is None:
+            self.state.say("no result to proofread yet: wait for the slice to be segmented",
+                           "warning")
+            return None
+        editors = self.__dict__.setdefault("_editors", {})
+        if key not in editors:
+            editors[key] = LabelEditor(self.state.result2d.labels)
+        return editors[key]
+
+    def show_edits(self) -> None:
+        """Point ``state.edited`` at the visible slice's edits (None when it has none)."""
+        key = self._edit_key()
+        ed = self.__dict__.get("_editors", {}).get(key)
+        self.state.edited = ed.labels if ed is not None and ed.edits else None
+
+    def _edited(self, before: np.ndarray, ed: LabelEditor, what: str) -> None:
+        if ed.labels is before:
+            return
+        self.state.edited = ed.labels
+        self.state.say(f"{what}; {ed.edits} edit(s) on this slice (Undo takes the last back)", "ok")
+
+    def edit_click(self, y: float, x: float) -> None:
+        """A click on the viewer in the delete or merge tool."""
+        mode = self.state.edit_mode
+        ed = self._editor()
+        if ed is None:
+            return
+        before = ed.labels
+        if mode == "delete":
+            i = ed.id_at(y, x)
+            ed.delete(y, x)
+            self._edited(before, ed, f"object {i} deleted")
+        elif mode == "merge":
+            first = self.__dict__.get("_merge_from")
+            if first is None:
+                if ed.id_at(y, x) == 0:
+                    self.state.say("merge: click on an object first", "warning")
+                    return
+                self._merge_from = (y, x)
+                self.state.say(f"merge: object {ed.id_at(y, x)} picked; click the object to "
+                               "merge into it", "info")
+                return
+            self._merge_from = None
+            a, b = ed.id_at(*first), ed.id_at(y, x)
+            ed.merge(first, (y, x))
+            self._edited(before, ed, f"object {b} merged into {a}")
+
+    def edit_stroke(self, points: list) -> None:
+        """A brush stroke (list of (y, x)) in the paint or erase tool."""
+        mode = self.state.edit_mode
+        ed = self._editor()
+        if ed is None or not points:
+            return
+        before = ed.labels
+        radius = self.state.brush
+        if mode == "paint":
+            label = ed.id_at(*points[0])
+            ed.paint(points, radius)
+            self._edited(before, ed, f"painted object {label or ed.labels.max()}"
+                         + (" (extended)" if label else " (new)"))
+        elif mode == "erase":
+            ed.erase(points, radius)
+            self._edited(before, ed, "erased")
+
+    def undo_edit(self) -> None:
+        ed = self.__dict__.get("_editors", {}).get(self._edit_key())
+        if ed is None or not ed.edits:
+            self.state.say("nothing to undo on this slice", "info")
+            return
+        ed.undo()
+        self.state.edited = ed.labels if ed.edits else None
+        self.state.say(f"undone; {ed.edits} edit(s) left on this slice", "ok")
+
+    def discard_edits(self) -> None:
+        key = self._edit_key()
+        self.__dict__.get("_editors", {}).pop(key, None)
+        self.state.edited = None
+        self.state.say("edits of this slice discarded", "info")
+
+    # -- the training set
+    def training_set(self) -> TrainingSet:
+        """``nbapp-training/`` in the data root (the app), or beside the data, or here."""
+        d = self.state.data
+        base = self.data_root
+        if base is None:
+            src = (d.meta or {}).get("path") if d is not None else None
+            base = Path(src).parent if src else Path(".")
+        return TrainingSet(Path(base) / TRAINING_FOLDER)
+
+    def add_to_training(self) -> bool:
+        """Store the visible slice (its edits, or the result as it is) in the training set."""
+        st = self.state
+        r = st.result2d
+        if r is None or st.data is None:
+            st.say("nothing to add: no segmented slice yet", "warning")
+            return False
+        ed = self.__dict__.get("_editors", {}).get(self._edit_key())
+        labels = ed.labels if ed is not None else r.labels
+        try:
+            ts = self.training_set()
+            ts.add(r.image, labels, r.labels, data=st.data.name, plane=r.plane, index=r.index,
+                   downsampling=r.params.downsampling, model=st.model_info.get("name"),
+                   edits=ed.edits if ed is not None else 0)
+        except InputError as exc:
+            self.report(exc, "cannot add the slice")
+            return False
+        st.training = ts.summary()
+        st.say(f"{r.plane} slice {r.index} added to the training set ({st.training}, in "
+               f"{ts.folder})", "ok")
+        return True
+
+    # -- fine-tuning
+    def start_finetune(self, minutes: float = 3.0) -> bool:
+        """Fine-tune the current model on the stored slices in the background; the tuned model
+        becomes the active one when it ends (False if it could not start)."""
+        from nbapp.finetune import FinetuneParams, corrected_weights, finetune
+        from nbapp.jobs import JobBusyError, callback_steps
+
+        st = self.state
+        ts = self.training_set()
+        slices = ts.slices()
+        if not slices:
+            st.say("the training set is empty: proofread a slice and add it first", "warning")
+            return False
+        if st.model is None:
+            st.say("load a model first", "warning")
+            return False
+        spec = st.model.config.config_path or st.model.weights or st.model_spec
+        ds = st.slice_params.downsampling
+        try:
+            params = FinetuneParams(minutes=float(minutes), downsampling=ds)
+        except Exception as exc:  # noqa: BLE001
+            self.report(exc, "cannot fine-tune")
+            return False
+        images = [s.image for s in slices]
+        labels = [s.labels for s in slices]
+        weights = [corrected_weights(s.labels, s.predicted, params.corrected_weight)
+                   for s in slices]
+        n = sum(s.objects for s in slices)
+        name = f"tuned_{len(list(ts.folder.glob('models/*.yaml'))) + 1}"
+        before_model = st.model
+
+        def run(report, cancel):
+            res = finetune(images, labels, spec, params=params, weights=weights,
+                           out=ts.folder / "models", name=name,
+                           progress=lambda step, total, detail: report(step, total, detail),
+                           cancel=cancel, device=str(before_model.device))
+            return res, _scores(before_model, res.model, images, labels, ds)
+
+        def job():
+            return (yield from callback_steps(run, "fine-tune"))
+
+        try:
+            self.tuning.submit(job, name=name)
+        except JobBusyError:
+            st.say("a fine-tuning run is going on: wait for it or cancel it first", "warning")
+            return False
+        st.say(f"fine-tuning {st.model_info.get('name')} on {len(slices)} slice(s) ({n} "
+               f"objects) for up to {minutes:g} min at downsampling {ds}", "info")
+        return True
+
+    def cancel_finetune(self) -> None:
+        """Stop fine-tuning; the active model stays as it was."""
+        self.tuning.cancel()
+
+    def _tuned(self, snap) -> None:
+        call_in_ui(lambda: self._apply_tuned(snap))
+
+    def _apply_tuned(self, snap) -> None:
+        st = self.state
+        st.tuning = snap
+        if not snap.finished:
+            return
+        if snap.state == JobState.DONE and snap.result is not None:
+            res, (before, after) = snap.result
+            self.use_model(res.model)
+            st.tune_scores = {"before": before, "after": after, "steps": res.steps,
+                              "minutes": res.seconds / 60, "config": str(res.config),
+                              "stopped": res.stopped}
+            st.say(f"fine-tuned in {res.seconds / 60:.1f} min ({res.steps} steps, "
+                   f"{res.stopped}): F1@0.5 on the stored slices {before['f1']:.2f} -> "
+                   f"{after['f1']:.2f}; the tuned model is active and saved as {res.config}",
+                   "ok")
+        elif snap.state == JobState.CANCELLED:
+            st.say("fine-tuning cancelled; the model is unchanged", "warning")
+        elif snap.state == JobState.FAILED:
+            st.say(f"fine-tuning failed: {snap.error}", "error")
+
+
+def _scores(before, after, images, labels, ds: int) -> tuple[dict, dict]:
+    """F1@0.5 (and precision, recall) of two models on the stored slices."""
+    from nbapp.inference import SliceSegmenter
+    from nbapp.metrics import slice_metrics
+    from nbapp.params import SliceParams
+
+    out = []
+    for model in (before, after):
+        seg = SliceSegmenter(model)
+        pred = [seg(im, SliceParams(downsampling=ds)) for im in images]
+        m = slice_metrics(pred, [np.asarray(la) for la in labels])
+        out.append({k: float(m[k]) for k in ("f1", "precision", "recall")})
+    return out[0], out[1]

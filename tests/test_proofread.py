@@ -1,0 +1,231 @@
+"""Proofreading edits and the training set (pure numpy), and few-shot fine-tuning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nbapp.errors import InputError, ParameterError
+from nbapp.proofread import LabelEditor, TrainingSet
+
+
+def two_objects():
+    lab = np.zeros((20, 30), np.int32)
+    lab[2:8, 2:10] = 1
+    lab[10:16, 15:25] = 2
+    return lab
+
+
+def test_delete_removes_the_clicked_object_only():
+    ed = LabelEditor(two_objects())
+    out = ed.delete(4, 5)
+    assert not (out == 1).any() and (out == 2).sum() == 60
+    assert ed.delete(0, 29) is out  # background: no change, no edit
+    assert ed.edits == 1
+
+
+def test_merge_gives_the_second_object_the_first_ones_id():
+    ed = LabelEditor(two_objects())
+    out = ed.merge((4, 5), (12, 20))
+    assert set(np.unique(out)) == {0, 1} and (out == 1).sum() == 48 + 60
+    assert ed.merge((4, 5), (0, 0)) is out  # background as the second: nothing
+
+
+def test_paint_on_background_makes_a_new_object_and_never_overwrites():
+    ed = LabelEditor(two_objects())
+    out = ed.paint([(18, 2), (18, 12)], radius=1)
+    assert (out == 3).sum() > 0 and set(np.unique(out)) == {0, 1, 2, 3}
+    ys, xs = np.nonzero(out == 3)
+    assert xs.min() <= 2 and xs.max() >= 12  # the stroke is continuous from end to end
+    before = out.copy()
+    out = ed.paint([(4, 12), (12, 12)], radius=2)  # starts on background, crosses object 1? no
+    assert ((before > 0) & (out != before)).sum() == 0  # painted pixels never overwrite objects
+
+
+def test_paint_starting_on_an_object_extends_it():
+    ed = LabelEditor(two_objects())
+    out = ed.paint([(5, 9), (5, 14)], radius=1)
+    assert (out == 1).sum() > 48 and out[5, 13] == 1 and out.max() == 2
+
+
+def test_erase_and_undo():
+    ed = LabelEditor(two_objects())
+    ed.erase([(12, 15), (12, 24)], radius=1)
+    assert (ed.labels[11:14, 15:25] == 0).all() and ed.changed
+    ed.undo()
+    np.testing.assert_array_equal(ed.labels, two_objects())
+    assert ed.edits == 0 and not ed.changed
+    ed.undo()  # nothing left: no-op
+    np.testing.assert_array_equal(ed.labels, two_objects())
+
+
+def test_editor_refuses_non_label_images():
+    with pytest.raises(InputError, match="2D integer label image"):
+        LabelEditor(np.zeros((4, 4), np.float32))
+    with pytest.raises(InputError, match="2D integer label image"):
+        LabelEditor(np.zeros((2, 4, 4), np.int32))
+
+
+def test_training_set_stores_replaces_and_lists(tmp_path):
+    ts = TrainingSet(tmp_path / "t")
+    assert ts.summary() == "no slices stored" and ts.slices() == []
+    img = np.arange(600, dtype=np.uint8).reshape(20, 30)
+    p1 = ts.add(img, two_objects(), np.zeros((20, 30), np.int32), data="vol.tif", plane="xy",
+                index=3, downsampling=2)
+    ts.add(img, two_objects(), data="vol.tif", plane="xz", index=3)
+    again = ts.add(img, two_objects()[:, ::-1].copy(), data="vol.tif", plane="xy", index=3)
+    assert again == p1  # the same slice replaces its earlier copy
+    slices = ts.slices()
+    assert len(slices) == 2 and ts.summary() == "2 slice(s), 4 objects"
+    first = next(s for s in slices if s.path == p1)
+    np.testing.assert_array_equal(first.labels, two_objects()[:, ::-1])
+    np.testing.assert_array_equal(first.image, img)
+    assert first.meta["plane"] == "xy" and first.meta["index"] == 3
+    assert not list((tmp_path / "t").glob(".*part"))
+    ts.remove(p1)
+    assert len(ts.slices()) == 1
+    with pytest.raises(InputError, match="not in the training set"):
+        ts.remove(tmp_path / "elsewhere.npz")
+
+
+def test_training_set_refusals(tmp_path, readonly_dir):
+    with pytest.raises(InputError, match="one shape"):
+        TrainingSet(tmp_path).add(np.zeros((4, 4)), np.zeros((4, 5), np.int32))
+    with pytest.raises(InputError, match="cannot create the training folder"):
+        TrainingSet(readonly_dir / "t").add(np.zeros((4, 4)), np.zeros((4, 4), np.int32))
+
+
+def test_broken_training_file_is_skipped(tmp_path):
+    ts = TrainingSet(tmp_path)
+    ts.add(np.zeros((8, 8)), np.ones((8, 8), np.int32), data="a")
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    assert len(ts.slices()) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# fine-tuning
+
+
+@pytest.fixture(scope="module")
+def demo_slices():
+    from nbapp.samples import demo_volume
+
+    img, lab = demo_volume(shape=(8, 128, 128), n_mito=4)
+    return img, lab
+
+
+def test_finetune_trains_saves_and_loads(tmp_path, demo_slices):
+    from nbapp.finetune import FinetuneParams, finetune
+    from nbapp.models import load_model
+
+    img, lab = demo_slices
+    seen = []
+    res = finetune([img[2], img[5]], [lab[2], lab[5]], "default",
+                   params=FinetuneParams(max_steps=30, patch=96, batch_size=2, minutes=5),
+                   out=tmp_path, name="mine", progress=lambda *a: seen.append(a))
+    assert res.steps == 30 and res.stopped == "done" and len(res.losses) == 30
+    assert [s[0] for s in seen] == list(range(1, 31)) and seen[-1][2]["loss"] == res.losses
+    assert res.config == tmp_path / "mine.yaml" and (tmp_path / "mine.pt").is_file()
+    again = load_model(str(res.config), device="cpu")  # what --model and empanada load
+    assert again.config.name == "mine" and "fine-tuned by nbapp from default" in \
+        again.config.description
+    from nbapp.inference import SliceSegmenter
+
+    out = SliceSegmenter(again)(img[2])
+    assert out.shape == img[2].shape
+
+
+def test_finetune_learns_a_deleted_object_is_not_one(tmp_path, demo_slices):
+    """The proofreading loop in small: the user deletes an object the model found; after a
+    short fine-tune with the corrected pixels weighted, the model's foreground probability on
+    that object falls (it can fail: without training it does not move)."""
+    from nbapp.engine import Engine
+    from nbapp.finetune import FinetuneParams, corrected_weights, finetune
+    from nbapp.models import load_model
+
+    img, lab = demo_slices
+    image, truth = img[4], lab[4]
+    ids, sizes = np.unique(truth[truth > 0], return_counts=True)
+    gone = ids[np.argmax(sizes)]
+    corrected = np.where(truth == gone, 0, truth)
+    default = load_model("default", device="cpu")
+
+    def fg(model):
+        return float(Engine(model).infer(image)[0].sem[0][truth == gone].mean())
+
+    before = fg(default)
+    res = finetune(image, corrected, "default", weights=corrected_weights(corrected, truth, 4.0),
+                   params=FinetuneParams(max_steps=40, patch=128, batch_size=2), out=tmp_path)
+    after = fg(res.model)
+    assert before > 0.5 and after < 0.5 * before, (before, after)
+
+
+def test_finetune_can_continue_from_its_own_result(tmp_path, demo_slices):
+    from nbapp.finetune import FinetuneParams, finetune
+
+    img, lab = demo_slices
+    p = FinetuneParams(max_steps=3, patch=64, batch_size=1)
+    first = finetune(img[1], lab[1], "default", params=p, out=tmp_path, name="a")
+    second = finetune(img[1], lab[1], str(first.config), params=p, out=tmp_path, name="b")
+    assert second.steps == 3 and (tmp_path / "b.yaml").is_file()
+
+
+def test_finetune_stops_when_cancelled(tmp_path, demo_slices):
+    import threading
+
+    from nbapp.finetune import FinetuneParams, finetune
+
+    img, lab = demo_slices
+    cancel = threading.Event()
+
+    def progress(step, total, detail):
+        if step == 2:
+            cancel.set()
+
+    res = finetune(img[1], lab[1], "default", params=FinetuneParams(patch=64, batch_size=1),
+                   out=tmp_path, progress=progress, cancel=cancel)
+    assert res.steps == 2 and res.stopped == "cancelled" and res.config.is_file()
+
+
+def test_corrected_pixels_weigh_more(demo_slices):
+    from nbapp.finetune import corrected_weights
+
+    _, lab = demo_slices
+    pred = lab[1].copy()
+    pred[:10] = 0
+    w = corrected_weights(lab[1], pred, 5.0)
+    assert set(np.unique(w)) <= {1.0, 5.0}
+    assert (w == 5.0).sum() == ((lab[1][:10] > 0)).sum()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"images": [], "labels": []}, InputError, "at least one labelled slice"),
+    ({"labels": [np.zeros((32, 32), np.int32)]}, InputError, "no objects"),
+    ({"labels": [np.ones((32, 30), np.int32)]}, InputError, "one shape"),
+    ({"labels": [np.ones((32, 32), np.float32)]}, InputError, "must be integers"),
+    ({"images": [np.zeros((8, 8))], "labels": [np.ones((8, 8), np.int32)]}, InputError,
+     "too small"),
+    ({"labels": [np.ones((32, 32), np.int32)] * 2}, InputError, "1 images but 2"),
+    ({"images": "x.tif"}, InputError, "must be a 2D image"),
+    ({"init": "MitoNet_like.pt"}, ParameterError, "no such file"),
+])
+def test_finetune_refusals(kwargs, error, match):
+    from nbapp.finetune import finetune
+
+    args = {"images": [np.zeros((32, 32), np.uint8)], "labels": [np.ones((32, 32), np.int32)],
+            "init": "default"}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        finetune(args["images"], args["labels"], args["init"], minutes=0.01)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("minutes", 0, "minutes"), ("patch", 100, "multiple of 32"), ("batch_size", 0, "batch_size"),
+    ("lr", 0, "lr"), ("corrected_weight", 0.5, "corrected_weight"),
+    ("downsampling", 3, "downsampling"), ("max_steps", 0, "max_steps"),
+])
+def test_finetune_params_are_checked(field, value, match):
+    from nbapp.finetune import FinetuneParams
+
+    with pytest.raises(ParameterError, match=match):
+        FinetuneParams(**{field: value})
