@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from nbapp.finetune import FinetuneParams, finetune
+    from nbapp.fewshot import FinetuneParams, finetune
     from nbapp.models import load_model
 
     torch.set_num_threads(args.threads)

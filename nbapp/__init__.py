@@ -30,11 +30,15 @@ _LAZY = {
     "segment_volume": "nbapp.run3d",
     "run_consensus": "nbapp.volume",
     "JobRunner": "nbapp.jobs",
+    "finetune": "nbapp.fewshot",
+    "FinetuneParams": "nbapp.fewshot",
 }
 
 __all__ = [
     "ConsensusParams",
     "Engine",
+    "FinetuneParams",
+    "finetune",
     "JobRunner",
     "VolumeParams",
     "run_consensus",

@@ -180,6 +180,25 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON")
     _add_data_root(ev)
 
+    ft = sub.add_parser("finetune", help="fine-tune a model on a few labelled 2D slices "
+                                         "(images or stacks of slices)")
+    ft.add_argument("--images", nargs="+", required=True, metavar="IMAGE",
+                    help="2D images or (N, H, W) stacks of 2D slices")
+    ft.add_argument("--labels", nargs="+", required=True, metavar="LABELS",
+                    help="their instance (or 0/1) labels, one file per IMAGE, same shapes")
+    ft.add_argument("--init", default="default",
+                    help="the model to start from: default or a model fine-tuned from it")
+    ft.add_argument("--minutes", type=float, default=5.0, help="time limit (default 5)")
+    ft.add_argument("--downsampling", type=int, default=1, metavar="N",
+                    help="train at the scale inference will use (default 1)")
+    ft.add_argument("--out", required=True, metavar="DIR", help="folder for NAME.pt + NAME.yaml")
+    ft.add_argument("--name", default="finetuned", help="model name (default finetuned)")
+    ft.add_argument("--test-images", nargs="*", default=[], metavar="IMAGE",
+                    help="held-out images to score before / after on (F1@0.5)")
+    ft.add_argument("--test-labels", nargs="*", default=[], metavar="LABELS")
+    ft.add_argument("--device", default="cpu")
+    ft.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
     if importlib.util.find_spec("nbapp.train") is not None:  # optional in minimal installs
         tr = sub.add_parser("train", help="train a model on volumes with instance labels")
         if with_train:  # importing the trainer imports torch: only when the command is train
@@ -618,6 +637,62 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _slices(paths: list, root) -> list:
+    """2D slices from images and (N, H, W) stacks."""
+    from nbapp.io import read_image
+
+    out = []
+    for p in paths:
+        arr = np.asarray(read_image(p, root=root)[0])
+        if arr.ndim == 2:
+            out.append(arr)
+        elif arr.ndim == 3:
+            out.extend(list(arr))
+        else:
+            raise InputError(f"{p}: expected a 2D image or a (N, H, W) stack, got shape {arr.shape}")
+    return out
+
+
+def _cmd_finetune(args) -> int:
+    from nbapp.fewshot import FinetuneParams, finetune
+    from nbapp.metrics import slice_metrics
+
+    if len(args.images) != len(args.labels):
+        raise InputError(f"give one --labels file per --images file ({len(args.images)} images, "
+                         f"{len(args.labels)} label files)")
+    if len(args.test_images) != len(args.test_labels):
+        raise InputError("give one --test-labels file per --test-images file")
+    images, labels = _slices(args.images, None), _slices(args.labels, None)
+    params = FinetuneParams(minutes=args.minutes, downsampling=args.downsampling)
+    last = [0.0]
+
+    def progress(step, total, detail):
+        if detail["minutes"] - last[0] >= 0.5 or step == 1:
+            last[0] = detail["minutes"]
+            recent = detail["loss"][-20:]
+            print(f"nbapp finetune: step {step}, {detail['minutes']:.1f} min, loss "
+                  f"{sum(recent) / len(recent):.4f}", file=sys.stderr, flush=True)
+
+    res = finetune(images, labels, args.init, params=params, out=args.out, name=args.name,
+                   progress=progress, device=args.device, threads=args.threads)
+    print(f"nbapp finetune: {res.steps} steps in {res.seconds / 60:.1f} min ({res.stopped}); "
+          f"wrote {res.config} (use --model {res.config})", file=sys.stderr)
+    if args.test_images:
+        from nbapp.inference import SliceSegmenter
+        from nbapp.models import load_model
+
+        ti, tl = _slices(args.test_images, None), _slices(args.test_labels, None)
+        sp = SliceParams(downsampling=args.downsampling)
+        for label, model in (("before", load_model(args.init, device=args.device)),
+                             ("after", res.model)):
+            seg = SliceSegmenter(model)
+            m = slice_metrics([seg(im, sp) for im in ti], [np.asarray(la) for la in tl])
+            print(f"nbapp finetune: {label}: F1@0.5 {m['f1']:.3f} (precision "
+                  f"{m['precision']:.3f}, recall {m['recall']:.3f}) on {len(ti)} test slice(s)",
+                  file=sys.stderr)
+    return 0
+
+
 def _cmd_app(args) -> int:
     from nbapp.serve import serve
 
@@ -646,8 +721,9 @@ def main(argv: list[str] | None = None) -> int:
             return exc.code if isinstance(exc.code, int) else 0
         handler = {"segment": _cmd_segment, "info": _cmd_info, "evaluate": _cmd_evaluate,
                    "consensus": _cmd_consensus, "demo": _cmd_demo,
-                   "app": _cmd_app, "models": _cmd_models}.get(args.command)
-        if args.command in ("segment", "info", "demo", "train"):  # these start torch
+                   "app": _cmd_app, "models": _cmd_models,
+                   "finetune": _cmd_finetune}.get(args.command)
+        if args.command in ("segment", "info", "demo", "train", "finetune"):  # these start torch
             check_address_space()
             _prepare_model(args)
         if handler is None:

@@ -1,6 +1,6 @@
 """Proofreading a 2D label image, and the training set the corrected slices go into. Pure numpy
 (no widgets, no torch): the app's 2D viewer drives :class:`LabelEditor` with mouse events and
-stores slices with :class:`TrainingSet`; :func:`nbapp.finetune.finetune` trains on them.
+stores slices with :class:`TrainingSet`; :func:`nbapp.finetune` trains on them.
 """
 
 from __future__ import annotations

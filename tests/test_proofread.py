@@ -115,7 +115,7 @@ def demo_slices():
 
 
 def test_finetune_trains_saves_and_loads(tmp_path, demo_slices):
-    from nbapp.finetune import FinetuneParams, finetune
+    from nbapp.fewshot import FinetuneParams, finetune
     from nbapp.models import load_model
 
     img, lab = demo_slices
@@ -140,7 +140,7 @@ def test_finetune_learns_a_deleted_object_is_not_one(tmp_path, demo_slices):
     short fine-tune with the corrected pixels weighted, the model's foreground probability on
     that object falls (it can fail: without training it does not move)."""
     from nbapp.engine import Engine
-    from nbapp.finetune import FinetuneParams, corrected_weights, finetune
+    from nbapp.fewshot import FinetuneParams, corrected_weights, finetune
     from nbapp.models import load_model
 
     img, lab = demo_slices
@@ -161,7 +161,7 @@ def test_finetune_learns_a_deleted_object_is_not_one(tmp_path, demo_slices):
 
 
 def test_finetune_can_continue_from_its_own_result(tmp_path, demo_slices):
-    from nbapp.finetune import FinetuneParams, finetune
+    from nbapp.fewshot import FinetuneParams, finetune
 
     img, lab = demo_slices
     p = FinetuneParams(max_steps=3, patch=64, batch_size=1)
@@ -173,7 +173,7 @@ def test_finetune_can_continue_from_its_own_result(tmp_path, demo_slices):
 def test_finetune_stops_when_cancelled(tmp_path, demo_slices):
     import threading
 
-    from nbapp.finetune import FinetuneParams, finetune
+    from nbapp.fewshot import FinetuneParams, finetune
 
     img, lab = demo_slices
     cancel = threading.Event()
@@ -188,7 +188,7 @@ def test_finetune_stops_when_cancelled(tmp_path, demo_slices):
 
 
 def test_corrected_pixels_weigh_more(demo_slices):
-    from nbapp.finetune import corrected_weights
+    from nbapp.fewshot import corrected_weights
 
     _, lab = demo_slices
     pred = lab[1].copy()
@@ -210,7 +210,7 @@ def test_corrected_pixels_weigh_more(demo_slices):
     ({"init": "MitoNet_like.pt"}, ParameterError, "no such file"),
 ])
 def test_finetune_refusals(kwargs, error, match):
-    from nbapp.finetune import finetune
+    from nbapp.fewshot import finetune
 
     args = {"images": [np.zeros((32, 32), np.uint8)], "labels": [np.ones((32, 32), np.int32)],
             "init": "default"}
@@ -225,7 +225,42 @@ def test_finetune_refusals(kwargs, error, match):
     ("downsampling", 3, "downsampling"), ("max_steps", 0, "max_steps"),
 ])
 def test_finetune_params_are_checked(field, value, match):
-    from nbapp.finetune import FinetuneParams
+    from nbapp.fewshot import FinetuneParams
 
     with pytest.raises(ParameterError, match=match):
         FinetuneParams(**{field: value})
+
+
+def test_zoo_models_of_other_architectures_are_refused_before_any_download(monkeypatch,
+                                                                           tmp_path):
+    from nbapp.fewshot import finetune
+
+    monkeypatch.setenv("NBAPP_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ParameterError, match="MitoNet_v1 cannot be fine-tuned here"):
+        finetune(np.zeros((32, 32), np.uint8), np.ones((32, 32), np.int32), "MitoNet_v1")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_finetune_writes_a_model_and_scores_it(tmp_path, demo_slices, capsys):
+    import tifffile
+
+    from nbapp import cli
+    from nbapp.models import load_model
+
+    img, lab = demo_slices
+    tifffile.imwrite(tmp_path / "train.tif", img[:2])
+    tifffile.imwrite(tmp_path / "train_lab.tif", lab[:2])
+    tifffile.imwrite(tmp_path / "test.tif", img[6])
+    tifffile.imwrite(tmp_path / "test_lab.tif", lab[6])
+    code = cli.main(["finetune", "--images", str(tmp_path / "train.tif"), "--labels",
+                     str(tmp_path / "train_lab.tif"), "--minutes", "0.05", "--out",
+                     str(tmp_path / "m"), "--name", "mine", "--test-images",
+                     str(tmp_path / "test.tif"), "--test-labels", str(tmp_path / "test_lab.tif")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "before: F1@0.5" in err and "after: F1@0.5" in err and "on 1 test slice" in err
+    assert load_model(str(tmp_path / "m" / "mine.yaml"), device="cpu").config.name == "mine"
+    code = cli.main(["finetune", "--images", str(tmp_path / "train.tif"), "--labels",
+                     str(tmp_path / "train_lab.tif"), str(tmp_path / "x.tif"), "--out",
+                     str(tmp_path / "m")])
+    assert code == 2 and "one --labels file per --images file" in capsys.readouterr().err

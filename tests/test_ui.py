@@ -934,3 +934,93 @@ def test_model_download_error_shows_in_the_status(volume, zoo_server):
         assert "HTTP 404" in app.state.status and "nbapp models --path" in app.state.status
     finally:
         app.close()
+
+
+# --------------------------------------------------------------------------------------------
+# proofreading and fine-tuning in the page
+
+
+def mouse(viewer, name, y, x):
+    """A matplotlib mouse event at image pixel (y, x) on the 2D viewer."""
+    from matplotlib.backend_bases import MouseEvent
+
+    dx, dy = viewer.ax.transData.transform((x, y))
+    viewer.canvas.callbacks.process(name, MouseEvent(name, viewer.canvas, dx, dy, button=1))
+
+
+def test_proofread_tools_edit_the_visible_slice_and_undo(volume, tmp_path):
+    app = make_app(volume, model=load_model("default", device="cpu"), data_root=tmp_path)
+    try:
+        st, v, tools = app.state, app.viewer2d, app.proofread
+        labels = st.result2d.labels
+        ids, sizes = np.unique(labels[labels > 0], return_counts=True)
+        assert ids.size >= 2
+        target = int(ids[np.argmax(sizes)])
+        ys, xs = np.nonzero(labels == target)
+        y, x = float(np.median(ys)), float(np.median(xs))
+        mouse(v, "button_press_event", y, x)  # View tool: nothing happens
+        assert st.edited is None
+        tools.mode.value = "delete"
+        mouse(v, "button_press_event", y, x)
+        assert st.edited is not None and not (st.edited == target).any()
+        assert "showing your edits" in v.info.value
+        shown = np.asarray(v.overlay.get_array())
+        assert shown[int(y), int(x)] == 0  # the viewer shows the edit
+        # paint a new object on background with a stroke
+        bg = np.argwhere(ndimage_distance(st.edited == 0) > 8)[0]
+        tools.mode.value = "paint"
+        tools.brush.value = 3
+        mouse(v, "button_press_event", float(bg[0]), float(bg[1]))
+        mouse(v, "motion_notify_event", float(bg[0]), float(bg[1]) + 4)
+        mouse(v, "button_release_event", float(bg[0]), float(bg[1]) + 4)
+        new = int(st.edited[bg[0], bg[1]])
+        assert new > labels.max() and (st.edited == new).sum() > 20
+        tools.undo.click()
+        assert st.edited[bg[0], bg[1]] == 0 and not (st.edited == target).any()
+        # the edits stay with their slice when the slice changes and comes back
+        index = st.index
+        app.controls2d.index.value = index + 1 if index + 1 < volume.shape[0] else index - 1
+        assert st.edited is None
+        app.controls2d.index.value = index
+        assert st.edited is not None and not (st.edited == target).any()
+        tools.discard.click()
+        assert st.edited is None
+    finally:
+        app.close()
+
+
+def ndimage_distance(mask):
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(mask)
+
+
+def test_add_slice_and_fine_tune_make_the_tuned_model_active(volume, tmp_path):
+    app = make_app(volume, model=load_model("default", device="cpu"), data_root=tmp_path)
+    try:
+        st, tools = app.state, app.proofread
+        assert "no slices stored" in tools.summary.value
+        labels = st.result2d.labels
+        target = int(np.unique(labels[labels > 0])[0])
+        ys, xs = np.nonzero(labels == target)
+        tools.mode.value = "delete"
+        mouse(app.viewer2d, "button_press_event", float(ys[0]), float(xs[0]))
+        tools.add.click()
+        stored = list((tmp_path / "nbapp-training").glob("*.npz"))
+        assert len(stored) == 1 and "1 slice(s)" in tools.summary.value
+        assert app.session.start_finetune(0.15)
+        assert st.tuning.state == JobState.DONE, st.tuning.error
+        assert st.model_info["name"] == "tuned_1" and st.status_level == "ok", st.messages[-4:]
+        assert "fine-tuned in" in st.status and "tuned model is active" in st.status
+        assert (tmp_path / "nbapp-training" / "models" / "tuned_1.yaml").is_file()
+        assert set(st.tune_scores) >= {"before", "after", "steps"}
+        assert "<svg" in tools.curve.value, (st.tuning.detail, st.messages[-6:])
+        assert "before" in tools.scores.value
+        assert st.result2d is not None and app.session.segmenter.engine.model is st.model
+    finally:
+        app.close()
+
+
+def test_fine_tune_with_an_empty_training_set_says_so(app):
+    assert not app.session.start_finetune(1.0)
+    assert "training set is empty" in app.state.status

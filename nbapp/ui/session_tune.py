@@ -155,7 +155,7 @@ class TuneActions:
     def start_finetune(self, minutes: float = 3.0) -> bool:
         """Fine-tune the current model on the stored slices in the background; the tuned model
         becomes the active one when it ends (False if it could not start)."""
-        from nbapp.finetune import FinetuneParams, corrected_weights, finetune
+        from nbapp.fewshot import FinetuneParams, corrected_weights, finetune
         from nbapp.jobs import JobBusyError, callback_steps
 
         st = self.state
@@ -192,13 +192,16 @@ class TuneActions:
         def job():
             return (yield from callback_steps(run, "fine-tune"))
 
+        if self.tuning.busy:
+            st.say("a fine-tuning run is going on: wait for it or cancel it first", "warning")
+            return False
+        st.say(f"fine-tuning {st.model_info.get('name')} on {len(slices)} slice(s) ({n} "
+               f"objects) for up to {minutes:g} min at downsampling {ds}", "info")
         try:
             self.tuning.submit(job, name=name)
         except JobBusyError:
             st.say("a fine-tuning run is going on: wait for it or cancel it first", "warning")
             return False
-        st.say(f"fine-tuning {st.model_info.get('name')} on {len(slices)} slice(s) ({n} "
-               f"objects) for up to {minutes:g} min at downsampling {ds}", "info")
         return True
 
     def cancel_finetune(self) -> None:

@@ -230,6 +230,13 @@ def finetune(images, labels, init="default", minutes: float | None = None,
     if threads:
         torch.set_num_threads(threads)
     t0 = time.monotonic()
+    from nbapp.models import zoo
+
+    entry = zoo.find(str(init))
+    if entry is not None and not entry.bundled:
+        raise ParameterError(f"{init} cannot be fine-tuned here: nbapp trains its own "
+                             "architecture only (start from 'default', or a model fine-tuned "
+                             "from it); fine-tune MitoNet models in empanada-napari")
     start = _load_init(str(init))
     arch = start["arch"]
     model = build_model(**arch).to(dev)
