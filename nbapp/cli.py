@@ -31,11 +31,22 @@ class _Parser(argparse.ArgumentParser):
         raise NbappError(f"{message} (see {self.prog} --help)")
 
 
+def _factor(text: str):
+    """--downsampling: 1, 2, 4, ... as int, 0.5 / 0.25 as float (checked by SliceParams)."""
+    from nbapp.params import as_factor
+
+    try:
+        return as_factor(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
 def _add_2d_options(p: argparse.ArgumentParser) -> None:
     d = SliceParams()
     g = p.add_argument_group("2D inference (SPEC section 2)")
-    g.add_argument("--downsampling", type=int, default=d.downsampling, metavar="N",
-                   help="Image Downsampling: 1, 2, 4, ..., 64 (default %(default)s)")
+    g.add_argument("--downsampling", type=_factor, default=d.downsampling, metavar="N",
+                   help="Image Downsampling: 1, 2, 4, ..., 64, or 0.5 / 0.25 to enlarge data "
+                        "whose pixels are coarser than the model's (default %(default)s)")
     g.add_argument("--seg-threshold", type=float, default=d.seg_threshold, metavar="F",
                    help="Segmentation Confidence Threshold, 0.1-0.9 (default %(default)s)")
     g.add_argument("--center-threshold", type=float, default=d.center_threshold, metavar="F",
@@ -189,8 +200,9 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     ft.add_argument("--init", default="default",
                     help="the model to start from: default or a model fine-tuned from it")
     ft.add_argument("--minutes", type=float, default=5.0, help="time limit (default 5)")
-    ft.add_argument("--downsampling", type=int, default=1, metavar="N",
-                    help="train at the scale inference will use (default 1)")
+    ft.add_argument("--downsampling", type=_factor, default=1, metavar="N",
+                    help="train at the scale inference will use (default 1; 0.5 and 0.25 "
+                         "enlarge)")
     ft.add_argument("--out", required=True, metavar="DIR", help="folder for NAME.pt + NAME.yaml")
     ft.add_argument("--name", default="finetuned", help="model name (default finetuned)")
     ft.add_argument("--test-images", nargs="*", default=[], metavar="IMAGE",

@@ -132,8 +132,9 @@ class Engine:
         ----------
         images : (H, W) or (N, H, W) array
             Grey-level images (any integer or float dtype).
-        downsampling : int
-            Reduce the image by this factor before the model (1, 2, 4, ..., 64).
+        downsampling : int or float
+            Reduce the image by this factor before the model (1, 2, 4, ..., 64), or enlarge it
+            (0.5: 2x, 0.25: 4x) for data with pixels coarser than the model's.
         fine_boundaries : bool
             Ask the model for centre and offset maps at full input resolution.
         intensity : (lo, hi) or (lo, hi, note), optional
@@ -156,11 +157,13 @@ class Engine:
             for sem, ctr, off in batch:
                 meta = {"intensity": note, "intensity_range": (lo, hi), "network_s": per_image,
                         "model": self.model.config.name, "device": str(self.device)}
-                out.append(Heads(sem, ctr, off, downsampling, 1 if fine_boundaries else 4, meta))
+                out.append(Heads(sem, ctr, off, downsampling,
+                                 1 if fine_boundaries and downsampling >= 1 else 4, meta))
         return out
 
-    def _forward(self, batch: np.ndarray, lo: float, hi: float, ds: int, fine: bool) -> list:
+    def _forward(self, batch: np.ndarray, lo: float, hi: float, ds, fine: bool) -> list:
         cfg = self.model.config
+        fine = fine and ds >= 1  # enlarged: the coarse grid is already finer than the image
         n, hgt, wid = batch.shape
         hd, wd = self.input_shape((hgt, wid), ds)
         multiple = math.lcm(cfg.padding_factor, 4)
@@ -170,12 +173,13 @@ class Engine:
         with torch.inference_mode():
             x = torch.from_numpy(to_unit(batch, lo, hi))[:, None]
             x = x.to(dev) if dev.type != "mps" or ds == 1 else x
-            if ds > 1:
-                x = F.interpolate(x, size=(hd, wd), mode="bilinear", antialias=True, align_corners=False)
+            if ds != 1:
+                x = F.interpolate(x, size=(hd, wd), mode="bilinear", antialias=ds > 1,
+                                  align_corners=False)
                 x = x.to(dev)
             x = (x - mean) / std
             x = F.pad(x, (0, wp - wd, 0, hp - hd))
-            res = self.model(x, render_steps=2 + int(math.log2(ds)), interpolate_ins=fine)
+            res = self.model(x, render_steps=2 + max(0, int(math.log2(ds))), interpolate_ins=fine)
             logits = res["sem_logits"].float()
             s = logits.shape[-2] // hp
             logits = logits[..., : hd * s, : wd * s]
@@ -184,7 +188,8 @@ class Engine:
                 if s == ds:
                     prob = prob[..., :hgt, :wid]
                 else:
-                    prob = F.interpolate(prob, size=(hgt, wid), mode="bilinear", align_corners=False)
+                    prob = F.interpolate(prob, size=(hgt, wid), mode="bilinear",
+                                         antialias=hd * s > hgt, align_corners=False)
             g = 1 if fine else 4
             gh, gw = -(-hd // g), -(-wd // g)
             ctr = res["ctr_hmp"][:, 0, :gh, :gw].float()

@@ -68,7 +68,7 @@ class FinetuneParams:
     warmup_steps: int = 20
     corrected_weight: float = 4.0
     freeze_bn: bool = True
-    downsampling: int = 1
+    downsampling: int | float = 1
     synthetic_p: float = 0.0
     seed: int = 0
 
@@ -176,6 +176,12 @@ def _prepare(items: list[tuple], ds: int) -> list[tuple]:
                                  mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
             la = la[::ds, ::ds]
             w = None if w is None else w[::ds, ::ds]
+        elif ds < 1:  # enlarged: as the engine shows the image to the model
+            k = int(round(1 / ds))
+            unit = F.interpolate(torch.from_numpy(unit)[None, None], scale_factor=float(k),
+                                 mode="bilinear", align_corners=False)[0, 0].numpy()
+            la = np.repeat(np.repeat(la, k, 0), k, 1)
+            w = None if w is None else np.repeat(np.repeat(w, k, 0), k, 1)
         out.append((np.ascontiguousarray(unit, np.float32), la,
                     None if w is None else np.ascontiguousarray(w, np.float32)))
     return out

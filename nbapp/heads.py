@@ -23,8 +23,9 @@ class Heads:
     offsets : (2, h, w) float32
         (dy, dx) from each grid cell to its object centre, in pixels of the model input (the
         image after downsampling).
-    downsampling : int
-        Factor the image was reduced by before the model.
+    downsampling : int or float
+        Factor the image was reduced by before the model (0.5, 0.25: enlarged 2x, 4x; the
+        grid then stays coarse, so ``downsampling * grid_step`` is a whole number of pixels).
     grid_step : int
         Model-input pixels per grid cell: 4 for the coarse 1/4 grid, 1 for fine boundaries.
     meta : dict

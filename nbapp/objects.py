@@ -16,7 +16,7 @@ from scipy import ndimage as ndi
 from nbapp.errors import InputError
 
 __all__ = ["object_table", "write_table", "TABLE_COLUMNS", "suggest_filters", "suggest_median",
-           "class_name", "class_counts"]
+           "class_name", "class_counts", "suggest_downsampling", "plane_pixel_size"]
 
 #: The columns of :func:`write_table` (start inclusive, stop exclusive; (Z, Y, X) order).
 TABLE_COLUMNS = ("id", "class", "voxels", "z0", "y0", "x0", "z1", "y1", "x1", "centroid_z",
@@ -71,6 +71,41 @@ def suggest_filters(height: float, width: float) -> dict:
     volume = h * w * third
     return {"min_size": int(min(1_000_000, math.floor(volume / 2 * 0.8))),
             "min_extent": int(max(0, min(1000, math.floor(min(h, w, third)) - 2)))}
+
+
+def plane_pixel_size(voxel_size, plane: str = "xy") -> float | None:
+    """The pixel size (nm) of a plane's slices: the mean of its two in-plane spacings.
+
+    >>> plane_pixel_size((40, 5, 5)), plane_pixel_size((40, 5, 5), "xz")
+    (5.0, 22.5)
+    """
+    if not voxel_size or len(voxel_size) < 2:
+        return None
+    vs = [float(v) for v in voxel_size]
+    if len(vs) == 2:
+        pair = vs
+    else:
+        pair = {"xy": (vs[1], vs[2]), "xz": (vs[0], vs[2]), "yz": (vs[0], vs[1])}[plane]
+    if not all(math.isfinite(v) and v > 0 for v in pair):
+        return None
+    return (pair[0] + pair[1]) / 2
+
+
+def suggest_downsampling(pixel_nm: float | None, model_pixel_nm: float | None) -> int | float | None:
+    """The Image Downsampling that brings data with ``pixel_nm`` pixels closest (in log scale)
+    to the model's ``model_pixel_nm``: above 1 when the data's pixels are finer, 0.5 or 0.25
+    (enlarging) when they are coarser; None when either size is unknown.
+
+    >>> [suggest_downsampling(p, 5) for p in (5, 4.6, 2.5, 1.2, 10, 20, 80)]
+    [1, 1, 2, 4, 0.5, 0.25, 0.25]
+    """
+    if not pixel_nm or not model_pixel_nm or pixel_nm <= 0 or model_pixel_nm <= 0:
+        return None
+    from nbapp.params import DOWNSAMPLING_FACTORS
+
+    ratio = math.log2(float(model_pixel_nm) / float(pixel_nm))
+    usable = [f for f in DOWNSAMPLING_FACTORS if f <= 8]
+    return min(usable, key=lambda f: (abs(math.log2(f) - ratio), f))
 
 
 def suggest_median(voxel_size) -> int | None:

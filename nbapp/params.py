@@ -22,10 +22,13 @@ from nbapp.errors import ParameterError
 
 __all__ = [
     "SliceParams", "ConsensusParams", "VolumeParams", "DOWNSAMPLING_FACTORS", "NETWORK_FIELDS",
-    "LABELS", "PLANES", "MEDIAN_SIZES",
+    "LABELS", "PLANES", "MEDIAN_SIZES", "ENLARGING_FACTORS", "as_factor",
 ]
 
-DOWNSAMPLING_FACTORS = (1, 2, 4, 8, 16, 32, 64)
+DOWNSAMPLING_FACTORS = (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+#: Factors below 1 enlarge the image before the model (data with pixels coarser than the
+#: model's): 0.5 doubles each side.
+ENLARGING_FACTORS = (0.25, 0.5)
 PLANES = ("xy", "xz", "yz")
 MEDIAN_SIZES = (1, 3, 5, 7, 9, 11)
 
@@ -70,14 +73,26 @@ def _check_bool(name: str, value) -> None:
         raise ParameterError(f"{name} must be True or False, got {value!r}")
 
 
+def as_factor(value) -> int | float:
+    """A downsampling factor as its canonical number: int from 1 up, float below 1.
+
+    >>> as_factor(2.0), as_factor(0.5)
+    (2, 0.5)
+    """
+    value = float(value)
+    return int(value) if value >= 1 else value
+
+
 @dataclass(frozen=True)
 class SliceParams:
     """Parameters of 2D inference (one image or one slice), SPEC.md section 2.
 
     Parameters
     ----------
-    downsampling : int
-        The image is resized by 1/downsampling before the model; one of 1, 2, 4, ..., 64.
+    downsampling : int or float
+        The image is resized by 1/downsampling before the model; one of 1, 2, 4, ..., 64, or
+        0.5 and 0.25 to enlarge it 2x or 4x (pixels coarser than the model's); below 1 the
+        centres and offsets are always on the coarse grid (fine boundaries add nothing there).
     seg_threshold : float
         Segmentation Confidence Threshold, 0.1-0.9: sigmoid probability >= threshold is
         foreground (ignored by multi-class models, which use argmax).
@@ -120,7 +135,7 @@ class SliceParams:
         for name in ("fine_boundaries", "semantic_only", "fill_holes", "batch_mode"):
             _check_bool(name, getattr(self, name))
         # Normalise numeric types so that equal values give equal cache keys.
-        object.__setattr__(self, "downsampling", int(self.downsampling))
+        object.__setattr__(self, "downsampling", as_factor(self.downsampling))
         object.__setattr__(self, "min_distance", int(self.min_distance))
         object.__setattr__(self, "label_divisor", int(self.label_divisor))
         object.__setattr__(self, "seg_threshold", float(self.seg_threshold))

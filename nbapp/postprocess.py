@@ -89,8 +89,11 @@ def segment_heads(
         return (labels, np.zeros((0, 2), np.intp)) if return_centres else labels
     one_class = tuple(thing_list) == (1,) and heads.sem.shape[0] == 1
     things = sem.view(bool) if one_class else np.isin(sem, thing_list)
-    factor = heads.downsampling * heads.grid_step
-    min_fragment = (2 * 4 * heads.downsampling) ** 2
+    factor = int(round(heads.downsampling * heads.grid_step))  # original pixels per cell
+    if factor < 1 or abs(factor - heads.downsampling * heads.grid_step) > 1e-6:
+        raise ValueError(f"downsampling {heads.downsampling} x grid step {heads.grid_step} must "
+                         "be a whole number of pixels (enlarging factors use the coarse grid)")
+    min_fragment = int((2 * 4 * heads.downsampling) ** 2)
     centres = find_centres(heads.ctr, params.center_threshold, params.min_distance)
     grid = _cell_grid(things, heads.ctr.shape, factor)
     cells = group_pixels(centres, heads.offsets, heads.grid_step, grid.counts > 0)

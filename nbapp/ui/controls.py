@@ -29,6 +29,11 @@ _COLUMN_WIDTH = "500px"  # the 2D controls' column: fixed, so the viewer beside 
 _COLOURS = {"info": "#333", "ok": "#1a7f37", "warning": "#9a6700", "error": "#cf222e"}
 
 
+def _factor_label(f) -> str:
+    """"0.5 (enlarge 2x)" for enlarging factors, "4" for the others."""
+    return f"{f:g} (enlarge {int(round(1 / f))}x)" if f < 1 else f"{f:g}"
+
+
 def _layout(width="420px"):
     return W.Layout(width=width)
 
@@ -98,12 +103,17 @@ class DataPanel:
             description=f"Upload (≤ {session.upload_limit_mb:g} MB)",
             layout=W.Layout(width="220px"))
         self.demo = W.Button(description="Demo volume")
+        self.voxel = W.Text(placeholder="e.g. 5 or 40, 5, 5", description="Pixel size (nm)",
+                            style={"description_width": "100px"}, layout=_layout("300px"))
+        self.set_voxel = W.Button(description="Set", icon="check")
+        self.set_voxel.on_click(lambda _: session.set_voxel_size(self.voxel.value))
         self.info = W.HTML("<i>no data</i>")
         self.load.on_click(lambda _: session.load_path(self.path.value))
         self.demo.on_click(lambda _: session.load_demo())
         self.upload.observe(self._uploaded, names=["value"])
         self.widget = W.VBox([W.HTML("<b>Data</b>"), W.HBox([self.path, self.load]),
-                              W.HBox([self.upload, self.demo]), self.info])
+                              W.HBox([self.upload, self.demo]), self.info,
+                              W.HBox([self.voxel, self.set_voxel])])
         state.observe(self._data, names=["data", "slice_params"])
 
     def _uploaded(self, change) -> None:
@@ -220,7 +230,8 @@ class Controls2D:
         self.index = W.IntSlider(0, min=0, max=0, description="Slice", continuous_update=True,
                                  style=_LABEL_COLUMN, layout=_layout(_PARAM_WIDTH))
         w = {
-            "downsampling": W.Dropdown(options=DOWNSAMPLING_FACTORS, value=sp.downsampling),
+            "downsampling": W.Dropdown(options=[(_factor_label(f), f) for f in DOWNSAMPLING_FACTORS],
+                                       value=sp.downsampling),
             "seg_threshold": W.FloatSlider(sp.seg_threshold, min=0.1, max=0.9, step=0.05,
                                            layout=_layout()),
             "center_threshold": W.FloatSlider(sp.center_threshold, min=0.05, max=0.9, step=0.05,
@@ -301,7 +312,13 @@ class Controls2D:
             parts.append(f"{LABELS['min_extent']} <b>{s['min_extent']}</b>")
         if "median_size" in s:
             parts.append(f"{LABELS['median_size']} <b>{s['median_size']}</b> (from the voxel size)")
-        self.suggestion.value = ("Suggested: " + ", ".join(parts)) if parts else ""
+        if "downsampling" in s:
+            parts.insert(0, f"{LABELS['downsampling']} <b>{_factor_label(s['downsampling'])}</b> "
+                            f"({html.escape(s.get('scale_why', ''))})")
+        text = ("Suggested: " + ", ".join(parts)) if parts else ""
+        if "downsampling" not in s and s.get("scale_why"):
+            text += f"<br><small>{html.escape(s['scale_why'])}</small>"
+        self.suggestion.value = text
         self.apply.disabled = not parts
 
 

@@ -189,6 +189,7 @@ class Session(SliceActions, VolumeActions, TuneActions):
             if med is not None:
                 sug["median_size"] = med
             st.suggestion = sug
+        self.suggest_scale()
 
     def load_path(self, path: str) -> None:
         """Read a file typed in the path box (restricted to the data root in Voila mode)."""
@@ -289,6 +290,7 @@ class Session(SliceActions, VolumeActions, TuneActions):
             st.device = ALL_GPUS if all_gpus else str(model.device)
             st.result2d = None
             st.compare = []
+        self.suggest_scale()
         st.say(f"model {info.get('name')!r} loaded on {model.device} "
                f"({info.get('parameters', 0):,} parameters)", "ok")
         self.request_2d()

@@ -14,7 +14,7 @@ import numpy as np
 
 from nbapp.errors import NbappError
 from nbapp.intensity import intensity_range
-from nbapp.objects import suggest_filters
+from nbapp.objects import plane_pixel_size, suggest_downsampling, suggest_filters, suggest_median
 from nbapp.params import PLANES
 from nbapp.ui.state import CompareResult, Result2D
 from nbapp.ui.threads import call_in_ui
@@ -22,6 +22,8 @@ from nbapp.ui.threads import call_in_ui
 __all__ = ["SliceActions", "COMPARE_FACTORS"]
 
 COMPARE_FACTORS = (1, 2, 4, 8)
+#: What "Compare downsampling" shows when the scale suggestion enlarges (coarse pixels).
+COMPARE_ENLARGING = (0.25, 0.5, 1, 2)
 
 
 class SliceActions:
@@ -58,8 +60,59 @@ class SliceActions:
         return d.array.shape[PLANES.index(plane)]
 
     def _params_changed(self, change) -> None:
+        if change.name == "plane":
+            self.suggest_scale()
         if not self._quiet:
             self.request_2d()
+
+    def suggest_scale(self) -> None:
+        """Put the Image Downsampling that matches the data's pixel size to the model's into
+        ``state.suggestion`` (with why), or say what is missing for one."""
+        st = self.state
+        cfg = getattr(st.model, "config", None)
+        model_nm = getattr(cfg, "pixel_size_nm", None)
+        pixel = plane_pixel_size(st.data.voxel_size, st.plane) if st.data is not None else None
+        sug = {k: v for k, v in st.suggestion.items() if k not in ("downsampling", "scale_why")}
+        factor = suggest_downsampling(pixel, model_nm)
+        if factor is not None:
+            sug["downsampling"] = factor
+            sug["scale_why"] = (f"the data's {pixel:g} nm pixels to the model's "
+                                f"{model_nm:g} nm")
+        elif cfg is not None and model_nm is None:
+            sug["scale_why"] = (f"{cfg.name} records no training pixel size: compare "
+                                "downsampling factors")
+        elif cfg is not None and pixel is None:
+            sug["scale_why"] = (f"give the pixel size (Data tab) for a downsampling that "
+                                f"matches the model's {model_nm:g} nm")
+        st.suggestion = sug
+
+    def set_voxel_size(self, text: str) -> bool:
+        """The data's pixel / voxel size typed by the user: "5" (nm, in-plane; Z the same) or
+        "Z, Y, X" in nm. Updates the downsampling and median filter suggestions."""
+        import dataclasses
+
+        st = self.state
+        if st.data is None:
+            st.say("load data first", "warning")
+            return False
+        try:
+            parts = [float(v) for v in str(text).replace("x", ",").split(",") if v.strip()]
+        except ValueError:
+            parts = []
+        if len(parts) not in (1, 3) or not all(0 < v < 1e6 for v in parts):
+            st.say(f"pixel size {text!r}: give one number in nm (e.g. 5) or Z, Y, X in nm "
+                   "(e.g. 40, 5, 5)", "error")
+            return False
+        vs = tuple(parts * 3 if len(parts) == 1 else parts)
+        st.data = dataclasses.replace(st.data, voxel_size=vs)
+        med = suggest_median(vs)
+        sug = dict(st.suggestion)
+        if med is not None:
+            sug["median_size"] = med
+        st.suggestion = sug
+        self.suggest_scale()
+        st.say(f"voxel size set to {' x '.join(f'{v:g}' for v in vs)} nm", "ok")
+        return True
 
     def request_2d(self) -> None:
         """Segment the current slice (latest request wins; cached heads when only
@@ -109,8 +162,13 @@ class SliceActions:
             if st.status_level == "error":
                 st.say(f"2D inference: {result.count} instances", "ok")
 
+    def compare_factors(self) -> tuple:
+        """1, 2, 4, 8; or 0.25, 0.5, 1, 2 when the scale suggestion enlarges."""
+        suggested = self.state.suggestion.get("downsampling")
+        return COMPARE_ENLARGING if suggested is not None and suggested < 1 else COMPARE_FACTORS
+
     def compare_downsampling(self) -> None:
-        """Run the current slice at downsampling 1, 2, 4 and 8 (one panel each)."""
+        """Run the current slice at four downsampling factors (:meth:`compare_factors`)."""
         st = self.state
         if st.data is None or self.segmenter is None:
             st.say("load data and a model first", "warning")
@@ -119,10 +177,11 @@ class SliceActions:
         plane = st.plane if kind == "volume" else "xy"
         index = min(max(st.index, 0), self.slice_count(plane) - 1)
         sp, seg, data = st.slice_params, self.segmenter, st.data
+        factors = self.compare_factors()
 
         def work():
             out = []
-            for ds in COMPARE_FACTORS:
+            for ds in factors:
                 try:
                     r = self._compute_2d(seg, data, kind, plane, index, sp.replace(downsampling=ds))
                     out.append(CompareResult(ds, r.image, r.labels, r.count, r.network_s,
@@ -167,7 +226,8 @@ class SliceActions:
 
     def suggest_from_box(self, height: float, width: float) -> dict:
         st = self.state
-        sug = {k: v for k, v in st.suggestion.items() if k == "median_size"}
+        sug = {k: v for k, v in st.suggestion.items()
+               if k in ("median_size", "downsampling", "scale_why")}
         sug.update(suggest_filters(height, width))
         st.box = (float(abs(height)), float(abs(width)))
         st.suggestion = sug
@@ -176,7 +236,7 @@ class SliceActions:
     def apply_suggestion(self) -> None:
         st = self.state
         sug = st.suggestion
-        if not sug:
+        if not any(k in sug for k in ("min_size", "median_size", "downsampling")):
             st.say("draw a box around the smallest object first", "warning")
             return
         try:
@@ -188,6 +248,15 @@ class SliceActions:
         except NbappError as exc:
             self.report(exc, "cannot apply the suggestion")
             return
-        st.volume_params = vp
-        st.say(f"applied: Min Size {cp.min_size}, Min Box Extent {cp.min_extent}, "
-               f"Median Filter Size {vp.median_size}", "ok")
+        sp = st.slice_params
+        if "downsampling" in sug:
+            try:
+                sp = sp.replace(downsampling=sug["downsampling"])
+            except NbappError as exc:
+                self.report(exc, "cannot apply the suggestion")
+                return
+        with st.hold_trait_notifications():
+            st.volume_params = vp
+            st.slice_params = sp
+        st.say(f"applied: Image Downsampling {sp.downsampling}, Min Size {cp.min_size}, "
+               f"Min Box Extent {cp.min_extent}, Median Filter Size {vp.median_size}", "ok")
