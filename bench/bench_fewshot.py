@@ -98,6 +98,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a FinetuneParams field (repeatable), e.g. --set lr=3e-4")
+    ap.add_argument("--proofread", action="store_true",
+                    help="as in the app: the training labels are the default model's result "
+                         "corrected to the truth, and the corrected pixels weigh "
+                         "corrected_weight in the loss")
     ap.add_argument("--out", default=str(HERE / "results" / "bench_fewshot.json"))
     args = ap.parse_args(argv)
     import torch
@@ -113,7 +117,8 @@ def main(argv=None) -> int:
             getattr(FinetuneParams, k), bool) else v.lower() in ("1", "true", "yes")
     params = FinetuneParams(minutes=args.minutes, **overrides)
     default = load_model("default", device="cpu")
-    results = {"machine": machine(), "params": params.__dict__, "sources": {}}
+    results = {"machine": machine(), "params": params.__dict__, "proofread": args.proofread,
+               "sources": {}}
     for name in args.sources.split(","):
         data = SOURCES[name]()
         if data is None:
@@ -121,8 +126,19 @@ def main(argv=None) -> int:
             continue
         tr_i, tr_l, te_i, te_l = data
         before = score(default, te_i, te_l, params.downsampling)
+        weights = None
+        if args.proofread:
+            from nbapp.fewshot import corrected_weights
+            from nbapp.inference import SliceSegmenter
+            from nbapp.params import SliceParams
+
+            seg = SliceSegmenter(default)
+            predicted = [seg(im, SliceParams(downsampling=params.downsampling)) for im in tr_i]
+            weights = [corrected_weights(la, pr, params.corrected_weight)
+                       for la, pr in zip(tr_l, predicted)]
         t0 = time.monotonic()
-        res = finetune(tr_i, tr_l, "default", params=params, name=f"fewshot_{name}")
+        res = finetune(tr_i, tr_l, "default", params=params, name=f"fewshot_{name}",
+                       weights=weights)
         minutes = (time.monotonic() - t0) / 60
         after = score(res.model, te_i, te_l, params.downsampling)
         row = {"train_slices": len(tr_i), "test_slices": len(te_i),

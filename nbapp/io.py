@@ -523,6 +523,23 @@ def _replace_tree(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_small(target: str | os.PathLike, write, mode: str = "wb", **open_kw) -> Path:
+    """Write a small file (a table, a training slice) through ``write(file)`` under a hidden
+    temporary name in its folder, renamed onto ``target`` when complete: a failed write leaves
+    nothing. Raises :class:`InputError` with the reason."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, mode, **open_kw) as f:
+            write(f)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise InputError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Fail now, before any work, unless a file can be created beside ``path``.
 

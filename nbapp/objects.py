@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from nbapp.errors import InputError
+from nbapp.io import write_small
 
 __all__ = ["object_table", "write_table", "TABLE_COLUMNS", "suggest_filters", "suggest_median",
            "class_name", "class_counts", "suggest_downsampling", "plane_pixel_size"]
@@ -174,17 +175,12 @@ def write_table(path: str | os.PathLike, rows: list[dict]) -> Path:
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"output folder {str(folder)!r} does not exist")
-    tmp = folder / f".{target.name}.{os.getpid()}.part"
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(TABLE_COLUMNS)
-            for r in rows:
-                w.writerow([r["id"], r.get("class", ""), r["voxels"], *r["bbox"], *r["centroid"],
-                            *r["extent"]])
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise InputError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    def write(f) -> None:
+        w = csv.writer(f)
+        w.writerow(TABLE_COLUMNS)
+        for r in rows:
+            w.writerow([r["id"], r.get("class", ""), r["voxels"], *r["bbox"], *r["centroid"],
+                        *r["extent"]])
+
+    write_small(target, write, "w", newline="")
     return target

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from nbapp.errors import InputError
+from nbapp.io import write_small
 
 __all__ = ["LabelEditor", "TrainingSet", "TrainingSlice", "TRAINING_FOLDER"]
 
@@ -187,17 +188,9 @@ class TrainingSet:
                              f"{exc.strerror or exc}") from None
         meta = {**meta, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
         target = self.folder / f"{self._key(meta)}.npz"
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, image=image, labels=labels.astype(np.int32),
-                                    predicted=predicted.astype(np.int32),
-                                    meta=np.array(json.dumps(meta)))
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise InputError(f"cannot write {target}: {exc.strerror or exc}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_small(target, lambda f: np.savez_compressed(
+            f, image=image, labels=labels.astype(np.int32), predicted=predicted.astype(np.int32),
+            meta=np.array(json.dumps(meta))))
         return target
 
     def slices(self) -> list[TrainingSlice]:

@@ -65,7 +65,7 @@ def test_zoo_lists_the_registry_with_its_facts():
     assert models["MitoNet_v1_mini"].config.padding_factor == 128
     assert models["NucleoNet_base_v2"].config.class_names == {1: "nuclei"}
     assert models["DropNet_base_v1"].config.class_names == {1: "lipid"}
-    assert models["default"].pixel_size_nm == 5 and models["default"].bundled
+    assert models["default"].pixel_size_nm == 10 and models["default"].bundled
     assert models["MitoNet_v1"].file_name == "MitoNet_v1.pth"
 
 

@@ -243,3 +243,67 @@ def test_drawing_a_box_does_not_move_the_viewer(app):
     after = canvas.bounding_box()
     assert (round(after["x"]), round(after["y"])) == (round(before["x"]), round(before["y"]))
     page.locator("button:visible").filter(has_text=re.compile(r"^\s*Draw box\s*$")).click()
+
+
+def _image_point(canvas, row: float, col: float, shape) -> tuple[float, float]:
+    """Page coordinates of image pixel (row, col) on the viewer's canvas (the image fills the
+    square figure: its axes span the whole canvas)."""
+    box = canvas.bounding_box()
+    return (box["x"] + (col + 0.5) / shape[1] * box["width"],
+            box["y"] + (row + 0.5) / shape[0] * box["height"])
+
+
+def test_proofread_add_and_fine_tune_in_the_page(app):
+    """Issue 16: delete an object, paint one, add the slice, fine-tune for a minute; the
+    viewer then shows the tuned model's result."""
+    import numpy as np
+    from scipy import ndimage
+
+    from nbapp.samples import demo_volume
+
+    needs_model(app)
+    page = app.page
+    app.tab("2D parameter testing")
+    _, truth = demo_volume()
+    index = truth.shape[0] // 2
+    lab = truth[index]
+    ids, sizes = np.unique(lab[lab > 0], return_counts=True)
+    ys, xs = np.nonzero(lab == ids[np.argmax(sizes)])
+    canvas = app.viewer_canvas()
+
+    def tool(name):
+        page.locator(".widget-toggle-buttons:visible button", has_text=name).first.click()
+
+    tool("Delete")
+    page.mouse.click(*_image_point(canvas, float(np.median(ys)), float(np.median(xs)), lab.shape))
+    app.wait_for_status("deleted")
+    tool("Paint")
+    free = ndimage.distance_transform_edt(lab == 0)
+    r, c = np.unravel_index(np.argmax(free), lab.shape)
+    x, y = _image_point(canvas, r, c, lab.shape)
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 25, y + 10, steps=6)
+    page.mouse.up()
+    app.wait_for_status("(new)")
+    assert "showing your edits" in app.text()
+    tool("View")
+    page.locator("button:visible", has_text="Add slice to training set").click()
+    app.wait_for_status("added to the training set")
+    assert "1 slice(s)" in app.text()
+    screenshot(app, "proofread.png")
+    minutes = page.locator(".widget-text:visible", has=page.locator("label", has_text="Minutes"))
+    minutes.locator("input").fill("1")
+    minutes.locator("input").press("Tab")
+    before = app.draws(canvas)
+    page.locator("button:visible", has_text="Fine-tune").click()
+    app.wait_for_status("fine-tuning", timeout_s=30)
+    status = app.wait_for_status("tuned model is active", timeout_s=300)
+    assert "fine-tuned in" in status and "F1@0.5 on the stored slices" in status
+    app.wait_for_draw(canvas, before)
+    page.wait_for_function("() => document.querySelector('.nbapp-loss') !== null", timeout=30000)
+    app.tab("Data & model")
+    assert "tuned_1" in page.locator(".nbapp-model-info").first.inner_text()
+    app.tab("2D parameter testing")
+    screenshot(app, "finetuned.png")
+    assert_no_page_errors(app)
