@@ -187,11 +187,24 @@ def _prepare(items: list[tuple], ds: int) -> list[tuple]:
     return out
 
 
+def _pixel_size_of(init) -> float | None:
+    """The pixel size the starting model records (its YAML's ``pixel_size_nm``), or None."""
+    from nbapp.models import default_config_path, read_config
+
+    path = default_config_path() if str(init) == "default" else Path(str(init))
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        path = path.with_suffix(".yaml")
+    try:
+        return read_config(path).pixel_size_nm if path.is_file() else None
+    except Exception:  # noqa: BLE001 - a missing or odd config only loses the record
+        return None
+
+
 def finetune(images, labels, init="default", minutes: float | None = None,
              params: FinetuneParams | None = None, weights=None, out=None,
              name: str = "finetuned", progress: Callable | None = None,
              cancel: threading.Event | None = None, device: str = "cpu",
-             threads: int | None = None) -> FinetuneResult:
+             threads: int | None = None, pixel_size_nm: float | None = None) -> FinetuneResult:
     """Fine-tune ``init`` on labelled 2D slices; return the tuned model.
 
     Parameters
@@ -211,6 +224,9 @@ def finetune(images, labels, init="default", minutes: float | None = None,
         ``progress(step, max_steps, {"loss": [...], "minutes": m})`` after each step.
     cancel : threading.Event, optional
         Set to stop early; the model trained so far is saved and returned.
+    pixel_size_nm : float, optional
+        The slices' pixel size: the tuned model records ``pixel_size_nm * downsampling`` as the
+        pixel size it works at (else the starting model's, when it records one).
 
     Raises
     ------
@@ -244,6 +260,7 @@ def finetune(images, labels, init="default", minutes: float | None = None,
                              "architecture only (start from 'default', or a model fine-tuned "
                              "from it); fine-tune MitoNet models in empanada-napari")
     start = _load_init(str(init))
+    start_pixel = _pixel_size_of(init)
     arch = start["arch"]
     model = build_model(**arch).to(dev)
     model.load_state_dict(start["state_dict"])
@@ -306,6 +323,9 @@ def finetune(images, labels, init="default", minutes: float | None = None,
             f"({n_obj} objects) at downsampling {p.downsampling}, {step} steps in "
             f"{(time.monotonic() - t0) / 60:.1f} min ({stopped}).")
     cfg = config_dict(norms, desc, model_file=pt.name)
+    works_at = pixel_size_nm * p.downsampling if pixel_size_nm else start_pixel
+    if works_at:
+        cfg["pixel_size_nm"] = round(float(works_at), 3)
     _write_yaml(cfg, yml)
     tuned = load_model(str(yml), device=dev)
     return FinetuneResult(tuned, yml, step, time.monotonic() - t0, losses, stopped)

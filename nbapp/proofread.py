@@ -59,6 +59,7 @@ class LabelEditor:
         self.max_undo = max_undo
         self._history: list[np.ndarray] = []
         self.edits = 0
+        self.stored = False  # the app marks an editor whose slice is in the training set
 
     # -- helpers
     def _push(self) -> None:

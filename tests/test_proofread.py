@@ -129,6 +129,7 @@ def test_finetune_trains_saves_and_loads(tmp_path, demo_slices):
     again = load_model(str(res.config), device="cpu")  # what --model and empanada load
     assert again.config.name == "mine" and "fine-tuned by nbapp from default" in \
         again.config.description
+    assert again.config.pixel_size_nm == 10  # the default's, as no pixel size was given
     from nbapp.inference import SliceSegmenter
 
     out = SliceSegmenter(again)(img[2])
@@ -166,8 +167,9 @@ def test_finetune_can_continue_from_its_own_result(tmp_path, demo_slices):
     img, lab = demo_slices
     p = FinetuneParams(max_steps=3, patch=64, batch_size=1)
     first = finetune(img[1], lab[1], "default", params=p, out=tmp_path, name="a")
-    second = finetune(img[1], lab[1], str(first.config), params=p, out=tmp_path, name="b")
-    assert second.steps == 3 and (tmp_path / "b.yaml").is_file()
+    second = finetune(img[1], lab[1], str(first.config), params=p, out=tmp_path, name="b",
+                      pixel_size_nm=4.0)
+    assert second.steps == 3 and second.model.config.pixel_size_nm == 4.0
 
 
 def test_finetune_stops_when_cancelled(tmp_path, demo_slices):

@@ -1017,6 +1017,8 @@ def test_add_slice_and_fine_tune_make_the_tuned_model_active(volume, tmp_path):
         assert "<svg" in tools.curve.value, (st.tuning.detail, st.messages[-6:])
         assert "before" in tools.scores.value
         assert st.result2d is not None and app.session.segmenter.engine.model is st.model
+        assert st.edited is None  # the stored slice shows the tuned model's result now
+        assert "showing your edits" not in app.viewer2d.info.value
     finally:
         app.close()
 

@@ -463,9 +463,9 @@ class ProofreadPanel:
                                               "extends it, on background makes a new one)",
                                               "drag to erase"],
                                     style={"button_width": "62px"})
-        self.brush = W.IntSlider(state.brush, min=1, max=30, description="Brush",
-                                 continuous_update=False, style={"description_width": "44px"},
-                                 layout=_layout("180px"))
+        self.brush = W.BoundedIntText(state.brush, min=1, max=30, description="Brush (px)",
+                                      style={"description_width": "70px"},
+                                      layout=_layout("140px"))
         self.undo = W.Button(description="Undo", icon="undo")
         self.discard = W.Button(description="Discard edits", icon="times")
         self.add = W.Button(description="Add slice to training set", icon="plus",

@@ -146,6 +146,8 @@ class TuneActions:
         except InputError as exc:
             self.report(exc, "cannot add the slice")
             return False
+        if ed is not None:
+            ed.stored = True  # in the training set: the tuned model's result replaces it later
         st.training = ts.summary()
         st.say(f"{r.plane} slice {r.index} added to the training set ({st.training}, in "
                f"{ts.folder})", "ok")
@@ -169,6 +171,9 @@ class TuneActions:
             return False
         spec = st.model.config.config_path or st.model.weights or st.model_spec
         ds = st.slice_params.downsampling
+        from nbapp.objects import plane_pixel_size
+
+        pixel = plane_pixel_size(st.data.voxel_size, st.plane) if st.data is not None else None
         try:
             params = FinetuneParams(minutes=float(minutes), downsampling=ds)
         except Exception as exc:  # noqa: BLE001
@@ -186,7 +191,7 @@ class TuneActions:
             res = finetune(images, labels, spec, params=params, weights=weights,
                            out=ts.folder / "models", name=name,
                            progress=lambda step, total, detail: report(step, total, detail),
-                           cancel=cancel, device=str(before_model.device))
+                           cancel=cancel, device=str(before_model.device), pixel_size_nm=pixel)
             return res, _scores(before_model, res.model, images, labels, ds)
 
         def job():
@@ -218,7 +223,12 @@ class TuneActions:
             return
         if snap.state == JobState.DONE and snap.result is not None:
             res, (before, after) = snap.result
+            editors = self.__dict__.get("_editors", {})
+            for key in [k for k, ed in editors.items() if getattr(ed, "stored", False)]:
+                del editors[key]  # stored slices now show the tuned model's result
+            st.edited = None
             self.use_model(res.model)
+            self.show_edits()
             st.tune_scores = {"before": before, "after": after, "steps": res.steps,
                               "minutes": res.seconds / 60, "config": str(res.config),
                               "stopped": res.stopped}

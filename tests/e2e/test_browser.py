@@ -278,14 +278,19 @@ def test_proofread_add_and_fine_tune_in_the_page(app):
     page.mouse.click(*_image_point(canvas, float(np.median(ys)), float(np.median(xs)), lab.shape))
     app.wait_for_status("deleted")
     tool("Paint")
-    free = ndimage.distance_transform_edt(lab == 0)
+    free = ndimage.distance_transform_edt(np.pad(lab == 0, 1))[1:-1, 1:-1]  # edges count too
     r, c = np.unravel_index(np.argmax(free), lab.shape)
+    step = max(2.0, free[r, c] / 3)  # a stroke that stays on background, inside the image
     x, y = _image_point(canvas, r, c, lab.shape)
+    x2, y2 = _image_point(canvas, r + step, c + step, lab.shape)
     page.mouse.move(x, y)
     page.mouse.down()
-    page.mouse.move(x + 25, y + 10, steps=6)
+    page.mouse.move(x2, y2, steps=6)
     page.mouse.up()
-    app.wait_for_status("(new)")
+    try:
+        app.wait_for_status("(new)", timeout_s=60)
+    except Exception:
+        raise AssertionError(f"no new object painted; status: {app.status().inner_text()!r}")
     assert "showing your edits" in app.text()
     tool("View")
     page.locator("button:visible", has_text="Add slice to training set").click()
@@ -302,6 +307,7 @@ def test_proofread_add_and_fine_tune_in_the_page(app):
     assert "fine-tuned in" in status and "F1@0.5 on the stored slices" in status
     app.wait_for_draw(canvas, before)
     page.wait_for_function("() => document.querySelector('.nbapp-loss') !== null", timeout=30000)
+    assert "showing your edits" not in app.text()  # the viewer shows the tuned model's result
     app.tab("Data & model")
     assert "tuned_1" in page.locator(".nbapp-model-info").first.inner_text()
     app.tab("2D parameter testing")
