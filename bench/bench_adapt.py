@@ -6,6 +6,12 @@ norms are recalibrated on random 256x256 crops of the target images (no labels u
 models are scored on the same images (2D F1@0.5, default post-processing): VNC ssTEM (20
 slices), the five CEM crops and the Lucchi++ held-out block (z >= 130, every 2nd slice).
 
+Result (bench/results/bench_adapt.json): identical scores on all three. The export folds its
+batch norms, and recalibration keeps the exported function (by design: fine-tuning starts from
+it), so only the statistics move; true AdaBN would need the statistics of the training data,
+which the export does not keep. Re-estimating the intensity normalisation is a no-op too: the
+default model standardises each image inside the network. Neither is used by nbapp.
+
 Run: ``python bench/bench_adapt.py [--out bench/results/bench_adapt.json]``.
 """
 
