@@ -362,6 +362,9 @@ def _cmd_segment(args) -> int:
         check_writable(Path(args.table))
     if args.batch_size < 1:
         raise ParameterError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not Path(source_file(args.input)).exists():
+        raise InputError(f"input {args.input!r} does not exist")
+    _prepare_model(args)  # a zoo model is downloaded once the command is known to be valid
     if args.mode == "3d":
         return _segment_3d(args, params, out)
     image, meta = read_image(args.input, root=args.data_root)
@@ -737,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
                    "finetune": _cmd_finetune}.get(args.command)
         if args.command in ("segment", "info", "demo", "train", "finetune"):  # these start torch
             check_address_space()
-            _prepare_model(args)
+            if args.command != "segment":  # segment checks its input and output first
+                _prepare_model(args)
         if handler is None:
             from nbapp import train
 

@@ -280,3 +280,12 @@ def test_multi_class_model_counts_and_tables_per_class(tmp_path, capsys):
     for c in classes:
         n = int(np.count_nonzero(np.unique(labels[labels // 10000 == c])))
         assert f"{names[c]} {n}" in err
+
+
+def test_cli_checks_input_and_output_before_downloading(server, cache, tmp_path, capsys):
+    assert cli.main(["segment", str(tmp_path / "nope.tif"), "-o", str(tmp_path / "l.tif"),
+                     "--model", "MitoNet_v1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["segment", str(tmp_path / "nope.tif"), "-o", str(tmp_path / "l.txt"),
+                     "--model", "MitoNet_v1"]) == 2
+    assert server.hits == [] and not zoo.model_path("MitoNet_v1").exists()
