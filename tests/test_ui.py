@@ -882,8 +882,10 @@ def test_model_dropdown_offers_the_zoo_and_downloads_then_loads(volume, zoo_serv
         seen = []
         app.state.observe(lambda c: seen.append((c.new.state.value, c.new.done, c.new.total)),
                           names=["download"])
+        assert "MitoNet_v1_mini</b> (mito, downloads once)" in panel.zoo.value
         panel.spec.value = "MitoNet_v1_mini"
         panel.load.click()
+        assert "MitoNet_v1_mini</b> (mito)" in panel.zoo.value  # here now
         size = len(zoo_server.files["/MitoNet_v1_mini.pth"])
         assert ("done", size, size) in seen and seen[0][0] == "running"
         assert app.state.model_info["name"] == "MitoNet_v1_mini"

@@ -160,7 +160,8 @@ class ModelPanel:
                                    layout=W.Layout(display="none"))
         self.info = W.HTML("<i>no model loaded</i>")
         self.load.on_click(self._load)
-        self.widget = W.VBox([W.HTML("<b>Model</b>"), W.HBox([self.spec, self.load]),
+        self.zoo = W.HTML(self._zoo_text())
+        self.widget = W.VBox([W.HTML("<b>Model</b>"), W.HBox([self.spec, self.load]), self.zoo,
                               self.quantized, self.device, self.download_row, self.info])
         state.observe(self._info, names=["model_info"])
         state.observe(self._download, names=["download"])
@@ -179,6 +180,21 @@ class ModelPanel:
         named = [m.name for m in zoo.zoo().values() if not m.quantized]
         return [*named, *found[:50]]
 
+    @staticmethod
+    def _zoo_text() -> str:
+        """The zoo's names under the model box: which are here and which download once."""
+        from nbapp.models import zoo
+
+        names = []
+        for m in zoo.zoo().values():
+            if m.quantized or m.bundled:
+                continue
+            here = zoo.model_path(m.name).is_file()
+            classes = ", ".join(m.config.class_names.values())
+            names.append(f"<b>{html.escape(m.name)}</b> ({classes}{'' if here else ', downloads once'})")
+        return ("<small>Model zoo (type or pick a name): " + " &middot; ".join(names)
+                + "</small>")
+
     def _load(self, _=None) -> None:
         self.state.model_spec = self.spec.value.strip() or "default"
         self.state.quantized = bool(self.quantized.value)
@@ -187,6 +203,8 @@ class ModelPanel:
     def _download(self, change=None) -> None:
         snap = self.state.download
         running = snap.state.value == "running"
+        if snap.finished:
+            self.zoo.value = self._zoo_text()
         self.download_row.layout.display = "flex" if running else "none"
         self.load.disabled = running
         if running:

@@ -125,6 +125,8 @@ class Session(SliceActions, VolumeActions, TuneActions):
                                    synchronous=synchronous)
         self._pending_load: tuple | None = None  # (spec, device) to load once downloaded
         self.tuning = JobRunner(on_update=self._tuned, synchronous=synchronous)
+        self._editors: dict = {}  # proofreading edits per (data, plane, index)
+        self._merge_from: tuple | None = None  # the first click of a merge
         self.segmenter = None
         self._engines: dict = {}
         self._upload_dir: str | None = None

@@ -27,7 +27,7 @@ EDIT_MODES = ("view", "delete", "merge", "paint", "erase")
 class TuneActions:
     """Proofreading and fine-tuning actions of :class:`~nbapp.ui.session.Session` (a base class
     of it; it provides ``state``, ``data_root``, ``tuning`` (a JobRunner), ``report`` and
-    ``use_model``)."""
+    ``use_model``, and holds ``_editors`` (edits per slice) and ``_merge_from``)."""
 
     # -- proofreading
     def _edit_key(self):
@@ -44,15 +44,14 @@ class TuneActions:
             self.state.say("no result to proofread yet: wait for the slice to be segmented",
                            "warning")
             return None
-        editors = self.__dict__.setdefault("_editors", {})
-        if key not in editors:
-            editors[key] = LabelEditor(self.state.result2d.labels)
-        return editors[key]
+        if key not in self._editors:
+            self._editors[key] = LabelEditor(self.state.result2d.labels)
+        return self._editors[key]
 
     def show_edits(self) -> None:
         """Point ``state.edited`` at the visible slice's edits (None when it has none)."""
         key = self._edit_key()
-        ed = self.__dict__.get("_editors", {}).get(key)
+        ed = self._editors.get(key)
         self.state.edited = ed.labels if ed is not None and ed.edits else None
 
     def _edited(self, before: np.ndarray, ed: LabelEditor, what: str) -> None:
@@ -73,7 +72,7 @@ class TuneActions:
             ed.delete(y, x)
             self._edited(before, ed, f"object {i} deleted")
         elif mode == "merge":
-            first = self.__dict__.get("_merge_from")
+            first = self._merge_from
             if first is None:
                 if ed.id_at(y, x) == 0:
                     self.state.say("merge: click on an object first", "warning")
@@ -105,7 +104,7 @@ class TuneActions:
             self._edited(before, ed, "erased")
 
     def undo_edit(self) -> None:
-        ed = self.__dict__.get("_editors", {}).get(self._edit_key())
+        ed = self._editors.get(self._edit_key())
         if ed is None or not ed.edits:
             self.state.say("nothing to undo on this slice", "info")
             return
@@ -115,7 +114,7 @@ class TuneActions:
 
     def discard_edits(self) -> None:
         key = self._edit_key()
-        self.__dict__.get("_editors", {}).pop(key, None)
+        self._editors.pop(key, None)
         self.state.edited = None
         self.state.say("edits of this slice discarded", "info")
 
@@ -136,7 +135,7 @@ class TuneActions:
         if r is None or st.data is None:
             st.say("nothing to add: no segmented slice yet", "warning")
             return False
-        ed = self.__dict__.get("_editors", {}).get(self._edit_key())
+        ed = self._editors.get(self._edit_key())
         labels = ed.labels if ed is not None else r.labels
         try:
             ts = self.training_set()
@@ -223,7 +222,7 @@ class TuneActions:
             return
         if snap.state == JobState.DONE and snap.result is not None:
             res, (before, after) = snap.result
-            editors = self.__dict__.get("_editors", {})
+            editors = self._editors
             for key in [k for k, ed in editors.items() if getattr(ed, "stored", False)]:
                 del editors[key]  # stored slices now show the tuned model's result
             st.edited = None
