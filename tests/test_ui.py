@@ -1028,3 +1028,62 @@ def test_add_slice_and_fine_tune_make_the_tuned_model_active(volume, tmp_path):
 def test_fine_tune_with_an_empty_training_set_says_so(app):
     assert not app.session.start_finetune(1.0)
     assert "training set is empty" in app.state.status
+
+
+# --------------------------------------------------------------------------------------------
+# live scores against ground truth (issue 18 item 8)
+
+
+def test_demo_scores_live_and_sweeps_a_parameter():
+    from nbapp.metrics import instance_metrics
+    from nbapp.ui import App
+
+    app = App(model=load_model("default", device="cpu"), device="cpu", synchronous=True)
+    try:
+        st = app.state
+        assert st.truth is not None and st.score2d  # the demo brings its ground truth
+        gt = st.truth[st.index]
+        expect = instance_metrics(st.result2d.labels, gt)
+        assert st.score2d["f1"] == pytest.approx(expect["f1"])
+        assert f"F1@0.5 <b>{expect['f1']:.3f}</b>" in app.viewer2d.info.value
+        # a threshold far too high loses objects: the score moves with the slider
+        st.slice_params = st.slice_params.replace(seg_threshold=0.9)
+        low = st.score2d["fg_iou"]
+        st.slice_params = st.slice_params.replace(seg_threshold=0.5)
+        assert st.score2d["fg_iou"] > low
+        app.controls2d.sweep_param.value = "seg_threshold"
+        app.controls2d.sweep.click()
+        sw = st.sweep
+        assert sw["param"] == "seg_threshold" and len(sw["values"]) == 9
+        assert len(sw["f1"]) == 9 and max(sw["f1"]) >= st.score2d["f1"] - 1e-9
+        assert "<svg" in app.controls2d.sweep_plot.value and "best F1@0.5" in st.status
+        # the 3D job is scored too
+        st.volume_params = st.volume_params.replace(orthoplane=False)
+        app.session.run_3d()
+        assert st.score3d and 0 <= st.score3d["f1"] <= 1 and "against the ground truth" in st.status
+        # new data without truth: no scores, and a sweep says why
+        app.session.set_volume(np.zeros((4, 64, 64), np.uint8), "blank")
+        assert st.truth is None and st.score2d == {}
+        app.session.sweep("seg_threshold")
+        assert "needs ground truth" in st.status
+    finally:
+        app.close()
+
+
+def test_ground_truth_file_is_checked(volume, tmp_path):
+    import tifffile
+
+    app = make_app(volume, data_root=tmp_path)
+    try:
+        tifffile.imwrite(tmp_path / "bad.tif", np.zeros((2, 3, 4), np.uint8))
+        app.data_panel.truth.value = "bad.tif"
+        app.data_panel.load_truth.click()
+        assert app.state.status_level == "error" and "does not match" in app.state.status
+        tifffile.imwrite(tmp_path / "float.tif", np.zeros(volume.shape, np.float32))
+        app.session.load_truth("float.tif")
+        assert "integer labels" in app.state.status
+        tifffile.imwrite(tmp_path / "gt.tif", (volume > 128).astype(np.uint16))
+        assert app.session.load_truth("gt.tif") and app.state.score2d
+        assert app.session.sweep("nope") is None and "cannot sweep" in app.state.status
+    finally:
+        app.close()

@@ -17,7 +17,7 @@ from nbapp.ui.session import EXPORT_FOLDER, Session
 from nbapp.ui.state import AppState
 
 __all__ = ["StatusArea", "DataPanel", "ModelPanel", "Controls2D", "Controls3D", "ProgressBars",
-           "ProofreadPanel", "loss_curve_svg"]
+           "ProofreadPanel", "loss_curve_svg", "sweep_svg", "line_svg"]
 
 _WIDE = {"description_width": "initial"}
 #: One label column for every slider, dropdown and number box of a panel, wide enough for the
@@ -107,13 +107,19 @@ class DataPanel:
                             style={"description_width": "100px"}, layout=_layout("300px"))
         self.set_voxel = W.Button(description="Set", icon="check")
         self.set_voxel.on_click(lambda _: session.set_voxel_size(self.voxel.value))
+        self.truth = W.Text(placeholder="labels of the same shape (scores the results)",
+                            description="Ground truth", style={"description_width": "100px"},
+                            layout=_layout("420px"))
+        self.load_truth = W.Button(description="Load labels", icon="check-square-o")
+        self.load_truth.on_click(lambda _: session.load_truth(self.truth.value))
         self.info = W.HTML("<i>no data</i>")
         self.load.on_click(lambda _: session.load_path(self.path.value))
         self.demo.on_click(lambda _: session.load_demo())
         self.upload.observe(self._uploaded, names=["value"])
         self.widget = W.VBox([W.HTML("<b>Data</b>"), W.HBox([self.path, self.load]),
                               W.HBox([self.upload, self.demo]), self.info,
-                              W.HBox([self.voxel, self.set_voxel])])
+                              W.HBox([self.voxel, self.set_voxel]),
+                              W.HBox([self.truth, self.load_truth])])
         state.observe(self._data, names=["data", "slice_params"])
 
     def _uploaded(self, change) -> None:
@@ -285,11 +291,26 @@ class Controls2D:
         self.index.observe(lambda c: setattr(state, "index", c.new), names=["value"])
         state.observe(self._from_state, names=["slice_params", "plane", "index", "data"])
         state.observe(self._suggest, names=["suggestion"])
+        from nbapp.ui.session2d import SWEEPS
+
+        self.sweep_param = W.Dropdown(options=[(LABELS[k], k) for k in SWEEPS],
+                                      value="seg_threshold", layout=_layout("260px"))
+        self.sweep = W.Button(description="Sweep vs ground truth", icon="line-chart",
+                              tooltip="score the slice at a range of values of this parameter")
+        _fit(self.sweep)
+        self.sweep.on_click(lambda _: session.sweep(self.sweep_param.value))
+        self.sweep_plot = W.HTML("")
+        state.observe(self._sweep, names=["sweep"])
         self.widget = W.VBox([
             W.HBox([self.plane]), self.index, *w.values(), self.opacity,
             W.HBox([self.show_heads, self.compare, self.run_batch]),
             W.HBox([self.box, self.apply]), self.suggestion,
+            W.HBox([self.sweep_param, self.sweep]), self.sweep_plot,
         ], layout=W.Layout(width=_COLUMN_WIDTH, min_width=_COLUMN_WIDTH))
+
+    def _sweep(self, change=None) -> None:
+        sw = self.state.sweep
+        self.sweep_plot.value = sweep_svg(sw) if sw and sw.get("values") else ""
 
     def _param(self, name):
         def handler(change):
@@ -560,23 +581,41 @@ class ProofreadPanel:
               f"{s['minutes']:.1f} min; saved as {html.escape(s['config'])}</small>")
 
 
-def loss_curve_svg(losses: list, minutes: float = 0.0, width: int = 320, height: int = 90) -> str:
-    """A small SVG plot of the training loss (a running mean over 10 steps) against the step."""
-    y = np.convolve(np.asarray(losses, float), np.ones(10) / 10, mode="valid") \
-        if len(losses) >= 10 else np.asarray(losses, float)
+def line_svg(x, y, caption: str, css_class: str, width: int = 320, height: int = 90,
+             lo: float | None = None, hi: float | None = None, marks: bool = False) -> str:
+    """A small SVG line plot of ``y`` against ``x`` with its range and a caption."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
     if y.size < 2:
-        y = np.repeat(y, 2)
-    lo, hi = float(y.min()), float(y.max())
-    span = hi - lo or 1.0
+        x, y = np.repeat(x, 2) + np.array([0.0, 1.0])[: 2 * x.size], np.repeat(y, 2)
+    lo = float(y.min()) if lo is None else lo
+    hi = float(y.max()) if hi is None else hi
+    span, xspan = (hi - lo) or 1.0, (x.max() - x.min()) or 1.0
     pad = 28
-    xs = pad + (width - pad - 4) * np.arange(y.size) / (y.size - 1)
+    xs = pad + (width - pad - 4) * (x - x.min()) / xspan
     ys = 4 + (height - 20) * (1 - (y - lo) / span)
     points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(xs, ys))
-    return (f"<svg width='{width}' height='{height}' class='nbapp-loss' "
+    dots = "".join(f"<circle cx='{a:.1f}' cy='{b:.1f}' r='2' fill='#0969da'/>"
+                   for a, b in zip(xs, ys)) if marks else ""
+    return (f"<svg width='{width}' height='{height}' class='{css_class}' "
             f"style='font:10px sans-serif'><polyline fill='none' stroke='#0969da' "
-            f"stroke-width='1.5' points='{points}'/>"
+            f"stroke-width='1.5' points='{points}'/>{dots}"
             f"<line x1='{pad}' y1='{height - 16}' x2='{width - 4}' y2='{height - 16}' "
             f"stroke='#999'/><line x1='{pad}' y1='4' x2='{pad}' y2='{height - 16}' stroke='#999'/>"
             f"<text x='0' y='12'>{hi:.2f}</text><text x='0' y='{height - 18}'>{lo:.2f}</text>"
-            f"<text x='{pad}' y='{height - 3}'>loss, {len(losses)} steps, {minutes:.1f} min"
-            f"</text></svg>")
+            f"<text x='{pad}' y='{height - 3}'>{html.escape(caption)}</text></svg>")
+
+
+def loss_curve_svg(losses: list, minutes: float = 0.0) -> str:
+    """The training loss (a running mean over 10 steps) against the step."""
+    y = np.convolve(np.asarray(losses, float), np.ones(10) / 10, mode="valid") \
+        if len(losses) >= 10 else np.asarray(losses, float)
+    return line_svg(np.arange(y.size), y, f"loss, {len(losses)} steps, {minutes:.1f} min",
+                    "nbapp-loss")
+
+
+def sweep_svg(sweep: dict) -> str:
+    """F1@0.5 against the swept parameter (0 to 1), the current value named."""
+    return line_svg(sweep["values"], sweep["f1"],
+                    f"F1@0.5 vs {LABELS[sweep['param']]} (now {sweep['current']:g}; "
+                    f"{sweep['values'][0]:g}-{sweep['values'][-1]:g})", "nbapp-sweep",
+                    lo=0.0, hi=1.0, marks=True)

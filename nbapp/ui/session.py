@@ -176,6 +176,10 @@ class Session(SliceActions, VolumeActions, TuneActions):
         st, arr = self.state, ds.array
         with st.hold_trait_notifications():
             st.data = ds
+            st.truth = None
+            st.score2d = {}
+            st.score3d = {}
+            st.sweep = {}
             st.result2d = None
             st.compare = []
             st.batch_labels = None
@@ -242,8 +246,35 @@ class Session(SliceActions, VolumeActions, TuneActions):
         from nbapp.samples import demo_volume
 
         kw = {k: v for k, v in (("shape", shape), ("n_mito", n_mito)) if v is not None}
-        img, _ = demo_volume(**kw)
+        img, truth = demo_volume(**kw)
         self.set_volume(img, "demo volume", (5.0, 5.0, 5.0), {"format": "synthetic"})
+        self.state.truth = truth  # the demo's ground truth: live scores in both tabs
+        self.score_2d()
+
+    def load_truth(self, path: str) -> bool:
+        """Load ground-truth labels (same shape as the data) for live scores."""
+        from nbapp.io import read_image
+
+        st = self.state
+        if st.data is None:
+            st.say("load data first, then its ground truth", "warning")
+            return False
+        try:
+            arr = np.asarray(read_image(str(path).strip(), root=self.data_root)[0])
+            if arr.shape != st.data.shape:
+                raise InputError(f"ground truth of shape {arr.shape} does not match the data's "
+                                 f"{st.data.shape}")
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise InputError(f"ground truth must hold integer labels (0 background), got "
+                                 f"{arr.dtype}")
+        except NbappError as exc:
+            self.report(exc, "cannot load the ground truth")
+            return False
+        st.truth = arr
+        self.score_2d()
+        st.say(f"ground truth loaded ({int(np.count_nonzero(np.unique(arr)))} labels): "
+               "scores show in the 2D and 3D tabs", "ok")
+        return True
 
     # -- model
     def load_model(self, spec=None, device: str | None = None) -> bool:

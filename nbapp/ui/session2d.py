@@ -15,13 +15,19 @@ import numpy as np
 from nbapp.errors import NbappError
 from nbapp.intensity import intensity_range
 from nbapp.objects import plane_pixel_size, suggest_downsampling, suggest_filters, suggest_median
-from nbapp.params import PLANES
+from nbapp.params import LABELS, PLANES
 from nbapp.ui.state import CompareResult, Result2D
 from nbapp.ui.threads import call_in_ui
 
 __all__ = ["SliceActions", "COMPARE_FACTORS"]
 
 COMPARE_FACTORS = (1, 2, 4, 8)
+#: The values a parameter sweep scores (post-processing parameters: no network run).
+SWEEPS = {
+    "seg_threshold": tuple(round(0.1 * i, 2) for i in range(1, 10)),
+    "center_threshold": (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6),
+    "min_distance": (1, 2, 3, 5, 7, 10, 15, 20),
+}
 #: What "Compare downsampling" shows when the scale suggestion enlarges (coarse pixels).
 COMPARE_ENLARGING = (0.25, 0.5, 1, 2)
 
@@ -157,10 +163,77 @@ class SliceActions:
         with st.hold_trait_notifications():
             st.result2d = result
             self.show_edits()  # the slice's proofreading edits, if any, stay on top
+            self.score_2d()
         if self._error_2d:  # the error the status line shows is over: say so there
             self._error_2d = False
             if st.status_level == "error":
                 st.say(f"2D inference: {result.count} instances", "ok")
+
+    # -- scores against ground truth
+    def truth_slice(self, plane: str, index: int):
+        """The ground truth of (plane, index), or None without one."""
+        truth, d = self.state.truth, self.state.data
+        if truth is None or d is None or truth.shape != d.shape:
+            return None
+        kind = self.effective_kind()
+        if kind == "image":
+            return truth
+        if kind == "stack":
+            return np.asarray(truth[index])
+        from nbapp.volume import get_slice
+
+        return get_slice(truth, plane, index)
+
+    def score_2d(self) -> None:
+        """F1@0.5, PQ and FG IoU of the visible result against the ground truth."""
+        st = self.state
+        r = st.result2d
+        gt = self.truth_slice(r.plane, r.index) if r is not None else None
+        st.score2d = _scores(r.labels, gt) if gt is not None else {}
+
+    def sweep(self, param: str) -> None:
+        """Score the visible slice against the ground truth at a range of ``param`` values
+        (post-processing parameters reuse the cached network outputs) into ``state.sweep``."""
+        st = self.state
+        values = SWEEPS.get(param)
+        if values is None:
+            st.say(f"cannot sweep {param!r}: choose one of {', '.join(SWEEPS)}", "error")
+            return
+        r = st.result2d
+        gt = self.truth_slice(r.plane, r.index) if r is not None else None
+        if gt is None:
+            st.say("a sweep needs ground truth: the demo has it, or load a label file in the "
+                   "Data tab", "warning")
+            return
+        seg, data, kind, sp = self.segmenter, st.data, self.effective_kind(), st.slice_params
+        plane, index = r.plane, r.index
+
+        def work():
+            rows = []
+            for v in values:
+                try:
+                    res = self._compute_2d(seg, data, kind, plane, index, sp.replace(**{param: v}))
+                except NbappError:
+                    continue
+                rows.append((v, _scores(res.labels, gt)))
+            return rows
+
+        def deliver(rows, error):
+            def apply():
+                if error is not None:
+                    self.report(error, "the sweep failed")
+                    return
+                best = max(rows, key=lambda t: t[1]["f1"]) if rows else None
+                st.sweep = {"param": param, "values": [v for v, _ in rows],
+                            "f1": [m["f1"] for _, m in rows], "pq": [m["pq"] for _, m in rows],
+                            "current": getattr(sp, param)}
+                if best is not None:
+                    st.say(f"sweep of {LABELS[param]} on {plane} slice {index}: best F1@0.5 "
+                           f"{best[1]['f1']:.3f} at {best[0]:g} (now {getattr(sp, param):g})",
+                           "ok")
+            call_in_ui(apply)
+
+        self.runner2d.submit("sweep", work, deliver)
 
     def compare_factors(self) -> tuple:
         """1, 2, 4, 8; or 0.25, 0.5, 1, 2 when the scale suggestion enlarges."""
@@ -260,3 +333,11 @@ class SliceActions:
             st.slice_params = sp
         st.say(f"applied: Image Downsampling {sp.downsampling}, Min Size {cp.min_size}, "
                f"Min Box Extent {cp.min_extent}, Median Filter Size {vp.median_size}", "ok")
+
+
+def _scores(labels, truth) -> dict:
+    """F1@0.5, PQ and FG IoU of ``labels`` against ``truth``."""
+    from nbapp.metrics import instance_metrics
+
+    m = instance_metrics(np.asarray(labels), np.asarray(truth))
+    return {"f1": float(m["f1"]), "pq": float(m["pq"]), "fg_iou": float(m["fg_iou"])}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from nbapp.errors import InputError, ModelError, NbappError
 from nbapp.jobs import JobMarker, JobState, Snapshot
 from nbapp.objects import object_table
@@ -25,6 +27,16 @@ EXPORT_FOLDER = "nbapp-exports"
 class VolumeActions:
     """3D actions of :class:`~nbapp.ui.session.Session` (a base class of it; it provides
     ``state``, ``jobs``, ``data_root``, ``report`` and the model's engines)."""
+
+    def _score_3d(self, labels) -> dict:
+        """3D F1@0.5, PQ and FG IoU against the ground truth ({} without one)."""
+        truth = self.state.truth
+        if truth is None or np.shape(labels) != truth.shape:
+            return {}
+        from nbapp.metrics import instance_metrics
+
+        m = instance_metrics(np.asarray(labels), truth)
+        return {"f1": float(m["f1"]), "pq": float(m["pq"]), "fg_iou": float(m["fg_iou"])}
 
     def _class_names(self) -> dict:
         """Names of the model's thing classes (3D objects are numbered 1..N: with one thing
@@ -131,9 +143,13 @@ class VolumeActions:
                 st.table = object_table(res.labels, 0, self._class_names())
                 st.result_slice = min(st.result_slice, res.labels.shape[0] - 1)
             t = res.timings
+            st.score3d = self._score_3d(res.labels)
+            score = (f"; against the ground truth F1@0.5 {st.score3d['f1']:.3f}, PQ "
+                     f"{st.score3d['pq']:.3f}, FG IoU {st.score3d['fg_iou']:.3f}"
+                     if st.score3d else "")
             st.say(f"3D job done in {snap.elapsed:.1f} s: {len(st.table)} objects "
                    f"(network {t.get('network_s', 0):.1f} s, tracking {t.get('tracking_s', 0):.1f} s, "
-                   f"consensus {t.get('consensus_s', 0):.1f} s)", "ok")
+                   f"consensus {t.get('consensus_s', 0):.1f} s){score}", "ok")
         elif snap.state == JobState.CANCELLED:
             st.say("3D job cancelled", "warning")
         elif snap.state == JobState.FAILED:
@@ -157,7 +173,10 @@ class VolumeActions:
         with st.hold_trait_notifications():
             st.labels3d = labels
             st.table = object_table(labels, 0, self._class_names())
+            st.score3d = self._score_3d(labels)
         cp = st.volume_params.consensus
+        score = f"; F1@0.5 {st.score3d['f1']:.3f} against the ground truth" if st.score3d else ""
         st.say(f"consensus re-run in {time.perf_counter() - t0:.2f} s (vote {cp.vote_threshold}, "
                f"min size {cp.min_size}, min extent {cp.min_extent}, one stack "
-               f"{'allowed' if cp.allow_one_view else 'not allowed'}): {len(st.table)} objects", "ok")
+               f"{'allowed' if cp.allow_one_view else 'not allowed'}): {len(st.table)} objects"
+               f"{score}", "ok")

@@ -108,6 +108,11 @@ class AppState(HasTraits):
     training = Unicode("")  # what the training set holds
     tuning = Instance(Snapshot, default_value=Snapshot())  # the fine-tuning job
     tune_scores = Dict()  # before / after of the last fine-tuning
+    # scores against ground truth (the demo's, or a label file the user loads)
+    truth = Any(None, allow_none=True)  # labels of the same shape as the data, or None
+    score2d = Dict()  # f1, pq, fg_iou of the visible slice's result
+    score3d = Dict()  # the same for the last 3D result
+    sweep = Dict()  # param, values, f1, pq of the last parameter sweep
     # 3D
     job = Instance(Snapshot, default_value=Snapshot())
     stacks = Dict()  # plane -> (Z, Y, X) labels of the last 3D job

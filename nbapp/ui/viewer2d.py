@@ -38,7 +38,7 @@ class Viewer2D:
                                           button=[1], minspanx=1, minspany=1, spancoords="data")
         self.selector.set_active(False)
         self.widget = W.VBox([self.canvas, self.info])
-        state.observe(self._result, names=["result2d", "edited"])
+        state.observe(self._result, names=["result2d", "edited", "score2d"])
         self.trail, = self.ax.plot([], [], "-", color="#ffd400", lw=2, alpha=0.8)
         self.canvas.mpl_connect("button_press_event", self._press)
         self.canvas.mpl_connect("motion_notify_event", self._move)
@@ -107,6 +107,10 @@ class Viewer2D:
         net = "cached" if r.cached else f"{1000 * r.network_s:.0f} ms"
         txt = (f"<b>{r.count}</b> instances{self._per_class(r.labels)} &middot; network {net} &middot; post-processing "
                f"{1000 * r.postprocess_s:.0f} ms &middot; {r.plane} slice {r.index}")
+        sc = self.state.score2d
+        if sc:
+            txt += (f"<br>against the ground truth: F1@0.5 <b>{sc['f1']:.3f}</b> &middot; PQ "
+                    f"{sc['pq']:.3f} &middot; FG IoU {sc['fg_iou']:.3f}")
         if self.state.edited is not None:
             txt += " &middot; <b>showing your edits</b>"
         return txt + (" &middot; <i>updating ...</i>" if busy else "")
