@@ -105,12 +105,11 @@ class Viewer2D:
         if r is None:
             return "<i>computing ...</i>" if busy else "<i>no result yet</i>"
         net = "cached" if r.cached else f"{1000 * r.network_s:.0f} ms"
-        txt = (f"<b>{r.count}</b> instances{self._per_class(r.labels)} &middot; network {net} &middot; post-processing "
-               f"{1000 * r.postprocess_s:.0f} ms &middot; {r.plane} slice {r.index}")
         sc = self.state.score2d
-        if sc:
-            txt += (f"<br>against the ground truth: F1@0.5 <b>{sc['f1']:.3f}</b> &middot; PQ "
-                    f"{sc['pq']:.3f} &middot; FG IoU {sc['fg_iou']:.3f}")
+        score = (f" &middot; vs ground truth F1@0.5 <b>{sc['f1']:.3f}</b>, PQ {sc['pq']:.3f}, "
+                 f"FG IoU {sc['fg_iou']:.3f}" if sc else "")
+        txt = (f"<b>{r.count}</b> instances{self._per_class(r.labels)}{score} &middot; network {net} &middot; post-processing "
+               f"{1000 * r.postprocess_s:.0f} ms &middot; {r.plane} slice {r.index}")
         if self.state.edited is not None:
             txt += " &middot; <b>showing your edits</b>"
         return txt + (" &middot; <i>updating ...</i>" if busy else "")
