@@ -195,14 +195,33 @@ def test_box_suggests_min_size_and_extent_and_apply_sets_them(app):
     v.selector.extents = (10, 40, 5, 25)  # x0, x1, y0, y1: a 20 x 30 box
     v._selected(None, None)
     sug = app.state.suggestion
-    assert sug["min_size"] == 4800 and sug["min_extent"] == 18  # 20*30*20/2*0.8, 20-2
-    assert "4800" in app.controls2d.suggestion.value and not app.controls2d.apply.disabled
+    assert sug["min_size"] == 1200 and sug["min_extent"] == 3  # 20*30*(20/4)/2*0.8, 5-2
+    assert "1200" in app.controls2d.suggestion.value and not app.controls2d.apply.disabled
+    assert "from the box alone" in app.controls2d.suggestion.value
     app.controls2d.apply.click()
     cp = app.state.volume_params.consensus
-    assert (cp.min_size, cp.min_extent) == (4800, 18)
-    assert app.controls3d.widgets["min_size"].value == 4800
+    assert (cp.min_size, cp.min_extent) == (1200, 3)
+    assert app.controls3d.widgets["min_size"].value == 1200
     app.controls3d.widgets["min_size"].value = 123  # the suggestion stays overridable
     assert app.state.volume_params.consensus.min_size == 123
+
+
+def test_box_on_an_object_of_the_3d_result_measures_it(app):
+    """With a 3D result, the box's object is measured: the suggestion keeps it exactly."""
+    st = app.state
+    st.volume_params = st.volume_params.replace(orthoplane=False)
+    app.session.run_3d()
+    lab = st.labels3d
+    ids, sizes = np.unique(lab[st.index][lab[st.index] > 0], return_counts=True)
+    target = int(ids[np.argmax(sizes)])
+    ys, xs = np.nonzero(lab[st.index] == target)
+    sug = app.session.suggest_from_box(20, 20, centre=(float(ys[len(ys) // 2]),
+                                                       float(xs[len(xs) // 2])))
+    voxels = int((lab == target).sum())
+    assert sug["min_size"] == int(0.8 * voxels) and "measured" in sug["filters_why"]
+    from nbapp.tracking import filter_objects
+
+    assert target in filter_objects(lab, sug["min_size"], sug["min_extent"])
 
 
 @pytest.mark.parametrize("vs, median", [((30.0, 5.0, 5.0), 3), ((8.0, 8.0, 8.0), 7),

@@ -348,7 +348,8 @@ class Controls2D:
         parts = []
         if "min_size" in s:
             parts.append(f"{LABELS['min_size']} <b>{s['min_size']}</b>")
-            parts.append(f"{LABELS['min_extent']} <b>{s['min_extent']}</b>")
+            parts.append(f"{LABELS['min_extent']} <b>{s['min_extent']}</b>"
+                         + (f" ({html.escape(s['filters_why'])})" if s.get("filters_why") else ""))
         if "median_size" in s:
             parts.append(f"{LABELS['median_size']} <b>{s['median_size']}</b> (from the voxel size)")
         if "downsampling" in s:

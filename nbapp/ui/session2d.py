@@ -14,7 +14,8 @@ import numpy as np
 
 from nbapp.errors import NbappError
 from nbapp.intensity import intensity_range
-from nbapp.objects import plane_pixel_size, suggest_downsampling, suggest_filters, suggest_median
+from nbapp.objects import (plane_pixel_size, suggest_downsampling, suggest_filters,
+                           suggest_from_object, suggest_median)
 from nbapp.params import LABELS, PLANES
 from nbapp.ui.state import CompareResult, Result2D
 from nbapp.ui.threads import call_in_ui
@@ -297,11 +298,27 @@ class SliceActions:
 
         self.runner2d.submit("batch", lambda: seg.segment_batch(np.asarray(arr), sp), deliver)
 
-    def suggest_from_box(self, height: float, width: float) -> dict:
+    def suggest_from_box(self, height: float, width: float, centre: tuple | None = None) -> dict:
+        """Min Size / Min Box Extent from a box drawn around the smallest object to keep: the
+        object under the box's centre measured in the 3D result when there is one (xy plane),
+        else from the box alone (:func:`nbapp.objects.suggest_filters`)."""
         st = self.state
         sug = {k: v for k, v in st.suggestion.items()
                if k in ("median_size", "downsampling", "scale_why")}
-        sug.update(suggest_filters(height, width))
+        measured = None
+        lab = st.labels3d
+        if centre is not None and lab is not None and st.plane == "xy" and st.data is not None \
+                and lab.shape == st.data.shape and 0 <= st.index < lab.shape[0]:
+            r, c = int(round(centre[0])), int(round(centre[1]))
+            if 0 <= r < lab.shape[1] and 0 <= c < lab.shape[2] and lab[st.index, r, c] > 0:
+                measured = int(lab[st.index, r, c])
+        if measured is not None:
+            sug.update(suggest_from_object(lab, measured))
+            sug["filters_why"] = f"object {measured} of the 3D result, measured"
+        else:
+            sug.update(suggest_filters(height, width))
+            sug["filters_why"] = ("from the box alone (thickness unknown: a quarter of its "
+                                  "width); run the 3D job and draw again to measure the object")
         st.box = (float(abs(height)), float(abs(width)))
         st.suggestion = sug
         return sug

@@ -57,7 +57,7 @@ class Viewer2D:
     def _selected(self, eclick, erelease) -> None:
         x0, x1, y0, y1 = self.selector.extents
         if self.on_box is not None:
-            self.on_box(y1 - y0, x1 - x0)
+            self.on_box(y1 - y0, x1 - x0, centre=((y0 + y1) / 2, (x0 + x1) / 2))
 
     # -- proofreading tools (state.edit_mode)
     def _press(self, event) -> None:
