@@ -243,11 +243,11 @@ class Session(SliceActions, VolumeActions, TuneActions):
         self.set_volume(arr, base, meta.get("voxel_size"), meta)
 
     def load_demo(self, shape=None, n_mito=None) -> None:
-        from nbapp.samples import demo_volume
+        from nbapp.samples import DEMO_VOXEL_NM, demo_volume
 
         kw = {k: v for k, v in (("shape", shape), ("n_mito", n_mito)) if v is not None}
         img, truth = demo_volume(**kw)
-        self.set_volume(img, "demo volume", (5.0, 5.0, 5.0), {"format": "synthetic"})
+        self.set_volume(img, "demo volume", DEMO_VOXEL_NM, {"format": "synthetic"})
         self.state.truth = truth  # the demo's ground truth: live scores in both tabs
         self.score_2d()
 
