@@ -81,14 +81,9 @@ SOURCES = {"vnc": vnc, "cem": cem, "lucchi20": lucchi20}
 
 
 def score(model, images, labels, ds: int = 1) -> dict:
-    from nbapp.inference import SliceSegmenter
-    from nbapp.metrics import slice_metrics
-    from nbapp.params import SliceParams
+    from nbapp.fewshot import score_slices
 
-    seg = SliceSegmenter(model)
-    pred = [seg(im, SliceParams(downsampling=ds)) for im in images]
-    m = slice_metrics(pred, labels)
-    return {k: round(float(m[k]), 4) for k in ("f1", "precision", "recall", "fg_iou", "pq")}
+    return {k: round(v, 4) for k, v in score_slices(model, images, labels, ds).items()}
 
 
 def main(argv=None) -> int:

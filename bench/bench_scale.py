@@ -61,15 +61,12 @@ def main(argv=None) -> int:
     import torch
 
     from nbapp.errors import NbappError
-    from nbapp.inference import SliceSegmenter
-    from nbapp.metrics import slice_metrics
+    from nbapp.fewshot import score_slices
     from nbapp.models import load_model
     from nbapp.objects import suggest_downsampling
-    from nbapp.params import SliceParams
 
     torch.set_num_threads(args.threads)
     model = load_model("default", device="cpu")
-    seg = SliceSegmenter(model)
     out = {"machine": machine(), "model_pixel_nm": model.config.pixel_size_nm, "sources": {}}
     for name, nm, images, labels in sources():
         suggested = suggest_downsampling(nm, model.config.pixel_size_nm)
@@ -77,12 +74,11 @@ def main(argv=None) -> int:
                "precision": {}, "recall": {}}
         for ds in FACTORS:
             try:
-                pred = [seg(im, SliceParams(downsampling=ds)) for im in images]
+                m = score_slices(model, images, labels, ds)
             except NbappError as exc:  # too small at this factor
                 row["f1"][str(ds)] = None
                 print(f"{name} ds {ds}: {exc}")
                 continue
-            m = slice_metrics(pred, labels)
             for k in ("f1", "precision", "recall"):
                 row[k][str(ds)] = round(float(m[k]), 4)
         f1 = {k: v for k, v in row["f1"].items() if v is not None}

@@ -299,40 +299,32 @@ def _model(args, device):
     return load_model(args.model, device=device, root=args.data_root)
 
 
-def _table_classes(args) -> tuple[int, dict]:
-    """(label divisor, {class id: name}) for the object table: 3D ids are 1..N, of the
-    model's thing classes."""
-    from nbapp.models import load_model
+def _table_classes(args, cfg=None) -> tuple[int, dict]:
+    """(label divisor, {class id: name}) for the object table, from the model config ``cfg``
+    (loaded here when the caller has none): 3D ids are 1..N, of the model's thing classes."""
+    if cfg is None:
+        from nbapp.models import load_model
 
-    try:
-        cfg = load_model(args.model, device="cpu", warm_up=False, root=args.data_root,
-                         progress=False).config
-    except NbappError:
-        return 0, {}
+        try:
+            cfg = load_model(args.model, device="cpu", warm_up=False, root=args.data_root,
+                             progress=False).config
+        except NbappError:
+            return 0, {}
     if args.mode == "3d":
         return 0, {c: cfg.class_names.get(c, str(c)) for c in cfg.thing_list}
     return args.label_divisor, dict(cfg.class_names)
 
 
-def _per_class(labels, divisor: int, names: dict) -> str:
-    """" (mito 10, er 2)" for several classes, else ""."""
-    from nbapp.objects import class_counts
-
-    if len(names) < 2:
-        return ""
-    counts = class_counts(labels, divisor, names)
-    return " (" + ", ".join(f"{k or '?'} {v}" for k, v in counts.items()) + ")"
-
-
-def _write_table(args, labels) -> None:
-    """``--table``: one CSV row per object of the labels just written. A 2D image is one slice
-    (z0 = 0, z1 = 1); in batch mode each image's objects are its own (z is the image index)."""
+def _write_table(args, labels, cfg=None) -> None:
+    """``--table``: one CSV row per object of the labels just written (``cfg``: the model's
+    config, for the class column). A 2D image is one slice (z0 = 0, z1 = 1); in batch mode each
+    image's objects are its own (z is the image index)."""
     if args.table is None:
         return
     from nbapp.objects import object_table, write_table
 
     lab = np.asarray(labels)
-    divisor, names = _table_classes(args)
+    divisor, names = _table_classes(args, cfg)
     if lab.ndim == 2:
         rows = object_table(lab[None], divisor, names)
     elif args.mode == "batch":  # ids restart in every image
@@ -401,9 +393,12 @@ def _cmd_segment(args) -> int:
         labels = seg(image, params)
         n = int(np.count_nonzero(np.unique(labels)))
     write_labels(out, labels)
-    _write_table(args, labels)
+    cfg = seg.engine.model.config
+    _write_table(args, labels, cfg)
     t = seg.timings
-    per_class = _per_class(labels, params.label_divisor, dict(seg.engine.model.config.class_names))
+    from nbapp.objects import per_class_note
+
+    per_class = per_class_note(labels, params.label_divisor, dict(cfg.class_names))
     print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {n} objects{per_class} "
           f"(model load {t_load:.2f} s, network {t.get('network_s', 0):.2f} s, "
           f"post-processing {t.get('postprocess_s', 0):.2f} s)", file=sys.stderr)
@@ -447,7 +442,7 @@ def _segment_3d(args, sp: SliceParams, out: Path) -> int:
             write_labels(path, stacks[plane])
             written.append(path.name)
     write_labels(out, labels)
-    _write_table(args, labels)
+    _write_table(args, labels, getattr(model, "config", None))  # a loaded model's, or loaded
     n = int(labels.max())
     also = f", and the {'/'.join(stacks)} stack{'s' if len(stacks) > 1 else ''} " \
            f"({', '.join(written)})" if written else ""
@@ -669,8 +664,7 @@ def _slices(paths: list, root) -> list:
 
 
 def _cmd_finetune(args) -> int:
-    from nbapp.fewshot import FinetuneParams, finetune
-    from nbapp.metrics import slice_metrics
+    from nbapp.fewshot import FinetuneParams, finetune, score_slices
 
     if len(args.images) != len(args.labels):
         raise InputError(f"give one --labels file per --images file ({len(args.images)} images, "
@@ -693,15 +687,12 @@ def _cmd_finetune(args) -> int:
     print(f"nbapp finetune: {res.steps} steps in {res.seconds / 60:.1f} min ({res.stopped}); "
           f"wrote {res.config} (use --model {res.config})", file=sys.stderr)
     if args.test_images:
-        from nbapp.inference import SliceSegmenter
         from nbapp.models import load_model
 
         ti, tl = _slices(args.test_images, None), _slices(args.test_labels, None)
-        sp = SliceParams(downsampling=args.downsampling)
         for label, model in (("before", load_model(args.init, device=args.device)),
                              ("after", res.model)):
-            seg = SliceSegmenter(model)
-            m = slice_metrics([seg(im, sp) for im in ti], [np.asarray(la) for la in tl])
+            m = score_slices(model, ti, tl, args.downsampling)
             print(f"nbapp finetune: {label}: F1@0.5 {m['f1']:.3f} (precision "
                   f"{m['precision']:.3f}, recall {m['recall']:.3f}) on {len(ti)} test slice(s)",
                   file=sys.stderr)

@@ -34,6 +34,18 @@ HEADS_BYTES_PER_PIXEL = 20
 MIN_SIDE = 32
 
 
+def resize_for_model(x: torch.Tensor, downsampling) -> torch.Tensor:
+    """An (N, C, H, W) image as the model sees it at ``downsampling``: reduced to
+    ceil(H / downsampling) x ceil(W / downsampling) with anti-aliasing, or enlarged below 1
+    (bilinear). Fine-tuning resizes its slices with it too."""
+    if downsampling == 1:
+        return x
+    h, w = x.shape[-2:]
+    size = (math.ceil(h / downsampling), math.ceil(w / downsampling))
+    return F.interpolate(x, size=size, mode="bilinear", antialias=downsampling > 1,
+                         align_corners=False)
+
+
 class Engine:
     """Runs a loaded model on batches of 2D images.
 
@@ -77,6 +89,12 @@ class Engine:
         self.check_size(arr.shape[1:], downsampling)
         return arr
 
+    @property
+    def min_side(self) -> int:
+        """The smallest image side (after downsampling) the model is given: its padding factor,
+        at most :data:`MIN_SIDE` (smaller inputs are zero-padded up to the padding factor)."""
+        return min(self.model.config.padding_factor, MIN_SIDE)
+
     def check_size(self, shape: tuple, downsampling: int = 1, what: str = "image") -> None:
         """Raise :class:`InputError` if (H, W) images are too small for the model.
 
@@ -85,8 +103,7 @@ class Engine:
         if downsampling not in DOWNSAMPLING_FACTORS:
             raise ParameterError(f"downsampling must be one of {DOWNSAMPLING_FACTORS}, got {downsampling!r}")
         hd, wd = self.input_shape(shape, downsampling)
-        pf = self.model.config.padding_factor
-        limit = min(pf, MIN_SIDE)  # smaller inputs are zero-padded up to the padding factor
+        pf, limit = self.model.config.padding_factor, self.min_side
         if min(hd, wd) < limit:
             raise InputError(
                 f"{what} of {shape[0]}x{shape[1]} pixels is too small: after downsampling by "
@@ -117,7 +134,7 @@ class Engine:
         def hint(allowed: float) -> str:
             fits = [d for d in DOWNSAMPLING_FACTORS if d > downsampling
                     and self.memory_needed(shape, count, d) <= allowed
-                    and min(self.input_shape(shape, d)) >= self.model.config.padding_factor]
+                    and min(self.input_shape(shape, d)) >= self.min_side]
             return (f"use Image Downsampling {fits[0]} (needs "
                     f"{format_bytes(self.memory_needed(shape, count, fits[0]))})"
                     if fits else "use a smaller image or crop")
@@ -142,6 +159,8 @@ class Engine:
             of all the given images together (pass one range for all slices of a volume).
         """
         arr = self.check_image(images, downsampling)
+        # enlarged (downsampling < 1): the coarse grid is already finer than the image
+        fine = fine_boundaries and downsampling >= 1
         self.check_memory(arr.shape[1:], arr.shape[0], downsampling,
                           "image" if arr.shape[0] == 1 else f"{arr.shape[0]} images")
         if intensity is None:
@@ -152,18 +171,16 @@ class Engine:
         for start in range(0, arr.shape[0], self.batch_size):
             t0 = time.perf_counter()
             batch = self._forward(arr[start : start + self.batch_size], lo, hi, downsampling,
-                                  fine_boundaries)
+                                  fine)
             per_image = (time.perf_counter() - t0) / len(batch)
             for sem, ctr, off in batch:
                 meta = {"intensity": note, "intensity_range": (lo, hi), "network_s": per_image,
                         "model": self.model.config.name, "device": str(self.device)}
-                out.append(Heads(sem, ctr, off, downsampling,
-                                 1 if fine_boundaries and downsampling >= 1 else 4, meta))
+                out.append(Heads(sem, ctr, off, downsampling, 1 if fine else 4, meta))
         return out
 
     def _forward(self, batch: np.ndarray, lo: float, hi: float, ds, fine: bool) -> list:
         cfg = self.model.config
-        fine = fine and ds >= 1  # enlarged: the coarse grid is already finer than the image
         n, hgt, wid = batch.shape
         hd, wd = self.input_shape((hgt, wid), ds)
         multiple = math.lcm(cfg.padding_factor, 4)
@@ -174,9 +191,7 @@ class Engine:
             x = torch.from_numpy(to_unit(batch, lo, hi))[:, None]
             x = x.to(dev) if dev.type != "mps" or ds == 1 else x
             if ds != 1:
-                x = F.interpolate(x, size=(hd, wd), mode="bilinear", antialias=ds > 1,
-                                  align_corners=False)
-                x = x.to(dev)
+                x = resize_for_model(x, ds).to(dev)
             x = (x - mean) / std
             x = F.pad(x, (0, wp - wd, 0, hp - hd))
             res = self.model(x, render_steps=2 + max(0, int(math.log2(ds))), interpolate_ins=fine)

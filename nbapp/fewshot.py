@@ -25,7 +25,7 @@ import numpy as np
 
 from nbapp.errors import InputError, ParameterError
 
-__all__ = ["FinetuneParams", "FinetuneResult", "finetune", "corrected_weights"]
+__all__ = ["FinetuneParams", "FinetuneResult", "finetune", "corrected_weights", "score_slices"]
 
 
 @dataclass(frozen=True)
@@ -159,45 +159,30 @@ def _as_slices(images, labels, weights) -> list[tuple]:
     return out
 
 
-def _prepare(items: list[tuple], ds: int) -> list[tuple]:
-    """Unit-range images (the engine's intensity mapping) and labels at 1/ds scale."""
+def _prepare(items: list[tuple], ds) -> list[tuple]:
+    """Unit-range images at the scale the engine shows them to the model (its intensity
+    mapping and :func:`nbapp.engine.resize_for_model`), with labels and weights to match."""
     import torch
-    import torch.nn.functional as F
 
+    from nbapp.engine import resize_for_model
     from nbapp.intensity import intensity_range, to_unit
+
+    def match(a):  # labels / weights: nearest neighbour to the model's grid
+        if a is None or ds == 1:
+            return a
+        if ds > 1:
+            return a[::ds, ::ds]
+        k = int(round(1 / ds))
+        return np.repeat(np.repeat(a, k, 0), k, 1)
 
     out = []
     for im, la, w in items:
         lo, hi, _ = intensity_range(im)
-        unit = to_unit(im, lo, hi)
-        if ds > 1:
-            h, wd = -(-im.shape[0] // ds), -(-im.shape[1] // ds)
-            unit = F.interpolate(torch.from_numpy(unit)[None, None], size=(h, wd),
-                                 mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
-            la = la[::ds, ::ds]
-            w = None if w is None else w[::ds, ::ds]
-        elif ds < 1:  # enlarged: as the engine shows the image to the model
-            k = int(round(1 / ds))
-            unit = F.interpolate(torch.from_numpy(unit)[None, None], scale_factor=float(k),
-                                 mode="bilinear", align_corners=False)[0, 0].numpy()
-            la = np.repeat(np.repeat(la, k, 0), k, 1)
-            w = None if w is None else np.repeat(np.repeat(w, k, 0), k, 1)
-        out.append((np.ascontiguousarray(unit, np.float32), la,
+        unit = resize_for_model(torch.from_numpy(to_unit(im, lo, hi))[None, None], ds)[0, 0]
+        w = match(w)
+        out.append((np.ascontiguousarray(unit.numpy(), np.float32), match(la),
                     None if w is None else np.ascontiguousarray(w, np.float32)))
     return out
-
-
-def _pixel_size_of(init) -> float | None:
-    """The pixel size the starting model records (its YAML's ``pixel_size_nm``), or None."""
-    from nbapp.models import default_config_path, read_config
-
-    path = default_config_path() if str(init) == "default" else Path(str(init))
-    if path.suffix.lower() not in (".yaml", ".yml"):
-        path = path.with_suffix(".yaml")
-    try:
-        return read_config(path).pixel_size_nm if path.is_file() else None
-    except Exception:  # noqa: BLE001 - a missing or odd config only loses the record
-        return None
 
 
 def finetune(images, labels, init="default", minutes: float | None = None,
@@ -260,7 +245,6 @@ def finetune(images, labels, init="default", minutes: float | None = None,
                              "architecture only (start from 'default', or a model fine-tuned "
                              "from it); fine-tune MitoNet models in empanada-napari")
     start = _load_init(str(init))
-    start_pixel = _pixel_size_of(init)
     arch = start["arch"]
     model = build_model(**arch).to(dev)
     model.load_state_dict(start["state_dict"])
@@ -323,9 +307,22 @@ def finetune(images, labels, init="default", minutes: float | None = None,
             f"({n_obj} objects) at downsampling {p.downsampling}, {step} steps in "
             f"{(time.monotonic() - t0) / 60:.1f} min ({stopped}).")
     cfg = config_dict(norms, desc, model_file=pt.name)
-    works_at = pixel_size_nm * p.downsampling if pixel_size_nm else start_pixel
+    works_at = pixel_size_nm * p.downsampling if pixel_size_nm else start["pixel_size_nm"]
     if works_at:
         cfg["pixel_size_nm"] = round(float(works_at), 3)
     _write_yaml(cfg, yml)
     tuned = load_model(str(yml), device=dev)
     return FinetuneResult(tuned, yml, step, time.monotonic() - t0, losses, stopped)
+
+
+def score_slices(model, images, labels, downsampling=1) -> dict:
+    """F1@0.5, precision, recall, FG IoU and PQ of ``model`` on labelled 2D slices (default
+    post-processing, counts pooled over the slices): the before / after of fine-tuning."""
+    from nbapp.inference import SliceSegmenter
+    from nbapp.metrics import slice_metrics
+    from nbapp.params import SliceParams
+
+    seg = SliceSegmenter(model)
+    params = SliceParams(downsampling=downsampling)
+    m = slice_metrics([seg(im, params) for im in images], [np.asarray(la) for la in labels])
+    return {k: float(m[k]) for k in ("f1", "precision", "recall", "fg_iou", "pq")}

@@ -18,7 +18,7 @@ from nbapp.io import write_small
 
 __all__ = ["object_table", "write_table", "TABLE_COLUMNS", "suggest_filters", "suggest_median",
            "class_name", "class_counts", "suggest_downsampling", "plane_pixel_size",
-           "suggest_from_object"]
+           "suggest_from_object", "per_class_note"]
 
 #: The columns of :func:`write_table` (start inclusive, stop exclusive; (Z, Y, X) order).
 TABLE_COLUMNS = ("id", "class", "voxels", "z0", "y0", "x0", "z1", "y1", "x1", "centroid_z",
@@ -149,6 +149,18 @@ def suggest_median(voxel_size) -> int | None:
     if z >= 5:
         return 7
     return 9
+
+
+def per_class_note(labels: np.ndarray, label_divisor: int, class_names: dict) -> str:
+    """" (mito 10, er 2)": objects per class, for a model with several classes; "" else.
+
+    >>> per_class_note(np.array([[1001, 2001]]), 1000, {1: "mito", 2: "er"})
+    ' (mito 1, er 1)'
+    """
+    if len(class_names or {}) < 2:
+        return ""
+    counts = class_counts(labels, label_divisor, class_names)
+    return " (" + ", ".join(f"{k or '?'} {v}" for k, v in counts.items()) + ")"
 
 
 def object_table(labels: np.ndarray, label_divisor: int = 0,

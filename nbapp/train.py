@@ -647,8 +647,9 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _load_init(spec: str) -> dict:
-    """What ``--init`` starts from: ``arch``, ``state_dict``, ``norms`` and whether batch norm
-    needs ``recalibrate`` (exports have it folded away; checkpoints keep it)."""
+    """What ``--init`` starts from: ``arch``, ``state_dict``, ``norms``, whether batch norm
+    needs ``recalibrate`` (exports have it folded away; checkpoints keep it) and the
+    ``pixel_size_nm`` its config records (None for checkpoints)."""
     path = Path(spec)
     export = spec == "default" or path.suffix.lower() in (".yaml", ".yml")
     if not export:
@@ -659,7 +660,7 @@ def _load_init(spec: str) -> dict:
     if not export:
         ck = torch.load(path, map_location="cpu", weights_only=True)
         return {"arch": ck["arch"], "state_dict": ck["state_dict"], "norms": ck["norms"],
-                "recalibrate": False}
+                "recalibrate": False, "pixel_size_nm": None}
     from nbapp.models import load_model
 
     loaded = load_model(spec, device="cpu", warm_up=False)
@@ -671,7 +672,7 @@ def _load_init(spec: str) -> dict:
     # trained without the export-only smoothing and gating (re-added at export)
     return {"arch": {**arch, "ctr_smooth": 0.0, "ctr_gate": False, "sem_smooth": 0.0},
             "state_dict": model.state_dict(), "norms": {"mean": float(mean), "std": float(std)},
-            "recalibrate": True}
+            "recalibrate": True, "pixel_size_nm": loaded.config.pixel_size_nm}
 
 
 def _score(m: dict) -> float:

@@ -145,12 +145,16 @@ def test_cancel_stops_the_download_and_keeps_what_arrived(server, cache):
 
 def test_wrong_hash_is_refused_and_nothing_is_kept(server, cache, monkeypatch):
     entry = zoo.find("MitoNet_v1")
-    bad = dataclasses.replace(entry, sha256="0" * 64)
+
+    def with_hash(h):
+        return dataclasses.replace(entry, config=dataclasses.replace(entry.config, sha256=h))
+
+    bad = with_hash("0" * 64)
     with pytest.raises(ModelError, match="SHA-256.*expected 0000"):
         zoo.fetch_model(bad, progress=False, retries=0)
     assert not zoo.model_path("MitoNet_v1").exists()
     good = hashlib.sha256(server.files["/MitoNet_v1.pth"]).hexdigest()
-    assert zoo.fetch_model(dataclasses.replace(entry, sha256=good), progress=False).is_file()
+    assert zoo.fetch_model(with_hash(good), progress=False).is_file()
     with pytest.raises(ModelError, match="delete"):  # the cached file does not match
         zoo.fetch_model(bad, progress=False, retries=0)
 

@@ -20,13 +20,8 @@ import yaml
 from nbapp.errors import ModelError
 
 __all__ = ["ModelConfig", "read_config", "cache_dir", "fetch", "trusted_url", "confine_config",
-           "confine_model_path", "TRUSTED_URL_PREFIXES", "MIRROR_ENV"]
+           "confine_model_path", "trusted_prefixes", "MIRROR_ENV"]
 
-#: Where models may be downloaded from when loading is confined to a data root (the app): the
-#: empanada model registry's records (MitoNet_v1 and _mini, NucleoNet_base_v2, DropNet_base_v1).
-TRUSTED_URL_PREFIXES = ("https://zenodo.org/record/6861565/files/",
-                        "https://zenodo.org/records/18142651/files/",
-                        "https://zenodo.org/records/15298854/files/")
 #: Environment variable naming a facility's own copy of the models (also trusted).
 MIRROR_ENV = "NBAPP_MODEL_MIRROR"
 
@@ -185,21 +180,30 @@ def _resolve(model: str, base: Path) -> str:
 
 def trusted_url(url: str) -> bool:
     """True for a URL a confined page may make the server download: one under
-    :data:`TRUSTED_URL_PREFIXES` or under the mirror named by ``$NBAPP_MODEL_MIRROR``.
+    :func:`trusted_prefixes` (the zoo's download folders and the mirror).
 
     >>> trusted_url("https://zenodo.org/record/6861565/files/MitoNet_v1.pth?download=1")
     True
     >>> trusted_url("http://127.0.0.1:8000/x.pth"), trusted_url("file:///etc/passwd")
     (False, False)
     """
-    prefixes = list(TRUSTED_URL_PREFIXES)
-    mirror = os.environ.get(MIRROR_ENV, "").strip()
-    if mirror:
-        prefixes.append(mirror.rstrip("/") + "/")
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https") or ".." in parsed.path.split("/"):
         return False
-    return any(url.startswith(p) for p in prefixes)
+    return any(url.startswith(p) for p in trusted_prefixes())
+
+
+def trusted_prefixes() -> list[str]:
+    """Where models may be downloaded from when loading is confined to a data root (the app):
+    the folders of the zoo's download URLs (``zoo.yaml``: the empanada registry's records) and
+    the mirror named by ``$NBAPP_MODEL_MIRROR``."""
+    from nbapp.models import zoo
+
+    prefixes = sorted({m.url.rsplit("/", 1)[0] + "/" for m in zoo.zoo().values() if m.url})
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    if mirror:
+        prefixes.append(mirror.rstrip("/") + "/")
+    return prefixes
 
 
 def confine_model_path(path, root, what: str) -> Path:
@@ -256,9 +260,9 @@ def fetch(location: str, sha256: str | None = None, progress=True, cancel=None) 
     if not p.is_file():
         raise ModelError(f"model file {p} does not exist")
     if sha256:
-        from nbapp.models.download import _sha256
+        from nbapp.models.download import file_sha256
 
-        digest = _sha256(p)
+        digest = file_sha256(p)
         if digest != sha256.lower():
             raise ModelError(f"model file {p} has SHA-256 {digest}, the config expects {sha256}")
     return p

@@ -19,7 +19,7 @@ import urllib3
 
 from nbapp.errors import ModelError
 
-__all__ = ["download", "DownloadCancelled", "Progress"]
+__all__ = ["download", "DownloadCancelled", "Progress", "file_sha256"]
 
 #: ``progress(done_bytes, total_bytes_or_None)``: called as bytes arrive.
 Progress = Callable[[int, "int | None"], None]
@@ -170,7 +170,7 @@ def download(url: str, target: str | os.PathLike, sha256: str | None = None,
     except ValueError as exc:  # pooch: hash mismatch, or an existing file with the wrong hash
         text = str(exc)
         if "hash" in text.lower() or "update" in text.lower():
-            got = _sha256(target) if target.is_file() else None
+            got = file_sha256(target) if target.is_file() else None
             where = (f"the file at {target} has SHA-256 {got}" if got
                      else f"the downloaded file's SHA-256 differs ({text.splitlines()[0]})")
             raise ModelError(f"{target.name}: {where}, expected {sha256}; the download is corrupt "
@@ -179,7 +179,8 @@ def download(url: str, target: str | os.PathLike, sha256: str | None = None,
         raise
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 (hex) of a file, read in 1 MiB blocks."""
     import hashlib
 
     h = hashlib.sha256()

@@ -34,16 +34,26 @@ class ZooModel:
     name: str
     base: str
     quantized: bool
-    url: str | None
-    sha256: str | None
     size_mb: float | None
-    config: ModelConfig
-    pixel_size_nm: float | None
+    config: ModelConfig  # its url (``model``), sha256 and pixel_size_nm
     pixel_size_note: str
     architecture: str
     licence: str
     citation: str
     bundled: bool = False
+
+    @property
+    def url(self) -> str | None:
+        """Where the file is published (None for the bundled model)."""
+        return None if self.bundled else self.config.model
+
+    @property
+    def sha256(self) -> str | None:
+        return self.config.sha256
+
+    @property
+    def pixel_size_nm(self) -> float | None:
+        return self.config.pixel_size_nm
 
     @property
     def file_name(self) -> str:
@@ -85,10 +95,11 @@ def _entry(name: str, raw: dict, quantized: bool) -> ZooModel:
         from nbapp.models.config import read_config
         from nbapp.models.loader import default_config_path
 
-        cfg = read_config(default_config_path())
-        return ZooModel(name, name, False, None, None, None, cfg, raw.get("pixel_size_nm"),
-                        raw.get("pixel_size_note", ""), raw.get("architecture", ""),
-                        raw.get("licence", ""), raw.get("citation", ""), bundled=True)
+        cfg = read_config(default_config_path())  # its pixel_size_nm included
+        return ZooModel(name, name, False, None, cfg,
+                        " ".join(str(raw.get("pixel_size_note", "")).split()),
+                        raw.get("architecture", ""), raw.get("licence", ""),
+                        " ".join(str(raw.get("citation", "")).split()), bundled=True)
     url = raw["quantized_url"] if quantized else raw["url"]
     full = name + QUANTIZED if quantized else name
     cfg = ModelConfig(
@@ -103,8 +114,8 @@ def _entry(name: str, raw: dict, quantized: bool) -> ZooModel:
         sha256=raw.get("quantized_sha256" if quantized else "sha256"),
         pixel_size_nm=raw.get("pixel_size_nm"),
     )
-    return ZooModel(full, name, quantized, url, cfg.sha256, raw.get("size_mb"), cfg,
-                    raw.get("pixel_size_nm"), " ".join(str(raw.get("pixel_size_note", "")).split()),
+    return ZooModel(full, name, quantized, raw.get("size_mb"), cfg,
+                    " ".join(str(raw.get("pixel_size_note", "")).split()),
                     raw.get("architecture", ""), raw.get("licence", ""),
                     " ".join(str(raw.get("citation", "")).split()))
 

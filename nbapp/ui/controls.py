@@ -557,8 +557,8 @@ class ProofreadPanel:
         running = snap.state.value == "running"
         self.tune.disabled = running
         self.cancel.disabled = not running
-        losses = (snap.detail or {}).get("loss") if isinstance(snap.detail, dict) else None
-        minutes = (snap.detail or {}).get("minutes", 0.0) if isinstance(snap.detail, dict) else 0.0
+        detail = snap.detail if isinstance(snap.detail, dict) else {}
+        losses, minutes = detail.get("loss"), detail.get("minutes", 0.0)
         if running:
             limit = float(self.minutes.value)
             self.bar.value = min(1.0, minutes / limit) if limit else 0.0

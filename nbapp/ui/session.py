@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nbapp.confine import confine
-from nbapp.objects import suggest_median, write_table
+from nbapp.objects import write_table
 from nbapp.errors import InputError, NbappError
 from nbapp.intensity import intensity_range
 from nbapp.jobs import JobMarker, JobRunner, JobState
@@ -190,12 +190,7 @@ class Session(SliceActions, VolumeActions, TuneActions):
             st.index = arr.shape[0] // 2 if kind != "image" else 0
             st.result_slice = arr.shape[0] // 2 if arr.ndim == 3 else 0
             st.slice_params = st.slice_params.replace(batch_mode=kind == "stack")
-            med = suggest_median(ds.voxel_size)
-            sug = {k: v for k, v in st.suggestion.items() if k != "median_size"}
-            if med is not None:
-                sug["median_size"] = med
-            st.suggestion = sug
-        self.suggest_scale()
+        self.suggest_from_voxel_size()
 
     def load_path(self, path: str) -> None:
         """Read a file typed in the path box (restricted to the data root in Voila mode)."""

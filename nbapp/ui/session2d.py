@@ -14,6 +14,7 @@ import numpy as np
 
 from nbapp.errors import NbappError
 from nbapp.intensity import intensity_range
+from nbapp.metrics import headline_scores
 from nbapp.objects import (plane_pixel_size, suggest_downsampling, suggest_filters,
                            suggest_from_object, suggest_median)
 from nbapp.params import LABELS, PLANES
@@ -93,6 +94,16 @@ class SliceActions:
                                 f"matches the model's {model_nm:g} nm")
         st.suggestion = sug
 
+    def suggest_from_voxel_size(self) -> None:
+        """The Median Filter Size and Image Downsampling suggested by the data's voxel size."""
+        st = self.state
+        med = suggest_median(st.data.voxel_size) if st.data is not None else None
+        sug = {k: v for k, v in st.suggestion.items() if k != "median_size"}
+        if med is not None:
+            sug["median_size"] = med
+        st.suggestion = sug
+        self.suggest_scale()
+
     def set_voxel_size(self, text: str) -> bool:
         """The data's pixel / voxel size typed by the user: "5" (nm, in-plane; Z the same) or
         "Z, Y, X" in nm. Updates the downsampling and median filter suggestions."""
@@ -112,12 +123,7 @@ class SliceActions:
             return False
         vs = tuple(parts * 3 if len(parts) == 1 else parts)
         st.data = dataclasses.replace(st.data, voxel_size=vs)
-        med = suggest_median(vs)
-        sug = dict(st.suggestion)
-        if med is not None:
-            sug["median_size"] = med
-        st.suggestion = sug
-        self.suggest_scale()
+        self.suggest_from_voxel_size()
         st.say(f"voxel size set to {' x '.join(f'{v:g}' for v in vs)} nm", "ok")
         return True
 
@@ -190,7 +196,7 @@ class SliceActions:
         st = self.state
         r = st.result2d
         gt = self.truth_slice(r.plane, r.index) if r is not None else None
-        st.score2d = _scores(r.labels, gt) if gt is not None else {}
+        st.score2d = headline_scores(r.labels, gt) if gt is not None else {}
 
     def sweep(self, param: str) -> None:
         """Score the visible slice against the ground truth at a range of ``param`` values
@@ -216,7 +222,7 @@ class SliceActions:
                     res = self._compute_2d(seg, data, kind, plane, index, sp.replace(**{param: v}))
                 except NbappError:
                     continue
-                rows.append((v, _scores(res.labels, gt)))
+                rows.append((v, headline_scores(res.labels, gt)))
             return rows
 
         def deliver(rows, error):
@@ -350,11 +356,3 @@ class SliceActions:
             st.slice_params = sp
         st.say(f"applied: Image Downsampling {sp.downsampling}, Min Size {cp.min_size}, "
                f"Min Box Extent {cp.min_extent}, Median Filter Size {vp.median_size}", "ok")
-
-
-def _scores(labels, truth) -> dict:
-    """F1@0.5, PQ and FG IoU of ``labels`` against ``truth``."""
-    from nbapp.metrics import instance_metrics
-
-    m = instance_metrics(np.asarray(labels), np.asarray(truth))
-    return {"f1": float(m["f1"]), "pq": float(m["pq"]), "fg_iou": float(m["fg_iou"])}

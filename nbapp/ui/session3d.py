@@ -33,10 +33,9 @@ class VolumeActions:
         truth = self.state.truth
         if truth is None or np.shape(labels) != truth.shape:
             return {}
-        from nbapp.metrics import instance_metrics
+        from nbapp.metrics import headline_scores
 
-        m = instance_metrics(np.asarray(labels), truth)
-        return {"f1": float(m["f1"]), "pq": float(m["pq"]), "fg_iou": float(m["fg_iou"])}
+        return headline_scores(labels, truth)
 
     def _class_names(self) -> dict:
         """Names of the model's thing classes (3D objects are numbered 1..N: with one thing

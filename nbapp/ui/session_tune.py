@@ -156,7 +156,7 @@ class TuneActions:
     def start_finetune(self, minutes: float = 3.0) -> bool:
         """Fine-tune the current model on the stored slices in the background; the tuned model
         becomes the active one when it ends (False if it could not start)."""
-        from nbapp.fewshot import FinetuneParams, corrected_weights, finetune
+        from nbapp.fewshot import FinetuneParams, corrected_weights, finetune, score_slices
         from nbapp.jobs import JobBusyError, callback_steps
 
         st = self.state
@@ -191,7 +191,8 @@ class TuneActions:
                            out=ts.folder / "models", name=name,
                            progress=lambda step, total, detail: report(step, total, detail),
                            cancel=cancel, device=str(before_model.device), pixel_size_nm=pixel)
-            return res, _scores(before_model, res.model, images, labels, ds)
+            return res, tuple(score_slices(m, images, labels, ds)
+                              for m in (before_model, res.model))
 
         def job():
             return (yield from callback_steps(run, "fine-tune"))
@@ -239,18 +240,3 @@ class TuneActions:
             st.say("fine-tuning cancelled; the model is unchanged", "warning")
         elif snap.state == JobState.FAILED:
             st.say(f"fine-tuning failed: {snap.error}", "error")
-
-
-def _scores(before, after, images, labels, ds: int) -> tuple[dict, dict]:
-    """F1@0.5 (and precision, recall) of two models on the stored slices."""
-    from nbapp.inference import SliceSegmenter
-    from nbapp.metrics import slice_metrics
-    from nbapp.params import SliceParams
-
-    out = []
-    for model in (before, after):
-        seg = SliceSegmenter(model)
-        pred = [seg(im, SliceParams(downsampling=ds)) for im in images]
-        m = slice_metrics(pred, [np.asarray(la) for la in labels])
-        out.append({k: float(m[k]) for k in ("f1", "precision", "recall")})
-    return out[0], out[1]

@@ -13,7 +13,7 @@ import ipywidgets as W
 from matplotlib.colors import hsv_to_rgb
 from matplotlib.widgets import RectangleSelector
 
-from nbapp.objects import class_counts
+from nbapp.objects import per_class_note
 from nbapp.ui.figures import (NEAREST, figure_widget, image_clim, label_cmap, label_display,
                               setup_image_axes, show_image)
 from nbapp.ui.state import AppState
@@ -115,12 +115,11 @@ class Viewer2D:
         return txt + (" &middot; <i>updating ...</i>" if busy else "")
 
     def _per_class(self, labels) -> str:
-        """" (mito 10, er 2)" for a model with several classes, else ""."""
         cfg = getattr(self.state.model, "config", None)
-        if cfg is None or len(cfg.class_names) < 2:
+        if cfg is None:
             return ""
-        counts = class_counts(labels, self.state.slice_params.label_divisor, cfg.class_names)
-        return " (" + ", ".join(f"{html.escape(k or '?')} {v}" for k, v in counts.items()) + ")"
+        return html.escape(per_class_note(labels, self.state.slice_params.label_divisor,
+                                          cfg.class_names))
 
     def _result(self, change=None) -> None:
         r = self.state.result2d
