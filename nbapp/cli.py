@@ -91,7 +91,32 @@ def _add_3d_options(p: argparse.ArgumentParser) -> None:
                    help="devices for the job, e.g. cpu or cuda:0,cuda:1 (default: all GPUs, else cpu)")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run on a Dask cluster (needs nbapp[dask]), e.g. tcp://10.0.0.1:8786")
+    b = p.add_argument_group(
+        "volumes larger than memory (blockwise 3D: OME-Zarr output; chosen by itself when the "
+        "in-memory job would not fit)")
+    b.add_argument("--blockwise", action="store_true",
+                   help="run block by block even if the volume would fit in memory; "
+                        "re-running the same command resumes an interrupted run")
+    b.add_argument("--block-size", type=_block_size, default=None, metavar="N|Z,Y,X",
+                   help="largest block core side in voxels (implies --blockwise; default: "
+                        "from a 1.2 GB budget per block job, 304 for ortho-plane)")
+    b.add_argument("--halo", type=int, default=None, metavar="N",
+                   help="context in voxels read around each block (default 16)")
+    b.add_argument("--workers", choices=("threads", "processes"), default="threads",
+                   help="with several --devices: one worker process per device running whole "
+                        "blocks (processes), or all devices on one block at a time (threads)")
     _add_consensus_options(p)
+
+
+def _block_size(text: str):
+    """``--block-size``: one side or three (``Z,Y,X``)."""
+    try:
+        sides = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a block size: give N or Z,Y,X") from None
+    if len(sides) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one side or three (Z,Y,X)")
+    return sides[0] if len(sides) == 1 else sides
 
 
 def _add_data_root(p: argparse.ArgumentParser) -> None:
@@ -414,11 +439,13 @@ def _segment_3d(args, sp: SliceParams, out: Path) -> int:
     if args.return_stacks:
         for p in stack_paths(out).values():
             _check_output(p, source_file(args.input))
-    client = _dask_client(args.scheduler) if args.scheduler else None
     volume, meta = read_image(args.input, lazy=True, root=args.data_root)
     if len(volume.shape) != 3:
         raise InputError(f"--mode 3d needs a volume (Z, Y, X); {args.input} has shape "
                          f"{tuple(volume.shape)}")
+    if _blockwise(args, params, volume, out):
+        return _segment_blockwise(args, params, out, meta)
+    client = _dask_client(args.scheduler) if args.scheduler else None
     from nbapp.run3d import segment_volume
 
     progress, close_bars = _progress_bars()
@@ -448,6 +475,80 @@ def _segment_3d(args, sp: SliceParams, out: Path) -> int:
            f"({', '.join(written)})" if written else ""
     print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {n} objects in "
           f"{time.perf_counter() - t0:.1f} s{also}", file=sys.stderr)
+    return 0
+
+
+def _blockwise(args, params: VolumeParams, volume, out: Path) -> bool:
+    """Whether this 3D job runs block by block: asked for, or too large for memory."""
+    asked = args.blockwise or args.block_size is not None or args.halo is not None
+    if asked:
+        return True
+    from nbapp.blockwise import needs_blockwise
+
+    if not needs_blockwise(tuple(volume.shape), params):
+        return False
+    if out.suffix.lower() != ".zarr":
+        from nbapp.memory import available_bytes, format_bytes
+        from nbapp.volume import job_memory
+
+        raise InputError(
+            f"the in-memory 3D job on this {'x'.join(map(str, volume.shape))} volume needs "
+            f"{format_bytes(job_memory(tuple(volume.shape), params))} and "
+            f"{format_bytes(available_bytes())} is left: write to a .zarr output, which runs it "
+            "block by block in bounded memory")
+    print("nbapp: the volume is too large for one in-memory job: running it block by block",
+          file=sys.stderr)
+    return True
+
+
+def _segment_blockwise(args, params: VolumeParams, out: Path, meta: dict) -> int:
+    from nbapp.blockwise import BlockParams
+    from nbapp.run3d import segment_blockwise
+
+    if out.suffix.lower() != ".zarr":
+        raise InputError(f"a blockwise run writes OME-Zarr: give an output ending in .zarr, "
+                         f"not {str(out)!r}")
+    blocks = BlockParams(block_size=args.block_size,
+                         halo=16 if args.halo is None else args.halo)
+    client = _dask_client(args.scheduler) if args.scheduler else None
+    t0 = time.perf_counter()
+    bar = None
+    try:
+        from tqdm.auto import tqdm
+
+        def progress(p) -> None:
+            nonlocal bar
+            if p.stage != "network":
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                return
+            if bar is None:
+                bar = tqdm(total=p.total, desc="blocks", unit="block", file=sys.stderr,
+                           initial=p.done)
+            bar.update(p.done - bar.n)
+
+        model = _model(args, None)  # with --data-root: loaded (and checked) here
+        result = segment_blockwise(args.input, out, model, params, blocks,
+                                   devices=args.devices or args.device, client=client,
+                                   workers=args.workers, progress=progress,
+                                   batch_size=args.batch_size, root=args.data_root,
+                                   voxel_size=meta.get("voxel_size"))
+    finally:
+        if bar is not None:
+            bar.close()
+        if client is not None:
+            client.close()
+    if args.table is not None:  # the joined objects' table: the labels are not read again
+        from nbapp.objects import class_name, write_table
+
+        divisor, names = _table_classes(args, getattr(model, "config", None))
+        write_table(args.table, [{**r, "class": class_name(r["id"], divisor, names)}
+                                 for r in result.table])
+    resumed = f", {result.skipped} of them from an earlier run" if result.skipped else ""
+    print(f"nbapp: wrote {out} {result.shape} int32 (OME-Zarr), {result.objects} objects in "
+          f"{time.perf_counter() - t0:.1f} s ({result.blocks} blocks of up to "
+          f"{'x'.join(map(str, result.block_size))}{resumed})", file=sys.stderr)
     return 0
 
 

@@ -147,7 +147,7 @@ def read_image(path: str | os.PathLike, lazy: bool = False, root: str | os.PathL
             elif ext in (".mrc", ".map", ".rec"):
                 arr = _read_mrc(file, lazy, meta, limit)
             elif ext in (".h5", ".hdf5"):
-                arr = _read_h5(file, dataset, meta, limit, root)
+                arr = _read_h5(file, dataset, lazy, meta, limit, root)
             else:
                 arr = _read_picture(file, meta, limit)
     except NbappError:
@@ -260,8 +260,10 @@ def _read_tiff(file: str, lazy: bool, meta: dict, limit: _Limit, root) -> np.nda
         if lazy:
             try:
                 return tifffile.memmap(file, mode="r")
-            except ValueError:
-                pass
+            except ValueError:  # compressed or tiled: read through a zarr view of the pages
+                import zarr
+
+                return zarr.open(tifffile.imread(file, aszarr=True), mode="r")
         series = tif.series[0]
         limit(series.shape, series.dtype)
         return tif.asarray()
@@ -349,13 +351,43 @@ def _read_zarr(file: str, node: str | None, lazy: bool, meta: dict, limit: _Limi
                     f"path, e.g. {where}/{names[0] if names else 'name'}")
             arr = root[names[0]]
     if lazy:
-        return arr
+        return LeadingSqueezed.of(arr) if meta["format"] == "ome-zarr" else arr
     limit(arr.shape, arr.dtype)
     data = np.asarray(arr[...])
     if meta["format"] == "ome-zarr":  # (t, c, z, y, x) files with one time point and channel
         while data.ndim > 3 and data.shape[0] == 1:
             data = data[0]
     return data
+
+
+class LeadingSqueezed:
+    """A lazy array without its leading axes of length 1 (an OME-Zarr's time and channel):
+    indexing reads only what is asked for."""
+
+    def __init__(self, arr, drop: int):
+        self.arr, self.drop = arr, drop
+        self.shape = tuple(arr.shape[drop:])
+        self.dtype = arr.dtype
+        self.ndim = len(self.shape)
+        self.chunks = tuple(getattr(arr, "chunks", ())[drop:]) or None
+
+    @classmethod
+    def of(cls, arr):
+        drop = 0
+        while len(arr.shape) - drop > 3 and arr.shape[drop] == 1:
+            drop += 1
+        return cls(arr, drop) if drop else arr
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        return self.arr[(0,) * self.drop + index]
+
+    def __array__(self, dtype=None, copy=None):
+        data = np.asarray(self[...])
+        return data if dtype is None else data.astype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
 
 
 def _read_mrc(file: str, lazy: bool, meta: dict, limit: _Limit) -> np.ndarray:
@@ -385,12 +417,13 @@ def _read_mrc(file: str, lazy: bool, meta: dict, limit: _Limit) -> np.ndarray:
             mrc.close()
 
 
-def _read_h5(file: str, dataset: str | None, meta: dict, limit: _Limit, root) -> np.ndarray:
+def _read_h5(file: str, dataset: str | None, lazy: bool, meta: dict, limit: _Limit, root):
     try:
         import h5py
     except ImportError:
         raise InputError("reading HDF5 files needs h5py: pip install 'nbapp[io]'") from None
-    with h5py.File(file, "r") as f:
+    f = h5py.File(file, "r")
+    try:
         names: list[str] = []
         # visititems follows hard links only: external links (to other files) are not listed
         f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
@@ -418,8 +451,14 @@ def _read_h5(file: str, dataset: str | None, meta: dict, limit: _Limit, root) ->
                                  "data root; store the data in the file")
         if "element_size_um" in ds.attrs:
             meta["voxel_size"] = tuple(1000.0 * float(v) for v in ds.attrs["element_size_um"])
+        if lazy:  # the dataset keeps its file open; slices are read from disk when indexed
+            lazy_ds, f = ds, None
+            return lazy_ds
         limit(ds.shape, ds.dtype)
         return ds[...]
+    finally:
+        if f is not None:
+            f.close()
 
 
 #: Pillow modes read as they are (one grey band).

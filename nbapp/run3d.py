@@ -10,6 +10,7 @@ synchronous :func:`segment_volume` is :func:`job_steps` drained in the calling t
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import numpy as np
@@ -19,7 +20,7 @@ from nbapp.params import VolumeParams
 from nbapp.volume import Cancelled, VolumeResult, check_volume, filter_stack, volume_steps
 
 __all__ = ["available_devices", "parse_devices", "make_engines", "job_steps", "drain",
-           "segment_volume"]
+           "segment_volume", "segment_blockwise"]
 
 
 def available_devices() -> list[str]:
@@ -128,3 +129,53 @@ def segment_volume(volume, model="default", params: VolumeParams = VolumeParams(
         return result.labels, {p: filter_stack(st, params.consensus)
                                for p, st in result.stacks.items()}
     return result.labels
+
+
+def segment_blockwise(volume, output: str | os.PathLike, model="default",
+                      params: VolumeParams = VolumeParams(), blocks=None,
+                      devices=None, client=None, workers: str = "threads", progress=None,
+                      cancel=None, batch_size: int = 4, root=None, voxel_size=None
+                      ):
+    """Segment a volume larger than memory block by block into an OME-Zarr ``output``
+    (:mod:`nbapp.blockwise` says how).
+
+    Parameters
+    ----------
+    volume : path or (Z, Y, X) array
+        A file path is read lazily, and re-running the same call resumes an interrupted job
+        (finished blocks are skipped); an array is always run from the start.
+    output : path ending in ``.zarr``
+    blocks : nbapp.blockwise.BlockParams, optional
+        Block size (default: from the memory budget) and halo.
+    devices, client, progress, cancel, batch_size :
+        As for :func:`segment_volume`.
+    workers : "threads" or "processes"
+        With several devices, "processes" runs one worker process per device on whole blocks.
+    root : path, optional
+        Confine reading to this folder (what the app passes).
+
+    Returns
+    -------
+    nbapp.blockwise.BlockwiseResult
+        The output's path, object count, blocks run and skipped, timings; ``.labels()`` reads
+        the labels lazily.
+    """
+    from nbapp.blockwise import BlockParams
+
+    blocks = BlockParams() if blocks is None else blocks
+    from nbapp.blockwise import VolumeSource, blockwise_steps
+
+    source = None
+    if isinstance(volume, (str, os.PathLike)):
+        source = VolumeSource(os.fspath(volume), None if root is None else os.fspath(root))
+        if voxel_size is None:
+            from nbapp.io import read_image
+
+            voxel_size = read_image(source.path, lazy=True, root=root)[1].get("voxel_size")
+        volume = source.open()
+    engines = make_engines(model, devices, batch_size)
+    return drain(blockwise_steps(engines, volume, output, params, blocks, client=client,
+                                 workers=workers, model=model, source=source,
+                                 voxel_size=voxel_size, batch_size=batch_size),
+                 progress, cancel)
+

@@ -46,6 +46,7 @@ __all__ = [
     "filter_objects",
     "relabel_by_first_appearance",
     "track_and_filter",
+    "first_voxels",
     "IOU_THRESHOLD",
     "IOA_THRESHOLD",
 ]
@@ -559,7 +560,7 @@ def relabel_by_first_appearance(labels: np.ndarray) -> np.ndarray:
     return _relabel(labels, None)
 
 
-def _first_voxels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def first_voxels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted non-zero ids and the flat C-order index of each one's first voxel."""
     found_ids, found_at = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     offset = 0
@@ -579,7 +580,7 @@ def _first_voxels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _relabel(labels: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """:func:`relabel_by_first_appearance` into ``out`` (may be ``labels``) or a new array."""
-    ids, first = _first_voxels(labels)
+    ids, first = first_voxels(labels)
     rank = np.empty(ids.size, np.int64)
     rank[np.argsort(first, kind="stable")] = np.arange(1, ids.size + 1)
     dtype = np.int32 if ids.size <= _INT32_MAX else np.int64

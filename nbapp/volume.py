@@ -202,7 +202,7 @@ def block_labels(engine, block: np.ndarray, plane_params: VolumeParams, intensit
     return raw[start - first : stop - first]
 
 
-def _track_plane(stack: np.ndarray, plane: str, thing_list: tuple) -> np.ndarray:
+def track_plane(stack: np.ndarray, plane: str, thing_list: tuple) -> np.ndarray:
     """Track instances through one plane's stack (per thing class), without size filters.
 
     Returns (Z, Y, X) int32 ids 1..N (objects of all thing classes numbered together, ordered by
@@ -368,7 +368,7 @@ def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
         if params.slice.semantic_only:  # no instances: the class of each voxel
             stacks[plane] = (raw // _SLICE_DIVISOR).astype(np.int32)
         else:
-            stacks[plane] = _track_plane(raw, plane, thing_list)
+            stacks[plane] = track_plane(raw, plane, thing_list)
         del raw
         t2 = time.perf_counter()
         timings["stacks_wall_s"] += t1 - t0

@@ -1,0 +1,701 @@
+"""Blockwise 3D inference: volumes larger than memory, resumable, on every device or a Dask
+cluster.
+
+The volume is cut into blocks (:func:`nbapp.stitch.block_grid`). Each block job reads its core
+and a margin from the volume (lazily: zarr, OME-Zarr, memory-mapped TIFF / NumPy / MRC, HDF5),
+runs the whole 3D pipeline on it (per-plane stacks, median, tracking, consensus) and writes
+the labels of its core into a work store beside the output, then a record of what it found: its
+objects (sizes, boxes, first voxels) and its labels of the strips just across its faces. A
+block with a record is finished; re-running the same command skips it (resume after a crash
+or a cancel). When every block is finished, the pieces of objects cut by block faces are joined
+where the two blocks' labels of a strip agree (:func:`nbapp.stitch.join_objects`), the 3D
+filters are applied to the joined objects, and the labels are written, numbered 1..N by first
+appearance, as an OME-Zarr multiscale image (written by ``ome-zarr``) under a temporary name
+renamed onto the output when complete.
+
+Memory: one block job at a time per worker (its peak is set by the block size) plus the work
+store's small tables; nothing the size of the volume is ever held.
+
+Where the block jobs run:
+
+* in this process, on the engines given (one per device; slices are dealt to them as in the
+  in-memory job);
+* ``workers="processes"``: one worker process per device, each running whole blocks
+  (``concurrent.futures.ProcessPoolExecutor``; the volume and the model must be files);
+* on a Dask cluster (``client``): one task per block; each worker reads its block from the
+  volume's file and writes to the work store itself (both must be on storage every worker
+  sees); the client only schedules and joins the small tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generator
+
+import numpy as np
+
+from nbapp.errors import InputError, NbappError
+from nbapp.params import ConsensusParams, VolumeParams
+from nbapp.stitch import (Block, block_grid, core_table, edge_slabs, filter_complete,
+                          grow, join_objects, mutual_pairs, slab_pairs, to_slices, uid_base, within)
+from nbapp.volume import (_SLICE_DIVISOR, JOB_BYTES_PER_VOXEL, track_plane,
+                          plane_axis, plane_stack_steps, semantic_consensus, volume_intensity)
+
+__all__ = ["BlockParams", "BlockProgress", "BlockwiseResult", "VolumeSource", "WorkStore",
+           "choose_block_size", "block_labels_steps", "blockwise_steps", "needs_blockwise",
+           "DEFAULT_BLOCK_BUDGET", "STITCH_DEPTH"]
+
+#: Memory a block job may use by default (its labels, tracking, consensus and the network's
+#: working memory; the model and the interpreter come on top): with the measured 30 bytes per
+#: voxel of an ortho-plane job that is a 340-voxel cube with its margin.
+DEFAULT_BLOCK_BUDGET = 1200 << 20
+#: Voxels beyond each face of a core that a block also labels; the neighbouring blocks' labels
+#: of these strips decide which pieces are one object.
+STITCH_DEPTH = 2
+#: Block sides are multiples of this (the network's grid) unless the volume is smaller.
+_SIDE_STEP = 16
+
+
+@dataclass(frozen=True)
+class BlockParams:
+    """How a volume is cut into blocks.
+
+    Parameters
+    ----------
+    block_size : int or (int, int, int), optional
+        Largest side of a block's core in voxels (one per axis, or one for all). Default:
+        the largest that keeps a block job within ``memory_budget``.
+    halo : int
+        Margin in voxels read around each core (the network's context at block faces); at
+        least :data:`STITCH_DEPTH`.
+    memory_budget : int, optional
+        Bytes a block job may use (default :data:`DEFAULT_BLOCK_BUDGET`).
+    """
+
+    block_size: Any = None
+    halo: int = 16
+    memory_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        from nbapp.errors import ParameterError
+
+        if self.block_size is not None:
+            sizes = (self.block_size,) if np.isscalar(self.block_size) else tuple(self.block_size)
+            if len(sizes) not in (1, 3) or any(isinstance(s, bool) or int(s) != s or s < 8
+                                               for s in sizes):
+                raise ParameterError(f"block_size must be one side or three sides of at least 8 "
+                                     f"voxels, got {self.block_size!r}")
+            object.__setattr__(self, "block_size",
+                               int(sizes[0]) if len(sizes) == 1 else tuple(int(s) for s in sizes))
+        if isinstance(self.halo, bool) or int(self.halo) != self.halo \
+                or not STITCH_DEPTH <= self.halo <= 256:
+            raise ParameterError(f"halo must be {STITCH_DEPTH}-256 voxels, got {self.halo!r}")
+        if self.memory_budget is not None and self.memory_budget < (64 << 20):
+            raise ParameterError(f"memory_budget must be at least 64 MiB, got {self.memory_budget}")
+
+
+@dataclass(frozen=True)
+class BlockProgress:
+    """A progress report of a blockwise job: ``done`` of ``total`` blocks (stage
+    ``"network"``, so that the job runner shows an ETA), then joining and writing."""
+
+    plane: str
+    stage: str
+    done: int
+    total: int
+    detail: str | None = None
+
+
+@dataclass
+class BlockwiseResult:
+    """What a blockwise job wrote: the output store, its objects and where the time went."""
+
+    path: Path
+    shape: tuple
+    objects: int
+    blocks: int
+    skipped: int
+    block_size: tuple
+    timings: dict = field(default_factory=dict)
+    #: One row per object (id, voxels, bbox, centroid, extent), as nbapp.objects.object_table
+    table: list = field(default_factory=list)
+
+    def labels(self):
+        """The labels (level 0 of the output), read lazily."""
+        from nbapp.io import read_image
+
+        return read_image(self.path, lazy=True)[0]
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """A volume file that block jobs (in this process, worker processes or Dask workers) open
+    lazily by path; what :func:`nbapp.io.read_image` accepts."""
+
+    path: str
+    root: str | None = None
+
+    def open(self):
+        return _open_source(self.path, self.root)
+
+
+_SOURCES: dict = {}
+
+
+def _open_source(path: str, root):
+    key = (path, root)
+    if key not in _SOURCES:
+        from nbapp.io import read_image
+
+        vol = read_image(path, lazy=True, root=root)[0]
+        if len(vol.shape) != 3:
+            raise InputError(f"blockwise 3D needs a volume (Z, Y, X); {path} has shape "
+                             f"{tuple(vol.shape)}")
+        _SOURCES.clear()
+        _SOURCES[key] = vol
+    return _SOURCES[key]
+
+
+def choose_block_size(shape: tuple, params: VolumeParams, blocks: BlockParams = BlockParams()
+                      ) -> tuple:
+    """The core side of each axis: ``blocks.block_size`` when given, else the largest cube
+    (a multiple of 16) whose job with its margins fits ``blocks.memory_budget``, at least 64.
+
+    >>> choose_block_size((1000, 2000, 2000), VolumeParams())
+    (304, 304, 304)
+    >>> choose_block_size((50, 2000, 2000), VolumeParams(), BlockParams(block_size=100))
+    (50, 100, 100)
+    """
+    if blocks.block_size is not None:
+        sides = blocks.block_size if isinstance(blocks.block_size, tuple) \
+            else (blocks.block_size,) * 3
+    else:
+        budget = blocks.memory_budget or DEFAULT_BLOCK_BUDGET
+        per = JOB_BYTES_PER_VOXEL["ortho" if params.orthoplane else "single"]
+        side = int(round((budget / per) ** (1 / 3))) - 2 * blocks.halo
+        side = max(64, side // _SIDE_STEP * _SIDE_STEP)
+        sides = (side,) * 3
+    return tuple(int(min(s, n)) for s, n in zip(sides, shape))
+
+
+def needs_blockwise(shape: tuple, params: VolumeParams, engine=None) -> bool:
+    """True when the in-memory 3D job on ``shape`` would not fit in the memory left."""
+    from nbapp.memory import available_bytes
+    from nbapp.volume import job_memory
+
+    return job_memory(tuple(shape), params, engine) > available_bytes()
+
+
+# -- one block ----------------------------------------------------------------------------------
+
+def block_labels_steps(heads_source, volume, block: Block, shape: tuple, params: VolumeParams,
+                       blocks: BlockParams, intensity: tuple, thing_list: tuple,
+                       timings: dict | None = None) -> Generator[BlockProgress, None, tuple]:
+    """The 3D pipeline on one block: returns ``(labels, region)``, the labels (local ids 1..M,
+    or classes for a semantic-only model) of the block's core grown by
+    :data:`STITCH_DEPTH`, and that region's box.
+
+    Every plane runs on the core with ``blocks.halo`` voxels of context on each side; its
+    tracked stack is filtered (Min Size / Min Box Extent) except for objects that touch a face
+    where the volume goes on, which the joined objects' filters decide later; the consensus
+    runs on the whole box and the labels of the core and its strips are kept.
+    """
+    timings = timings if timings is not None else {}
+    r = (params.median_size - 1) // 2
+    region = grow(block.core, STITCH_DEPTH, shape)
+    # every plane runs on the same box, so that the consensus sees whole objects around the
+    # core (cropped detections would vote differently) and the median has its neighbours
+    outer = grow(block.core, max(blocks.halo, r + STITCH_DEPTH), shape)
+    t0 = time.perf_counter()
+    data = np.asarray(volume[to_slices(outer)])
+    timings["read_s"] = timings.get("read_s", 0.0) + time.perf_counter() - t0
+    cp = params.consensus
+    sp = params.slice.replace(label_divisor=_SLICE_DIVISOR)
+    stacks = {}
+    for plane in params.planes:
+        ax = plane_axis(plane)
+        gen = plane_stack_steps(heads_source(data, plane, sp, intensity), data.shape, plane,
+                                params, thing_list, timings)
+        n = data.shape[ax]
+        while True:
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                raw = stop.value
+                break
+            yield BlockProgress(plane, "network", p.done, n)
+        t1 = time.perf_counter()
+        if params.slice.semantic_only:
+            stacks[plane] = (raw // _SLICE_DIVISOR).astype(np.int32)
+        else:
+            stacks[plane] = filter_complete(track_plane(raw, plane, thing_list), outer, shape,
+                                            cp.min_size, cp.min_extent)
+        del raw
+        timings["tracking_s"] = timings.get("tracking_s", 0.0) + time.perf_counter() - t1
+    t1 = time.perf_counter()
+    if params.slice.semantic_only:
+        labels = (semantic_consensus(stacks, cp.vote_threshold) if params.orthoplane
+                  else stacks[params.plane])
+    elif params.orthoplane:
+        from nbapp.consensus import orthoplane_consensus
+
+        labels = orthoplane_consensus(stacks["xy"], stacks["xz"], stacks["yz"],
+                                      cp.replace(min_size=0, min_extent=0))
+    else:
+        from nbapp.tracking import relabel_by_first_appearance
+
+        labels = relabel_by_first_appearance(stacks[params.plane])
+    timings["consensus_s"] = timings.get("consensus_s", 0.0) + time.perf_counter() - t1
+    return np.ascontiguousarray(labels[within(region, outer)], np.int32), region
+
+
+def run_block(heads_source, volume, store: "WorkStore", block: Block, params: VolumeParams,
+              blocks: BlockParams, intensity: tuple, thing_list: tuple
+              ) -> Generator[BlockProgress, None, dict]:
+    """:func:`block_labels_steps`, then the core written to the store and the block's record
+    (which marks it finished). Returns the block's timings."""
+    timings: dict = {}
+    t0 = time.perf_counter()
+    labels, region = yield from block_labels_steps(heads_source, volume, block, store.shape,
+                                                   params, blocks, intensity, thing_list,
+                                                   timings)
+    t1 = time.perf_counter()
+    store.write_block(block, labels, region, semantic=params.slice.semantic_only)
+    timings["write_s"] = time.perf_counter() - t1
+    timings["block_s"] = time.perf_counter() - t0
+    return timings
+
+
+# -- the work store -----------------------------------------------------------------------------
+
+class WorkStore:
+    """The work folder of a blockwise job, beside its output: ``labels.zarr`` (block-unique
+    ids, one zarr chunk per block so that concurrent writers never share a chunk),
+    ``records/BLOCK.npz`` (one per finished block) and ``job.json`` (what the job is: a
+    re-run resumes only the same job).
+    """
+
+    def __init__(self, output: str | os.PathLike):
+        output = Path(output)
+        self.output = output
+        self.path = output.parent / f".{output.name}.nbapp-work"
+        self.shape: tuple = ()
+        self.grid: list[Block] = []
+
+    # opening and resuming
+    def open(self, job: dict, shape: tuple, block_size: tuple) -> int:
+        """Create the store, or reuse a previous run's of the same ``job``; return how many
+        blocks are already finished."""
+        import zarr
+
+        self.shape = tuple(int(s) for s in shape)
+        self.grid = block_grid(self.shape, block_size)
+        chunks = tuple(hi - lo for lo, hi in self.grid[0].core)
+        job = dict(job, shape=list(self.shape), chunks=list(chunks))
+        text = json.dumps(job, sort_keys=True, default=str)
+        meta = self.path / "job.json"
+        if self.path.exists():
+            same = meta.exists() and meta.read_text() == text
+            if same and (self.path / "labels.zarr").exists():
+                return len(self.finished())
+            shutil.rmtree(self.path)  # another job's (or a broken) work folder
+        (self.path / "records").mkdir(parents=True)
+        zarr.create_array(str(self.path / "labels.zarr"), shape=self.shape, chunks=chunks,
+                          dtype="int64", fill_value=0)
+        meta.write_text(text)
+        return 0
+
+    @classmethod
+    def attach(cls, path: str | os.PathLike) -> "WorkStore":
+        """Open the existing store at ``path`` (in a worker): shape and grid from ``job.json``."""
+        store = cls.__new__(cls)
+        store.path = Path(path)
+        store.output = None
+        job = json.loads((store.path / "job.json").read_text())
+        store.shape = tuple(job["shape"])
+        store.grid = block_grid(store.shape, tuple(job["chunks"]))
+        return store
+
+    def labels(self, mode: str = "r"):
+        import zarr
+
+        return zarr.open_array(str(self.path / "labels.zarr"), mode=mode)
+
+    def finished(self) -> set:
+        folder = self.path / "records"
+        return {int(p.stem) for p in folder.glob("*.npz")} if folder.exists() else set()
+
+    def record_path(self, index: int) -> Path:
+        return self.path / "records" / f"{index}.npz"
+
+    def write_block(self, block: Block, labels: np.ndarray, region: tuple, semantic: bool) -> None:
+        """The block's core into ``labels.zarr``, then its record (atomically)."""
+        from nbapp.io import write_small
+
+        core = np.ascontiguousarray(labels[within(block.core, region)])
+        if semantic:
+            self.labels("r+")[to_slices(block.core)] = core.astype(np.int64)
+            table = {"ids": np.zeros(0, np.int64)}
+            slabs = []
+        else:
+            base = uid_base(block.index)
+            self.labels("r+")[to_slices(block.core)] = np.where(core > 0, core + base, 0)
+            table = core_table(core, block.core, self.shape)
+            slabs = edge_slabs(labels, region, block.core)
+        arrays = {f"table_{k}": v for k, v in table.items()}
+        for i, (box, lab) in enumerate(slabs):
+            arrays[f"slab{i}_box"] = np.array(box, np.int64)
+            arrays[f"slab{i}"] = lab
+        write_small(self.record_path(block.index), lambda f: np.savez_compressed(f, **arrays))
+
+    def read_record(self, index: int) -> tuple[dict, list]:
+        with np.load(self.record_path(index)) as z:
+            table = {k[6:]: z[k] for k in z.files if k.startswith("table_")}
+            slabs = []
+            i = 0
+            while f"slab{i}" in z.files:
+                slabs.append((tuple(map(tuple, z[f"slab{i}_box"].tolist())), z[f"slab{i}"]))
+                i += 1
+        return table, slabs
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def job_identity(source_id: str, shape: tuple, dtype, model_id: str, params: VolumeParams,
+                 blocks: BlockParams, intensity: tuple) -> dict:
+    """What makes two runs the same job (a re-run resumes only then)."""
+    return {"version": 1, "source": source_id, "dtype": str(dtype), "model": model_id,
+            "params": repr(params), "halo": blocks.halo,
+            "intensity": [float(v) for v in intensity[:2]]}
+
+
+# -- joining and writing ------------------------------------------------------------------------
+
+def join_steps(store: WorkStore, consensus: ConsensusParams
+               ) -> Generator[BlockProgress, None, tuple[dict, list]]:
+    """Pairs of pieces from every block's strips, then :func:`~nbapp.stitch.join_objects`."""
+    tables, pairs = {}, []
+    labels = store.labels()
+    n = len(store.grid)
+    for k, block in enumerate(store.grid):
+        table, slabs = store.read_record(block.index)
+        tables[block.index] = table
+        base = uid_base(block.index)
+        for box, lab in slabs:
+            mine = np.where(lab > 0, lab.astype(np.int64) + base, 0)
+            pairs.append(slab_pairs(mine, np.asarray(labels[to_slices(box)])))
+        yield BlockProgress("blocks", "joining", k + 1, n)
+    pairs = mutual_pairs(np.concatenate(pairs)) if pairs else np.zeros((0, 2), np.int64)
+    return join_objects(tables, pairs, consensus.min_size, consensus.min_extent)
+
+
+def _relabel_chunk(chunk: np.ndarray, luts: dict, grid_shape: tuple, semantic_scale: int,
+                   block_info=None) -> np.ndarray:
+    if semantic_scale:
+        return (chunk * semantic_scale).astype(np.int32)
+    index = int(np.ravel_multi_index(block_info[0]["chunk-location"], grid_shape))
+    lut = luts[index]
+    local = (chunk - uid_base(index)).clip(0, lut.size - 1)
+    return np.where(chunk > 0, lut[local], 0).astype(np.int32)
+
+
+def output_chunks(shape: tuple) -> tuple:
+    """Chunks of the written labels: slabs of 32 slices of 256 x 256 (a slice viewer reads few
+    of them, a 3D reader not too many)."""
+    return tuple(min(s, c) for s, c in zip(shape, (32, 256, 256)))
+
+
+def pyramid_factors(shape: tuple, smallest: int = 64) -> list[dict]:
+    """Downsampling factors of the output's multiscale levels (2, 4, ... along each axis
+    while the level stays at least ``smallest`` voxels along its largest side).
+
+    >>> [f["x"] for f in pyramid_factors((100, 1000, 1000))]
+    [2, 4, 8]
+    """
+    out, f = [], 2
+    while max(shape) // f >= smallest:
+        out.append({a: (f if n // f >= 1 else 1) for a, n in zip("zyx", shape)})
+        f *= 2
+    return out
+
+
+def write_output(store: WorkStore, luts: dict, output: Path, voxel_size: tuple | None,
+                 semantic_scale: int = 0) -> Path:
+    """The final labels as an OME-Zarr multiscale image (nearest-neighbour pyramid), written
+    under a temporary name and renamed onto ``output`` when complete."""
+    import warnings
+
+    import dask
+    import dask.array as da
+    import zarr
+
+    with warnings.catch_warnings():  # the module builds a deprecated Scaler as a default
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr.scale import Methods
+        from ome_zarr.writer import write_image
+
+    from nbapp.io import _replace_tree, _temp_name, remove_stale_temporaries
+
+    grid_shape = tuple(max(b.position[a] for b in store.grid) + 1 for a in range(3))
+    src = da.from_zarr(store.labels())
+    labels = src.map_blocks(_relabel_chunk, luts, grid_shape, semantic_scale, dtype=np.int32)
+    shape = tuple(store.shape)
+    labels = labels.rechunk(output_chunks(shape))
+    remove_stale_temporaries(output)
+    tmp = output.parent / _temp_name(output.name, "part" + output.suffix)
+    try:
+        group = zarr.open_group(str(tmp), mode="w")
+        scale = {a: float(v) for a, v in zip("zyx", voxel_size)} if voxel_size else None
+        with dask.config.set({"array.chunk-size": "64MiB"}):
+            write_image(labels, group, scale_factors=pyramid_factors(shape),
+                        method=Methods.NEAREST, axes="zyx", scale=scale,
+                        axes_units={a: "nanometer" for a in "zyx"} if voxel_size else None,
+                        storage_options={"chunks": output_chunks(shape)}, name="labels")
+        _replace_tree(tmp, output)
+    except OSError as exc:
+        raise InputError(f"cannot write {str(output)!r}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+# -- the job ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Task:
+    """Everything a worker (process or Dask) needs to run blocks of one job."""
+
+    source: VolumeSource
+    model: str
+    batch_size: int
+    store: str
+    params: VolumeParams
+    blocks: BlockParams
+    intensity: tuple
+    thing_list: tuple
+
+
+_ENGINES: dict = {}
+_DEVICE: list = []
+
+
+def _init_process_worker(devices) -> None:
+    """Initializer of a worker process: take one device from the shared queue."""
+    _DEVICE.append(devices.get())
+
+
+def _worker_engine(spec: str, batch_size: int, device: str | None = None):
+    if device is None:
+        import torch
+
+        device = _DEVICE[0] if _DEVICE else ("cuda" if torch.cuda.is_available() else "cpu")
+    key = (spec, batch_size, device)
+    if key not in _ENGINES:
+        from nbapp.engine import Engine
+
+        _ENGINES.clear()
+        _ENGINES[key] = Engine(spec, device=device, batch_size=batch_size)
+    return _ENGINES[key]
+
+
+def _block_task(task: _Task, index: int) -> dict:
+    """Run one block in a worker (process or Dask): open the volume, the store and the engine
+    of this worker, compute, write. Returns the block's timings."""
+    from nbapp.volume import sequential_heads
+
+    engine = _worker_engine(task.model, task.batch_size)
+    store = WorkStore.attach(task.store)
+    block = store.grid[index]
+
+    def heads(sub, plane, sp, intensity):
+        return sequential_heads(engine, sub, plane, sp, intensity)
+
+    gen = run_block(heads, task.source.open(), store, block, task.params, task.blocks,
+                    task.intensity, task.thing_list)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _model_id(model) -> str:
+    config = getattr(model, "config", None)
+    if config is not None:
+        return f"{config.name}:{getattr(model, 'weights', None) or getattr(config, 'config_path', None)}"
+    return str(model)
+
+
+def blockwise_steps(engines: list, volume, output: str | os.PathLike,
+                    params: VolumeParams = VolumeParams(), blocks: BlockParams = BlockParams(),
+                    intensity: tuple | None = None, client=None, workers: str = "threads",
+                    model=None, source: VolumeSource | None = None, voxel_size=None,
+                    batch_size: int | None = None, keep_work: bool = False
+                    ) -> Generator[BlockProgress, None, BlockwiseResult]:
+    """The blockwise job as a generator of :class:`BlockProgress` returning a
+    :class:`BlockwiseResult`.
+
+    Parameters
+    ----------
+    engines : list of Engine
+        One per device (in-process runs; the first one's model and checks otherwise).
+    volume : (Z, Y, X) array
+        Read lazily block by block (zarr, memory-mapped, HDF5 dataset, numpy).
+    output : path ending in ``.zarr``
+        Where the labels go (OME-Zarr); the work store sits beside it until the job ends.
+    client : dask.distributed.Client, optional
+        Run one task per block on the cluster (needs ``source`` and a file ``model``).
+    workers : "threads" or "processes"
+        In-process (default) or one worker process per engine's device (needs ``source`` and
+        a file ``model``).
+    """
+    from nbapp.volume import check_volume, sequential_heads
+
+    output = Path(output)
+    if output.suffix.lower() != ".zarr":
+        raise InputError(f"a blockwise job writes OME-Zarr: give an output ending in .zarr, not "
+                         f"{str(output)!r}")
+    if not output.parent.is_dir():
+        raise InputError(f"output folder {str(output.parent)!r} does not exist")
+    if params.return_stacks:
+        raise InputError("blockwise jobs do not write the per-plane stacks yet: run without "
+                         "--return-stacks (or in memory, on a crop)")
+    if workers not in ("threads", "processes"):
+        raise InputError(f"workers must be 'threads' or 'processes', got {workers!r}")
+    check_volume(volume)
+    shape = tuple(int(s) for s in volume.shape)
+    engine = engines[0]
+    thing_list = tuple(engine.model.config.thing_list)
+    block_size = choose_block_size(shape, params, blocks)
+    for plane in params.planes:  # a block's slices must be large enough for the network
+        ax = plane_axis(plane)
+        side = tuple(min(n, s + 2 * blocks.halo) for i, (n, s) in
+                     enumerate(zip(shape, block_size)) if i != ax)
+        if hasattr(engine, "check_size"):
+            engine.check_size(side, params.slice.downsampling, f"{plane} slice of a block")
+    if intensity is None:
+        intensity = volume_intensity(volume)
+    remote = client is not None or workers == "processes"
+    if remote and source is None:
+        raise InputError("worker processes and Dask workers read the volume themselves: give "
+                         "its file (source=VolumeSource(path))")
+    if remote:
+        from nbapp.cluster import model_spec_for_workers
+
+        model_spec = model_spec_for_workers(model if model is not None else engine.model)
+    store = WorkStore(output)
+    job = job_identity(source.path if source else f"array:{id(volume)}", shape, volume.dtype,
+                       _model_id(model if model is not None else engine.model), params, blocks,
+                       intensity)
+    if source is None:  # an in-memory array is never resumed: it may have changed
+        store.remove()
+    skipped = store.open(job, shape, block_size)
+    todo = [b for b in store.grid if b.index not in store.finished()]
+    total = len(store.grid)
+    timings = {"blocks_s": 0.0, "join_s": 0.0, "write_s": 0.0}
+    t_start = time.perf_counter()
+    done = skipped
+    yield BlockProgress("blocks", "network", done, total,
+                        f"{skipped} of {total} blocks already done" if skipped else None)
+    if todo and not remote:
+        from nbapp.jobs import DevicePool
+
+        pool = DevicePool(engines) if len(engines) > 1 else None
+
+        def heads(sub, plane, sp, intensity_):
+            if pool is not None:
+                return pool.heads(sub, plane, sp, intensity_)
+            return sequential_heads(engine, sub, plane, sp, intensity_)
+
+        for block in todo:
+            gen = run_block(heads, volume, store, block, params, blocks, intensity, thing_list)
+            while True:
+                try:
+                    p = next(gen)
+                except StopIteration:
+                    break
+                yield BlockProgress("blocks", "network", done, total,
+                                    f"block {done + 1}/{total}: {p.plane} slice {p.done}/{p.total}")
+            done += 1
+            yield BlockProgress("blocks", "network", done, total, _rate(done - skipped, t_start))
+    elif todo:
+        task = _Task(source, model_spec, batch_size or getattr(engine, "batch_size", 4),
+                     str(store.path), params, blocks, intensity, thing_list)
+        runs = (_dask_blocks(client, task, todo) if client is not None
+                else _process_blocks(task, todo, [str(e.device) for e in engines]))
+        for _ in runs:
+            done += 1
+            yield BlockProgress("blocks", "network", done, total, _rate(done - skipped, t_start))
+    timings["blocks_s"] = time.perf_counter() - t_start
+    missing = set(b.index for b in store.grid) - store.finished()
+    if missing:
+        raise NbappError(f"blocks {sorted(missing)[:5]} did not finish; re-run the same command "
+                         "to resume")
+    t0 = time.perf_counter()
+    if params.slice.semantic_only:
+        luts, rows = {}, []
+        scale = params.slice.label_divisor or 1
+    else:
+        luts, rows = yield from join_steps(store, params.consensus)
+        scale = 0
+    timings["join_s"] = time.perf_counter() - t0
+    yield BlockProgress("blocks", "writing", 0, 1, f"writing {output.name}")
+    t0 = time.perf_counter()
+    write_output(store, luts, output, voxel_size, semantic_scale=scale)
+    timings["write_s"] = time.perf_counter() - t0
+    yield BlockProgress("blocks", "writing", 1, 1)
+    if not keep_work:
+        store.remove()
+    return BlockwiseResult(output, shape, len(rows), total, skipped, block_size, timings, rows)
+
+
+def _rate(done: int, t0: float) -> str | None:
+    dt = time.perf_counter() - t0
+    return f"{dt / done:.1f} s per block" if done > 0 and dt > 0 else None
+
+
+def _process_blocks(task: _Task, todo: list, devices: list) -> Generator[dict, None, None]:
+    """One worker process per device; at most two blocks queued per worker."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    for d in devices:
+        queue.put(d)
+    pending: set = set()
+    waiting = list(todo)
+    with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_init_process_worker,
+                             initargs=(queue,)) as pool:
+        try:
+            while waiting or pending:
+                while waiting and len(pending) < 2 * len(devices):
+                    pending.add(pool.submit(_block_task, task, waiting.pop(0).index))
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    yield fut.result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _dask_blocks(client, task: _Task, todo: list) -> Generator[dict, None, None]:
+    """One Dask task per block; results (timings) arrive as the blocks finish."""
+    from dask.distributed import as_completed
+
+    futures = [client.submit(_block_task, task, b.index, pure=False, key=f"nbapp-block-{b.index}-"
+                             f"{os.getpid()}-{time.time_ns()}") for b in todo]
+    try:
+        for fut in as_completed(futures):
+            yield fut.result()
+    finally:
+        for fut in futures:
+            fut.cancel()

@@ -1,0 +1,293 @@
+"""Blockwise 3D (volumes larger than memory): geometry, joining, resume, workers, CLI."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+from models import LabelEngine, data_path, ellipsoids, f1_score
+
+from nbapp.blockwise import (BlockParams, WorkStore, blockwise_steps, choose_block_size,
+                             pyramid_factors)
+from nbapp.errors import InputError, ParameterError
+from nbapp.io import read_image
+from nbapp.params import ConsensusParams, VolumeParams
+from nbapp.run3d import drain
+from nbapp.stitch import (block_grid, core_table, filter_complete, join_objects, slab_pairs,
+                          uid_base)
+from nbapp.volume import Cancelled, volume_steps
+
+NO_FILTER = VolumeParams(consensus=ConsensusParams(min_size=0, min_extent=0))
+
+
+def in_memory(volume, params):
+    return drain(volume_steps(LabelEngine(), volume.astype(np.float32), params)).labels
+
+
+def blockwise(volume, out, params, block, halo=8, **kw):
+    res = drain(blockwise_steps([LabelEngine()], volume, out, params,
+                                BlockParams(block_size=block, halo=halo), **kw))
+    return res, np.asarray(res.labels()[...])
+
+
+# -- geometry and joining on literal arrays -------------------------------------------------------
+
+def test_grid_tiles_the_volume_without_thin_blocks():
+    blocks = block_grid((100, 70, 33), 32)
+    cover = np.zeros((100, 70, 33), np.int32)
+    for b in blocks:
+        cover[tuple(slice(lo, hi) for lo, hi in b.core)] += 1
+    assert (cover == 1).all()
+    assert min(min(b.shape) for b in blocks) >= 11  # 33 -> 11 + 11 + 11, not 32 + 1
+    # equal cores (one zarr chunk each) except at the far ends
+    assert len({b.shape for b in blocks if all(p == 0 for p in b.position)}) == 1
+
+
+def test_filter_complete_keeps_objects_cut_by_the_region():
+    lab = np.zeros((4, 8, 8), np.int32)
+    lab[1:3, 1:3, 1:3] = 1   # small, inside: filtered
+    lab[1:3, 1:3, 6:8] = 2   # small, touches x = 8, where the volume goes on: kept
+    out = filter_complete(lab, ((0, 4), (0, 8), (0, 8)), (4, 8, 20), min_size=20, min_extent=0)
+    assert sorted(np.unique(out)) == [0, 2]
+    out = filter_complete(lab, ((0, 4), (0, 8), (0, 8)), (4, 8, 8), min_size=20, min_extent=0)
+    assert sorted(np.unique(out)) == [0]  # at the volume's own end nothing is exempt
+
+
+def test_slab_pairs_needs_half_the_smaller_piece():
+    mine = np.array([1, 1, 1, 1, 2, 0, 0, 3])
+    theirs = np.array([5, 5, 5, 6, 6, 6, 6, 0])
+    # 1 -> 5 (3 of 4); 1 -> 6 only 1 of min(4, 4); 2 -> 6 is 1 of min(1, 4): the whole of 2
+    assert slab_pairs(mine, theirs).tolist() == [[1, 5], [2, 6]]
+
+
+def test_join_filters_the_joined_object_not_its_pieces():
+    # an object of 2 x 20 voxels cut into two pieces, and a 20-voxel object alone
+    a = np.zeros((2, 2, 10), np.int32)
+    a[0, 0, :] = 1
+    a[1, 1, :] = 1  # piece of the big one: 20 voxels
+    b = np.zeros((2, 2, 10), np.int32)
+    b[:, 0, :] = 1  # its other piece
+    b[:, 1, :] = 2  # a small object
+    ta = core_table(a, ((0, 2), (0, 2), (0, 10)), (2, 2, 20))
+    tb = core_table(b, ((0, 2), (0, 2), (10, 20)), (2, 2, 20))
+    pairs = np.array([[uid_base(0) + 1, uid_base(1) + 1]])
+    luts, rows = join_objects({0: ta, 1: tb}, pairs, min_size=30, min_extent=0)
+    assert [r["voxels"] for r in rows] == [40]
+    assert luts[0][1] == 1 and luts[1][1] == 1 and luts[1][2] == 0
+    from nbapp.objects import object_table
+
+    whole = np.concatenate([a, np.where(b == 1, 1, 0)], axis=2)
+    ref = object_table(whole)[0]
+    assert (rows[0]["bbox"], rows[0]["centroid"], rows[0]["extent"]) == \
+        (ref["bbox"], ref["centroid"], ref["extent"]) == ((0, 0, 0, 2, 2, 20), (0.5, 0.2, 9.5),
+                                                          (2, 2, 20))
+
+
+# -- the whole job against the in-memory one (a perfect network) ------------------------------------
+
+def test_object_spanning_eight_blocks_is_one_object(tmp_path):
+    vol = np.zeros((64, 64, 64), np.float32)
+    zz, yy, xx = np.indices(vol.shape)
+    vol[(zz - 32) ** 2 + (yy - 31) ** 2 + (xx - 33) ** 2 <= 14 ** 2] = 1  # on the grid's corner
+    vol[2:12, 2:12, 20:31] = 2   # one voxel from object 3, which starts across the x = 32 face
+    vol[2:12, 2:12, 32:44] = 3
+    res, lab = blockwise(vol, tmp_path / "out.zarr", NO_FILTER, block=32)
+    assert res.blocks == 8
+    ball = lab[vol == 1]
+    assert np.unique(ball[ball > 0]).size == 1 and (ball > 0).mean() > 0.9
+    for i in (2, 3):
+        part = lab[vol == i]
+        assert np.unique(part[part > 0]).size == 1 and (part > 0).mean() > 0.9
+    assert lab[5, 5, 25] != lab[5, 5, 40]  # near, on both sides of a face: two objects
+    assert int(lab.max()) == 3
+    assert np.array_equal(lab, in_memory(vol, NO_FILTER))
+
+
+@pytest.mark.parametrize("block", [16, (32, 16, 24)])
+def test_blockwise_equals_in_memory_on_ellipsoids(tmp_path, block):
+    truth = ellipsoids((64, 80, 96), n=14, seed=3).astype(np.float32)
+    params = VolumeParams(consensus=ConsensusParams(min_size=60, min_extent=3))
+    res, lab = blockwise(truth, tmp_path / "out.zarr", params, block=block)
+    assert res.blocks > 8
+    assert np.array_equal(lab, in_memory(truth, params))
+    # the table of the joined objects equals the table of the labels
+    from nbapp.objects import object_table
+
+    rows = object_table(lab)
+    assert [(r["id"], r["voxels"], r["bbox"], r["centroid"]) for r in rows] == \
+        [(r["id"], r["voxels"], r["bbox"], r["centroid"]) for r in res.table]
+
+
+def test_single_plane_blockwise_equals_in_memory(tmp_path):
+    truth = ellipsoids((48, 64, 64), n=8, seed=5).astype(np.float32)
+    params = VolumeParams(orthoplane=False, plane="xz",
+                          consensus=ConsensusParams(min_size=30, min_extent=2))
+    _, lab = blockwise(truth, tmp_path / "out.zarr", params, block=16)
+    assert np.array_equal(lab, in_memory(truth, params))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mito_instance_fib1-3-2-1.tif", "mito_instance_fib1-0-0-0.tif"])
+def test_blockwise_matches_in_memory_on_urocell(tmp_path, name):
+    truth = tifffile.imread(data_path("urocell_mito_labels", name))[:128].astype(np.float32)
+    params = VolumeParams()
+    _, lab = blockwise(truth, tmp_path / "out.zarr", params, block=64, halo=16)
+    ref = in_memory(truth, params)
+    assert f1_score(lab, ref) >= 0.99
+    assert abs(int(lab.max()) - int(ref.max())) <= 1
+
+
+def test_reads_are_bounded_by_the_block(tmp_path):
+    """The volume is only ever read a block (with its margin) at a time."""
+    truth = ellipsoids((48, 64, 64), n=6, seed=2).astype(np.float32)
+
+    class Watched:
+        shape, dtype, ndim = truth.shape, truth.dtype, 3
+        largest = 0
+
+        def __getitem__(self, index):
+            out = truth[index]
+            Watched.largest = max(Watched.largest, out.size)
+            return out
+
+    blockwise(Watched(), tmp_path / "out.zarr", NO_FILTER, block=16, halo=4)
+    assert 0 < Watched.largest <= (16 + 8) ** 3
+
+
+# -- output, resume, failure ----------------------------------------------------------------------
+
+def test_output_is_ome_zarr_with_a_pyramid(tmp_path):
+    import zarr
+
+    truth = ellipsoids((32, 160, 160), n=6, seed=1).astype(np.float32)
+    out = tmp_path / "out.zarr"
+    blockwise(truth, out, NO_FILTER, block=80, voxel_size=(30.0, 5.0, 5.0))
+    lab, meta = read_image(out, lazy=True)
+    assert meta["format"] == "ome-zarr" and tuple(lab.shape) == truth.shape
+    assert meta["voxel_size"] == (30.0, 5.0, 5.0)
+    group = zarr.open_group(str(out), mode="r")
+    levels = [d["path"] for d in group.attrs["ome"]["multiscales"][0]["datasets"]]
+    assert len(levels) == 2
+    half = group[levels[1]]
+    assert half.shape == (16, 80, 80)  # nearest-neighbour level of half the size
+    full = np.asarray(lab[...])
+    assert any(np.array_equal(half[...], full[o::2, o::2, o::2]) for o in (0, 1))
+    assert not list(tmp_path.glob(".*"))  # the work store and temporaries are gone
+    assert [f["y"] for f in pyramid_factors((32, 160, 160))] == [2]
+
+
+def _npy(tmp_path, volume):
+    path = tmp_path / "vol.npy"
+    np.save(path, volume)
+    return path
+
+
+def test_cancel_then_resume_skips_finished_blocks(tmp_path):
+    truth = ellipsoids((32, 64, 64), n=8, seed=4).astype(np.float32)
+    src = _npy(tmp_path, truth)
+    out = tmp_path / "out.zarr"
+    from nbapp.blockwise import VolumeSource
+
+    def job(engine):
+        vol = VolumeSource(str(src)).open()
+        return blockwise_steps([engine], vol, out, NO_FILTER, BlockParams(block_size=16, halo=4),
+                               source=VolumeSource(str(src)))
+
+    cancel = threading.Event()
+
+    def stop_after_three(p):
+        if p.stage == "network" and p.done >= 3:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        drain(job(LabelEngine()), stop_after_three, cancel)
+    store = WorkStore(out)
+    assert len(store.finished()) == 3 and not out.exists()
+    engine = LabelEngine()
+    res = drain(job(engine))
+    assert res.skipped == 3 and res.blocks == 32
+    assert np.array_equal(np.asarray(res.labels()[...]), in_memory(truth, NO_FILTER))
+    assert not store.path.exists()
+
+
+def test_other_settings_start_over(tmp_path):
+    truth = ellipsoids((32, 64, 64), n=5, seed=6).astype(np.float32)
+    src = _npy(tmp_path, truth)
+    out = tmp_path / "out.zarr"
+    from nbapp.blockwise import VolumeSource
+
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        drain(blockwise_steps([LabelEngine()], truth, out, NO_FILTER,
+                              BlockParams(block_size=16, halo=4), source=VolumeSource(str(src))),
+              lambda p: cancel.set() if p.done >= 2 else None, cancel)
+    params = NO_FILTER.replace(median_size=1)
+    res = drain(blockwise_steps([LabelEngine()], truth, out, params,
+                                BlockParams(block_size=16, halo=4), source=VolumeSource(str(src))))
+    assert res.skipped == 0
+    assert np.array_equal(np.asarray(res.labels()[...]), in_memory(truth, params))
+
+
+def test_a_failing_block_fails_the_job_and_keeps_the_store_consistent(tmp_path):
+    truth = ellipsoids((32, 64, 64), n=5, seed=7).astype(np.float32)
+    out = tmp_path / "out.zarr"
+
+    class Failing(LabelEngine):
+        def infer(self, images, *a, **k):
+            if self.calls >= 20:
+                raise RuntimeError("device lost")
+            return super().infer(images, *a, **k)
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        drain(blockwise_steps([Failing()], truth, out, NO_FILTER,
+                              BlockParams(block_size=16, halo=4)))
+    assert not out.exists()
+    store = WorkStore(out)
+    done = store.finished()
+    assert 0 < len(done) < 16
+    labels = store.labels()
+    for b in store.attach(store.path).grid:  # finished blocks written, the others untouched
+        core = np.asarray(labels[tuple(slice(lo, hi) for lo, hi in b.core)])
+        if b.index not in done:
+            assert not core.any()
+
+
+# -- parameters and errors -------------------------------------------------------------------------
+
+def test_block_size_from_the_memory_budget():
+    assert choose_block_size((1000, 4000, 4000), VolumeParams()) == (304, 304, 304)
+    small = choose_block_size((1000, 4000, 4000), VolumeParams(),
+                              BlockParams(memory_budget=256 << 20))
+    assert small[0] < 304 and small[0] % 16 == 0
+    assert choose_block_size((40, 4000, 4000), VolumeParams(), BlockParams(block_size=(8, 64, 64))) \
+        == (8, 64, 64)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"block_size": 4}, "block_size"),
+    ({"block_size": (8, 8)}, "block_size"),
+    ({"halo": 1}, "halo"),
+    ({"memory_budget": 1000}, "memory_budget"),
+])
+def test_bad_block_params(kw, match):
+    with pytest.raises(ParameterError, match=match):
+        BlockParams(**kw)
+
+
+def test_bad_jobs_are_refused_before_any_work(tmp_path):
+    vol = np.zeros((32, 32, 32), np.float32)
+    engine = LabelEngine()
+    with pytest.raises(InputError, match=".zarr"):
+        drain(blockwise_steps([engine], vol, tmp_path / "out.tif", NO_FILTER))
+    with pytest.raises(InputError, match="does not exist"):
+        drain(blockwise_steps([engine], vol, tmp_path / "no" / "out.zarr", NO_FILTER))
+    with pytest.raises(InputError, match="stacks"):
+        drain(blockwise_steps([engine], vol, tmp_path / "out.zarr",
+                              NO_FILTER.replace(return_stacks=True)))
+    with pytest.raises(InputError, match="file"):
+        drain(blockwise_steps([engine], vol, tmp_path / "out.zarr", NO_FILTER, workers="processes"))
+    with pytest.raises(InputError, match="threads"):
+        drain(blockwise_steps([engine], vol, tmp_path / "out.zarr", NO_FILTER, workers="gpu"))
+    assert engine.calls == 0 and not list(tmp_path.iterdir())
