@@ -41,7 +41,7 @@ import numpy as np
 
 from nbapp.errors import InputError, NbappError
 from nbapp.params import ConsensusParams, VolumeParams
-from nbapp.stitch import (Block, block_grid, core_table, edge_slabs, filter_complete,
+from nbapp.stitch import (Block, block_grid, box_shape, core_table, edge_slabs, filter_complete,
                           grow, join_objects, mutual_pairs, slab_pairs, to_slices, uid_base, within)
 from nbapp.volume import (_SLICE_DIVISOR, JOB_BYTES_PER_VOXEL, track_plane,
                           plane_axis, plane_stack_steps, semantic_consensus, volume_intensity)
@@ -574,12 +574,19 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
     engine = engines[0]
     thing_list = tuple(engine.model.config.thing_list)
     block_size = choose_block_size(shape, params, blocks)
-    for plane in params.planes:  # a block's slices must be large enough for the network
+    reach = max(blocks.halo, (params.median_size - 1) // 2 + STITCH_DEPTH)
+    smallest = np.min([box_shape(grow(b.core, reach, shape)) for b in block_grid(shape, block_size)],
+                      axis=0)
+    for plane in params.planes:  # every block's slices must be large enough for the network
         ax = plane_axis(plane)
-        side = tuple(min(n, s + 2 * blocks.halo) for i, (n, s) in
-                     enumerate(zip(shape, block_size)) if i != ax)
+        side = tuple(int(s) for i, s in enumerate(smallest) if i != ax)
         if hasattr(engine, "check_size"):
-            engine.check_size(side, params.slice.downsampling, f"{plane} slice of a block")
+            try:
+                engine.check_size(side, params.slice.downsampling, f"{plane} slice of a block")
+            except InputError as exc:
+                raise InputError(f"{exc}: blocks of {'x'.join(map(str, block_size))} with a "
+                                 f"{blocks.halo}-voxel halo are too small for this model here; "
+                                 "give a larger block size") from None
     if intensity is None:
         intensity = volume_intensity(volume)
     remote = client is not None or workers == "processes"

@@ -291,3 +291,127 @@ def test_bad_jobs_are_refused_before_any_work(tmp_path):
     with pytest.raises(InputError, match="threads"):
         drain(blockwise_steps([engine], vol, tmp_path / "out.zarr", NO_FILTER, workers="gpu"))
     assert engine.calls == 0 and not list(tmp_path.iterdir())
+
+
+def test_semantic_only_blockwise_is_the_voxel_vote(tmp_path):
+    from nbapp.params import SliceParams
+
+    truth = ellipsoids((32, 48, 48), n=5, seed=2).astype(np.float32)
+    params = VolumeParams(slice=SliceParams(semantic_only=True, label_divisor=0), median_size=1)
+    _, lab = blockwise(truth, tmp_path / "out.zarr", params, block=16, halo=4)
+    assert np.array_equal(lab, in_memory(truth, params))
+    assert np.array_equal(lab, (truth > 0).astype(np.int32))
+
+
+# -- workers: processes and a Dask cluster ---------------------------------------------------------
+
+@pytest.fixture
+def tiny_volume(tmp_path):
+    """A crop of the demo volume (file) and the default model: real objects, a few seconds."""
+    from nbapp.samples import demo_volume
+
+    vol = demo_volume()[0][:40, 40:112, 40:112]
+    np.save(tmp_path / "vol.npy", vol)
+    return str(tmp_path / "vol.npy"), "default"
+
+
+def _labels(result):
+    return np.asarray(result.labels()[...])
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_threads_labels(tmp_path, tiny_volume):
+    from nbapp.run3d import segment_blockwise
+
+    vol, model = tiny_volume
+    params = VolumeParams(consensus=ConsensusParams(min_size=0, min_extent=0))
+    blocks = BlockParams(block_size=(40, 36, 36), halo=8)
+    local = segment_blockwise(vol, tmp_path / "a.zarr", model, params, blocks, devices="cpu")
+    procs = segment_blockwise(vol, tmp_path / "b.zarr", model, params, blocks,
+                              devices="cpu,cpu", workers="processes")
+    assert local.blocks == procs.blocks == 4
+    assert local.objects > 0
+    np.testing.assert_array_equal(_labels(local), _labels(procs))
+
+
+@pytest.mark.slow
+def test_dask_cluster_of_two_workers_gives_the_local_labels(tmp_path, tiny_volume):
+    distributed = pytest.importorskip("distributed")
+    from nbapp.run3d import segment_blockwise
+
+    vol, model = tiny_volume
+    params = VolumeParams(consensus=ConsensusParams(min_size=0, min_extent=0))
+    blocks = BlockParams(block_size=(40, 36, 36), halo=8)
+    local = segment_blockwise(vol, tmp_path / "a.zarr", model, params, blocks, devices="cpu")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        remote = segment_blockwise(vol, tmp_path / "b.zarr", model, params, blocks,
+                                   devices="cpu", client=client)
+        assert len(client.scheduler_info()["workers"]) == 2
+    np.testing.assert_array_equal(_labels(local), _labels(remote))
+    assert remote.table == local.table
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+def test_cli_blockwise_with_table_and_resume(tmp_path, tiny_volume, capsys):
+    import csv
+
+    from nbapp.cli import main
+    from nbapp.run3d import segment_blockwise
+
+    vol, model = tiny_volume
+    out = tmp_path / "out.zarr"
+    args = ["segment", vol, "-o", str(out), "--mode", "3d", "--model", model,
+            "--block-size", "40,36,36", "--halo", "8", "--min-size", "0", "--min-extent", "0",
+            "--table", str(tmp_path / "objects.csv")]
+    # an interrupted earlier run of the same job: three blocks finished
+    cancel = threading.Event()
+    params = VolumeParams(consensus=ConsensusParams(min_size=0, min_extent=0))
+    with pytest.raises(Cancelled):
+        segment_blockwise(vol, out, model, params, BlockParams(block_size=(40, 36, 36), halo=8),
+                          devices="cpu", cancel=cancel,
+                          progress=lambda p: cancel.set() if p.done >= 2 else None)
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "2 of them from an earlier run" in err and "4 blocks" in err
+    lab = np.asarray(read_image(out, lazy=True)[0][...])
+    with open(tmp_path / "objects.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == int(lab.max()) > 0
+    first = rows[0]
+    assert int(first["voxels"]) == int((lab == int(first["id"])).sum())
+
+
+def test_cli_runs_blockwise_by_itself_when_memory_is_short(tmp_path, tiny_volume, capsys,
+                                                           monkeypatch):
+    import nbapp.blockwise as bw
+    from nbapp.cli import main
+
+    vol, model = tiny_volume
+    monkeypatch.setattr(bw, "needs_blockwise", lambda *a, **k: True)
+    code = main(["segment", vol, "-o", str(tmp_path / "out.tif"), "--mode", "3d", "--model", model])
+    err = capsys.readouterr().err
+    assert code != 0 and "write to a .zarr output" in err
+    assert main(["segment", vol, "-o", str(tmp_path / "out.zarr"), "--mode", "3d",
+                 "--model", model]) == 0
+    err = capsys.readouterr().err
+    assert "block by block" in err and "OME-Zarr" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--block-size", "4"], "block_size"),
+    (["--block-size", "a,b"], "not a block size"),
+    (["--halo", "1"], "halo"),
+    (["--blockwise", "--return-stacks"], "stacks"),
+    (["--block-size", "16", "--halo", "4"], "give a larger block size"),
+])
+def test_cli_bad_blockwise_options(tmp_path, tiny_volume, capsys, extra, message):
+    from nbapp.cli import main
+
+    vol, model = tiny_volume
+    code = main(["segment", vol, "-o", str(tmp_path / "out.zarr"), "--mode", "3d",
+                 "--model", model, *extra])
+    assert code != 0 and message in capsys.readouterr().err
+    assert not (tmp_path / "out.zarr").exists()

@@ -1,0 +1,199 @@
+"""Blockwise 3D benchmark: bounded memory as volumes grow, time against the in-memory job, and
+how close the blockwise labels are to the in-memory ones.
+
+Two parts, each case in a fresh subprocess (so that peak memory is its own):
+
+``--part scale``: ortho-plane jobs on volumes of 64 M, 256 M and 1 G voxels, tiled from the
+synthetic demo volume into a zarr store on disk (read lazily by both paths): wall time and peak
+resident memory of the blockwise job (default block size, OME-Zarr output) and of the in-memory
+job where its estimate fits in the memory this machine has.
+
+``--part fidelity``: F1@0.5 between the blockwise and the in-memory labels, and of each against
+the ground truth: the default model on the real Lucchi++ FIB-SEM volume (downsampling 2, the
+scale suggestion for its 5 nm voxels) at halos 16 and 32, and a perfect network (ideal heads of
+each slice's instances, tests/models.py) on UroCell label volumes.
+
+Run: ``python bench/bench_blockwise.py --part scale [--sizes 64M,256M,1G] [--downsampling 2]``
+and ``--part fidelity``. Writes bench/results/bench_blockwise_<part>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("NBAPP_DATA", HERE.parents[1] / "shared" / "data"))
+SIZES = {"64M": (256, 512, 512), "256M": (256, 1024, 1024), "1G": (1024, 1024, 1024)}
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def tiled_store(shape: tuple, folder: Path) -> Path:
+    """The demo volume tiled (mirrored at every seam, so no edge is a cut) into a zarr array."""
+    import zarr
+
+    from nbapp.samples import demo_volume
+
+    path = folder / f"vol_{'x'.join(map(str, shape))}.zarr"
+    if path.exists():
+        return path
+    tile = demo_volume()[0]
+    reps = [int(np.ceil(s / t)) for s, t in zip(shape, tile.shape)]
+    arr = zarr.create_array(str(path), shape=shape, chunks=(32, 256, 256), dtype="uint8")
+    for z in range(0, shape[0], 32):
+        zs = np.arange(z, min(shape[0], z + 32))
+        zi = np.where((zs // tile.shape[0]) % 2 == 0, zs % tile.shape[0],
+                      tile.shape[0] - 1 - zs % tile.shape[0])
+        slab = tile[zi]
+        row = np.concatenate([slab if i % 2 == 0 else slab[:, ::-1] for i in range(reps[1])],
+                             axis=1)[:, : shape[1]]
+        row = np.concatenate([row if i % 2 == 0 else row[:, :, ::-1] for i in range(reps[2])],
+                             axis=2)[:, :, : shape[2]]
+        arr[z : z + len(zs)] = row
+    return path
+
+
+def child_scale(store: str, mode: str, downsampling: int, out: str) -> dict:
+    from nbapp.blockwise import BlockParams, blockwise_steps
+    from nbapp.io import read_image
+    from nbapp.params import SliceParams, VolumeParams
+    from nbapp.run3d import drain, job_steps, make_engines
+
+    vol = read_image(store, lazy=True)[0]
+    params = VolumeParams(slice=SliceParams(downsampling=downsampling))
+    engines = make_engines("default", "cpu")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if mode == "blockwise":
+        res = drain(blockwise_steps(engines, vol, out, params, BlockParams()))
+        objects, extra = res.objects, {"blocks": res.blocks, "block_size": res.block_size,
+                                       "timings": res.timings}
+    else:
+        res = drain(job_steps(engines, vol, params))
+        from nbapp.io import write_labels
+
+        write_labels(out, res.labels)
+        objects, extra = int(res.labels.max()), {}
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"wall_s": wall, "peak_rss_mb": peak / 1024, "rss_before_job_mb": rss0 / 1024,
+            "objects": objects, **extra}
+
+
+def child_fidelity(case: str, halo: int) -> dict:
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    import tifffile
+    from models import LabelEngine, f1_score
+
+    from nbapp.blockwise import BlockParams, blockwise_steps
+    from nbapp.params import SliceParams, VolumeParams
+    from nbapp.run3d import drain, job_steps, make_engines
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if case == "lucchi":
+            vol = tifffile.imread(DATA / "lucchi_pp_train" / "train_raw.tif")
+            gt = tifffile.imread(DATA / "lucchi_pp_train" / "train_mito_instances_3d_cc.tif")
+            params = VolumeParams(slice=SliceParams(downsampling=2))
+            engines = make_engines("default", "cpu")
+            blocks = BlockParams(halo=halo)
+        else:
+            gt = tifffile.imread(DATA / "urocell_mito_labels" / case)
+            vol = gt.astype(np.float32)
+            params = VolumeParams()
+            engines = [LabelEngine()]
+            blocks = BlockParams(block_size=96, halo=halo)
+        t0 = time.perf_counter()
+        mem = drain(job_steps(engines, vol, params)).labels
+        t1 = time.perf_counter()
+        res = drain(blockwise_steps(engines, vol, Path(tmp) / "out.zarr", params, blocks))
+        t2 = time.perf_counter()
+        lab = np.asarray(res.labels()[...])
+    return {"case": case, "halo": halo, "blocks": res.blocks, "block_size": res.block_size,
+            "objects_in_memory": int(mem.max()), "objects_blockwise": int(lab.max()),
+            "f1_blockwise_vs_in_memory": f1_score(lab, mem),
+            "f1_in_memory_vs_truth": f1_score(mem, gt), "f1_blockwise_vs_truth": f1_score(lab, gt),
+            "in_memory_s": t1 - t0, "blockwise_s": t2 - t1}
+
+
+def run_child(args: list) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *map(str, args)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=("scale", "fidelity"), default="scale")
+    ap.add_argument("--sizes", default="64M,256M,1G")
+    ap.add_argument("--downsampling", type=int, default=2)
+    ap.add_argument("--folder", default=None, help="where the tiled volumes go (default: a temp dir)")
+    ap.add_argument("--child", nargs="*", default=None)
+    a = ap.parse_args()
+    if a.child is not None:
+        kind, *rest = a.child
+        if kind == "scale":
+            store, mode, ds, out = rest
+            print(json.dumps(child_scale(store, mode, int(ds), out), default=str))
+        else:
+            case, halo = rest
+            print(json.dumps(child_fidelity(case, int(halo)), default=str))
+        return
+    rows = []
+    if a.part == "scale":
+        from nbapp.memory import available_bytes
+        from nbapp.params import SliceParams, VolumeParams
+        from nbapp.volume import job_memory
+
+        folder = Path(a.folder or tempfile.mkdtemp(prefix="nbapp-bench-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        for size in a.sizes.split(","):
+            shape = SIZES[size]
+            store = tiled_store(shape, folder)
+            need = job_memory(shape, VolumeParams(slice=SliceParams(downsampling=a.downsampling)))
+            modes = ["blockwise"] + (["in-memory"] if need < 0.8 * available_bytes() else [])
+            for mode in modes:
+                out = folder / f"out_{size}_{mode}.zarr"
+                shutil.rmtree(out, ignore_errors=True)
+                row = {"size": size, "shape": shape, "voxels": int(np.prod(shape)), "mode": mode,
+                       "in_memory_estimate_gb": need / 1e9,
+                       **run_child(["scale", store, mode, a.downsampling, out])}
+                shutil.rmtree(out, ignore_errors=True)
+                print(json.dumps(row, default=str), flush=True)
+                rows.append(row)
+        if a.folder is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    else:
+        cases = [("lucchi", 16), ("lucchi", 32)] if (DATA / "lucchi_pp_train").exists() else []
+        uro = sorted((DATA / "urocell_mito_labels").glob("*.tif"))[:3]
+        cases += [(p.name, 16) for p in uro]
+        for case, halo in cases:
+            row = run_child(["fidelity", case, halo])
+            print(json.dumps(row, default=str), flush=True)
+            rows.append(row)
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"bench_blockwise_{a.part}.json").write_text(
+        json.dumps({"machine": machine(), "downsampling": a.downsampling, "rows": rows},
+                   indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
