@@ -47,6 +47,7 @@ from nbapp.volume import (_SLICE_DIVISOR, JOB_BYTES_PER_VOXEL, track_plane,
                           plane_axis, plane_stack_steps, semantic_consensus, volume_intensity)
 
 __all__ = ["BlockParams", "BlockProgress", "BlockwiseResult", "VolumeSource", "WorkStore",
+           "coarse_level",
            "choose_block_size", "block_labels_steps", "blockwise_steps", "needs_blockwise",
            "DEFAULT_BLOCK_BUDGET", "STITCH_DEPTH"]
 
@@ -423,6 +424,24 @@ def pyramid_factors(shape: tuple, smallest: int = 64) -> list[dict]:
         out.append({a: (f if n // f >= 1 else 1) for a, n in zip("zyx", shape)})
         f *= 2
     return out
+
+
+def coarse_level(path: str | os.PathLike, max_side: int = 160) -> tuple[np.ndarray, int]:
+    """The first level of an OME-Zarr output whose largest side is at most ``max_side`` (else
+    the coarsest), read into memory, and its downsampling factor (a 3D preview of labels
+    larger than memory)."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
+    base = group[datasets[0]["path"]].shape
+    chosen = datasets[-1]["path"]
+    for d in datasets:
+        if max(group[d["path"]].shape) <= max_side:
+            chosen = d["path"]
+            break
+    arr = np.asarray(group[chosen][...])
+    return arr, int(round(max(b / s for b, s in zip(base, arr.shape))))
 
 
 def write_output(store: WorkStore, luts: dict, output: Path, voxel_size: tuple | None,

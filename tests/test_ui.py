@@ -1106,3 +1106,70 @@ def test_ground_truth_file_is_checked(volume, tmp_path):
         assert app.session.sweep("nope") is None and "cannot sweep" in app.state.status
     finally:
         app.close()
+
+
+# ---------------------------------------------------------------- volumes larger than memory
+
+def test_a_volume_too_large_to_load_runs_block_by_block(volume, tmp_path, monkeypatch):
+    """A file larger than the kernel's share stays on disk: the 2D tab reads slices, the 3D
+    job runs block by block into nbapp-exports/NAME_3d.zarr, the views read the result lazily
+    (the 3D view from its pyramid), and a .tif export is refused with the reason."""
+    import zarr
+
+    from nbapp.blockwise import BlockParams
+
+    root = tmp_path / "root"
+    root.mkdir()
+    big = np.concatenate([volume, volume[::-1]], axis=0)  # 32 x 64 x 64
+    arr = zarr.create_array(str(root / "big.zarr"), shape=big.shape, chunks=(8, 64, 64),
+                            dtype=big.dtype)
+    arr[...] = big
+    monkeypatch.setenv("NBAPP_LAZY_ABOVE_MB", "0.01")
+    a = make_app(volume, data_root=root)
+    try:
+        st = a.state
+        a.session.block_params = BlockParams(block_size=(32, 32, 32), halo=16)
+        a.data_panel.path.value = "big.zarr"
+        a.data_panel.load.click()
+        assert st.status_level == "ok" and "slice by slice" in st.status
+        assert not isinstance(st.data.array, np.ndarray) and st.data.shape == big.shape
+        assert st.result2d is not None and st.result2d.labels.shape == big.shape[1:]
+        assert st.blockwise and a.controls3d.blockwise.disabled
+        small_lab(a)
+        a.controls3d.run.click()
+        assert st.job.state == JobState.DONE, st.status
+        out = root / "nbapp-exports" / "big_3d.zarr"
+        assert str(out) in st.status and st.job_output == str(out)
+        bars = a.controls3d.progress
+        assert bars.rows["blocks"].layout.display is None and bars.rows["xy"].layout.display == "none"
+        assert bars.bars["blocks"].value == bars.bars["blocks"].max == 4
+        assert not isinstance(st.labels3d, np.ndarray) and st.labels3d.shape == big.shape
+        labels = np.asarray(st.labels3d[...])
+        n = int(labels.max())
+        assert n > 0 and len(st.table) == n and st.table[0]["class"] == "mito"
+        assert a.stacks_view.axes[3].get_title() == f"consensus: {n} objects"
+        assert 0 < len(a.view3d.figure.meshes) <= min(n, 64)
+        assert a.session.export_labels("nbapp-exports/copy.tif") is None
+        assert "export to NAME.zarr" in st.status
+        assert a.session.export_labels("nbapp-exports/copy.zarr") is not None
+        assert a.session.export_table("nbapp-exports/objects.csv") is not None
+    finally:
+        a.close()
+
+
+def test_block_by_block_on_loaded_data_gives_the_in_memory_labels(volume, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    a = make_app(volume, data_root=root)
+    try:
+        st = a.state
+        small_lab(a)
+        a.session.run_3d()
+        in_memory = st.labels3d.copy()
+        a.controls3d.blockwise.value = True
+        a.session.run_3d()
+        assert st.job.state == JobState.DONE, st.status
+        assert np.array_equal(np.asarray(st.labels3d[...]), in_memory)
+        assert (root / "nbapp-exports" / "array_3d.zarr").exists()
+    finally:
+        a.close()

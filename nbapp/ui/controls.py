@@ -363,23 +363,30 @@ class Controls2D:
 
 
 class ProgressBars:
-    """One progress bar per plane (and one for the consensus) fed by job snapshots."""
+    """One progress bar per plane (and one for the consensus) fed by job snapshots; a
+    blockwise job has one bar, of blocks."""
 
-    ROWS = (*PLANES, "all")
+    ROWS = (*PLANES, "all", "blocks")
 
     def __init__(self, state: AppState):
         self.state = state
         # one label column, so that the consensus bar is as long as the plane bars
-        self.bars = {p: W.IntProgress(0, min=0, max=1, description=p if p != "all" else "consensus",
+        names = {"all": "consensus", "blocks": "blocks"}
+        self.bars = {p: W.IntProgress(0, min=0, max=1, description=names.get(p, p),
                                       style={"description_width": "80px"},
                                       layout=_layout("300px")) for p in self.ROWS}
         self.labels = {p: W.Label("") for p in self.ROWS}
+        self.rows = {p: W.HBox([self.bars[p], self.labels[p]]) for p in self.ROWS}
+        self.rows["blocks"].layout.display = "none"
         self.summary = W.HTML("")
-        self.widget = W.VBox([self.summary] + [W.HBox([self.bars[p], self.labels[p]]) for p in self.ROWS])
+        self.widget = W.VBox([self.summary] + list(self.rows.values()))
         state.observe(self._update, names=["job"])
 
     def _update(self, change=None) -> None:
         snap = self.state.job
+        blockwise = "blocks" in snap.planes
+        for p in self.ROWS:
+            self.rows[p].layout.display = "none" if blockwise != (p == "blocks") else None
         for p in self.ROWS:
             if p in snap.planes:
                 done, total = snap.planes[p]
@@ -392,6 +399,11 @@ class ProgressBars:
                     bar.value = bar.max
                 text = f"{stage} {done}/{total}" if stage == "network" else (
                     f"{stage} {'done' if done >= total else '...'}")
+                if p == "blocks":
+                    text = (f"{done}/{total} blocks" if stage == "network"
+                            else f"{stage} {done}/{total}")
+                    if snap.detail and snap.state == JobState.RUNNING:
+                        text += f" · {snap.detail}"
                 if p == snap.plane and snap.state == JobState.RUNNING:
                     text += f" · {snap.elapsed:.1f} s"
                     if snap.eta is not None:
@@ -426,6 +438,14 @@ class Controls3D:
             "return_stacks": W.Checkbox(vp.return_stacks),
         }
         self.widgets = _labelled(w, self._param)
+        self.blockwise = W.Checkbox(state.blockwise, description="Block by block (larger than "
+                                    "memory; resumes)", indent=False, style=_WIDE,
+                                    layout=W.Layout(width="auto"),
+                                    tooltip="run the 3D job on blocks of the volume into an "
+                                            "OME-Zarr file in nbapp-exports/; a volume too large "
+                                            "to load always runs this way")
+        W.link((self.blockwise, "value"), (state, "blockwise"))
+        state.observe(self._data, names=["data"])
         self.run = W.Button(description="Run", icon="play", button_style="primary")
         self.cancel = W.Button(description="Cancel", icon="stop", disabled=True)
         self.rerun = W.Button(description="Re-run consensus", icon="refresh", disabled=True)
@@ -447,7 +467,8 @@ class Controls3D:
         state.observe(self._from_state, names=["volume_params"])
         state.observe(self._job, names=["job", "stacks"])
         self.widget = W.VBox([
-            *w.values(), W.HBox([self.run, self.cancel, self.rerun]), self.progress.widget,
+            *w.values(), self.blockwise, W.HBox([self.run, self.cancel, self.rerun]),
+            self.progress.widget,
         ])
         self.export_widget = W.VBox([W.HBox([self.export_path, self.export_labels]),
                                      W.HBox([self.table_path, self.export_table])])
@@ -476,6 +497,12 @@ class Controls3D:
             if widget.value != v:
                 widget.value = v
         self.widgets["plane"].disabled = vp.orthoplane
+
+    def _data(self, change=None) -> None:
+        lazy = self.state.data is not None and bool(self.state.data.meta.get("lazy"))
+        if lazy:
+            self.state.blockwise = True
+        self.blockwise.disabled = lazy
 
     def _job(self, change=None) -> None:
         running = self.state.job.state == JobState.RUNNING

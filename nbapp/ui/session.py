@@ -144,13 +144,18 @@ class Session(SliceActions, VolumeActions, TuneActions):
 
     # -- data
     def set_volume(self, array, name: str = "array", voxel_size=None, meta: dict | None = None) -> None:
-        """Use ``array`` (2D image or 3D stack / volume) as the data."""
+        """Use ``array`` (2D image or 3D stack / volume) as the data. With ``meta["lazy"]``
+        a volume stays on disk (read slice by slice; 3D jobs run block by block)."""
+        lazy = bool((meta or {}).get("lazy"))
         try:
             arr = np.asarray(array) if not hasattr(array, "shape") else array
             kind = detect_kind(tuple(arr.shape), voxel_size)
             if not hasattr(arr, "dtype") or arr.dtype == bool or np.iscomplexobj(arr):
                 raise InputError(f"{name}: cannot segment data of dtype {getattr(arr, 'dtype', '?')}")
-            arr = np.asarray(arr)
+            if lazy and kind != "volume":
+                raise InputError(f"{name} is too large to load and is not a volume "
+                                 f"({'x'.join(map(str, arr.shape))}): crop it")
+            arr = arr if lazy else np.asarray(arr)
             if kind == "volume":
                 from nbapp.volume import volume_intensity
 
@@ -169,7 +174,9 @@ class Session(SliceActions, VolumeActions, TuneActions):
         finally:
             self._quiet = False
         vs = f", voxel size {'x'.join(f'{v:g}' for v in ds.voxel_size)} nm" if ds.voxel_size else ""
-        st.say(f"loaded {name}: {kind} {'x'.join(map(str, arr.shape))} {arr.dtype}{vs}", "ok")
+        how = (" (larger than memory: read from disk slice by slice; the 3D job runs block by "
+               "block)") if lazy else ""
+        st.say(f"loaded {name}: {kind} {'x'.join(map(str, arr.shape))} {arr.dtype}{vs}{how}", "ok")
         self.request_2d()
 
     def _reset_for(self, ds: DataSet, kind: str) -> None:
@@ -185,6 +192,7 @@ class Session(SliceActions, VolumeActions, TuneActions):
             st.batch_labels = None
             st.stacks = {}
             st.labels3d = None
+            st.job_output = ""
             st.table = []
             st.plane = "xy"
             st.index = arr.shape[0] // 2 if kind != "image" else 0
@@ -200,11 +208,27 @@ class Session(SliceActions, VolumeActions, TuneActions):
             text = str(path).strip()
             if not text:
                 raise InputError("no path given: type a file name (inside the data root)")
-            arr, meta = read_image(text, root=self.data_root)
+            arr, meta = read_image(text, lazy=True, root=self.data_root)
+            size = int(np.prod(arr.shape, dtype=np.int64)) * arr.dtype.itemsize
+            if len(arr.shape) == 3 and size > self.lazy_above_bytes() and \
+                    not isinstance(arr, np.ndarray):  # (a NumPy memmap is read in one go below)
+                meta = {**meta, "lazy": True, "source": text}
+            else:
+                arr, meta = read_image(text, root=self.data_root)
         except Exception as exc:  # noqa: BLE001
             self.report(exc, "cannot load")
             return
         self.set_volume(arr, Path(source_file(text)).name, meta.get("voxel_size"), meta)
+
+    def lazy_above_bytes(self) -> int:
+        """Volumes larger than this stay on disk: ``$NBAPP_LAZY_ABOVE_MB``, else a quarter of
+        the memory this kernel has left (the rest is for a job's labels)."""
+        env = os.environ.get("NBAPP_LAZY_ABOVE_MB")
+        if env:
+            return int(float(env) * 1e6)
+        from nbapp.memory import available_bytes
+
+        return available_bytes() // 4
 
     def load_upload(self, name: str, content: bytes, size: int | None = None) -> None:
         """Read an uploaded file (size-limited; written to a private temporary folder)."""
@@ -403,7 +427,11 @@ class Session(SliceActions, VolumeActions, TuneActions):
             labels = self.current_labels()
             if labels is None:
                 raise InputError("nothing to export yet: segment a slice or run a 3D job")
-            target = write_labels(self._export_target(path), labels)
+            target = self._export_target(path)
+            if not isinstance(labels, np.ndarray) and target.suffix.lower() != ".zarr":
+                raise InputError(f"the labels of a blockwise job are larger than memory (already "
+                                 f"saved in {self.state.job_output}): export to NAME.zarr")
+            target = write_labels(target, labels)
         except Exception as exc:  # noqa: BLE001
             self.report(exc, "export failed")
             return None

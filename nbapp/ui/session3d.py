@@ -74,13 +74,17 @@ class VolumeActions:
             vp = st.volume_params.replace(slice=st.slice_params.replace(batch_mode=False))
             engines = self._engines_for(st.model)
             volume, intensity = st.data.array, st.data.intensity
-            check_job_memory(tuple(volume.shape), vp, engines[0])
+            if self.runs_blockwise():
+                job, where = self._blockwise_job(engines, vp)
+            else:
+                check_job_memory(tuple(volume.shape), vp, engines[0])
+                where = ""
 
-            def job():
-                return job_steps(engines, volume, vp, intensity=intensity)
+                def job():
+                    return job_steps(engines, volume, vp, intensity=intensity)
 
             st.say(f"3D job started: {'ortho-plane' if vp.orthoplane else vp.plane} on "
-                   f"{', '.join(str(e.device) for e in engines)}", "info")
+                   f"{', '.join(str(e.device) for e in engines)}{where}", "info")
             if not self.jobs.busy:
                 self._marker = JobMarker.from_env(kernel_id())
                 if self._marker is not None:
@@ -91,6 +95,39 @@ class VolumeActions:
             self.report(exc, "cannot start the 3D job")
             return False
         return True
+
+    def runs_blockwise(self) -> bool:
+        """Whether the 3D job runs block by block: data left on disk, or asked for."""
+        data = self.state.data
+        return data is not None and (bool(data.meta.get("lazy")) or self.state.blockwise)
+
+    def _blockwise_job(self, engines, vp) -> tuple:
+        """The blockwise job of the data (a zero-argument callable for the runner) and where it
+        writes: ``nbapp-exports/NAME_3d.zarr`` in the data root. The name is the same for the
+        same data, so that running again after a stop or a kernel restart resumes (the blocks
+        already done are skipped)."""
+        import re
+
+        from nbapp.blockwise import BlockParams, VolumeSource, blockwise_steps
+
+        st = self.state
+        if vp.return_stacks:
+            raise InputError("a block-by-block job does not keep the per-plane stacks: untick "
+                             "'return stacks'")
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(st.data.name).stem).strip("._") or "volume"
+        target = self._export_target(f"{EXPORT_FOLDER}/{stem}_3d.zarr")
+        src = st.data.meta.get("source")
+        source = None if src is None else VolumeSource(
+            src, None if self.data_root is None else str(self.data_root))
+        volume, intensity, vs = st.data.array, st.data.intensity, st.data.voxel_size
+        st.job_output = str(target)
+
+        def job():
+            return blockwise_steps(engines, volume, target, vp,
+                                   getattr(self, "block_params", None) or BlockParams(),
+                                   intensity=intensity, source=source, voxel_size=vs)
+
+        return job, f", block by block into {target}"
 
     def _end_marker(self) -> bool:
         """Remove the running-job marker; True if the page was closed while the job ran."""
@@ -130,11 +167,14 @@ class VolumeActions:
         if snap.job_id < st.job.job_id:
             return
         if snap.finished and self._marker is not None:
-            if self._marker.orphaned and snap.state == JobState.DONE:
+            if self._marker.orphaned and snap.state == JobState.DONE \
+                    and not hasattr(snap.result, "table"):  # (a blockwise job's is on disk)
                 self._save_for_closed_page(getattr(snap.result, "labels", None))
             self._end_marker()
         st.job = snap
-        if snap.state == JobState.DONE and snap.result is not None:
+        if snap.state == JobState.DONE and hasattr(snap.result, "table"):
+            self._apply_blockwise(snap)
+        elif snap.state == JobState.DONE and snap.result is not None:
             res = snap.result
             with st.hold_trait_notifications():
                 st.stacks = dict(res.stacks)
@@ -153,6 +193,21 @@ class VolumeActions:
             st.say("3D job cancelled", "warning")
         elif snap.state == JobState.FAILED:
             st.say(f"3D job failed: {snap.error}", "error")
+
+    def _apply_blockwise(self, snap: Snapshot) -> None:
+        """A blockwise job ended: its labels stay in their OME-Zarr store, read lazily."""
+        st, res = self.state, snap.result
+        names = self._class_names()
+        label = next(iter(names.values()), "") if len(names) == 1 else ""
+        with st.hold_trait_notifications():
+            st.stacks = {}
+            st.labels3d = res.labels()
+            st.table = [{**r, "class": label} for r in res.table]
+            st.result_slice = min(st.result_slice, res.shape[0] - 1)
+            st.score3d = {}
+        again = f", {res.skipped} of them from an earlier run" if res.skipped else ""
+        st.say(f"3D job done in {snap.elapsed:.1f} s: {res.objects} objects, {res.blocks} blocks"
+               f"{again}; labels in {res.path}", "ok")
 
     def rerun_consensus(self) -> None:
         """Consensus again from the stored stacks with the current vote / min size / min extent /

@@ -116,7 +116,10 @@ class AppState(HasTraits):
     # 3D
     job = Instance(Snapshot, default_value=Snapshot())
     stacks = Dict()  # plane -> (Z, Y, X) labels of the last 3D job
-    labels3d = Any(None, allow_none=True)  # consensus (or single-plane) labels
+    labels3d = Any(None, allow_none=True)  # consensus (or single-plane) labels; lazy (zarr)
+    # after a blockwise job
+    job_output = Unicode("")  # where a blockwise job wrote its labels (OME-Zarr)
+    blockwise = Bool(False)  # run the 3D job block by block (forced for data on disk)
     table = List()  # per-object rows of labels3d
     result_slice = Int(0)
     # messages

@@ -56,17 +56,19 @@ class StacksView:
                 show_image(over, np.zeros(shape[1:], np.uint8))
                 ax.set_title(f"{name}: -", fontsize=9)
             else:
-                show_image(over, label_display(v[z]))
-                n = int(np.count_nonzero(np.unique(v)))
+                show_image(over, label_display(np.asarray(v[z])))
+                n = int(np.count_nonzero(np.unique(v))) if isinstance(v, np.ndarray) \
+                    else len(st.table)  # labels on disk: the job's table counts them
                 ax.set_title(f"{name}: {n} objects", fontsize=9)
         self.canvas.draw_idle()
 
 
 def object_meshes(labels: np.ndarray, voxel_size=None, max_objects: int = 64,
-                  max_side: int = 96) -> list[dict]:
+                  max_side: int = 96, factor: int = 1) -> list[dict]:
     """Surfaces of the largest objects of a (Z, Y, X) label volume (marching cubes on a
     downsampled copy): dicts with id, x, y, z (vertex coordinates in voxels of the original,
-    scaled by the voxel size) and triangles."""
+    scaled by the voxel size) and triangles. ``factor``: ``labels`` is already a level
+    downsampled by that much (of labels larger than memory)."""
     from skimage.measure import marching_cubes
 
     labels = np.asarray(labels)
@@ -93,7 +95,7 @@ def object_meshes(labels: np.ndarray, voxel_size=None, max_objects: int = 64,
         except (ValueError, RuntimeError):
             continue
         offset = np.array([s.start - 1 for s in sl], float)
-        verts = (verts + offset) * step * scale
+        verts = (verts + offset) * step * factor * scale
         meshes.append({"id": i, "z": verts[:, 0], "y": verts[:, 1], "x": verts[:, 2],
                        "triangles": faces.astype(np.uint32)})
     return meshes
@@ -131,7 +133,16 @@ class LabelsView3D:
             return
         self.ensure_figure()
         vs = self.state.data.voxel_size if self.state.data is not None else None
-        parts = object_meshes(labels, vs)
+        full_shape = tuple(labels.shape)
+        if isinstance(labels, np.ndarray):
+            parts = object_meshes(labels, vs)
+            n = int(np.count_nonzero(np.unique(labels)))
+        else:  # a blockwise job's labels on disk: the coarse level of its pyramid
+            from nbapp.blockwise import coarse_level
+
+            small, factor = coarse_level(self.state.job_output)
+            parts = object_meshes(small, vs, factor=factor)
+            n = len(self.state.table)
         meshes = []
         for m in parts:
             colour = to_hex(self.cmap(label_display(np.array([m["id"]]))[0]))
@@ -139,12 +150,11 @@ class LabelsView3D:
                                    z=m["z"].astype(np.float32), triangles=m["triangles"],
                                    color=colour))
         self.figure.meshes = meshes
-        shape = np.asarray(labels.shape, float) * (
+        shape = np.asarray(full_shape, float) * (
             np.asarray(vs, float) / min(vs) if vs else 1.0)
         self.figure.xlim = (0.0, float(shape[2]))
         self.figure.ylim = (0.0, float(shape[1]))
         self.figure.zlim = (0.0, float(shape[0]))
-        n = int(np.count_nonzero(np.unique(labels)))
         self.note.value = (f"{len(meshes)} of {n} objects shown"
                            + (" (the largest)" if len(meshes) < n else ""))
 
