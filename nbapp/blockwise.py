@@ -162,12 +162,21 @@ def _open_source(path: str, root):
     return _SOURCES[key]
 
 
+def default_budget() -> int:
+    """:data:`DEFAULT_BLOCK_BUDGET`, or half the memory this process has left when that is
+    less (a container with little memory gets smaller blocks, not a killed kernel)."""
+    from nbapp.memory import available_bytes
+
+    return int(max(64 << 20, min(DEFAULT_BLOCK_BUDGET, available_bytes() // 2)))
+
+
 def choose_block_size(shape: tuple, params: VolumeParams, blocks: BlockParams = BlockParams()
                       ) -> tuple:
     """The core side of each axis: ``blocks.block_size`` when given, else the largest cube
-    (a multiple of 16) whose job with its margins fits ``blocks.memory_budget``, at least 64.
+    (a multiple of 16) whose job with its margins fits ``blocks.memory_budget`` (default
+    :func:`default_budget`), at least 64.
 
-    >>> choose_block_size((1000, 2000, 2000), VolumeParams())
+    >>> choose_block_size((1000, 2000, 2000), VolumeParams(), BlockParams(memory_budget=1200 << 20))
     (304, 304, 304)
     >>> choose_block_size((50, 2000, 2000), VolumeParams(), BlockParams(block_size=100))
     (50, 100, 100)
@@ -176,7 +185,7 @@ def choose_block_size(shape: tuple, params: VolumeParams, blocks: BlockParams = 
         sides = blocks.block_size if isinstance(blocks.block_size, tuple) \
             else (blocks.block_size,) * 3
     else:
-        budget = blocks.memory_budget or DEFAULT_BLOCK_BUDGET
+        budget = blocks.memory_budget or default_budget()
         per = JOB_BYTES_PER_VOXEL["ortho" if params.orthoplane else "single"]
         side = int(round((budget / per) ** (1 / 3))) - 2 * blocks.halo
         side = max(64, side // _SIDE_STEP * _SIDE_STEP)
@@ -297,6 +306,7 @@ class WorkStore:
         self.shape = tuple(int(s) for s in shape)
         self.grid = block_grid(self.shape, block_size)
         chunks = tuple(hi - lo for lo, hi in self.grid[0].core)
+        self.lock()
         job = dict(job, shape=list(self.shape), chunks=list(chunks))
         text = json.dumps(job, sort_keys=True, default=str)
         meta = self.path / "job.json"
@@ -310,6 +320,28 @@ class WorkStore:
                           dtype="int64", fill_value=0)
         meta.write_text(text)
         return 0
+
+    def lock(self) -> None:
+        """Refuse a second live run on the same output (this host); take the lock."""
+        import socket
+
+        from nbapp.io import pid_alive
+
+        lock = self.path.parent / f"{self.path.name}.lock"
+        me = f"{socket.gethostname()} {os.getpid()}"
+        if lock.exists():
+            host, _, pid = lock.read_text().partition(" ")
+            if (host, pid) != tuple(me.split(" ")) and host == socket.gethostname() \
+                    and pid.isdigit() and pid_alive(int(pid)):
+                raise InputError(f"another nbapp run (process {pid}) is writing "
+                                 f"{self.output}: wait for it to end or stop it")
+        lock.write_text(me)
+        self._lock = lock
+
+    def unlock(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.unlink(missing_ok=True)
 
     @classmethod
     def attach(cls, path: str | os.PathLike) -> "WorkStore":
@@ -366,13 +398,24 @@ class WorkStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        self.unlock()
 
 
 def job_identity(source_id: str, shape: tuple, dtype, model_id: str, params: VolumeParams,
                  blocks: BlockParams, intensity: tuple) -> dict:
-    """What makes two runs the same job (a re-run resumes only then)."""
-    return {"version": 1, "source": source_id, "dtype": str(dtype), "model": model_id,
-            "params": repr(params), "halo": blocks.halo,
+    """What makes two runs the same job (a re-run resumes only then): the input (its path,
+    size and modification time), the model, every parameter and the grid."""
+    from nbapp.io import source_file
+
+    stamp = None
+    if not source_id.startswith("array:"):
+        try:
+            st = os.stat(source_file(source_id))
+            stamp = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            pass
+    return {"version": 1, "source": source_id, "stamp": stamp, "dtype": str(dtype),
+            "model": model_id, "params": repr(params), "halo": blocks.halo,
             "intensity": [float(v) for v in intensity[:2]]}
 
 
@@ -575,7 +618,7 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
         In-process (default) or one worker process per engine's device (needs ``source`` and
         a file ``model``).
     """
-    from nbapp.volume import check_volume, sequential_heads
+    from nbapp.volume import check_volume
 
     output = Path(output)
     if output.suffix.lower() != ".zarr":
@@ -623,6 +666,23 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
     if source is None:  # an in-memory array is never resumed: it may have changed
         store.remove()
     skipped = store.open(job, shape, block_size)
+    try:
+        result = yield from _run_job(store, skipped, engines, volume, output, params, blocks,
+                                     intensity, client, remote, source, voxel_size, batch_size,
+                                     keep_work, thing_list, block_size, shape,
+                                     model_spec if remote else None)
+    finally:
+        store.unlock()
+    return result
+
+
+def _run_job(store, skipped, engines, volume, output, params, blocks, intensity, client, remote,
+             source, voxel_size, batch_size, keep_work, thing_list, block_size, shape,
+             model_spec):
+    """The blocks (here, in worker processes or on Dask), the join and the output."""
+    from nbapp.volume import sequential_heads
+
+    engine = engines[0]
     todo = [b for b in store.grid if b.index not in store.finished()]
     total = len(store.grid)
     timings = {"blocks_s": 0.0, "join_s": 0.0, "write_s": 0.0}

@@ -256,8 +256,15 @@ def test_a_failing_block_fails_the_job_and_keeps_the_store_consistent(tmp_path):
 
 # -- parameters and errors -------------------------------------------------------------------------
 
-def test_block_size_from_the_memory_budget():
+def test_block_size_from_the_memory_budget(monkeypatch):
+    import nbapp.memory
+
+    assert choose_block_size((1000, 4000, 4000), VolumeParams(),
+                             BlockParams(memory_budget=1200 << 20)) == (304, 304, 304)
+    monkeypatch.setattr(nbapp.memory, "available_bytes", lambda: 64 << 30)
     assert choose_block_size((1000, 4000, 4000), VolumeParams()) == (304, 304, 304)
+    monkeypatch.setattr(nbapp.memory, "available_bytes", lambda: 1 << 30)  # a small container
+    assert choose_block_size((1000, 4000, 4000), VolumeParams())[0] < 304
     small = choose_block_size((1000, 4000, 4000), VolumeParams(),
                               BlockParams(memory_budget=256 << 20))
     assert small[0] < 304 and small[0] % 16 == 0
@@ -415,3 +422,18 @@ def test_cli_bad_blockwise_options(tmp_path, tiny_volume, capsys, extra, message
                  "--model", model, *extra])
     assert code != 0 and message in capsys.readouterr().err
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_second_live_run_on_the_same_output_is_refused(tmp_path):
+    import os
+    import socket
+
+    out = tmp_path / "out.zarr"
+    lock = tmp_path / ".out.zarr.nbapp-work.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process of this host
+    vol = np.zeros((32, 32, 32), np.float32)
+    with pytest.raises(InputError, match="another nbapp run"):
+        drain(blockwise_steps([LabelEngine()], vol, out, NO_FILTER))
+    lock.write_text(f"{socket.gethostname()} 999999999")  # a dead one: taken over
+    res = drain(blockwise_steps([LabelEngine()], vol, out, NO_FILTER))
+    assert res.objects == 0 and not lock.exists()

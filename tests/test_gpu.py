@@ -67,3 +67,21 @@ def test_default_devices_are_all_gpus():
     from nbapp.run3d import parse_devices
 
     assert parse_devices(None) == [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two or more CUDA devices")
+def test_blockwise_on_every_gpu_matches_one_gpu(demo, tmp_path):
+    """One worker process per CUDA device (the block queue) gives one device's labels."""
+    from nbapp.blockwise import BlockParams
+    from nbapp.run3d import segment_blockwise
+
+    np.save(tmp_path / "vol.npy", demo[0])
+    blocks = BlockParams(block_size=(48, 128, 128))
+    one = segment_blockwise(str(tmp_path / "vol.npy"), tmp_path / "one.zarr", "default",
+                            blocks=blocks, devices="cuda:0")
+    gpus = ",".join(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    every = segment_blockwise(str(tmp_path / "vol.npy"), tmp_path / "all.zarr", "default",
+                              blocks=blocks, devices=gpus, workers="processes")
+    a, b = np.asarray(one.labels()[...]), np.asarray(every.labels()[...])
+    assert one.blocks == every.blocks == 4 and a.max() > 3
+    assert f1_score(a, b, 0.5) > 0.99
