@@ -7,6 +7,7 @@ snapshots reach the state only through :func:`nbapp.ui.threads.call_in_ui`.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -117,15 +118,21 @@ class VolumeActions:
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(st.data.name).stem).strip("._") or "volume"
         target = self._export_target(f"{EXPORT_FOLDER}/{stem}_3d.zarr")
         src = st.data.meta.get("source")
+        if src is not None and self.data_root is not None and not Path(src).is_absolute():
+            src = str(self.data_root / src)  # the same file wherever the kernel runs from
         source = None if src is None else VolumeSource(
             src, None if self.data_root is None else str(self.data_root))
         volume, intensity, vs = st.data.array, st.data.intensity, st.data.voxel_size
         st.job_output = str(target)
 
+        blocks = getattr(self, "block_params", None)
+        if blocks is None:  # a facility (or a demo) may set the block size for its server
+            env = os.environ.get("NBAPP_BLOCK_SIZE")
+            blocks = BlockParams(block_size=int(env)) if env else BlockParams()
+
         def job():
-            return blockwise_steps(engines, volume, target, vp,
-                                   getattr(self, "block_params", None) or BlockParams(),
-                                   intensity=intensity, source=source, voxel_size=vs)
+            return blockwise_steps(engines, volume, target, vp, blocks, intensity=intensity,
+                                   source=source, voxel_size=vs)
 
         return job, f", block by block into {target}"
 
