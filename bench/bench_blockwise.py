@@ -9,9 +9,10 @@ resident memory of the blockwise job (default block size, OME-Zarr output) and o
 job where its estimate fits in the memory this machine has.
 
 ``--part fidelity``: F1@0.5 between the blockwise and the in-memory labels, and of each against
-the ground truth: the default model on the real Lucchi++ FIB-SEM volume (downsampling 2, the
-scale suggestion for its 5 nm voxels) at halos 16 and 32, and a perfect network (ideal heads of
-each slice's instances, tests/models.py) on UroCell label volumes.
+the ground truth: the default model on the real Lucchi++ FIB-SEM volume (a 165x512x512 crop in
+4 blocks at downsampling 1 and 2 (2 is the scale suggestion for its 5 nm voxels) with halos of
+16 and 32 voxels; the whole volume with the default blocks), and a perfect network (ideal heads
+of each slice's instances, tests/models.py) on UroCell label volumes (64-voxel blocks).
 
 Run: ``python bench/bench_blockwise.py --part scale [--sizes 64M,256M,1G] [--downsampling 2]``
 and ``--part fidelity``. Writes bench/results/bench_blockwise_<part>.json.
@@ -97,7 +98,7 @@ def child_scale(store: str, mode: str, downsampling: int, out: str) -> dict:
             "objects": objects, **extra}
 
 
-def child_fidelity(case: str, halo: int) -> dict:
+def child_fidelity(case: str, halo: int, ds: int = 2, block: int = 0) -> dict:
     sys.path.insert(0, str(HERE.parent / "tests"))
     import tifffile
     from models import LabelEngine, f1_score
@@ -107,28 +108,32 @@ def child_fidelity(case: str, halo: int) -> dict:
     from nbapp.run3d import drain, job_steps, make_engines
 
     with tempfile.TemporaryDirectory() as tmp:
-        if case == "lucchi":
+        if case.startswith("lucchi"):
             vol = tifffile.imread(DATA / "lucchi_pp_train" / "train_raw.tif")
             gt = tifffile.imread(DATA / "lucchi_pp_train" / "train_mito_instances_3d_cc.tif")
-            params = VolumeParams(slice=SliceParams(downsampling=2))
+            if case == "lucchi_crop":  # 165 x 512 x 512: 4 blocks of 256
+                vol, gt = vol[:, :512, :512], gt[:, :512, :512]
+            params = VolumeParams(slice=SliceParams(downsampling=ds))
             engines = make_engines("default", "cpu")
-            blocks = BlockParams(halo=halo)
+            blocks = BlockParams(block_size=block or None, halo=halo or None)
         else:
             gt = tifffile.imread(DATA / "urocell_mito_labels" / case)
             vol = gt.astype(np.float32)
             params = VolumeParams()
             engines = [LabelEngine()]
-            blocks = BlockParams(block_size=96, halo=halo)
+            blocks = BlockParams(block_size=block, halo=halo)
         t0 = time.perf_counter()
         mem = drain(job_steps(engines, vol, params)).labels
         t1 = time.perf_counter()
         res = drain(blockwise_steps(engines, vol, Path(tmp) / "out.zarr", params, blocks))
         t2 = time.perf_counter()
         lab = np.asarray(res.labels()[...])
-    return {"case": case, "halo": halo, "blocks": res.blocks, "block_size": res.block_size,
+    return {"case": case, "halo": blocks.resolved(params).halo, "downsampling": ds,
+            "blocks": res.blocks, "block_size": res.block_size,
             "objects_in_memory": int(mem.max()), "objects_blockwise": int(lab.max()),
             "f1_blockwise_vs_in_memory": f1_score(lab, mem),
             "f1_in_memory_vs_truth": f1_score(mem, gt), "f1_blockwise_vs_truth": f1_score(lab, gt),
+            # (not the timing benchmark: see --part scale)
             "in_memory_s": t1 - t0, "blockwise_s": t2 - t1}
 
 
@@ -154,8 +159,8 @@ def main() -> None:
             store, mode, ds, out = rest
             print(json.dumps(child_scale(store, mode, int(ds), out), default=str))
         else:
-            case, halo = rest
-            print(json.dumps(child_fidelity(case, int(halo)), default=str))
+            case, halo, ds, block = rest
+            print(json.dumps(child_fidelity(case, int(halo), int(ds), int(block)), default=str))
         return
     rows = []
     if a.part == "scale":
@@ -182,11 +187,14 @@ def main() -> None:
         if a.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
     else:
-        cases = [("lucchi", 16), ("lucchi", 32)] if (DATA / "lucchi_pp_train").exists() else []
+        cases = []
+        if (DATA / "lucchi_pp_train").exists():  # (case, halo (0: default), downsampling, block)
+            cases += [("lucchi_crop", h, ds, 256) for ds in (1, 2) for h in (16, 32)]
+            cases += [("lucchi", 0, 2, 0)]  # the whole volume, default blocks and halo
         uro = sorted((DATA / "urocell_mito_labels").glob("*.tif"))[:3]
-        cases += [(p.name, 16) for p in uro]
-        for case, halo in cases:
-            row = run_child(["fidelity", case, halo])
+        cases += [(p.name, 16, 1, 64) for p in uro]
+        for case in cases:
+            row = run_child(["fidelity", *case])
             print(json.dumps(row, default=str), flush=True)
             rows.append(row)
     (HERE / "results").mkdir(exist_ok=True)

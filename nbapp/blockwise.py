@@ -71,15 +71,18 @@ class BlockParams:
     block_size : int or (int, int, int), optional
         Largest side of a block's core in voxels (one per axis, or one for all). Default:
         the largest that keeps a block job within ``memory_budget``.
-    halo : int
+    halo : int, optional
         Margin in voxels read around each core (the network's context at block faces); at
-        least :data:`STITCH_DEPTH`.
+        least :data:`STITCH_DEPTH`. Default (:meth:`resolved`): 32 voxels, 16 network pixels
+        times the downsampling above 2. Measured on Lucchi++ FIB-SEM (a 165x512x512 crop in
+        4 blocks, bench/results/bench_blockwise_fidelity.json): F1 between blockwise and
+        in-memory labels 0.87 (halo 16) -> 0.93 (32) at downsampling 1, 0.74 -> 0.87 at 2.
     memory_budget : int, optional
         Bytes a block job may use (default :data:`DEFAULT_BLOCK_BUDGET`).
     """
 
     block_size: Any = None
-    halo: int = 16
+    halo: int | None = None
     memory_budget: int | None = None
 
     def __post_init__(self) -> None:
@@ -93,11 +96,22 @@ class BlockParams:
                                      f"voxels, got {self.block_size!r}")
             object.__setattr__(self, "block_size",
                                int(sizes[0]) if len(sizes) == 1 else tuple(int(s) for s in sizes))
-        if isinstance(self.halo, bool) or int(self.halo) != self.halo \
-                or not STITCH_DEPTH <= self.halo <= 256:
-            raise ParameterError(f"halo must be {STITCH_DEPTH}-256 voxels, got {self.halo!r}")
+        if self.halo is not None and (isinstance(self.halo, bool) or int(self.halo) != self.halo
+                                      or not STITCH_DEPTH <= self.halo <= 1024):
+            raise ParameterError(f"halo must be {STITCH_DEPTH}-1024 voxels, got {self.halo!r}")
         if self.memory_budget is not None and self.memory_budget < (64 << 20):
             raise ParameterError(f"memory_budget must be at least 64 MiB, got {self.memory_budget}")
+
+    def resolved(self, params: VolumeParams) -> "BlockParams":
+        """These settings with the default halo filled in for ``params``' downsampling.
+
+        >>> BlockParams().resolved(VolumeParams()).halo
+        32
+        """
+        if self.halo is not None:
+            return self
+        ds = max(1.0, float(params.slice.downsampling))
+        return BlockParams(self.block_size, int(max(32, 16 * ds)), self.memory_budget)
 
 
 @dataclass(frozen=True)
@@ -177,10 +191,11 @@ def choose_block_size(shape: tuple, params: VolumeParams, blocks: BlockParams = 
     :func:`default_budget`), at least 64.
 
     >>> choose_block_size((1000, 2000, 2000), VolumeParams(), BlockParams(memory_budget=1200 << 20))
-    (304, 304, 304)
+    (272, 272, 272)
     >>> choose_block_size((50, 2000, 2000), VolumeParams(), BlockParams(block_size=100))
     (50, 100, 100)
     """
+    blocks = blocks.resolved(params)
     if blocks.block_size is not None:
         sides = blocks.block_size if isinstance(blocks.block_size, tuple) \
             else (blocks.block_size,) * 3
@@ -632,6 +647,7 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
     if workers not in ("threads", "processes"):
         raise InputError(f"workers must be 'threads' or 'processes', got {workers!r}")
     check_volume(volume)
+    blocks = blocks.resolved(params)
     shape = tuple(int(s) for s in volume.shape)
     engine = engines[0]
     thing_list = tuple(engine.model.config.thing_list)

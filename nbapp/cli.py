@@ -99,9 +99,10 @@ def _add_3d_options(p: argparse.ArgumentParser) -> None:
                         "re-running the same command resumes an interrupted run")
     b.add_argument("--block-size", type=_block_size, default=None, metavar="N|Z,Y,X",
                    help="largest block core side in voxels (implies --blockwise; default: "
-                        "from a 1.2 GB budget per block job, 304 for ortho-plane)")
+                        "from a 1.2 GB budget per block job, 272 for ortho-plane)")
     b.add_argument("--halo", type=int, default=None, metavar="N",
-                   help="context in voxels read around each block (default 16)")
+                   help="context in voxels read around each block (default 32; 16 x the "
+                        "downsampling above 2)")
     b.add_argument("--workers", choices=("threads", "processes"), default="threads",
                    help="with several --devices: one worker process per device running whole "
                         "blocks (processes), or all devices on one block at a time (threads)")
@@ -508,8 +509,7 @@ def _segment_blockwise(args, params: VolumeParams, out: Path, meta: dict) -> int
     if out.suffix.lower() != ".zarr":
         raise InputError(f"a blockwise run writes OME-Zarr: give an output ending in .zarr, "
                          f"not {str(out)!r}")
-    blocks = BlockParams(block_size=args.block_size,
-                         halo=16 if args.halo is None else args.halo)
+    blocks = BlockParams(block_size=args.block_size, halo=args.halo)
     client = _dask_client(args.scheduler) if args.scheduler else None
     t0 = time.perf_counter()
     bar = None

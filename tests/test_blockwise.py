@@ -260,16 +260,24 @@ def test_block_size_from_the_memory_budget(monkeypatch):
     import nbapp.memory
 
     assert choose_block_size((1000, 4000, 4000), VolumeParams(),
-                             BlockParams(memory_budget=1200 << 20)) == (304, 304, 304)
+                             BlockParams(memory_budget=1200 << 20, halo=16)) == (304, 304, 304)
     monkeypatch.setattr(nbapp.memory, "available_bytes", lambda: 64 << 30)
-    assert choose_block_size((1000, 4000, 4000), VolumeParams()) == (304, 304, 304)
+    assert choose_block_size((1000, 4000, 4000), VolumeParams()) == (272, 272, 272)  # halo 32
     monkeypatch.setattr(nbapp.memory, "available_bytes", lambda: 1 << 30)  # a small container
-    assert choose_block_size((1000, 4000, 4000), VolumeParams())[0] < 304
+    assert choose_block_size((1000, 4000, 4000), VolumeParams())[0] < 272
     small = choose_block_size((1000, 4000, 4000), VolumeParams(),
                               BlockParams(memory_budget=256 << 20))
     assert small[0] < 304 and small[0] % 16 == 0
     assert choose_block_size((40, 4000, 4000), VolumeParams(), BlockParams(block_size=(8, 64, 64))) \
         == (8, 64, 64)
+
+
+def test_default_halo_grows_with_downsampling():
+    from nbapp.params import SliceParams
+
+    halo = lambda ds: BlockParams().resolved(VolumeParams(slice=SliceParams(downsampling=ds))).halo  # noqa: E731
+    assert [halo(ds) for ds in (0.5, 1, 2, 4, 8)] == [32, 32, 32, 64, 128]
+    assert BlockParams(halo=8).resolved(VolumeParams()).halo == 8
 
 
 @pytest.mark.parametrize("kw, match", [
