@@ -290,6 +290,10 @@ class SliceActions:
         if st.data is None or self.segmenter is None or st.data.array.ndim != 3:
             st.say("batch mode needs a stack of 2D images and a model", "warning")
             return
+        if st.data.meta.get("lazy"):
+            st.say("this volume is larger than memory: batch mode would load it whole; run the "
+                   "3D job (block by block) or crop the file", "warning")
+            return
         seg, arr, sp = self.segmenter, st.data.array, st.slice_params
 
         def deliver(result, error):
