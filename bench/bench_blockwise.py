@@ -14,8 +14,11 @@ the ground truth: the default model on the real Lucchi++ FIB-SEM volume (a 165x5
 16 and 32 voxels; the whole volume with the default blocks), and a perfect network (ideal heads
 of each slice's instances, tests/models.py) on UroCell label volumes (64-voxel blocks).
 
-Run: ``python bench/bench_blockwise.py --part scale [--sizes 64M,256M,1G] [--downsampling 2]``
-and ``--part fidelity``. Writes bench/results/bench_blockwise_<part>.json.
+``--part crop``: why the real network's blockwise labels differ: the share of pixels whose
+foreground probability changes by more than 0.25 when an xz slice is cropped to a block.
+
+Run: ``python bench/bench_blockwise.py --part scale [--sizes 64M,256M,1G] [--downsampling 2]``,
+``--part fidelity`` and ``--part crop``. Writes bench/results/bench_blockwise_<part>.json.
 """
 
 from __future__ import annotations
@@ -137,6 +140,35 @@ def child_fidelity(case: str, halo: int, ds: int = 2, block: int = 0) -> dict:
             "in_memory_s": t1 - t0, "blockwise_s": t2 - t1}
 
 
+def crop_sensitivity() -> list:
+    """How much the network's output on a block differs from its output on the whole slice:
+    the share of pixels whose foreground probability moves by more than 0.25, 48 pixels or
+    more inside a 336-pixel crop of four Lucchi++ xz slices (165 x 1024), for 16 crop offsets."""
+    import tifffile
+
+    from nbapp.engine import Engine
+    from nbapp.volume import get_slice, volume_intensity
+
+    vol = tifffile.imread(DATA / "lucchi_pp_train" / "train_raw.tif")
+    intensity = volume_intensity(vol)
+    engine = Engine("default", device="cpu", batch_size=4)
+    full = np.stack([get_slice(vol, "xz", y) for y in (300, 400, 500, 600)])
+    w, m = 336, 48
+    rows = []
+    for ds in (1, 2):
+        whole = engine.infer(full, ds, False, intensity)
+        shares = []
+        for off in range(192, 320, 8):
+            crop = engine.infer(np.ascontiguousarray(full[:, :, off:off + w]), ds, False, intensity)
+            shares.append(float(np.mean([
+                (np.abs(a.sem[0][:, off + m:off + w - m] - b.sem[0][:, m:w - m]) > 0.25).mean()
+                for a, b in zip(whole, crop)])))
+        rows.append({"downsampling": ds, "offsets": list(range(192, 320, 8)),
+                     "share_changed": shares, "mean": float(np.mean(shares)),
+                     "max": float(np.max(shares))})
+    return rows
+
+
 def run_child(args: list) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", *map(str, args)],
                          capture_output=True, text=True)
@@ -147,7 +179,7 @@ def run_child(args: list) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("scale", "fidelity"), default="scale")
+    ap.add_argument("--part", choices=("scale", "fidelity", "crop"), default="scale")
     ap.add_argument("--sizes", default="64M,256M,1G")
     ap.add_argument("--downsampling", type=int, default=2)
     ap.add_argument("--folder", default=None, help="where the tiled volumes go (default: a temp dir)")
@@ -163,7 +195,12 @@ def main() -> None:
             print(json.dumps(child_fidelity(case, int(halo), int(ds), int(block)), default=str))
         return
     rows = []
-    if a.part == "scale":
+    if a.part == "crop":
+        rows = crop_sensitivity()
+        for r in rows:
+            print(f"downsampling {r['downsampling']}: mean {100 * r['mean']:.2f} %, max "
+                  f"{100 * r['max']:.2f} % of the pixels", flush=True)
+    elif a.part == "scale":
         from nbapp.memory import available_bytes
         from nbapp.params import SliceParams, VolumeParams
         from nbapp.volume import job_memory

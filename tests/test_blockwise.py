@@ -445,3 +445,38 @@ def test_a_second_live_run_on_the_same_output_is_refused(tmp_path):
     lock.write_text(f"{socket.gethostname()} 999999999")  # a dead one: taken over
     res = drain(blockwise_steps([LabelEngine()], vol, out, NO_FILTER))
     assert res.objects == 0 and not lock.exists()
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes(tmp_path, tiny_volume):
+    """kill -9 in the middle of a blockwise run: the same command again skips the finished
+    blocks (the dead run's lock is taken over) and gives the labels of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    vol, model = tiny_volume
+    out = tmp_path / "out.zarr"
+    args = [sys.executable, "-m", "nbapp.cli", "segment", vol, "-o", str(out), "--mode", "3d",
+            "--model", model, "--block-size", "40,36,36", "--halo", "8"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    records = tmp_path / ".out.zarr.nbapp-work" / "records"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if records.exists() and any(records.glob("*.npz")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(records.glob("*.npz")))
+    assert 1 <= done < 4 and not out.exists()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{done} of them from an earlier run" in again.stderr
+    fresh = tmp_path / "fresh.zarr"
+    subprocess.run([*args[:6], str(fresh), *args[7:]], check=True, capture_output=True)
+    np.testing.assert_array_equal(np.asarray(read_image(out, lazy=True)[0][...]),
+                                  np.asarray(read_image(fresh, lazy=True)[0][...]))
