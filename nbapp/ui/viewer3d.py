@@ -101,17 +101,6 @@ def object_meshes(labels: np.ndarray, voxel_size=None, max_objects: int = 64,
     return meshes
 
 
-def scene_lights() -> list:
-    """Soft light from every side: an ambient light and two opposite directional lights, so
-    that no side of an object turns black as the view orbits (a bare ipyvolume Figure has no
-    lights: its meshes were shaded almost black away from the camera)."""
-    import pythreejs
-
-    return [pythreejs.AmbientLight(color="#ffffff", intensity=0.55),
-            pythreejs.DirectionalLight(color="#ffffff", intensity=0.6, position=[1, 2, 3]),
-            pythreejs.DirectionalLight(color="#ffffff", intensity=0.35, position=[-1, -2, -3])]
-
-
 class LabelsView3D:
     """The labels in 3D: one coloured surface per object in an ipyvolume Figure widget."""
 
@@ -131,7 +120,6 @@ class LabelsView3D:
 
             self.figure = ipv.Figure(width=self.size[0], height=self.size[1])
             self.figure.camera_control = "orbit"
-            self.figure.lights = scene_lights()
             self.widget.children = [self.note, self.figure]
         return self.figure
 
