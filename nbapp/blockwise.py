@@ -209,11 +209,12 @@ def choose_block_size(shape: tuple, params: VolumeParams, blocks: BlockParams = 
 
 
 def needs_blockwise(shape: tuple, params: VolumeParams, engine=None) -> bool:
-    """True when the in-memory 3D job on ``shape`` would not fit in the memory left."""
+    """True when the in-memory 3D job on ``shape`` would not fit in the memory left (the
+    test :func:`nbapp.volume.check_job_memory` makes: 90 % of it)."""
     from nbapp.memory import available_bytes
     from nbapp.volume import job_memory
 
-    return job_memory(tuple(shape), params, engine) > available_bytes()
+    return job_memory(tuple(shape), params, engine) > 0.9 * available_bytes()
 
 
 # -- one block ----------------------------------------------------------------------------------

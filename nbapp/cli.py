@@ -489,13 +489,14 @@ def _blockwise(args, params: VolumeParams, volume, out: Path) -> bool:
     if not needs_blockwise(tuple(volume.shape), params):
         return False
     if out.suffix.lower() != ".zarr":
-        from nbapp.memory import available_bytes, format_bytes
+        from nbapp.memory import OutOfMemory, available_bytes, format_bytes
         from nbapp.volume import job_memory
 
-        raise InputError(
-            f"the in-memory 3D job on this {'x'.join(map(str, volume.shape))} volume needs "
-            f"{format_bytes(job_memory(tuple(volume.shape), params))} and "
-            f"{format_bytes(available_bytes())} is left: write to a .zarr output, which runs it "
+        raise OutOfMemory(
+            f"out of memory: the {'ortho-plane' if params.orthoplane else 'single-plane'} 3D job "
+            f"on a {'x'.join(map(str, volume.shape))} volume needs "
+            f"{format_bytes(job_memory(tuple(volume.shape), params))} but this process has "
+            f"{format_bytes(available_bytes())} left; write to a .zarr output, which runs it "
             "block by block in bounded memory")
     print("nbapp: the volume is too large for one in-memory job: running it block by block",
           file=sys.stderr)

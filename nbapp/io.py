@@ -261,9 +261,7 @@ def _read_tiff(file: str, lazy: bool, meta: dict, limit: _Limit, root) -> np.nda
             try:
                 return tifffile.memmap(file, mode="r")
             except ValueError:  # compressed or tiled: read through a zarr view of the pages
-                import zarr
-
-                return zarr.open(tifffile.imread(file, aszarr=True), mode="r")
+                return TiffZarrView(file)
         series = tif.series[0]
         limit(series.shape, series.dtype)
         return tif.asarray()
@@ -358,6 +356,38 @@ def _read_zarr(file: str, node: str | None, lazy: bool, meta: dict, limit: _Limi
         while data.ndim > 3 and data.shape[0] == 1:
             data = data[0]
     return data
+
+
+class TiffZarrView:
+    """A compressed or tiled TIFF read lazily through tifffile's zarr view of its pages
+    (indexing decodes only the pages and tiles asked for); its file is closed with it."""
+
+    def __init__(self, file: str):
+        import tifffile
+        import zarr
+
+        self._store = tifffile.imread(file, aszarr=True)
+        self._arr = zarr.open(self._store, mode="r")
+        self.shape, self.dtype = tuple(self._arr.shape), self._arr.dtype
+        self.ndim, self.chunks = len(self.shape), self._arr.chunks
+
+    def __getitem__(self, index):
+        return self._arr[index]
+
+    def __array__(self, dtype=None, copy=None):
+        data = np.asarray(self._arr[...])
+        return data if dtype is None else data.astype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def close(self) -> None:
+        store, self._store = getattr(self, "_store", None), None
+        if store is not None:
+            store.close()
+
+    def __del__(self):
+        self.close()
 
 
 class LeadingSqueezed:

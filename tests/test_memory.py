@@ -254,6 +254,7 @@ def test_cli_under_a_700_mb_limit_refuses_a_3d_job_too_large(tmp_path):
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert "nbapp: error: out of memory: the ortho-plane 3D job on a 96x512x512 volume" \
         in proc.stderr
+    assert "write to a .zarr output" in proc.stderr  # which would run it block by block
     assert sorted(os.listdir(tmp_path)) == ["vol.tif"]
 
 

@@ -401,6 +401,7 @@ class ProgressBars:
                     f"{stage} {'done' if done >= total else '...'}")
                 if p == "blocks":
                     text = (f"{done}/{total} blocks" if stage == "network"
+                            else "labels written" if stage == "writing" and done >= total
                             else f"{stage} {done}/{total}")
                     if snap.detail and snap.state == JobState.RUNNING:
                         text += f" · {snap.detail}"
