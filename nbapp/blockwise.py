@@ -560,7 +560,7 @@ class _Task:
     thing_list: tuple
 
 
-_ENGINES: dict = {}
+#: The device of this worker process (set by its initializer; empty outside worker processes).
 _DEVICE: list = []
 
 
@@ -569,26 +569,13 @@ def _init_process_worker(devices) -> None:
     _DEVICE.append(devices.get())
 
 
-def _worker_engine(spec: str, batch_size: int, device: str | None = None):
-    if device is None:
-        import torch
-
-        device = _DEVICE[0] if _DEVICE else ("cuda" if torch.cuda.is_available() else "cpu")
-    key = (spec, batch_size, device)
-    if key not in _ENGINES:
-        from nbapp.engine import Engine
-
-        _ENGINES.clear()
-        _ENGINES[key] = Engine(spec, device=device, batch_size=batch_size)
-    return _ENGINES[key]
-
-
 def _block_task(task: _Task, index: int) -> dict:
     """Run one block in a worker (process or Dask): open the volume, the store and the engine
     of this worker, compute, write. Returns the block's timings."""
+    from nbapp.cluster import worker_engine
     from nbapp.volume import sequential_heads
 
-    engine = _worker_engine(task.model, task.batch_size)
+    engine = worker_engine(task.model, task.batch_size, _DEVICE[0] if _DEVICE else None)
     store = WorkStore.attach(task.store)
     block = store.grid[index]
 
@@ -607,7 +594,8 @@ def _block_task(task: _Task, index: int) -> dict:
 def _model_id(model) -> str:
     config = getattr(model, "config", None)
     if config is not None:
-        return f"{config.name}:{getattr(model, 'weights', None) or getattr(config, 'config_path', None)}"
+        where = getattr(model, "weights", None) or getattr(config, "config_path", None)
+        return f"{config.name}:{where}"
     return str(model)
 
 
@@ -634,7 +622,7 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
         In-process (default) or one worker process per engine's device (needs ``source`` and
         a file ``model``).
     """
-    from nbapp.volume import check_volume
+    from nbapp.volume import check_volume, sequential_heads
 
     output = Path(output)
     if output.suffix.lower() != ".zarr":
@@ -654,8 +642,8 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
     thing_list = tuple(engine.model.config.thing_list)
     block_size = choose_block_size(shape, params, blocks)
     reach = max(blocks.halo, (params.median_size - 1) // 2 + STITCH_DEPTH)
-    smallest = np.min([box_shape(grow(b.core, reach, shape)) for b in block_grid(shape, block_size)],
-                      axis=0)
+    smallest = np.min([box_shape(grow(b.core, reach, shape))
+                       for b in block_grid(shape, block_size)], axis=0)
     for plane in params.planes:  # every block's slices must be large enough for the network
         ax = plane_axis(plane)
         side = tuple(int(s) for i, s in enumerate(smallest) if i != ax)
@@ -683,80 +671,70 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
     if source is None:  # an in-memory array is never resumed: it may have changed
         store.remove()
     skipped = store.open(job, shape, block_size)
-    try:
-        result = yield from _run_job(store, skipped, engines, volume, output, params, blocks,
-                                     intensity, client, remote, source, voxel_size, batch_size,
-                                     keep_work, thing_list, block_size, shape,
-                                     model_spec if remote else None)
+    try:  # the lock is held until the job ends, in any way
+        todo = [b for b in store.grid if b.index not in store.finished()]
+        total = len(store.grid)
+        timings = {"blocks_s": 0.0, "join_s": 0.0, "write_s": 0.0}
+        t_start = time.perf_counter()
+        done = skipped
+        yield BlockProgress("blocks", "network", done, total,
+                            f"{skipped} of {total} blocks already done" if skipped else None)
+        if todo and not remote:
+            from nbapp.jobs import DevicePool
+
+            pool = DevicePool(engines) if len(engines) > 1 else None
+
+            def heads(sub, plane, sp, intensity_):
+                if pool is not None:
+                    return pool.heads(sub, plane, sp, intensity_)
+                return sequential_heads(engine, sub, plane, sp, intensity_)
+
+            for block in todo:
+                gen = run_block(heads, volume, store, block, params, blocks, intensity,
+                                thing_list)
+                while True:
+                    try:
+                        p = next(gen)
+                    except StopIteration:
+                        break
+                    yield BlockProgress("blocks", "network", done, total, f"block {done + 1}/"
+                                        f"{total}: {p.plane} slice {p.done}/{p.total}")
+                done += 1
+                yield BlockProgress("blocks", "network", done, total,
+                                    _rate(done - skipped, t_start))
+        elif todo:
+            task = _Task(source, model_spec, batch_size or getattr(engine, "batch_size", 4),
+                         str(store.path), params, blocks, intensity, thing_list)
+            runs = (_dask_blocks(client, task, todo) if client is not None
+                    else _process_blocks(task, todo, [str(e.device) for e in engines]))
+            for _ in runs:
+                done += 1
+                yield BlockProgress("blocks", "network", done, total,
+                                    _rate(done - skipped, t_start))
+        timings["blocks_s"] = time.perf_counter() - t_start
+        missing = set(b.index for b in store.grid) - store.finished()
+        if missing:
+            raise NbappError(f"blocks {sorted(missing)[:5]} did not finish; re-run the same "
+                             "command to resume")
+        t0 = time.perf_counter()
+        if params.slice.semantic_only:
+            luts, rows = {}, []
+            scale = params.slice.label_divisor or 1
+        else:
+            luts, rows = yield from join_steps(store, params.consensus)
+            scale = 0
+        timings["join_s"] = time.perf_counter() - t0
+        yield BlockProgress("blocks", "writing", 0, 1, f"writing {output.name}")
+        t0 = time.perf_counter()
+        write_output(store, luts, output, voxel_size, semantic_scale=scale)
+        timings["write_s"] = time.perf_counter() - t0
+        yield BlockProgress("blocks", "writing", 1, 1)
+        if not keep_work:
+            store.remove()
+        return BlockwiseResult(output, shape, len(rows), total, skipped, block_size, timings,
+                               rows)
     finally:
         store.unlock()
-    return result
-
-
-def _run_job(store, skipped, engines, volume, output, params, blocks, intensity, client, remote,
-             source, voxel_size, batch_size, keep_work, thing_list, block_size, shape,
-             model_spec):
-    """The blocks (here, in worker processes or on Dask), the join and the output."""
-    from nbapp.volume import sequential_heads
-
-    engine = engines[0]
-    todo = [b for b in store.grid if b.index not in store.finished()]
-    total = len(store.grid)
-    timings = {"blocks_s": 0.0, "join_s": 0.0, "write_s": 0.0}
-    t_start = time.perf_counter()
-    done = skipped
-    yield BlockProgress("blocks", "network", done, total,
-                        f"{skipped} of {total} blocks already done" if skipped else None)
-    if todo and not remote:
-        from nbapp.jobs import DevicePool
-
-        pool = DevicePool(engines) if len(engines) > 1 else None
-
-        def heads(sub, plane, sp, intensity_):
-            if pool is not None:
-                return pool.heads(sub, plane, sp, intensity_)
-            return sequential_heads(engine, sub, plane, sp, intensity_)
-
-        for block in todo:
-            gen = run_block(heads, volume, store, block, params, blocks, intensity, thing_list)
-            while True:
-                try:
-                    p = next(gen)
-                except StopIteration:
-                    break
-                yield BlockProgress("blocks", "network", done, total,
-                                    f"block {done + 1}/{total}: {p.plane} slice {p.done}/{p.total}")
-            done += 1
-            yield BlockProgress("blocks", "network", done, total, _rate(done - skipped, t_start))
-    elif todo:
-        task = _Task(source, model_spec, batch_size or getattr(engine, "batch_size", 4),
-                     str(store.path), params, blocks, intensity, thing_list)
-        runs = (_dask_blocks(client, task, todo) if client is not None
-                else _process_blocks(task, todo, [str(e.device) for e in engines]))
-        for _ in runs:
-            done += 1
-            yield BlockProgress("blocks", "network", done, total, _rate(done - skipped, t_start))
-    timings["blocks_s"] = time.perf_counter() - t_start
-    missing = set(b.index for b in store.grid) - store.finished()
-    if missing:
-        raise NbappError(f"blocks {sorted(missing)[:5]} did not finish; re-run the same command "
-                         "to resume")
-    t0 = time.perf_counter()
-    if params.slice.semantic_only:
-        luts, rows = {}, []
-        scale = params.slice.label_divisor or 1
-    else:
-        luts, rows = yield from join_steps(store, params.consensus)
-        scale = 0
-    timings["join_s"] = time.perf_counter() - t0
-    yield BlockProgress("blocks", "writing", 0, 1, f"writing {output.name}")
-    t0 = time.perf_counter()
-    write_output(store, luts, output, voxel_size, semantic_scale=scale)
-    timings["write_s"] = time.perf_counter() - t0
-    yield BlockProgress("blocks", "writing", 1, 1)
-    if not keep_work:
-        store.remove()
-    return BlockwiseResult(output, shape, len(rows), total, skipped, block_size, timings, rows)
 
 
 def _rate(done: int, t0: float) -> str | None:

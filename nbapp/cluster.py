@@ -18,7 +18,7 @@ from nbapp.errors import InputError
 from nbapp.params import VolumeParams
 from nbapp.volume import Progress, block_labels, get_slice, plane_axis
 
-__all__ = ["DaskPlanes", "model_spec_for_workers"]
+__all__ = ["DaskPlanes", "model_spec_for_workers", "worker_engine"]
 
 
 def model_spec_for_workers(model) -> str:
@@ -37,19 +37,22 @@ def model_spec_for_workers(model) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_engine(spec: str, batch_size: int):
-    """The engine of this worker process (loaded once per process and spec)."""
+def worker_engine(spec: str, batch_size: int, device: str | None = None):
+    """The engine of this worker process (loaded once per process, spec and device; device
+    default: the GPU if there is one, else the CPU). Dask workers and the blockwise job's
+    worker processes use it."""
     import torch
 
     from nbapp.engine import Engine
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return Engine(spec, device=device, batch_size=batch_size)
 
 
 def _run_block(spec: str, batch_size: int, block: np.ndarray, params: VolumeParams,
                intensity: tuple, thing_list: tuple, start: int, stop: int, first: int) -> np.ndarray:
-    engine = _worker_engine(spec, batch_size)
+    engine = worker_engine(spec, batch_size)
     return block_labels(engine, block, params, intensity, thing_list, start, stop, first)
 
 

@@ -261,7 +261,7 @@ def _read_tiff(file: str, lazy: bool, meta: dict, limit: _Limit, root) -> np.nda
             try:
                 return tifffile.memmap(file, mode="r")
             except ValueError:  # compressed or tiled: read through a zarr view of the pages
-                return TiffZarrView(file)
+                return LazyView.of_tiff(file)
         series = tif.series[0]
         limit(series.shape, series.dtype)
         return tif.asarray()
@@ -349,7 +349,7 @@ def _read_zarr(file: str, node: str | None, lazy: bool, meta: dict, limit: _Limi
                     f"path, e.g. {where}/{names[0] if names else 'name'}")
             arr = root[names[0]]
     if lazy:
-        return LeadingSqueezed.of(arr) if meta["format"] == "ome-zarr" else arr
+        return LazyView.squeezed(arr) if meta["format"] == "ome-zarr" else arr
     limit(arr.shape, arr.dtype)
     data = np.asarray(arr[...])
     if meta["format"] == "ome-zarr":  # (t, c, z, y, x) files with one time point and channel
@@ -358,55 +358,35 @@ def _read_zarr(file: str, node: str | None, lazy: bool, meta: dict, limit: _Limi
     return data
 
 
-class TiffZarrView:
-    """A compressed or tiled TIFF read lazily through tifffile's zarr view of its pages
-    (indexing decodes only the pages and tiles asked for); its file is closed with it."""
+class LazyView:
+    """A lazy array seen without its first ``drop`` axes (each of length 1: an OME-Zarr's
+    time and channel), closing ``close`` (a file) when it goes: indexing reads only what is
+    asked for."""
 
-    def __init__(self, file: str):
-        import tifffile
-        import zarr
-
-        self._store = tifffile.imread(file, aszarr=True)
-        self._arr = zarr.open(self._store, mode="r")
-        self.shape, self.dtype = tuple(self._arr.shape), self._arr.dtype
-        self.ndim, self.chunks = len(self.shape), self._arr.chunks
-
-    def __getitem__(self, index):
-        return self._arr[index]
-
-    def __array__(self, dtype=None, copy=None):
-        data = np.asarray(self._arr[...])
-        return data if dtype is None else data.astype(dtype)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def close(self) -> None:
-        store, self._store = getattr(self, "_store", None), None
-        if store is not None:
-            store.close()
-
-    def __del__(self):
-        self.close()
-
-
-class LeadingSqueezed:
-    """A lazy array without its leading axes of length 1 (an OME-Zarr's time and channel):
-    indexing reads only what is asked for."""
-
-    def __init__(self, arr, drop: int):
-        self.arr, self.drop = arr, drop
+    def __init__(self, arr, drop: int = 0, close=None):
+        self.arr, self.drop, self._close = arr, drop, close
         self.shape = tuple(arr.shape[drop:])
         self.dtype = arr.dtype
         self.ndim = len(self.shape)
         self.chunks = tuple(getattr(arr, "chunks", ())[drop:]) or None
 
     @classmethod
-    def of(cls, arr):
+    def squeezed(cls, arr):
+        """``arr`` without its leading axes of length 1 beyond three."""
         drop = 0
         while len(arr.shape) - drop > 3 and arr.shape[drop] == 1:
             drop += 1
         return cls(arr, drop) if drop else arr
+
+    @classmethod
+    def of_tiff(cls, file: str) -> "LazyView":
+        """A compressed or tiled TIFF through tifffile's zarr view of its pages (decoding only
+        the pages and tiles asked for); the file is closed with the view."""
+        import tifffile
+        import zarr
+
+        store = tifffile.imread(file, aszarr=True)
+        return cls(zarr.open(store, mode="r"), close=store.close)
 
     def __getitem__(self, index):
         index = index if isinstance(index, tuple) else (index,)
@@ -418,6 +398,11 @@ class LeadingSqueezed:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def __del__(self):
+        close, self._close = getattr(self, "_close", None), None
+        if close is not None:
+            close()
 
 
 def _read_mrc(file: str, lazy: bool, meta: dict, limit: _Limit) -> np.ndarray:

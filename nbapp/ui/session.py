@@ -132,6 +132,8 @@ class Session(SliceActions, VolumeActions, TuneActions):
         self._upload_dir: str | None = None
         remove_stale_uploads()
         self._job_devices: list[str] | None = None  # None: the model's device
+        # blocks of a block-by-block 3D job (None: $NBAPP_BLOCK_SIZE, else from the memory left)
+        self.block_params = None
         self._marker: JobMarker | None = None  # served app: tells the server a job runs
         self._error_2d = False  # the status line shows a 2D inference error
         self._quiet = False  # set while several state changes make one 2D request

@@ -125,7 +125,7 @@ class VolumeActions:
         volume, intensity, vs = st.data.array, st.data.intensity, st.data.voxel_size
         st.job_output = str(target)
 
-        blocks = getattr(self, "block_params", None)
+        blocks = self.block_params
         if blocks is None:  # a facility (or a demo) may set the block size for its server
             env = os.environ.get("NBAPP_BLOCK_SIZE")
             blocks = BlockParams(block_size=int(env)) if env else BlockParams()
