@@ -17,8 +17,14 @@ of each slice's instances, tests/models.py) on UroCell label volumes (64-voxel b
 ``--part crop``: why the real network's blockwise labels differ: the share of pixels whose
 foreground probability changes by more than 0.25 when an xz slice is cropped to a block.
 
+``--part consensus``: the consensus re-run from stored per-plane stacks (``nbapp consensus``)
+in memory and block by block, on stacks of 64 M and 256 M voxels (``--sizes``) in zarr stores:
+three views of the UroCell mitochondria labels that disagree (xz misses every 5th object, yz
+every 7th and sees the others one voxel thinner), tiled mirrored with new ids per tile. Wall
+time, peak resident memory, objects, and the share of voxels on which the two results agree.
+
 Run: ``python bench/bench_blockwise.py --part scale [--sizes 64M,256M,1G] [--downsampling 2]``,
-``--part fidelity`` and ``--part crop``. Writes bench/results/bench_blockwise_<part>.json.
+``--part fidelity``, ``--part crop`` and ``--part consensus [--sizes 64M,256M]``. Writes bench/results/bench_blockwise_<part>.json.
 """
 
 from __future__ import annotations
@@ -101,6 +107,79 @@ def child_scale(store: str, mode: str, downsampling: int, out: str) -> dict:
             "objects": objects, **extra}
 
 
+def consensus_stacks(shape: tuple, folder: Path) -> dict:
+    """Three disagreeing views of the UroCell labels tiled to ``shape``, as zarr stores."""
+    import tifffile
+    import zarr
+    from scipy import ndimage as ndi
+
+    paths = {p: folder / f"stack_{'x'.join(map(str, shape))}_{p}.zarr" for p in ("xy", "xz", "yz")}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    base = tifffile.imread(DATA / "urocell_mito_labels" / "mito_instance_fib1-3-2-1.tif").astype(np.int32)
+    ids = np.arange(base.max() + 1)
+    xz = np.where(np.isin(base, ids[ids % 5 == 0]), 0, base)
+    thin = np.zeros_like(base)
+    for i in ids[1:]:
+        if i % 7:
+            thin[ndi.binary_erosion(base == i)] = i
+    views = {"xy": base, "xz": xz, "yz": thin}
+    n = int(base.max()) + 1
+    reps = [int(np.ceil(s / t)) for s, t in zip(shape, base.shape)]
+    for plane, view in views.items():
+        arr = zarr.create_array(str(paths[plane]), shape=shape, chunks=(64, 256, 256), dtype="int32",
+                                fill_value=0)
+        k = 0
+        for a in range(reps[0]):
+            for b in range(reps[1]):
+                for c in range(reps[2]):
+                    tile = view[:: (-1 if a % 2 else 1), :: (-1 if b % 2 else 1), :: (-1 if c % 2 else 1)]
+                    tile = np.where(tile > 0, tile + k * n, 0)
+                    k += 1
+                    lo = [i * s for i, s in zip((a, b, c), base.shape)]
+                    sl = tuple(slice(l, min(l + s, S)) for l, s, S in zip(lo, base.shape, shape))
+                    arr[sl] = tile[tuple(slice(0, x.stop - x.start) for x in sl)]
+    return paths
+
+
+def child_consensus(folder: str, size: str, mode: str, out: str) -> dict:
+    from nbapp.blockwise import BlockParams, VolumeSource, consensus_blockwise_steps
+    from nbapp.io import read_image, write_labels
+    from nbapp.params import ConsensusParams
+    from nbapp.run3d import drain
+    from nbapp.volume import consensus
+
+    paths = consensus_stacks(SIZES[size], Path(folder))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    stacks = {p: read_image(path, lazy=True)[0] for p, path in paths.items()}
+    extra = {}
+    if mode == "blockwise":
+        res = drain(consensus_blockwise_steps(stacks, out, ConsensusParams(), BlockParams(),
+                                              sources={p: VolumeSource(str(v)) for p, v in paths.items()}))
+        objects, extra = res.objects, {"blocks": res.blocks, "block_size": res.block_size,
+                                       "timings": res.timings}
+    else:
+        labels = consensus({p: np.asarray(s[...]) for p, s in stacks.items()}, ConsensusParams())
+        write_labels(out, labels)
+        objects = int(labels.max())
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"wall_s": wall, "peak_rss_mb": peak / 1024, "rss_before_job_mb": rss0 / 1024,
+            "objects": objects, **extra}
+
+
+def agreement(a_path: Path, b_path: Path) -> float:
+    """Share of voxels with the same label in two outputs (read slab by slab)."""
+    from nbapp.io import read_image
+
+    a, b = read_image(a_path, lazy=True)[0], read_image(b_path, lazy=True)[0]
+    same = 0
+    for z in range(0, a.shape[0], 32):
+        same += int((np.asarray(a[z:z + 32]) == np.asarray(b[z:z + 32])).sum())
+    return same / float(np.prod(a.shape))
+
+
 def child_fidelity(case: str, halo: int, ds: int = 2, block: int = 0) -> dict:
     sys.path.insert(0, str(HERE.parent / "tests"))
     import tifffile
@@ -179,7 +258,7 @@ def run_child(args: list) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("scale", "fidelity", "crop"), default="scale")
+    ap.add_argument("--part", choices=("scale", "fidelity", "crop", "consensus"), default="scale")
     ap.add_argument("--sizes", default="64M,256M,1G")
     ap.add_argument("--downsampling", type=int, default=2)
     ap.add_argument("--folder", default=None, help="where the tiled volumes go (default: a temp dir)")
@@ -193,6 +272,8 @@ def main() -> None:
         if kind == "scale":
             store, mode, ds, out = rest
             print(json.dumps(child_scale(store, mode, int(ds), out), default=str))
+        elif kind == "consensus":
+            print(json.dumps(child_consensus(*rest), default=str))
         else:
             case, halo, ds, block = rest
             print(json.dumps(child_fidelity(case, int(halo), int(ds), int(block)), default=str))
@@ -230,6 +311,31 @@ def main() -> None:
                     row["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in runs))
                 print(json.dumps(row, default=str), flush=True)
                 rows.append(row)
+        if a.folder is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    elif a.part == "consensus":
+        folder = Path(a.folder or tempfile.mkdtemp(prefix="nbapp-bench-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        for size in a.sizes.split(","):
+            consensus_stacks(SIZES[size], folder)
+            outs = {}
+            for mode in ("blockwise", "in-memory"):
+                outs[mode] = folder / f"consensus_{size}_{mode}.zarr"
+                shutil.rmtree(outs[mode], ignore_errors=True)
+                runs = [run_child(["consensus", folder, size, mode, outs[mode]])
+                        for _ in range(a.repeat)]
+                row = {"size": size, "shape": SIZES[size], "mode": mode, **runs[-1]}
+                if a.repeat > 1 and all("wall_s" in r for r in runs):
+                    row["wall_s_runs"] = [r["wall_s"] for r in runs]
+                    row["wall_s"] = float(np.median(row["wall_s_runs"]))
+                    row["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in runs))
+                print(json.dumps(row, default=str), flush=True)
+                rows.append(row)
+            if all(p.exists() for p in outs.values()):
+                rows[-1]["voxels_agreeing_with_blockwise"] = agreement(*outs.values())
+                print(f"{size}: agreement {rows[-1]['voxels_agreeing_with_blockwise']:.6f}", flush=True)
+            for p in outs.values():
+                shutil.rmtree(p, ignore_errors=True)
         if a.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
     else:

@@ -40,14 +40,14 @@ from typing import Any, Generator
 import numpy as np
 
 from nbapp.errors import InputError, NbappError
-from nbapp.params import ConsensusParams, VolumeParams
+from nbapp.params import PLANES, ConsensusParams, VolumeParams
 from nbapp.stitch import (Block, block_grid, box_shape, core_table, edge_slabs, filter_complete,
                           grow, join_objects, mutual_pairs, slab_pairs, to_slices, uid_base, within)
 from nbapp.volume import (_SLICE_DIVISOR, JOB_BYTES_PER_VOXEL, track_plane,
                           plane_axis, plane_stack_steps, semantic_consensus, volume_intensity)
 
 __all__ = ["BlockParams", "BlockProgress", "BlockwiseResult", "VolumeSource", "WorkStore",
-           "coarse_level",
+           "coarse_level", "consensus_block", "consensus_blockwise_steps",
            "choose_block_size", "block_labels_steps", "blockwise_steps", "needs_blockwise",
            "DEFAULT_BLOCK_BUDGET", "STITCH_DEPTH"]
 
@@ -139,12 +139,27 @@ class BlockwiseResult:
     timings: dict = field(default_factory=dict)
     #: One row per object (id, voxels, bbox, centroid, extent), as nbapp.objects.object_table
     table: list = field(default_factory=list)
+    #: Where each plane's stack was written ({"xy": path, ...}; with ``return_stacks``)
+    stacks: dict = field(default_factory=dict)
+    #: How many objects each of those stacks has
+    stack_objects: dict = field(default_factory=dict)
+    #: "segment" (a blockwise 3D job) or "consensus" (from stored stacks)
+    kind: str = "segment"
 
     def labels(self):
         """The labels (level 0 of the output), read lazily."""
         from nbapp.io import read_image
 
         return read_image(self.path, lazy=True)[0]
+
+    def stack(self, plane: str):
+        """One plane's stack (level 0), read lazily."""
+        from nbapp.io import read_image
+
+        if plane not in self.stacks:
+            raise InputError(f"this job wrote no {plane} stack (it wrote "
+                             f"{sorted(self.stacks) or 'none'}): run it with return_stacks")
+        return read_image(self.stacks[plane], lazy=True)[0]
 
 
 @dataclass(frozen=True)
@@ -171,7 +186,8 @@ def _open_source(path: str, root):
         if len(vol.shape) != 3:
             raise InputError(f"blockwise 3D needs a volume (Z, Y, X); {path} has shape "
                              f"{tuple(vol.shape)}")
-        _SOURCES.clear()
+        if len(_SOURCES) >= 3:
+            _SOURCES.clear()
         _SOURCES[key] = vol
     return _SOURCES[key]
 
@@ -188,12 +204,15 @@ def choose_block_size(shape: tuple, params: VolumeParams, blocks: BlockParams = 
                       ) -> tuple:
     """The core side of each axis: ``blocks.block_size`` when given, else the largest cube
     (a multiple of 16) whose job with its margins fits ``blocks.memory_budget`` (default
-    :func:`default_budget`), at least 64.
+    :func:`default_budget`), at least 64; along an axis where the volume is thinner than that
+    the block takes the whole axis and the other sides grow to use the budget.
 
     >>> choose_block_size((1000, 2000, 2000), VolumeParams(), BlockParams(memory_budget=1200 << 20))
     (272, 272, 272)
     >>> choose_block_size((50, 2000, 2000), VolumeParams(), BlockParams(block_size=100))
     (50, 100, 100)
+    >>> choose_block_size((165, 768, 1024), VolumeParams(), BlockParams(memory_budget=1200 << 20))
+    (165, 432, 432)
     """
     blocks = blocks.resolved(params)
     if blocks.block_size is not None:
@@ -201,11 +220,27 @@ def choose_block_size(shape: tuple, params: VolumeParams, blocks: BlockParams = 
             else (blocks.block_size,) * 3
     else:
         budget = blocks.memory_budget or default_budget()
-        per = JOB_BYTES_PER_VOXEL["ortho" if params.orthoplane else "single"]
-        side = int(round((budget / per) ** (1 / 3))) - 2 * blocks.halo
-        side = max(64, side // _SIDE_STEP * _SIDE_STEP)
-        sides = (side,) * 3
+        voxels = budget / JOB_BYTES_PER_VOXEL["ortho" if params.orthoplane else "single"]
+        sides = [_side(voxels ** (1 / 3), blocks.halo)] * 3
+        # an axis along which the volume is thinner than a block takes all of it (no halo
+        # there): its share of the budget goes to the other axes (fewer blocks, less halo)
+        while True:
+            whole = [a for a in range(3) if shape[a] <= sides[a]]
+            rest = [a for a in range(3) if shape[a] > sides[a]]
+            if not whole or not rest:
+                break
+            side = _side((voxels / np.prod([shape[a] for a in whole])) ** (1 / len(rest)),
+                         blocks.halo)
+            if side <= sides[rest[0]]:
+                break
+            for a in rest:
+                sides[a] = side
     return tuple(int(min(s, n)) for s, n in zip(sides, shape))
+
+
+def _side(outer: float, halo: int) -> int:
+    """A core side (a multiple of 16, at least 64) whose block with its halo is ``outer``."""
+    return max(64, (int(round(outer)) - 2 * halo) // _SIDE_STEP * _SIDE_STEP)
 
 
 def needs_blockwise(shape: tuple, params: VolumeParams, engine=None) -> bool:
@@ -222,9 +257,10 @@ def needs_blockwise(shape: tuple, params: VolumeParams, engine=None) -> bool:
 def block_labels_steps(heads_source, volume, block: Block, shape: tuple, params: VolumeParams,
                        blocks: BlockParams, intensity: tuple, thing_list: tuple,
                        timings: dict | None = None) -> Generator[BlockProgress, None, tuple]:
-    """The 3D pipeline on one block: returns ``(labels, region)``, the labels (local ids 1..M,
-    or classes for a semantic-only model) of the block's core grown by
-    :data:`STITCH_DEPTH`, and that region's box.
+    """The 3D pipeline on one block: returns ``(layers, region)``: ``layers["labels"]``, the
+    labels (local ids 1..M, or classes for a semantic-only model) of the block's core grown by
+    :data:`STITCH_DEPTH`, with each plane's stack of the same region under its name ("xy",
+    ...) when ``params.return_stacks``; and that region's box.
 
     Every plane runs on the core with ``blocks.halo`` voxels of context on each side; its
     tracked stack is filtered (Min Size / Min Box Extent) except for objects that touch a face
@@ -277,7 +313,11 @@ def block_labels_steps(heads_source, volume, block: Block, shape: tuple, params:
 
         labels = relabel_by_first_appearance(stacks[params.plane])
     timings["consensus_s"] = timings.get("consensus_s", 0.0) + time.perf_counter() - t1
-    return np.ascontiguousarray(labels[within(region, outer)], np.int32), region
+    keep = within(region, outer)
+    layers = {"labels": np.ascontiguousarray(labels[keep], np.int32)}
+    if params.return_stacks:
+        layers.update((p, np.ascontiguousarray(st[keep], np.int32)) for p, st in stacks.items())
+    return layers, region
 
 
 def run_block(heads_source, volume, store: "WorkStore", block: Block, params: VolumeParams,
@@ -287,11 +327,11 @@ def run_block(heads_source, volume, store: "WorkStore", block: Block, params: Vo
     (which marks it finished). Returns the block's timings."""
     timings: dict = {}
     t0 = time.perf_counter()
-    labels, region = yield from block_labels_steps(heads_source, volume, block, store.shape,
+    layers, region = yield from block_labels_steps(heads_source, volume, block, store.shape,
                                                    params, blocks, intensity, thing_list,
                                                    timings)
     t1 = time.perf_counter()
-    store.write_block(block, labels, region, semantic=params.slice.semantic_only)
+    store.write_block(block, layers, region, semantic=params.slice.semantic_only)
     timings["write_s"] = time.perf_counter() - t1
     timings["block_s"] = time.perf_counter() - t0
     return timings
@@ -300,10 +340,11 @@ def run_block(heads_source, volume, store: "WorkStore", block: Block, params: Vo
 # -- the work store -----------------------------------------------------------------------------
 
 class WorkStore:
-    """The work folder of a blockwise job, beside its output: ``labels.zarr`` (block-unique
-    ids, one zarr chunk per block so that concurrent writers never share a chunk),
-    ``records/BLOCK.npz`` (one per finished block) and ``job.json`` (what the job is: a
-    re-run resumes only the same job).
+    """The work folder of a blockwise job, beside its output: one zarr array per layer
+    (``labels.zarr``, and ``xy.zarr`` ... for the per-plane stacks) of block-unique ids, one
+    zarr chunk per block so that concurrent writers never share a chunk;
+    ``records/BLOCK.npz`` (one per finished block: each layer's object table and strips) and
+    ``job.json`` (what the job is: a re-run resumes only the same job).
     """
 
     def __init__(self, output: str | os.PathLike):
@@ -312,28 +353,32 @@ class WorkStore:
         self.path = output.parent / f".{output.name}.nbapp-work"
         self.shape: tuple = ()
         self.grid: list[Block] = []
+        self.layers: tuple = ("labels",)
 
     # opening and resuming
-    def open(self, job: dict, shape: tuple, block_size: tuple) -> int:
+    def open(self, job: dict, shape: tuple, block_size: tuple,
+             layers: tuple = ("labels",)) -> int:
         """Create the store, or reuse a previous run's of the same ``job``; return how many
         blocks are already finished."""
         import zarr
 
         self.shape = tuple(int(s) for s in shape)
         self.grid = block_grid(self.shape, block_size)
+        self.layers = tuple(layers)
         chunks = tuple(hi - lo for lo, hi in self.grid[0].core)
         self.lock()
-        job = dict(job, shape=list(self.shape), chunks=list(chunks))
+        job = dict(job, shape=list(self.shape), chunks=list(chunks), layers=list(self.layers))
         text = json.dumps(job, sort_keys=True, default=str)
         meta = self.path / "job.json"
         if self.path.exists():
             same = meta.exists() and meta.read_text() == text
-            if same and (self.path / "labels.zarr").exists():
+            if same and all((self.path / f"{n}.zarr").exists() for n in self.layers):
                 return len(self.finished())
             shutil.rmtree(self.path)  # another job's (or a broken) work folder
         (self.path / "records").mkdir(parents=True)
-        zarr.create_array(str(self.path / "labels.zarr"), shape=self.shape, chunks=chunks,
-                          dtype="int64", fill_value=0)
+        for name in self.layers:
+            zarr.create_array(str(self.path / f"{name}.zarr"), shape=self.shape, chunks=chunks,
+                              dtype="int64", fill_value=0)
         meta.write_text(text)
         return 0
 
@@ -361,19 +406,22 @@ class WorkStore:
 
     @classmethod
     def attach(cls, path: str | os.PathLike) -> "WorkStore":
-        """Open the existing store at ``path`` (in a worker): shape and grid from ``job.json``."""
+        """Open the existing store at ``path`` (in a worker): shape, grid and layers from
+        ``job.json``."""
         store = cls.__new__(cls)
         store.path = Path(path)
         store.output = None
         job = json.loads((store.path / "job.json").read_text())
         store.shape = tuple(job["shape"])
         store.grid = block_grid(store.shape, tuple(job["chunks"]))
+        store.layers = tuple(job["layers"])
         return store
 
-    def labels(self, mode: str = "r"):
+    def labels(self, mode: str = "r", layer: str = "labels"):
+        """One layer's array of block-unique ids."""
         import zarr
 
-        return zarr.open_array(str(self.path / "labels.zarr"), mode=mode)
+        return zarr.open_array(str(self.path / f"{layer}.zarr"), mode=mode)
 
     def finished(self) -> set:
         folder = self.path / "records"
@@ -382,33 +430,37 @@ class WorkStore:
     def record_path(self, index: int) -> Path:
         return self.path / "records" / f"{index}.npz"
 
-    def write_block(self, block: Block, labels: np.ndarray, region: tuple, semantic: bool) -> None:
-        """The block's core into ``labels.zarr``, then its record (atomically)."""
+    def write_block(self, block: Block, layers: dict, region: tuple, semantic: bool) -> None:
+        """Each layer's labels of the block's core into its array, then the block's record
+        (atomically: a block with a record is finished)."""
         from nbapp.io import write_small
 
-        core = np.ascontiguousarray(labels[within(block.core, region)])
-        if semantic:
-            self.labels("r+")[to_slices(block.core)] = core.astype(np.int64)
-            table = {"ids": np.zeros(0, np.int64)}
-            slabs = []
-        else:
+        arrays = {}
+        for name in self.layers:
+            labels = layers[name]
+            core = np.ascontiguousarray(labels[within(block.core, region)])
+            if semantic:
+                self.labels("r+", name)[to_slices(block.core)] = core.astype(np.int64)
+                continue
             base = uid_base(block.index)
-            self.labels("r+")[to_slices(block.core)] = np.where(core > 0, core + base, 0)
-            table = core_table(core, block.core, self.shape)
-            slabs = edge_slabs(labels, region, block.core)
-        arrays = {f"table_{k}": v for k, v in table.items()}
-        for i, (box, lab) in enumerate(slabs):
-            arrays[f"slab{i}_box"] = np.array(box, np.int64)
-            arrays[f"slab{i}"] = lab
+            self.labels("r+", name)[to_slices(block.core)] = np.where(core > 0, core + base, 0)
+            for k, v in core_table(core, block.core, self.shape).items():
+                arrays[f"{name}.table_{k}"] = v
+            for i, (box, lab) in enumerate(edge_slabs(labels, region, block.core)):
+                arrays[f"{name}.slab{i}_box"] = np.array(box, np.int64)
+                arrays[f"{name}.slab{i}"] = lab
         write_small(self.record_path(block.index), lambda f: np.savez_compressed(f, **arrays))
 
-    def read_record(self, index: int) -> tuple[dict, list]:
+    def read_record(self, index: int, layer: str = "labels") -> tuple[dict, list]:
+        """One layer's object table and strips from a finished block's record."""
+        head = f"{layer}.table_"
         with np.load(self.record_path(index)) as z:
-            table = {k[6:]: z[k] for k in z.files if k.startswith("table_")}
+            table = {k[len(head):]: z[k] for k in z.files if k.startswith(head)}
             slabs = []
             i = 0
-            while f"slab{i}" in z.files:
-                slabs.append((tuple(map(tuple, z[f"slab{i}_box"].tolist())), z[f"slab{i}"]))
+            while f"{layer}.slab{i}" in z.files:
+                slabs.append((tuple(map(tuple, z[f"{layer}.slab{i}_box"].tolist())),
+                              z[f"{layer}.slab{i}"]))
                 i += 1
         return table, slabs
 
@@ -417,40 +469,45 @@ class WorkStore:
         self.unlock()
 
 
+def file_stamp(source_id: str) -> list | None:
+    """Size and modification time of a source's file (None for an in-memory array)."""
+    from nbapp.io import source_file
+
+    if source_id.startswith("array:"):
+        return None
+    try:
+        st = os.stat(source_file(source_id))
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def job_identity(source_id: str, shape: tuple, dtype, model_id: str, params: VolumeParams,
                  blocks: BlockParams, intensity: tuple) -> dict:
     """What makes two runs the same job (a re-run resumes only then): the input (its path,
     size and modification time), the model, every parameter and the grid."""
-    from nbapp.io import source_file
-
-    stamp = None
-    if not source_id.startswith("array:"):
-        try:
-            st = os.stat(source_file(source_id))
-            stamp = [st.st_size, st.st_mtime_ns]
-        except OSError:
-            pass
-    return {"version": 1, "source": source_id, "stamp": stamp, "dtype": str(dtype),
-            "model": model_id, "params": repr(params), "halo": blocks.halo,
+    return {"version": 2, "source": source_id, "stamp": file_stamp(source_id),
+            "dtype": str(dtype), "model": model_id, "params": repr(params), "halo": blocks.halo,
             "intensity": [float(v) for v in intensity[:2]]}
 
 
 # -- joining and writing ------------------------------------------------------------------------
 
-def join_steps(store: WorkStore, consensus: ConsensusParams
+def join_steps(store: WorkStore, consensus: ConsensusParams, layer: str = "labels"
                ) -> Generator[BlockProgress, None, tuple[dict, list]]:
-    """Pairs of pieces from every block's strips, then :func:`~nbapp.stitch.join_objects`."""
+    """Pairs of pieces from every block's strips of one layer, then
+    :func:`~nbapp.stitch.join_objects`."""
     tables, pairs = {}, []
-    labels = store.labels()
+    labels = store.labels(layer=layer)
     n = len(store.grid)
     for k, block in enumerate(store.grid):
-        table, slabs = store.read_record(block.index)
+        table, slabs = store.read_record(block.index, layer)
         tables[block.index] = table
         base = uid_base(block.index)
         for box, lab in slabs:
             mine = np.where(lab > 0, lab.astype(np.int64) + base, 0)
             pairs.append(slab_pairs(mine, np.asarray(labels[to_slices(box)])))
-        yield BlockProgress("blocks", "joining", k + 1, n)
+        yield BlockProgress("blocks", "joining", k + 1, n, f"joining the {layer} pieces")
     pairs = mutual_pairs(np.concatenate(pairs)) if pairs else np.zeros((0, 2), np.int64)
     return join_objects(tables, pairs, consensus.min_size, consensus.min_extent)
 
@@ -504,9 +561,9 @@ def coarse_level(path: str | os.PathLike, max_side: int = 160) -> tuple[np.ndarr
 
 
 def write_output(store: WorkStore, luts: dict, output: Path, voxel_size: tuple | None,
-                 semantic_scale: int = 0) -> Path:
-    """The final labels as an OME-Zarr multiscale image (nearest-neighbour pyramid), written
-    under a temporary name and renamed onto ``output`` when complete."""
+                 semantic_scale: int = 0, layer: str = "labels") -> Path:
+    """One layer's final labels as an OME-Zarr multiscale image (nearest-neighbour pyramid),
+    written under a temporary name and renamed onto ``output`` when complete."""
     import warnings
 
     import dask
@@ -521,7 +578,7 @@ def write_output(store: WorkStore, luts: dict, output: Path, voxel_size: tuple |
     from nbapp.io import _replace_tree, _temp_name, remove_stale_temporaries
 
     grid_shape = tuple(max(b.position[a] for b in store.grid) + 1 for a in range(3))
-    src = da.from_zarr(store.labels())
+    src = da.from_zarr(store.labels(layer=layer))
     labels = src.map_blocks(_relabel_chunk, luts, grid_shape, semantic_scale, dtype=np.int32)
     shape = tuple(store.shape)
     labels = labels.rechunk(output_chunks(shape))
@@ -559,6 +616,36 @@ class _Task:
     intensity: tuple
     thing_list: tuple
 
+    def run(self, index: int) -> dict:
+        """Run block ``index`` in this worker: open the volume, the store and the engine of
+        this worker, compute, write. Returns the block's timings."""
+        from nbapp.cluster import worker_engine
+        from nbapp.volume import sequential_heads
+
+        engine = worker_engine(self.model, self.batch_size, _DEVICE[0] if _DEVICE else None)
+        store = WorkStore.attach(self.store)
+
+        def heads(sub, plane, sp, intensity):
+            return sequential_heads(engine, sub, plane, sp, intensity)
+
+        return _drained(run_block(heads, self.source.open(), store, store.grid[index],
+                                  self.params, self.blocks, self.intensity, self.thing_list))
+
+
+@dataclass(frozen=True)
+class _ConsensusTask:
+    """Everything a worker needs to run the consensus of blocks from stored stacks."""
+
+    sources: tuple  # VolumeSource of the xy, xz and yz stacks
+    store: str
+    consensus: ConsensusParams
+    halo: int
+
+    def run(self, index: int) -> dict:
+        store = WorkStore.attach(self.store)
+        stacks = {p: s.open() for p, s in zip(PLANES, self.sources)}
+        return consensus_block(stacks, store, store.grid[index], self.consensus, self.halo)
+
 
 #: The device of this worker process (set by its initializer; empty outside worker processes).
 _DEVICE: list = []
@@ -569,21 +656,13 @@ def _init_process_worker(devices) -> None:
     _DEVICE.append(devices.get())
 
 
-def _block_task(task: _Task, index: int) -> dict:
-    """Run one block in a worker (process or Dask): open the volume, the store and the engine
-    of this worker, compute, write. Returns the block's timings."""
-    from nbapp.cluster import worker_engine
-    from nbapp.volume import sequential_heads
+def _block_task(task, index: int) -> dict:
+    """Run one block of ``task`` (a :class:`_Task` or :class:`_ConsensusTask`) in a worker
+    process or a Dask worker; returns its timings."""
+    return task.run(index)
 
-    engine = worker_engine(task.model, task.batch_size, _DEVICE[0] if _DEVICE else None)
-    store = WorkStore.attach(task.store)
-    block = store.grid[index]
 
-    def heads(sub, plane, sp, intensity):
-        return sequential_heads(engine, sub, plane, sp, intensity)
-
-    gen = run_block(heads, task.source.open(), store, block, task.params, task.blocks,
-                    task.intensity, task.thing_list)
+def _drained(gen):
     while True:
         try:
             next(gen)
@@ -597,6 +676,16 @@ def _model_id(model) -> str:
         where = getattr(model, "weights", None) or getattr(config, "config_path", None)
         return f"{config.name}:{where}"
     return str(model)
+
+
+def _check_output(output: Path) -> Path:
+    output = Path(output)
+    if output.suffix.lower() != ".zarr":
+        raise InputError(f"a blockwise job writes OME-Zarr: give an output ending in .zarr, not "
+                         f"{str(output)!r}")
+    if not output.parent.is_dir():
+        raise InputError(f"output folder {str(output.parent)!r} does not exist")
+    return output
 
 
 def blockwise_steps(engines: list, volume, output: str | os.PathLike,
@@ -615,24 +704,19 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
     volume : (Z, Y, X) array
         Read lazily block by block (zarr, memory-mapped, HDF5 dataset, numpy).
     output : path ending in ``.zarr``
-        Where the labels go (OME-Zarr); the work store sits beside it until the job ends.
+        Where the labels go (OME-Zarr); the work store sits beside it until the job ends. With
+        ``params.return_stacks`` each plane's stack goes beside it too
+        (:func:`nbapp.io.stack_paths`: ``OUT_xy.zarr`` ...), written before the labels.
     client : dask.distributed.Client, optional
         Run one task per block on the cluster (needs ``source`` and a file ``model``).
     workers : "threads" or "processes"
         In-process (default) or one worker process per engine's device (needs ``source`` and
         a file ``model``).
     """
+    from nbapp.io import stack_paths
     from nbapp.volume import check_volume, sequential_heads
 
-    output = Path(output)
-    if output.suffix.lower() != ".zarr":
-        raise InputError(f"a blockwise job writes OME-Zarr: give an output ending in .zarr, not "
-                         f"{str(output)!r}")
-    if not output.parent.is_dir():
-        raise InputError(f"output folder {str(output.parent)!r} does not exist")
-    if params.return_stacks:
-        raise InputError("blockwise jobs do not write the per-plane stacks yet: run without "
-                         "--return-stacks (or in memory, on a crop)")
+    output = _check_output(output)
     if workers not in ("threads", "processes"):
         raise InputError(f"workers must be 'threads' or 'processes', got {workers!r}")
     check_volume(volume)
@@ -664,22 +748,19 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
         from nbapp.cluster import model_spec_for_workers
 
         model_spec = model_spec_for_workers(model if model is not None else engine.model)
+    # the stacks first, the labels last: the labels appear only when everything is written
+    outputs = {p: path for p, path in stack_paths(output).items() if p in params.planes} \
+        if params.return_stacks else {}
+    outputs["labels"] = output
     store = WorkStore(output)
     job = job_identity(source.path if source else f"array:{id(volume)}", shape, volume.dtype,
                        _model_id(model if model is not None else engine.model), params, blocks,
                        intensity)
     if source is None:  # an in-memory array is never resumed: it may have changed
         store.remove()
-    skipped = store.open(job, shape, block_size)
+    skipped = store.open(job, shape, block_size, tuple(outputs))
     try:  # the lock is held until the job ends, in any way
-        todo = [b for b in store.grid if b.index not in store.finished()]
-        total = len(store.grid)
-        timings = {"blocks_s": 0.0, "join_s": 0.0, "write_s": 0.0}
-        t_start = time.perf_counter()
-        done = skipped
-        yield BlockProgress("blocks", "network", done, total,
-                            f"{skipped} of {total} blocks already done" if skipped else None)
-        if todo and not remote:
+        if not remote:
             from nbapp.jobs import DevicePool
 
             pool = DevicePool(engines) if len(engines) > 1 else None
@@ -689,50 +770,188 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
                     return pool.heads(sub, plane, sp, intensity_)
                 return sequential_heads(engine, sub, plane, sp, intensity_)
 
-            for block in todo:
-                gen = run_block(heads, volume, store, block, params, blocks, intensity,
-                                thing_list)
-                while True:
-                    try:
-                        p = next(gen)
-                    except StopIteration:
-                        break
-                    yield BlockProgress("blocks", "network", done, total, f"block {done + 1}/"
-                                        f"{total}: {p.plane} slice {p.done}/{p.total}")
-                done += 1
-                yield BlockProgress("blocks", "network", done, total,
-                                    _rate(done - skipped, t_start))
-        elif todo:
+            def local(block):
+                return run_block(heads, volume, store, block, params, blocks, intensity,
+                                 thing_list)
+
+            task = None
+        else:
+            local = None
             task = _Task(source, model_spec, batch_size or getattr(engine, "batch_size", 4),
                          str(store.path), params, blocks, intensity, thing_list)
-            runs = (_dask_blocks(client, task, todo) if client is not None
-                    else _process_blocks(task, todo, [str(e.device) for e in engines]))
-            for _ in runs:
-                done += 1
-                yield BlockProgress("blocks", "network", done, total,
-                                    _rate(done - skipped, t_start))
-        timings["blocks_s"] = time.perf_counter() - t_start
-        missing = set(b.index for b in store.grid) - store.finished()
-        if missing:
-            raise NbappError(f"blocks {sorted(missing)[:5]} did not finish; re-run the same "
-                             "command to resume")
-        t0 = time.perf_counter()
-        if params.slice.semantic_only:
-            luts, rows = {}, []
-            scale = params.slice.label_divisor or 1
-        else:
-            luts, rows = yield from join_steps(store, params.consensus)
-            scale = 0
-        timings["join_s"] = time.perf_counter() - t0
-        yield BlockProgress("blocks", "writing", 0, 1, f"writing {output.name}")
-        t0 = time.perf_counter()
-        write_output(store, luts, output, voxel_size, semantic_scale=scale)
-        timings["write_s"] = time.perf_counter() - t0
-        yield BlockProgress("blocks", "writing", 1, 1)
+        timings = {}
+        yield from _blocks_steps(store, skipped, local, task, client,
+                                 [str(e.device) for e in engines], timings)
+        semantic = params.slice.semantic_only
+        tables = yield from _finish_steps(store, outputs, params.consensus, voxel_size, timings,
+                                          semantic_scale=(params.slice.label_divisor or 1)
+                                          if semantic else 0)
         if not keep_work:
             store.remove()
-        return BlockwiseResult(output, shape, len(rows), total, skipped, block_size, timings,
-                               rows)
+        rows = tables.pop("labels")
+        return BlockwiseResult(output, shape, len(rows), len(store.grid), skipped, block_size,
+                               timings, rows, {p: outputs[p] for p in tables},
+                               {p: len(r) for p, r in tables.items()})
+    finally:
+        store.unlock()
+
+
+def _blocks_steps(store: WorkStore, skipped: int, local, task, client, devices: list,
+                  timings: dict) -> Generator[BlockProgress, None, None]:
+    """Run every block of ``store`` not finished yet: in this process (``local(block)``, a
+    generator of progress), else ``task`` on the Dask ``client`` or in one worker process per
+    device. Raises when a block did not finish."""
+    todo = [b for b in store.grid if b.index not in store.finished()]
+    total = len(store.grid)
+    t_start = time.perf_counter()
+    done = skipped
+    yield BlockProgress("blocks", "network", done, total,
+                        f"{skipped} of {total} blocks already done" if skipped else None)
+    if todo and local is not None:
+        for block in todo:
+            gen = local(block)
+            while True:
+                try:
+                    p = next(gen)
+                except StopIteration:
+                    break
+                yield BlockProgress("blocks", "network", done, total, f"block {done + 1}/"
+                                    f"{total}: {p.plane} slice {p.done}/{p.total}")
+            done += 1
+            yield BlockProgress("blocks", "network", done, total, _rate(done - skipped, t_start))
+    elif todo:
+        runs = (_dask_blocks(client, task, todo) if client is not None
+                else _process_blocks(task, todo, devices))
+        for _ in runs:
+            done += 1
+            yield BlockProgress("blocks", "network", done, total, _rate(done - skipped, t_start))
+    timings["blocks_s"] = time.perf_counter() - t_start
+    missing = set(b.index for b in store.grid) - store.finished()
+    if missing:
+        raise NbappError(f"blocks {sorted(missing)[:5]} did not finish; re-run the same "
+                         "command to resume")
+
+
+def _finish_steps(store: WorkStore, outputs: dict, consensus: ConsensusParams, voxel_size,
+                  timings: dict, semantic_scale: int = 0) -> Generator[BlockProgress, None, dict]:
+    """Join and write each layer to its output (in the order given); returns each layer's
+    object table."""
+    tables: dict = {}
+    timings.update(join_s=0.0, write_s=0.0)
+    for layer, path in outputs.items():
+        t0 = time.perf_counter()
+        if semantic_scale:  # class ids: nothing to join; the stacks keep the class ids
+            luts, found = {}, []
+            scale = semantic_scale if layer == "labels" else 1
+        else:
+            luts, found = yield from join_steps(store, consensus, layer)
+            scale = 0
+        timings["join_s"] += time.perf_counter() - t0
+        yield BlockProgress("blocks", "writing", 0, 1, f"writing {path.name}")
+        t0 = time.perf_counter()
+        write_output(store, luts, path, voxel_size, semantic_scale=scale, layer=layer)
+        timings["write_s"] += time.perf_counter() - t0
+        yield BlockProgress("blocks", "writing", 1, 1)
+        tables[layer] = found
+    return tables
+
+
+# -- consensus from stored stacks, block by block ----------------------------------------------
+
+def consensus_block(stacks: dict, store: WorkStore, block: Block, consensus: ConsensusParams,
+                    halo: int) -> dict:
+    """The ortho-plane consensus of one block from stored stacks: each stack read on the core
+    with ``halo`` voxels around it, filtered (objects cut by a face spared, as in a block
+    job), merged; the core and its strips written to ``store``. Returns the timings."""
+    from nbapp.consensus import orthoplane_consensus
+
+    t0 = time.perf_counter()
+    shape = store.shape
+    region = grow(block.core, STITCH_DEPTH, shape)
+    outer = grow(block.core, halo, shape)
+    views = []
+    for p in PLANES:  # (the stacks' ids need not be consecutive: the consensus takes any)
+        views.append(filter_complete(np.asarray(stacks[p][to_slices(outer)]), outer, shape,
+                                     consensus.min_size, consensus.min_extent))
+    t1 = time.perf_counter()
+    labels = orthoplane_consensus(*views, consensus.replace(min_size=0, min_extent=0))
+    t2 = time.perf_counter()
+    store.write_block(block, {"labels": labels[within(region, outer)]}, region, semantic=False)
+    return {"read_s": t1 - t0, "consensus_s": t2 - t1, "write_s": time.perf_counter() - t2,
+            "block_s": time.perf_counter() - t0}
+
+
+def consensus_blockwise_steps(stacks: dict, output: str | os.PathLike,
+                              consensus: ConsensusParams = ConsensusParams(),
+                              blocks: BlockParams = BlockParams(), sources: dict | None = None,
+                              client=None, voxel_size=None, keep_work: bool = False
+                              ) -> Generator[BlockProgress, None, BlockwiseResult]:
+    """Ortho-plane consensus from stored per-plane stacks, block by block (stacks larger than
+    memory, e.g. the ``OUT_xy.zarr`` ... of a blockwise job with ``return_stacks``), as a
+    generator of :class:`BlockProgress` returning a :class:`BlockwiseResult`.
+
+    Each block reads the three stacks on its core and a halo, runs the consensus there and
+    writes its core; the pieces are joined and filtered as in a blockwise job. Re-running it on
+    the same files resumes.
+
+    Parameters
+    ----------
+    stacks : {"xy", "xz", "yz"} -> (Z, Y, X) integer arrays (read lazily block by block)
+    output : path ending in ``.zarr``
+    consensus : ConsensusParams
+        Vote threshold, permit one stack, Min Size / Min Box Extent (on the joined objects).
+    blocks : BlockParams
+        Block size (default: from the memory budget) and halo (default 32).
+    sources : {"xy", ...} -> VolumeSource, optional
+        The stacks' files: needed for a Dask ``client`` (the workers read them) and to resume.
+    """
+    output = _check_output(output)
+    missing = [p for p in PLANES if p not in stacks]
+    if missing:
+        raise InputError(f"consensus needs the xy, xz and yz stacks; missing {missing}")
+    shapes = {p: tuple(int(n) for n in stacks[p].shape) for p in PLANES}
+    if len(set(shapes.values())) != 1 or len(shapes["xy"]) != 3:
+        raise InputError(f"the stacks must be volumes (Z, Y, X) of one shape, got {shapes}: "
+                         "they must come from the same volume")
+    for p in PLANES:
+        if not np.issubdtype(stacks[p].dtype, np.integer):
+            raise InputError(f"the {p} stack must hold integer labels, got dtype "
+                             f"{stacks[p].dtype}")
+    if client is not None and sources is None:
+        raise InputError("Dask workers read the stacks themselves: give their files "
+                         "(sources={'xy': VolumeSource(path), ...})")
+    shape = shapes["xy"]
+    halo = blocks.halo if blocks.halo is not None else 32
+    block_size = choose_block_size(shape, VolumeParams(), BlockParams(
+        blocks.block_size, halo, blocks.memory_budget))
+    store = WorkStore(output)
+    if sources is None:
+        store.remove()
+        ids = {p: f"array:{id(stacks[p])}" for p in PLANES}
+    else:
+        ids = {p: sources[p].path for p in PLANES}
+    job = {"version": 2, "kind": "consensus", "halo": halo, "consensus": repr(consensus),
+           "stacks": {p: [ids[p], file_stamp(ids[p]), str(stacks[p].dtype)] for p in PLANES}}
+    skipped = store.open(job, shape, block_size)
+    try:
+        task = None
+        local = None
+        if client is not None:
+            task = _ConsensusTask(tuple(sources[p] for p in PLANES), str(store.path), consensus,
+                                  halo)
+        else:
+            def local(block):
+                yield from ()  # (a generator, with no progress within a block)
+                return consensus_block(stacks, store, block, consensus, halo)
+
+        timings: dict = {}
+        yield from _blocks_steps(store, skipped, local, task, client, [], timings)
+        rows = (yield from _finish_steps(store, {"labels": output}, consensus, voxel_size,
+                                         timings))["labels"]
+        if not keep_work:
+            store.remove()
+        return BlockwiseResult(output, shape, len(rows), len(store.grid), skipped, block_size,
+                               timings, rows, kind="consensus")
     finally:
         store.unlock()
 

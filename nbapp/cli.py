@@ -132,15 +132,6 @@ def _consensus_params(args) -> ConsensusParams:
                            min_size=args.min_size, min_extent=args.min_extent)
 
 
-def stack_paths(out: Path) -> dict:
-    """Where ``--return-stacks`` writes the per-plane stacks: OUT_xy.ext, OUT_xz.ext, OUT_yz.ext.
-
-    >>> sorted(p.name for p in stack_paths(Path("d/labels.zarr")).values())
-    ['labels_xy.zarr', 'labels_xz.zarr', 'labels_yz.zarr']
-    """
-    return {p: out.with_name(f"{out.stem}_{p}{out.suffix}") for p in ("xy", "xz", "yz")}
-
-
 def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     """The ``nbapp`` argument parser; ``with_train=False`` leaves out the training options
     (and the torch import they need), for commands other than ``train``."""
@@ -176,6 +167,18 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     con.add_argument("-o", "--output", required=True, metavar="OUTPUT", help=".tif/.tiff or .zarr")
     _add_data_root(con)
     _add_consensus_options(con)
+    b = con.add_argument_group(
+        "stacks larger than memory (block by block into an OME-Zarr output; chosen by itself "
+        "when the in-memory consensus would not fit)")
+    b.add_argument("--blockwise", action="store_true",
+                   help="run block by block even if the stacks would fit in memory; "
+                        "re-running the same command resumes an interrupted run")
+    b.add_argument("--block-size", type=_block_size, default=None, metavar="N|Z,Y,X",
+                   help="largest block core side in voxels (implies --blockwise)")
+    b.add_argument("--halo", type=int, default=None, metavar="N",
+                   help="context in voxels read around each block (default 32)")
+    b.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run the blocks on a Dask cluster (needs nbapp[dask])")
 
     demo = sub.add_parser("demo", help="segment the bundled demo volume with the default model")
     demo.add_argument("-o", "--output", default="nbapp_demo_labels.tif", metavar="OUTPUT")
@@ -432,7 +435,7 @@ def _cmd_segment(args) -> int:
 
 
 def _segment_3d(args, sp: SliceParams, out: Path) -> int:
-    from nbapp.io import read_image, source_file, write_labels
+    from nbapp.io import read_image, source_file, stack_paths, write_labels
 
     params = VolumeParams(slice=sp.replace(batch_mode=False), plane=args.plane,
                           orthoplane=args.orthoplane, median_size=args.median,
@@ -513,22 +516,8 @@ def _segment_blockwise(args, params: VolumeParams, out: Path, meta: dict) -> int
     blocks = BlockParams(block_size=args.block_size, halo=args.halo)
     client = _dask_client(args.scheduler) if args.scheduler else None
     t0 = time.perf_counter()
-    bar = None
+    progress, close_bar = _blocks_bar()
     try:
-        from tqdm.auto import tqdm
-
-        def progress(p) -> None:
-            nonlocal bar
-            if p.stage != "network":
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                return
-            if bar is None:
-                bar = tqdm(total=p.total, desc="blocks", unit="block", file=sys.stderr,
-                           initial=p.done)
-            bar.update(p.done - bar.n)
-
         model = _model(args, None)  # with --data-root: loaded (and checked) here
         result = segment_blockwise(args.input, out, model, params, blocks,
                                    devices=args.devices or args.device, client=client,
@@ -536,8 +525,7 @@ def _segment_blockwise(args, params: VolumeParams, out: Path, meta: dict) -> int
                                    batch_size=args.batch_size, root=args.data_root,
                                    voxel_size=meta.get("voxel_size"))
     finally:
-        if bar is not None:
-            bar.close()
+        close_bar()
         if client is not None:
             client.close()
     if args.table is not None:  # the joined objects' table: the labels are not read again
@@ -546,11 +534,43 @@ def _segment_blockwise(args, params: VolumeParams, out: Path, meta: dict) -> int
         divisor, names = _table_classes(args, getattr(model, "config", None))
         write_table(args.table, [{**r, "class": class_name(r["id"], divisor, names)}
                                  for r in result.table])
+    _say_blockwise(out, result, t0)
+    return 0
+
+
+def _say_blockwise(out: Path, result, t0: float) -> None:
     resumed = f", {result.skipped} of them from an earlier run" if result.skipped else ""
+    stacks = result.stacks
+    also = f", and the {'/'.join(stacks)} stack{'s' if len(stacks) > 1 else ''} " \
+           f"({', '.join(p.name for p in stacks.values())})" if stacks else ""
     print(f"nbapp: wrote {out} {result.shape} int32 (OME-Zarr), {result.objects} objects in "
           f"{time.perf_counter() - t0:.1f} s ({result.blocks} blocks of up to "
-          f"{'x'.join(map(str, result.block_size))}{resumed})", file=sys.stderr)
-    return 0
+          f"{'x'.join(map(str, result.block_size))}{resumed}){also}", file=sys.stderr)
+
+
+def _blocks_bar():
+    """A progress callback drawing a tqdm bar of blocks done on stderr, and its closer."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def progress(p) -> None:
+        nonlocal bar
+        if p.stage != "network":
+            close()
+            return
+        if bar is None:
+            bar = tqdm(total=p.total, desc="blocks", unit="block", file=sys.stderr,
+                       initial=p.done)
+        bar.update(p.done - bar.n)
+
+    def close() -> None:
+        nonlocal bar
+        if bar is not None:
+            bar.close()
+            bar = None
+
+    return progress, close
 
 
 def _progress_bars():
@@ -600,24 +620,69 @@ def _cmd_consensus(args) -> int:
     for name in ("xy", "xz", "yz"):
         setattr(args, name, _input_path(args, getattr(args, name)))
         _check_output(out, getattr(args, name))
-    stacks = {}
+    stacks, meta = {}, {}
     for name in ("xy", "xz", "yz"):
-        arr = np.asarray(read_image(getattr(args, name), root=args.data_root)[0])
-        if arr.ndim != 3:
-            raise InputError(f"the {name} stack must be a volume (Z, Y, X), got shape {arr.shape}")
+        arr, meta = read_image(getattr(args, name), lazy=True, root=args.data_root)
+        if len(arr.shape) != 3:
+            raise InputError(f"the {name} stack must be a volume (Z, Y, X), got shape "
+                             f"{tuple(arr.shape)}")
         if not np.issubdtype(arr.dtype, np.integer):
             raise InputError(f"the {name} stack must hold integer labels, got dtype {arr.dtype}")
         stacks[name] = arr
-    shapes = {k: v.shape for k, v in stacks.items()}
+    shapes = {k: tuple(v.shape) for k, v in stacks.items()}
     if len(set(shapes.values())) != 1:
         raise InputError(f"the stacks have different shapes {shapes}: they must come from the "
                          "same volume")
     t0 = time.perf_counter()
-    labels = consensus(stacks, params)
+    if _consensus_blockwise(args, shapes["xy"], out):
+        from nbapp.blockwise import BlockParams
+        from nbapp.run3d import consensus_blockwise
+
+        client = _dask_client(args.scheduler) if args.scheduler else None
+        progress, close_bar = _blocks_bar()
+        try:
+            result = consensus_blockwise({p: getattr(args, p) for p in stacks}, out, params,
+                                         BlockParams(block_size=args.block_size, halo=args.halo),
+                                         client=client, progress=progress, root=args.data_root,
+                                         voxel_size=meta.get("voxel_size"))
+        finally:
+            close_bar()
+            if client is not None:
+                client.close()
+        _say_blockwise(out, result, t0)
+        return 0
+    labels = consensus({k: np.asarray(v) for k, v in stacks.items()}, params)
     write_labels(out, labels)
     print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {int(labels.max())} objects "
           f"(consensus {time.perf_counter() - t0:.2f} s)", file=sys.stderr)
     return 0
+
+
+def _consensus_blockwise(args, shape: tuple, out: Path) -> bool:
+    """Whether ``nbapp consensus`` runs block by block: asked for, a Dask cluster given, or
+    stacks too large for memory (then the output must be .zarr)."""
+    from nbapp.memory import OutOfMemory, available_bytes, format_bytes
+    from nbapp.volume import JOB_BYTES_PER_VOXEL
+
+    asked = args.blockwise or args.block_size is not None or args.halo is not None \
+        or args.scheduler is not None
+    # the in-memory consensus holds the three stacks, their filtered copies and its own work:
+    # about what an ortho-plane job holds per voxel
+    need = JOB_BYTES_PER_VOXEL["ortho"] * int(np.prod(shape))
+    if not asked and need <= 0.9 * available_bytes():
+        return False
+    if out.suffix.lower() != ".zarr":
+        if asked:
+            raise InputError(f"a blockwise consensus writes OME-Zarr: give an output ending in "
+                             f".zarr, not {str(out)!r}")
+        raise OutOfMemory(f"out of memory: the consensus of {'x'.join(map(str, shape))} stacks "
+                          f"needs about {format_bytes(need)} but this process has "
+                          f"{format_bytes(available_bytes())} left; write to a .zarr output, "
+                          "which runs it block by block in bounded memory")
+    if not asked:
+        print("nbapp: the stacks are too large for one in-memory consensus: running it block "
+              "by block", file=sys.stderr)
+    return True
 
 
 def _cmd_demo(args) -> int:

@@ -25,7 +25,8 @@ from nbapp.errors import InputError, NbappError
 from nbapp.memory import OutOfMemory, check_fits, format_bytes
 
 __all__ = ["read_image", "write_labels", "READ_FORMATS", "WRITE_FORMATS", "split_h5_path",
-           "split_zarr_path", "source_file", "remove_stale_temporaries", "check_writable"]
+           "split_zarr_path", "source_file", "remove_stale_temporaries", "check_writable",
+           "stack_paths"]
 
 READ_FORMATS = (".tif", ".tiff", ".npy", ".zarr", ".mrc", ".map", ".rec", ".h5", ".hdf5",
                 ".png", ".jpg", ".jpeg")
@@ -505,6 +506,17 @@ def _read_picture(file: str, meta: dict, limit: _Limit) -> np.ndarray:
         return np.ascontiguousarray(rgb[..., 0])
     meta["converted"] = "RGB converted to grey"
     return np.array(Image.fromarray(rgb).convert("L"))
+
+
+def stack_paths(out: str | os.PathLike) -> dict:
+    """Where the per-plane stacks of a 3D job writing ``out`` go: OUT_xy.ext, OUT_xz.ext,
+    OUT_yz.ext beside it.
+
+    >>> sorted(p.name for p in stack_paths("d/labels.zarr").values())
+    ['labels_xy.zarr', 'labels_xz.zarr', 'labels_yz.zarr']
+    """
+    out = Path(out)
+    return {p: out.with_name(f"{out.stem}_{p}{out.suffix}") for p in ("xy", "xz", "yz")}
 
 
 def write_labels(path: str | os.PathLike, labels: np.ndarray, chunks: tuple | None = None) -> Path:

@@ -20,7 +20,7 @@ from nbapp.params import VolumeParams
 from nbapp.volume import Cancelled, VolumeResult, check_volume, filter_stack, volume_steps
 
 __all__ = ["available_devices", "parse_devices", "make_engines", "job_steps", "drain",
-           "segment_volume", "segment_blockwise"]
+           "segment_volume", "segment_blockwise", "consensus_blockwise"]
 
 
 def available_devices() -> list[str]:
@@ -179,3 +179,49 @@ def segment_blockwise(volume, output: str | os.PathLike, model="default",
                                  voxel_size=voxel_size, batch_size=batch_size),
                  progress, cancel)
 
+
+
+def consensus_blockwise(stacks: dict, output: str | os.PathLike, params=None, blocks=None,
+                        client=None, progress=None, cancel=None, root=None, voxel_size=None):
+    """Ortho-plane consensus from stored per-plane stacks larger than memory, block by block,
+    into an OME-Zarr ``output`` (:func:`nbapp.blockwise.consensus_blockwise_steps`).
+
+    Parameters
+    ----------
+    stacks : {"xy", "xz", "yz"} -> path or (Z, Y, X) integer array
+        E.g. the ``OUT_xy.zarr``, ``OUT_xz.zarr``, ``OUT_yz.zarr`` that
+        :func:`segment_blockwise` writes with ``VolumeParams(return_stacks=True)``. Files are
+        read lazily, and re-running the same call resumes; arrays always run from the start.
+    output : path ending in ``.zarr``
+    params : nbapp.ConsensusParams, optional
+    blocks : nbapp.BlockParams, optional
+        Block size (default: from the memory budget) and halo (default 32).
+    client : dask.distributed.Client, optional
+        One task per block on the cluster (the stacks must be files every worker sees).
+    progress, cancel, root, voxel_size :
+        As for :func:`segment_blockwise`.
+
+    Returns
+    -------
+    nbapp.blockwise.BlockwiseResult
+    """
+    from nbapp.blockwise import BlockParams, VolumeSource, consensus_blockwise_steps
+    from nbapp.params import ConsensusParams
+
+    params = ConsensusParams() if params is None else params
+    if not isinstance(params, ConsensusParams):
+        raise InputError(f"params must be ConsensusParams, got {type(params).__name__}")
+    arrays, sources = {}, {}
+    for plane, stack in dict(stacks).items():
+        if isinstance(stack, (str, os.PathLike)):
+            sources[plane] = VolumeSource(os.fspath(stack),
+                                          None if root is None else os.fspath(root))
+            arrays[plane] = sources[plane].open()
+        else:
+            arrays[plane] = stack
+    if sources and len(sources) != len(arrays):
+        raise InputError("give the three stacks all as files or all as arrays")
+    return drain(consensus_blockwise_steps(arrays, output, params,
+                                           BlockParams() if blocks is None else blocks,
+                                           sources=sources or None, client=client,
+                                           voxel_size=voxel_size), progress, cancel)

@@ -139,6 +139,158 @@ def test_blockwise_matches_in_memory_on_urocell(tmp_path, name):
     assert abs(int(lab.max()) - int(ref.max())) <= 1
 
 
+@pytest.mark.slow
+def test_blockwise_stacks_and_their_consensus_match_in_memory_on_urocell(tmp_path):
+    """Per-plane stacks written block by block, then the consensus re-run from them block by
+    block with other settings: the in-memory results, on real 3D instance labels."""
+    from nbapp.blockwise import consensus_blockwise_steps
+    from nbapp.volume import consensus, filter_stack
+
+    truth = tifffile.imread(data_path("urocell_mito_labels", "mito_instance_fib1-3-2-1.tif")
+                            )[:96].astype(np.float32)
+    params = VolumeParams(return_stacks=True)
+    res, _ = blockwise(truth, tmp_path / "out.zarr", params, block=64, halo=16)
+    mem = drain(volume_steps(LabelEngine(), truth, params))
+    stacks = {p: res.stack(p) for p in ("xy", "xz", "yz")}
+    for plane, stack in stacks.items():
+        assert f1_score(np.asarray(stack[...]), filter_stack(mem.stacks[plane],
+                                                             params.consensus)) >= 0.99
+    cp = ConsensusParams(vote_threshold=3, min_size=2000)
+    again = drain(consensus_blockwise_steps(stacks, tmp_path / "again.zarr", cp,
+                                            BlockParams(block_size=64, halo=16)))
+    ref = consensus(mem.stacks, cp)
+    assert f1_score(np.asarray(again.labels()[...]), ref) >= 0.99
+    assert abs(again.objects - int(ref.max())) <= 1
+
+
+def test_blockwise_stacks_equal_the_in_memory_stacks(tmp_path):
+    from nbapp.volume import filter_stack
+
+    truth = ellipsoids((48, 64, 80), n=10, seed=8).astype(np.float32)
+    params = VolumeParams(return_stacks=True,
+                          consensus=ConsensusParams(min_size=60, min_extent=3))
+    res, lab = blockwise(truth, tmp_path / "out.zarr", params, block=16)
+    mem = drain(volume_steps(LabelEngine(), truth, params))
+    assert np.array_equal(lab, mem.labels)
+    assert sorted(res.stacks) == ["xy", "xz", "yz"]
+    assert [p.name for p in res.stacks.values()] == ["out_xy.zarr", "out_xz.zarr", "out_yz.zarr"]
+    for plane in ("xy", "xz", "yz"):
+        stack = np.asarray(res.stack(plane)[...])
+        assert stack.max() > 3
+        assert np.array_equal(stack, filter_stack(mem.stacks[plane], params.consensus))
+    assert not WorkStore(tmp_path / "out.zarr").path.exists()
+    # single plane: its one stack
+    one = params.replace(orthoplane=False, plane="yz")
+    res, _ = blockwise(truth, tmp_path / "one.zarr", one, block=16)
+    assert list(res.stacks) == ["yz"]
+    with pytest.raises(InputError, match="wrote no xy stack"):
+        res.stack("xy")
+
+
+def _disagreeing_views(seed=4):
+    """Three per-plane stacks that disagree: xy sees two objects larger, xz misses some
+    objects, yz misses others and sees one only in part, so the vote threshold and 'permit
+    one stack' change the result."""
+    from scipy import ndimage as ndi
+
+    truth = ellipsoids((48, 64, 64), n=12, seed=seed)
+    xy, xz, yz = truth.copy(), truth.copy(), truth.copy()
+    for k in (1, 6):  # seen larger in xy alone: its rim has one vote
+        xy[ndi.binary_dilation(truth == k, iterations=2) & (xy == 0)] = k
+    xz[np.isin(xz, [2, 5, 9])] = 0
+    yz[np.isin(yz, [2, 3, 7])] = 0
+    yz[:, :, :30][yz[:, :, :30] == 4] = 0
+    xz = np.where(xz > 0, xz + 100, 0)  # the views' ids need not agree
+    return {"xy": xy, "xz": xz.astype(np.int32), "yz": yz}
+
+
+@pytest.mark.parametrize("cp", [ConsensusParams(vote_threshold=1),
+                                ConsensusParams(vote_threshold=2),
+                                ConsensusParams(vote_threshold=3),
+                                ConsensusParams(vote_threshold=1, allow_one_view=True),
+                                ConsensusParams(vote_threshold=2, min_size=800, min_extent=4)])
+def test_consensus_blockwise_equals_the_in_memory_consensus(tmp_path, cp):
+    from nbapp.blockwise import consensus_blockwise_steps
+    from nbapp.volume import consensus
+
+    views = _disagreeing_views()
+    ref = consensus(views, cp)
+    res = drain(consensus_blockwise_steps(views, tmp_path / "c.zarr", cp,
+                                          BlockParams(block_size=16, halo=24)))
+    assert res.blocks == 48
+    assert np.array_equal(np.asarray(res.labels()[...]), ref)
+    assert res.objects == int(ref.max()) == len(res.table)
+
+
+def test_the_views_disagree_enough_for_the_consensus_test():
+    from nbapp.volume import consensus
+
+    views = _disagreeing_views()
+    voxels = {v: int((consensus(views, ConsensusParams(vote_threshold=v)) > 0).sum())
+              for v in (1, 2, 3)}
+    assert voxels[1] > voxels[2] > voxels[3]
+    one = ConsensusParams(vote_threshold=1)
+    assert int(consensus(views, one.replace(allow_one_view=True)).max()) \
+        == int(consensus(views, one).max()) + 1  # object 2, seen in xy alone
+
+
+def test_consensus_blockwise_resumes_from_files(tmp_path):
+    from nbapp.blockwise import VolumeSource, consensus_blockwise_steps
+    from nbapp.io import write_labels
+    from nbapp.volume import consensus
+
+    views = _disagreeing_views(seed=5)
+    paths = {p: write_labels(tmp_path / f"s_{p}.zarr", v) for p, v in views.items()}
+    out = tmp_path / "c.zarr"
+
+    def job():
+        arrays = {p: read_image(path, lazy=True)[0] for p, path in paths.items()}
+        return consensus_blockwise_steps(arrays, out, ConsensusParams(),
+                                         BlockParams(block_size=32, halo=24),
+                                         sources={p: VolumeSource(str(v))
+                                                  for p, v in paths.items()})
+
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        drain(job(), lambda p: cancel.set() if p.done >= 2 else None, cancel)
+    assert not out.exists() and len(WorkStore(out).finished()) == 2
+    res = drain(job())
+    assert res.skipped == 2 and res.blocks == 8
+    assert np.array_equal(np.asarray(res.labels()[...]), consensus(views, ConsensusParams()))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda v: v.pop("yz"), "missing \\['yz'\\]"),
+    (lambda v: v.update(xz=v["xz"][:, :32]), "of one shape"),
+    (lambda v: v.update(yz=v["yz"].astype(np.float32)), "integer labels"),
+])
+def test_consensus_blockwise_refuses_bad_stacks(tmp_path, change, match):
+    from nbapp.blockwise import consensus_blockwise_steps
+
+    views = _disagreeing_views()
+    change(views)
+    with pytest.raises(InputError, match=match):
+        drain(consensus_blockwise_steps(views, tmp_path / "c.zarr"))
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_consensus_blockwise_refuses_bad_outputs_and_workers(tmp_path):
+    from nbapp.blockwise import consensus_blockwise_steps
+    from nbapp.run3d import consensus_blockwise
+
+    views = _disagreeing_views()
+    with pytest.raises(InputError, match="ending in .zarr"):
+        drain(consensus_blockwise_steps(views, tmp_path / "c.tif"))
+    with pytest.raises(InputError, match="Dask workers read the stacks themselves"):
+        drain(consensus_blockwise_steps(views, tmp_path / "c.zarr", client=object()))
+    np.save(tmp_path / "xy.npy", views["xy"])
+    with pytest.raises(InputError, match="all as files or all as arrays"):
+        consensus_blockwise({"xy": tmp_path / "xy.npy", "xz": views["xz"], "yz": views["yz"]},
+                            tmp_path / "c.zarr")
+    with pytest.raises(InputError, match="must be ConsensusParams"):
+        consensus_blockwise(views, tmp_path / "c.zarr", VolumeParams())
+
+
 def test_reads_are_bounded_by_the_block(tmp_path):
     """The volume is only ever read a block (with its margin) at a time."""
     truth = ellipsoids((48, 64, 64), n=6, seed=2).astype(np.float32)
@@ -298,9 +450,6 @@ def test_bad_jobs_are_refused_before_any_work(tmp_path):
         drain(blockwise_steps([engine], vol, tmp_path / "out.tif", NO_FILTER))
     with pytest.raises(InputError, match="does not exist"):
         drain(blockwise_steps([engine], vol, tmp_path / "no" / "out.zarr", NO_FILTER))
-    with pytest.raises(InputError, match="stacks"):
-        drain(blockwise_steps([engine], vol, tmp_path / "out.zarr",
-                              NO_FILTER.replace(return_stacks=True)))
     with pytest.raises(InputError, match="file"):
         drain(blockwise_steps([engine], vol, tmp_path / "out.zarr", NO_FILTER, workers="processes"))
     with pytest.raises(InputError, match="threads"):
@@ -354,18 +503,32 @@ def test_dask_cluster_of_two_workers_gives_the_local_labels(tmp_path, tiny_volum
     distributed = pytest.importorskip("distributed")
     from nbapp.run3d import segment_blockwise
 
+    from nbapp.run3d import consensus_blockwise
+
     vol, model = tiny_volume
-    params = VolumeParams(consensus=ConsensusParams(min_size=0, min_extent=0))
+    params = VolumeParams(consensus=ConsensusParams(min_size=0, min_extent=0),
+                          return_stacks=True)
     blocks = BlockParams(block_size=(40, 36, 36), halo=8)
     local = segment_blockwise(vol, tmp_path / "a.zarr", model, params, blocks, devices="cpu")
+    vote3 = ConsensusParams(vote_threshold=3, min_size=0, min_extent=0)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
         remote = segment_blockwise(vol, tmp_path / "b.zarr", model, params, blocks,
                                    devices="cpu", client=client)
         assert len(client.scheduler_info()["workers"]) == 2
+        # the consensus again from the stored stacks, one Dask task per block
+        again = consensus_blockwise(remote.stacks, tmp_path / "c.zarr", vote3,
+                                    BlockParams(block_size=(40, 36, 36), halo=8), client=client)
     np.testing.assert_array_equal(_labels(local), _labels(remote))
     assert remote.table == local.table
+    for plane in ("xy", "xz", "yz"):
+        np.testing.assert_array_equal(np.asarray(local.stack(plane)[...]),
+                                      np.asarray(remote.stack(plane)[...]))
+    here = consensus_blockwise(local.stacks, tmp_path / "d.zarr", vote3,
+                               BlockParams(block_size=(40, 36, 36), halo=8))
+    np.testing.assert_array_equal(_labels(again), _labels(here))
+    assert 0 < here.objects <= local.objects
 
 
 # -- the command line ------------------------------------------------------------------------------
@@ -399,6 +562,60 @@ def test_cli_blockwise_with_table_and_resume(tmp_path, tiny_volume, capsys):
     assert int(first["voxels"]) == int((lab == int(first["id"])).sum())
 
 
+@pytest.mark.slow
+def test_cli_blockwise_stacks_then_consensus_out_of_core(tmp_path, tiny_volume, capsys,
+                                                         monkeypatch):
+    """--return-stacks on a blockwise run writes OUT_xy/xz/yz.zarr; `nbapp consensus` re-runs
+    from them block by block (asked for, or by itself when memory is short) and gives the
+    in-memory consensus of the same stacks."""
+    import nbapp.memory
+    from nbapp.cli import main
+    from nbapp.volume import consensus
+
+    vol, model = tiny_volume
+    out = tmp_path / "out.zarr"
+    assert main(["segment", vol, "-o", str(out), "--mode", "3d", "--model", model,
+                 "--block-size", "40,36,36", "--halo", "8", "--return-stacks"]) == 0
+    err = capsys.readouterr().err
+    assert "xy/xz/yz stacks (out_xy.zarr, out_xz.zarr, out_yz.zarr)" in err
+    stacks = [str(tmp_path / f"out_{p}.zarr") for p in ("xy", "xz", "yz")]
+    arrays = {p: np.asarray(read_image(s)[0]) for p, s in zip(("xy", "xz", "yz"), stacks)}
+    ref = consensus(arrays, ConsensusParams(vote_threshold=3))
+    assert main(["consensus", *stacks, "-o", str(tmp_path / "c.zarr"), "--vote", "3",
+                 "--block-size", "20,36,36", "--halo", "8"]) == 0
+    assert "8 blocks" in capsys.readouterr().err
+    got = np.asarray(read_image(tmp_path / "c.zarr")[0])
+    assert f1_score(got, ref) >= 0.99 and int(ref.max()) > 0
+    # too large for memory: a .tif output is refused with the way out, a .zarr one runs
+    monkeypatch.setattr(nbapp.memory, "available_bytes", lambda: 1 << 20)
+    assert main(["consensus", *stacks, "-o", str(tmp_path / "c.tif")]) == 1
+    err = capsys.readouterr().err
+    assert "out of memory: the consensus of 40x72x72 stacks" in err and "write to a .zarr" in err
+    assert not (tmp_path / "c.tif").exists()
+    monkeypatch.undo()
+    import nbapp.blockwise as bw
+    monkeypatch.setattr(bw, "default_budget", lambda: 64 << 20)
+    monkeypatch.setattr(nbapp.memory, "available_bytes", lambda: 1 << 20)
+    assert main(["consensus", *stacks, "-o", str(tmp_path / "e.zarr")]) == 0
+    err = capsys.readouterr().err
+    assert "block by block" in err
+    monkeypatch.undo()
+    assert f1_score(np.asarray(read_image(tmp_path / "e.zarr")[0]), consensus(
+        arrays, ConsensusParams())) >= 0.99
+
+
+def test_cli_consensus_refuses_a_blockwise_tif(tmp_path, capsys):
+    from nbapp.cli import main
+    from nbapp.io import write_labels
+
+    views = _disagreeing_views()
+    stacks = [str(write_labels(tmp_path / f"s_{p}.tif", v)) for p, v in views.items()]
+    assert main(["consensus", *stacks, "-o", str(tmp_path / "c.tif"), "--blockwise"]) == 2
+    err = capsys.readouterr().err
+    assert "blockwise consensus writes OME-Zarr" in err
+    assert not (tmp_path / "c.tif").exists()
+
+
 def test_cli_runs_blockwise_by_itself_when_memory_is_short(tmp_path, tiny_volume, capsys,
                                                            monkeypatch):
     import nbapp.blockwise as bw
@@ -420,7 +637,6 @@ def test_cli_runs_blockwise_by_itself_when_memory_is_short(tmp_path, tiny_volume
     (["--block-size", "4"], "block_size"),
     (["--block-size", "a,b"], "not a block size"),
     (["--halo", "1"], "halo"),
-    (["--blockwise", "--return-stacks"], "stacks"),
     (["--block-size", "16", "--halo", "4"], "give a larger block size"),
 ])
 def test_cli_bad_blockwise_options(tmp_path, tiny_volume, capsys, extra, message):

@@ -1173,3 +1173,49 @@ def test_block_by_block_on_loaded_data_gives_the_in_memory_labels(volume, tmp_pa
         assert (root / "nbapp-exports" / "array_3d.zarr").exists()
     finally:
         a.close()
+
+
+def test_block_by_block_stacks_are_shown_and_their_consensus_re_runs_block_by_block(
+        volume, tmp_path):
+    """'Return stacks' on a block-by-block job: the per-plane stacks are written beside the
+    labels and shown (read lazily, with their object counts); 'Re-run consensus' then runs
+    block by block from them (no network) and gives the in-memory consensus."""
+    from nbapp.volume import consensus, filter_stack
+
+    root = tmp_path / "root"
+    root.mkdir()
+    a = make_app(volume, data_root=root)
+    try:
+        st = a.state
+        small_lab(a)
+        a.controls3d.widgets["return_stacks"].value = True
+        a.session.run_3d()
+        mem_stacks = {p: filter_stack(s, st.volume_params.consensus)
+                      for p, s in st.stacks.items()}
+        a.controls3d.blockwise.value = True
+        a.session.run_3d()
+        assert st.job.state == JobState.DONE, st.status
+        exports = root / "nbapp-exports"
+        assert "stacks beside it: array_3d_xy.zarr, array_3d_xz.zarr, array_3d_yz.zarr" \
+            in st.status
+        for i, plane in enumerate(("xy", "xz", "yz")):
+            lazy = st.stacks[plane]
+            assert not isinstance(lazy, np.ndarray)
+            assert np.array_equal(np.asarray(lazy[...]), mem_stacks[plane])
+            n = int(mem_stacks[plane].max())
+            assert a.stacks_view.axes[i].get_title() == f"{plane}: {n} objects"
+        assert not a.controls3d.rerun.disabled
+        rec = st.model.module
+        calls = rec.calls
+        a.controls3d.widgets["vote_threshold"].value = 3
+        a.controls3d.widgets["allow_one_view"].value = False
+        a.controls3d.rerun.click()
+        assert st.job.state == JobState.DONE, st.status
+        assert rec.calls == calls  # no network
+        assert "consensus re-run block by block done" in st.status
+        assert np.array_equal(np.asarray(st.labels3d[...]),
+                              consensus(mem_stacks, st.volume_params.consensus))
+        assert all(not isinstance(s, np.ndarray) for s in st.stacks.values())
+        assert (exports / "array_3d.zarr").exists()
+    finally:
+        a.close()

@@ -112,11 +112,7 @@ class VolumeActions:
         from nbapp.blockwise import BlockParams, VolumeSource, blockwise_steps
 
         st = self.state
-        if vp.return_stacks:
-            raise InputError("a block-by-block job does not keep the per-plane stacks: untick "
-                             "'return stacks'")
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(st.data.name).stem).strip("._") or "volume"
-        target = self._export_target(f"{EXPORT_FOLDER}/{stem}_3d.zarr")
+        target = self._blockwise_target()
         src = st.data.meta.get("source")
         if src is not None and self.data_root is not None and not Path(src).is_absolute():
             src = str(self.data_root / src)  # the same file wherever the kernel runs from
@@ -135,6 +131,15 @@ class VolumeActions:
                                    source=source, voxel_size=vs)
 
         return job, f", block by block into {target}"
+
+    def _blockwise_target(self) -> Path:
+        """``nbapp-exports/NAME_3d.zarr`` in the data root: the same for the same data, so that
+        running again after a stop or a kernel restart resumes."""
+        import re
+
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.state.data.name).stem).strip("._") \
+            or "volume"
+        return self._export_target(f"{EXPORT_FOLDER}/{stem}_3d.zarr")
 
     def _end_marker(self) -> bool:
         """Remove the running-job marker; True if the page was closed while the job ran."""
@@ -207,14 +212,19 @@ class VolumeActions:
         names = self._class_names()
         label = next(iter(names.values()), "") if len(names) == 1 else ""
         with st.hold_trait_notifications():
-            st.stacks = {}
+            if res.kind == "segment":  # (a consensus re-run keeps the stacks it came from)
+                st.stacks = {p: res.stack(p) for p in res.stacks}
+                st.stack_objects = dict(res.stack_objects)
             st.labels3d = res.labels()
             st.table = [{**r, "class": label} for r in res.table]
             st.result_slice = min(st.result_slice, res.shape[0] - 1)
             st.score3d = {}
         again = f", {res.skipped} of them from an earlier run" if res.skipped else ""
-        st.say(f"3D job done in {snap.elapsed:.1f} s: {res.objects} objects, {res.blocks} blocks"
-               f"{again}; labels in {res.path}", "ok")
+        what = "consensus re-run block by block" if res.kind == "consensus" else "3D job"
+        stacks = f" (stacks beside it: {', '.join(p.name for p in res.stacks.values())})" \
+            if res.stacks else ""
+        st.say(f"{what} done in {snap.elapsed:.1f} s: {res.objects} objects, {res.blocks} "
+               f"blocks{again}; labels in {res.path}{stacks}", "ok")
 
     def rerun_consensus(self) -> None:
         """Consensus again from the stored stacks with the current vote / min size / min extent /
@@ -226,6 +236,9 @@ class VolumeActions:
             if not all(p in st.stacks for p in PLANES):
                 raise InputError("re-running the consensus needs the xy, xz and yz stacks of an "
                                  "ortho-plane 3D job: run one first")
+            if not all(isinstance(st.stacks[p], np.ndarray) for p in PLANES):
+                self._rerun_consensus_blockwise()
+                return
             t0 = time.perf_counter()
             labels = consensus(st.stacks, st.volume_params.consensus)
         except Exception as exc:  # noqa: BLE001
@@ -241,3 +254,30 @@ class VolumeActions:
                f"min size {cp.min_size}, min extent {cp.min_extent}, one stack "
                f"{'allowed' if cp.allow_one_view else 'not allowed'}): {len(st.table)} objects"
                f"{score}", "ok")
+
+    def _rerun_consensus_blockwise(self) -> None:
+        """The stacks are on disk (a block-by-block job): the consensus runs block by block
+        as a background job, into the job's labels store."""
+        from nbapp.blockwise import BlockParams, VolumeSource, consensus_blockwise_steps
+        from nbapp.io import stack_paths
+
+        st = self.state
+        if self.jobs.busy:
+            raise InputError("a 3D job is running: wait for it or cancel it")
+        stacks = dict(st.stacks)
+        target = self._blockwise_target()
+        root = None if self.data_root is None else str(self.data_root)
+        # the stacks a block-by-block job wrote beside its labels (so that a re-run resumes)
+        sources = {p: VolumeSource(str(path), root) for p, path in stack_paths(target).items()}
+        cp = st.volume_params.consensus
+        blocks = self.block_params or BlockParams()
+        vs = st.data.voxel_size if st.data is not None else None
+
+        def job():
+            return consensus_blockwise_steps(stacks, target, cp, blocks, sources=sources,
+                                             voxel_size=vs)
+
+        st.job_output = str(target)
+        st.say(f"consensus re-run started block by block into {target} (vote "
+               f"{cp.vote_threshold}, min size {cp.min_size}, min extent {cp.min_extent})", "info")
+        self.jobs.submit(job, name="3d")

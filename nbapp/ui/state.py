@@ -115,7 +115,8 @@ class AppState(HasTraits):
     sweep = Dict()  # param, values, f1, pq of the last parameter sweep
     # 3D
     job = Instance(Snapshot, default_value=Snapshot())
-    stacks = Dict()  # plane -> (Z, Y, X) labels of the last 3D job
+    stacks = Dict()  # plane -> (Z, Y, X) labels of the last 3D job; lazy (zarr) when blockwise
+    stack_objects = Dict()  # plane -> object count of lazy stacks (read from the job)
     labels3d = Any(None, allow_none=True)  # consensus (or single-plane) labels; lazy (zarr)
     # after a blockwise job
     job_output = Unicode("")  # where a blockwise job wrote its labels (OME-Zarr)

@@ -57,8 +57,9 @@ class StacksView:
                 ax.set_title(f"{name}: -", fontsize=9)
             else:
                 show_image(over, label_display(np.asarray(v[z])))
+                # labels on disk: the job counted them
                 n = int(np.count_nonzero(np.unique(v))) if isinstance(v, np.ndarray) \
-                    else len(st.table)  # labels on disk: the job's table counts them
+                    else len(st.table) if v is st.labels3d else st.stack_objects.get(name, "?")
                 ax.set_title(f"{name}: {n} objects", fontsize=9)
         self.canvas.draw_idle()
 
