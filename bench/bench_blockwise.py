@@ -265,6 +265,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each scale case (the row keeps every wall time and the median)")
     ap.add_argument("--out", default=None, help="results file (default: results/bench_blockwise_PART.json)")
+    ap.add_argument("--cases", default=None,
+                    help="fidelity: only these cases (comma-separated, e.g. lucchi)")
     ap.add_argument("--child", nargs="*", default=None)
     a = ap.parse_args()
     if a.child is not None:
@@ -345,6 +347,8 @@ def main() -> None:
             cases += [("lucchi", 0, 2, 0)]  # the whole volume, default blocks and halo
         uro = sorted((DATA / "urocell_mito_labels").glob("*.tif"))[:3]
         cases += [(p.name, 16, 1, 64) for p in uro]
+        if a.cases:
+            cases = [c for c in cases if c[0] in a.cases.split(",")]
         for case in cases:
             row = run_child(["fidelity", *case])
             print(json.dumps(row, default=str), flush=True)

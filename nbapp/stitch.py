@@ -42,14 +42,16 @@ class Block:
 
 
 def _splits(n: int, size: int) -> list[tuple[int, int]]:
-    """``n`` voxels cut into the fewest pieces of at most ``size``, as even as possible (no
-    thin last piece: a 100-voxel axis with size 96 gives 50 + 50, not 96 + 4).
+    """``n`` voxels cut into the fewest pieces of at most ``size``, all of one length but the
+    last, which is at most ``k - 1`` voxels shorter (no thin last piece: a 100-voxel axis with
+    size 96 gives 50 + 50, not 96 + 4). Equal pieces are what makes each block one zarr chunk.
 
-    >>> _splits(100, 96), _splits(10, 20)
-    ([(0, 50), (50, 100)], [(0, 10)])
+    >>> _splits(100, 96), _splits(10, 20), _splits(1024, 432)
+    ([(0, 50), (50, 100)], [(0, 10)], [(0, 342), (342, 684), (684, 1024)])
     """
     k = max(1, math.ceil(n / size))
-    edges = [round(i * n / k) for i in range(k + 1)]
+    step = math.ceil(n / k)
+    edges = [min(i * step, n) for i in range(k + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
 

@@ -45,6 +45,40 @@ def test_grid_tiles_the_volume_without_thin_blocks():
     assert len({b.shape for b in blocks if all(p == 0 for p in b.position)}) == 1
 
 
+@pytest.mark.parametrize("shape, block", [((20, 50, 61), 16), ((165, 768, 1024), (165, 432, 432)),
+                                          ((1001, 13, 7), 500)])
+def test_every_core_is_one_chunk_of_the_work_store(shape, block):
+    """Cores start at multiples of the first core's side along each axis (a block never
+    writes into two zarr chunks; a 1024-voxel axis in 341 / 342 / 341 broke that)."""
+    blocks = block_grid(shape, block)
+    first = [hi - lo for lo, hi in blocks[0].core]
+    for b in blocks:
+        for (lo, hi), step, n in zip(b.core, first, shape):
+            assert lo % step == 0 and (hi - lo == step or hi == n)
+
+
+def test_store_join_and_write_on_an_uneven_grid(tmp_path):
+    """Blocks of 7 / 7 / 6 voxels along an axis: each block's labels land in its own chunk and
+    the written labels are the volume's (objects across faces joined, ids by first voxel)."""
+    from nbapp.blockwise import STITCH_DEPTH, join_steps, write_output
+    from nbapp.stitch import grow, to_slices
+    from nbapp.tracking import relabel_by_first_appearance
+
+    truth = ellipsoids((20, 50, 61), n=6, seed=9)
+    store = WorkStore(tmp_path / "out.zarr")
+    store.open({"test": 1}, truth.shape, (16, 17, 21))
+    assert sorted({b.core[2] for b in store.grid}) == [(0, 21), (21, 42), (42, 61)]
+    for b in store.grid:
+        region = grow(b.core, STITCH_DEPTH, truth.shape)
+        store.write_block(b, {"labels": truth[to_slices(region)]}, region, semantic=False)
+    luts, rows = drain(join_steps(store, ConsensusParams(min_size=0, min_extent=0)))
+    write_output(store, luts, tmp_path / "out.zarr", None)
+    store.remove()
+    out = np.asarray(read_image(tmp_path / "out.zarr")[0])
+    assert np.array_equal(out, relabel_by_first_appearance(truth))
+    assert len(rows) == int(truth.max())
+
+
 def test_filter_complete_keeps_objects_cut_by_the_region():
     lab = np.zeros((4, 8, 8), np.int32)
     lab[1:3, 1:3, 1:3] = 1   # small, inside: filtered
