@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["demo_volume", "demo_image", "DEMO_VOXEL_NM"]
+__all__ = ["demo_volume", "demo_image", "teaching_volume", "DEMO_VOXEL_NM", "TEACHING_OBJECTS"]
 
 #: The demo's voxel size (Z, Y, X) in nm, as the app declares it: the size at which its drawn
 #: mitochondria have the sizes of real ones (the scale and median suggestions use it).
@@ -95,6 +95,14 @@ def _demo_cached(shape: tuple, n_mito: int, seed: int) -> tuple[np.ndarray, np.n
 
 def _generate(shape: tuple, n_mito: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
+    img = _background(rng, shape)
+    labels, frames = _place_mitochondria(rng, shape, n_mito)
+    _paint(rng, img, labels, frames)
+    return _finish(rng, img), labels
+
+
+def _background(rng: np.random.Generator, shape: tuple) -> np.ndarray:
+    """Textured cytoplasm with cell membranes and vesicles (float, about 0-255)."""
     img = 168 + 10 * _smooth_noise(rng, shape, 3.0) + 6 * _smooth_noise(rng, shape, 1.0)
 
     # cell membranes: where the nearest and second-nearest of some random seeds are equidistant
@@ -120,20 +128,117 @@ def _generate(shape: tuple, n_mito: int, seed: int) -> tuple[np.ndarray, np.ndar
         d = np.sqrt((zz + sl[0].start - c[0]) ** 2 + (yy + sl[1].start - c[1]) ** 2
                     + (xx + sl[2].start - c[2]) ** 2)
         img[sl] -= 45 * np.exp(-((d - r) ** 2) / 1.2)
+    return img
 
-    labels, frames = _place_mitochondria(rng, shape, n_mito)
+
+def _paint(rng: np.random.Generator, img: np.ndarray, labels: np.ndarray, frames: list,
+           contrast: list | None = None) -> None:
+    """Draw each mitochondrion of ``labels`` (frames from :func:`_place_mitochondria`) into
+    ``img``: a darker matrix with cristae across the long axis and a dark double membrane.
+    ``contrast`` (one per object, default 1): how much darker than the cytoplasm it is."""
     for i, (sl, local, q, phase, period) in enumerate(frames, start=1):
+        k = 1.0 if contrast is None else contrast[i - 1]
         inside = labels[sl] == i
         region = img[sl]
-        # matrix: darker, with cristae as dark bands across the long axis
         cristae = 0.5 + 0.5 * np.cos(2 * np.pi * local[..., 0] / period + phase
                                      + 0.6 * np.sin(local[..., 1] / 3.0))
         shell = np.exp(-((np.sqrt(q) - 0.93) ** 2) / 0.003)
         value = 112 - 28 * cristae ** 3 - 55 * shell
+        if k != 1.0:  # fainter: part of the way from the cytoplasm to the usual look
+            value = region + k * (value - region)
         region[inside] = value[inside] + 4 * _smooth_noise(rng, value.shape, 1.0)[inside]
         img[sl] = region
-    img = ndi.gaussian_filter(img, 0.7) + rng.normal(0, 7, shape)
-    return np.clip(img, 0, 255).astype(np.uint8), labels
+
+
+def _finish(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    img = ndi.gaussian_filter(img, 0.7) + rng.normal(0, 7, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+#: The teaching volume's objects: (name, centre (z, y, x), semi-axes (long, across, across),
+#: long-axis direction (z, y, x), contrast (1 = as dark as the demo's), bright hole radius).
+TEACHING_OBJECTS = (
+    ("touching A", (24, 60, 61), (32, 13, 13), (0, 1, 0), 1.0, 0),
+    ("touching B", (24, 60, 87), (32, 13, 13), (0, 1, 0), 1.0, 0),
+    ("long", (24, 143, 128), (96, 11, 11), (0, 0.12, 1), 1.0, 0),
+    ("faint 1", (24, 58, 160), (26, 12, 12), (0, 1, 0), 0.45, 0),
+    ("faint 2", (24, 58, 212), (26, 12, 12), (0, 1, 0), 0.3, 0),
+    ("hole", (24, 203, 214), (30, 16, 16), (0, 1, 0), 1.0, 8),
+    ("small 1", (24, 208, 40), (5, 5, 5), (0, 1, 0), 1.0, 0),
+    ("small 2", (24, 222, 72), (5, 5, 5), (0, 1, 0), 1.0, 0),
+    ("small 3", (30, 200, 104), (4, 4, 4), (0, 1, 0), 1.0, 0),
+    ("tiny", (18, 230, 130), (3, 3, 3), (0, 1, 0), 1.0, 0),
+    ("flat", (43, 102, 160), (22, 22, 3.5), (0, 1, 0), 1.0, 0),
+)
+
+
+def _frame(direction) -> np.ndarray:
+    """A rotation whose first column is ``direction`` (the long axis) and whose third is as
+    close to z as it can be (so that a flat object lies in the xy plane)."""
+    u = np.asarray(direction, np.float32)
+    u = u / np.linalg.norm(u)
+    z = np.array([1.0, 0.0, 0.0], np.float32)
+    w = z - u * float(z @ u)
+    if np.linalg.norm(w) < 1e-6:
+        w = np.array([0.0, 0.0, 1.0], np.float32)
+    w = w / np.linalg.norm(w)
+    v = np.cross(w, u)
+    return np.stack([u, v, w], axis=1)
+
+
+def teaching_volume(anisotropic: bool = False, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """A harder demo volume (48 x 256 x 256 at 8 nm, generated) where each parameter of the
+    recipe has a visible effect: two mitochondria that touch (splitting vs merging), a long
+    one (over-splitting), two faint ones (the segmentation threshold), one with a bright hole
+    (fill holes), small ones near the Min Size (min size / extent), a flat one that xz and yz
+    slices see only as a thin line (vote threshold, permit one stack), on the demo's cytoplasm,
+    membranes and vesicles. :data:`TEACHING_OBJECTS` lists them; ids follow that order.
+
+    ``anisotropic``: every 4th slice of the scene drawn twice as tall (its objects stretched
+    along z): 24 slices of 32 x 8 x 8 nm, as serial-section EM; its labels likewise.
+
+    >>> img, lab = teaching_volume()
+    >>> img.shape, int(lab.max()) == len(TEACHING_OBJECTS)
+    ((48, 256, 256), True)
+    """
+    img, lab = _teaching_cached(bool(anisotropic), int(seed))
+    return img.copy(), lab.copy()
+
+
+@functools.lru_cache(maxsize=2)
+def _teaching_cached(anisotropic: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    zscale = 2 if anisotropic else 1
+    shape = (48 * zscale, 256, 256)
+    z, y, x = np.indices(shape, dtype=np.float32)
+    labels = np.zeros(shape, np.uint16)
+    frames, contrast, holes = [], [], []
+    for i, (name, centre, axes, direction, k, hole) in enumerate(TEACHING_OBJECTS, start=1):
+        centre = np.array(centre, np.float32) * (zscale, 1, 1)
+        rot = _frame(direction)
+        r = int(np.ceil(max(axes))) + 2
+        sl = tuple(slice(max(int(centre[a]) - r * (zscale if a == 0 else 1), 0),
+                         min(int(centre[a]) + r * (zscale if a == 0 else 1) + 1, shape[a]))
+                   for a in range(3))
+        d = np.stack([(z[sl] - centre[0]) / zscale, y[sl] - centre[1], x[sl] - centre[2]], -1)
+        local = d @ rot
+        q = sum((local[..., a] / axes[a]) ** 2 for a in range(3))
+        inside = q <= 1.0
+        if (labels[sl][inside] != 0).any():
+            raise AssertionError(f"teaching object {name!r} overlaps another")
+        labels[sl][inside] = i
+        frames.append((sl, local, q, rng.uniform(0, 2 * np.pi), rng.uniform(5.0, 7.0)))
+        contrast.append(k)
+        if hole:
+            holes.append((sl, np.sqrt(sum(local[..., a] ** 2 for a in range(3))) <= hole))
+    img = _background(rng, shape)
+    _paint(rng, img, labels, frames, contrast)
+    for sl, ball in holes:  # a bright inclusion: cytoplasm-like inside the membrane
+        img[sl][ball] = 172 + 4 * rng.standard_normal(int(ball.sum()))
+    img = _finish(rng, img)
+    if anisotropic:
+        img, labels = img[::4], labels[::4]
+    return img, labels
 
 
 def demo_volume(shape: tuple = DEMO_SHAPE, n_mito: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
