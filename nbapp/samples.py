@@ -159,14 +159,14 @@ def _finish(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
 #: long-axis direction (z, y, x), contrast (1 = as dark as the demo's), bright hole radius).
 TEACHING_OBJECTS = (
     ("touching A", (24, 60, 61), (32, 13, 13), (0, 1, 0), 1.0, 0),
-    ("touching B", (24, 60, 87), (32, 13, 13), (0, 1, 0), 1.0, 0),
+    ("touching B", (24, 60, 89), (32, 13, 13), (0, 1, 0), 1.0, 0),
     ("long", (24, 143, 128), (96, 11, 11), (0, 0.12, 1), 1.0, 0),
-    ("faint 1", (24, 58, 160), (26, 12, 12), (0, 1, 0), 0.45, 0),
-    ("faint 2", (24, 58, 212), (26, 12, 12), (0, 1, 0), 0.3, 0),
-    ("hole", (24, 203, 214), (30, 16, 16), (0, 1, 0), 1.0, 8),
-    ("small 1", (24, 208, 40), (5, 5, 5), (0, 1, 0), 1.0, 0),
-    ("small 2", (24, 222, 72), (5, 5, 5), (0, 1, 0), 1.0, 0),
-    ("small 3", (30, 200, 104), (4, 4, 4), (0, 1, 0), 1.0, 0),
+    ("faint 1", (24, 58, 160), (26, 12, 12), (0, 1, 0), 0.65, 0),
+    ("faint 2", (24, 58, 212), (26, 12, 12), (0, 1, 0), 0.6, 0),
+    ("hole", (24, 203, 214), (30, 17, 17), (0, 1, 0), 1.0, 10),
+    ("small 1", (24, 208, 40), (10, 8, 8), (0, 1, 0), 1.0, 0),
+    ("small 2", (24, 220, 76), (9, 8, 8), (0, 1, 0), 1.0, 0),
+    ("small 3", (30, 200, 110), (8, 7, 7), (0, 1, 0), 1.0, 0),
     ("tiny", (18, 230, 130), (3, 3, 3), (0, 1, 0), 1.0, 0),
     ("flat", (43, 102, 160), (22, 22, 3.5), (0, 1, 0), 1.0, 0),
 )
@@ -194,8 +194,8 @@ def teaching_volume(anisotropic: bool = False, seed: int = 7) -> tuple[np.ndarra
     slices see only as a thin line (vote threshold, permit one stack), on the demo's cytoplasm,
     membranes and vesicles. :data:`TEACHING_OBJECTS` lists them; ids follow that order.
 
-    ``anisotropic``: every 4th slice of the scene drawn twice as tall (its objects stretched
-    along z): 24 slices of 32 x 8 x 8 nm, as serial-section EM; its labels likewise.
+    ``anisotropic``: every 4th slice of the scene drawn three times as tall (its objects
+    stretched along z): 36 slices of 32 x 8 x 8 nm, as serial-section EM; its labels likewise.
 
     >>> img, lab = teaching_volume()
     >>> img.shape, int(lab.max()) == len(TEACHING_OBJECTS)
@@ -208,7 +208,7 @@ def teaching_volume(anisotropic: bool = False, seed: int = 7) -> tuple[np.ndarra
 @functools.lru_cache(maxsize=2)
 def _teaching_cached(anisotropic: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    zscale = 2 if anisotropic else 1
+    zscale = 3 if anisotropic else 1
     shape = (48 * zscale, 256, 256)
     z, y, x = np.indices(shape, dtype=np.float32)
     labels = np.zeros(shape, np.uint16)

@@ -82,6 +82,28 @@ def test_2d_teaching(tmp_path):
     assert tip and float(tip.group(1)) < 4.0, tip
     assert "'cached': True" in out  # threshold changes re-use the network outputs
     assert "against the ground truth: F1@0.5" in out
+    # centres to objects (issue 18 item 2): each step's count, and the recipe's own count
+    chain = re.search(r"(\d+) centres -> (\d+) own foreground pixels -> (\d+) connected pieces "
+                      r"-> (\d+) objects after fragment merging \(the recipe: (\d+)\)", out)
+    assert chain, out
+    centres, owners, pieces, objects, recipe = map(int, chain.groups())
+    assert centres > owners and pieces >= owners and objects < pieces and objects == recipe
+    # every parameter moves a number on the teaching slice (issue 18 item 5)
+    seg = re.findall(r"seg_threshold = (0\.\d): \d+ objects, (\d+) foreground pixels.*faint one "
+                     r"(\d+)/", out)
+    assert [s[0] for s in seg] == ["0.3", "0.8"] and int(seg[0][1]) > int(seg[1][1]) \
+        and int(seg[0][2]) > int(seg[1][2])
+    assert re.search(r"min_distance = 1: .*the long one in ([3-9]|\d\d) pieces", out)
+    assert "min_distance = 3: " in out and "the long one in 1 pieces" in out
+    assert "the pair as 2 object(s)" in out and "the pair as 1 object(s)" in out
+    ct = [int(n) for n in re.findall(r"center_threshold 0\.\d+, min_distance 1: (\d+) objects", out)]
+    assert len(ct) == 2 and ct[0] > ct[1]
+    moved = re.search(r"pixels whose object changes: (\d+)", out)
+    assert moved and int(moved.group(1)) > 0
+    holes = [int(n) for n in re.findall(r"fill_holes = \w+: .* (\d+)/\d+ px of it", out)]
+    assert len(holes) == 2 and holes[1] > holes[0]
+    ds = [int(n) for n in re.findall(r"downsampling \d: (\d+) objects", out)]
+    assert len(ds) == 3 and ds[0] > ds[1] > ds[2] == 0
     assert images(nb) >= 8
     assert list(tmp_path.iterdir()) == []
 
