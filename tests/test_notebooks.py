@@ -116,6 +116,20 @@ def test_3d(tmp_path):
     for stage in ("xy network", "xz network", "yz network", "all consensus"):
         assert stage in out
     assert out.count("vote ") >= 5
+    # every 3D parameter moves a number on the teaching volume (issue 18 items 5, 6)
+    flat = {v: int(f) for v, f in re.findall(r"vote (\d), permit one stack False .*flat one (\d)", out)}
+    assert flat["1"] == 1 and flat["2"] == 0, flat
+    counts = {v: int(n) for v, n, _ in re.findall(
+        r"vote (\d), permit one stack False +(\d+) objects.*flat one (\d)", out)}
+    one = re.search(r"vote 1, permit one stack True +(\d+) objects", out)
+    assert counts["3"] < counts["2"] and one and int(one.group(1)) > counts["1"], counts
+    sizes = re.findall(r"min size (\d+), min extent (\d+) +\d+ objects.*small 3 (\d)", out)
+    kept = {(int(a), int(b)): int(c) for a, b, c in sizes}
+    suggested = min(a for a, b in kept if a > 0)
+    assert kept[(suggested, 5)] == 1 and kept[(3 * suggested, 5)] == 0, kept
+    aniso = dict(re.findall(r"anisotropic \(32 nm steps\) +(xy only|ortho-plane) .*F1@0\.5 ([0-9.]+)", out))
+    assert float(aniso["ortho-plane"]) < float(aniso["xy only"]), aniso
+    assert len(re.findall(r"xy only, median \d+ ", out)) == 4
     assert images(nb) >= 4
 
 
