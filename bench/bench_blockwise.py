@@ -248,6 +248,17 @@ def crop_sensitivity() -> list:
     return rows
 
 
+def with_median(row: dict, runs: list) -> dict:
+    """``row`` with the last run's results; with several runs, every wall time, their median
+    and the largest peak memory."""
+    row = {**row, **runs[-1]}
+    if len(runs) > 1 and all("wall_s" in r for r in runs):
+        row["wall_s_runs"] = [r["wall_s"] for r in runs]
+        row["wall_s"] = float(np.median(row["wall_s_runs"]))
+        row["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in runs))
+    return row
+
+
 def run_child(args: list) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", *map(str, args)],
                          capture_output=True, text=True)
@@ -305,12 +316,8 @@ def main() -> None:
                 for _ in range(a.repeat):
                     runs.append(run_child(["scale", store, mode, a.downsampling, out]))
                     shutil.rmtree(out, ignore_errors=True)
-                row = {"size": size, "shape": shape, "voxels": int(np.prod(shape)), "mode": mode,
-                       "in_memory_estimate_gb": need / 1e9, **runs[-1]}
-                if a.repeat > 1 and all("wall_s" in r for r in runs):
-                    row["wall_s_runs"] = [r["wall_s"] for r in runs]
-                    row["wall_s"] = float(np.median(row["wall_s_runs"]))
-                    row["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in runs))
+                row = with_median({"size": size, "shape": shape, "voxels": int(np.prod(shape)),
+                                   "mode": mode, "in_memory_estimate_gb": need / 1e9}, runs)
                 print(json.dumps(row, default=str), flush=True)
                 rows.append(row)
         if a.folder is None:
@@ -326,11 +333,7 @@ def main() -> None:
                 shutil.rmtree(outs[mode], ignore_errors=True)
                 runs = [run_child(["consensus", folder, size, mode, outs[mode]])
                         for _ in range(a.repeat)]
-                row = {"size": size, "shape": SIZES[size], "mode": mode, **runs[-1]}
-                if a.repeat > 1 and all("wall_s" in r for r in runs):
-                    row["wall_s_runs"] = [r["wall_s"] for r in runs]
-                    row["wall_s"] = float(np.median(row["wall_s_runs"]))
-                    row["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in runs))
+                row = with_median({"size": size, "shape": SIZES[size], "mode": mode}, runs)
                 print(json.dumps(row, default=str), flush=True)
                 rows.append(row)
             if all(p.exists() for p in outs.values()):

@@ -4,7 +4,7 @@ Times, on this machine, with the default augmentations of ``nbapp train`` (patch
 
 - real patch: one augmented patch + targets from the bundled demo volume
   (``PatchSampler.sample`` with ``synthetic_p=0``; rotation, scale, intensity, padding band);
-- synthetic patch: the same through ``nbapp.synth.synthetic_patch`` (``synthetic_p=1``), and
+- synthetic patch: the same through ``nbapp.training.synth.synthetic_patch`` (``synthetic_p=1``), and
   with hard negatives in every patch (``hard_negatives_p=1``);
 - training step: forward + backward + AdamW step of the default architecture on a batch of 8
   (what the data of one step competes with when ``--workers 0``).

@@ -91,22 +91,30 @@ def _add_3d_options(p: argparse.ArgumentParser) -> None:
                    help="devices for the job, e.g. cpu or cuda:0,cuda:1 (default: all GPUs, else cpu)")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run on a Dask cluster (needs nbapp[dask]), e.g. tcp://10.0.0.1:8786")
-    b = p.add_argument_group(
-        "volumes larger than memory (blockwise 3D: OME-Zarr output; chosen by itself when the "
-        "in-memory job would not fit)")
-    b.add_argument("--blockwise", action="store_true",
-                   help="run block by block even if the volume would fit in memory; "
-                        "re-running the same command resumes an interrupted run")
-    b.add_argument("--block-size", type=_block_size, default=None, metavar="N|Z,Y,X",
-                   help="largest block core side in voxels (implies --blockwise; default: "
-                        "from a 1.2 GB budget per block job, 272 for ortho-plane)")
-    b.add_argument("--halo", type=int, default=None, metavar="N",
-                   help="context in voxels read around each block (default 32; 16 x the "
-                        "downsampling above 2)")
+    b = _add_blockwise_options(
+        p, "volumes larger than memory (blockwise 3D: OME-Zarr output; chosen by itself when "
+        "the in-memory job would not fit)", "volume",
+        "default: from a 1.2 GB budget per block job, 272 for ortho-plane",
+        "default 32; 16 x the downsampling above 2")
     b.add_argument("--workers", choices=("threads", "processes"), default="threads",
                    help="with several --devices: one worker process per device running whole "
                         "blocks (processes), or all devices on one block at a time (threads)")
     _add_consensus_options(p)
+
+
+def _add_blockwise_options(p: argparse.ArgumentParser, title: str, what: str,
+                           size_default: str, halo_default: str):
+    """--blockwise, --block-size and --halo in a group of their own; returns the group."""
+    b = p.add_argument_group(title)
+    b.add_argument("--blockwise", action="store_true",
+                   help=f"run block by block even if the {what} would fit in memory; "
+                        "re-running the same command resumes an interrupted run")
+    b.add_argument("--block-size", type=_block_size, default=None, metavar="N|Z,Y,X",
+                   help=f"largest block core side in voxels (implies --blockwise; "
+                        f"{size_default})")
+    b.add_argument("--halo", type=int, default=None, metavar="N",
+                   help=f"context in voxels read around each block ({halo_default})")
+    return b
 
 
 def _block_size(text: str):
@@ -167,16 +175,10 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     con.add_argument("-o", "--output", required=True, metavar="OUTPUT", help=".tif/.tiff or .zarr")
     _add_data_root(con)
     _add_consensus_options(con)
-    b = con.add_argument_group(
-        "stacks larger than memory (block by block into an OME-Zarr output; chosen by itself "
-        "when the in-memory consensus would not fit)")
-    b.add_argument("--blockwise", action="store_true",
-                   help="run block by block even if the stacks would fit in memory; "
-                        "re-running the same command resumes an interrupted run")
-    b.add_argument("--block-size", type=_block_size, default=None, metavar="N|Z,Y,X",
-                   help="largest block core side in voxels (implies --blockwise)")
-    b.add_argument("--halo", type=int, default=None, metavar="N",
-                   help="context in voxels read around each block (default 32)")
+    b = _add_blockwise_options(
+        con, "stacks larger than memory (block by block into an OME-Zarr output; chosen by "
+        "itself when the in-memory consensus would not fit)", "stacks",
+        "default: from a 1.2 GB budget per block", "default 32")
     b.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run the blocks on a Dask cluster (needs nbapp[dask])")
 
@@ -240,12 +242,12 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     ft.add_argument("--device", default="cpu")
     ft.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
-    if importlib.util.find_spec("nbapp.train") is not None:  # optional in minimal installs
+    if importlib.util.find_spec("nbapp.training") is not None:  # optional in minimal installs
         tr = sub.add_parser("train", help="train a model on volumes with instance labels")
-        if with_train:  # importing the trainer imports torch: only when the command is train
-            from nbapp import train
+        if with_train:
+            from nbapp.training.cli import add_arguments
 
-            train.add_arguments(tr)
+            add_arguments(tr)
     return parser
 
 
@@ -901,9 +903,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.command != "segment":  # segment checks its input and output first
                 _prepare_model(args)
         if handler is None:
-            from nbapp import train
+            from nbapp.training import TrainParams, run
 
-            return int(train.run(args) or 0)
+            return int(run(TrainParams.from_args(args)) or 0)
         return handler(args)
     except MemoryError as exc:  # nbapp's own checks say what needs the memory
         print(f"nbapp: error: {_one_line(out_of_memory_message(exc))}", file=sys.stderr)

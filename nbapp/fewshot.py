@@ -2,7 +2,7 @@
 2D slices, in minutes on a CPU.
 
 The recipe (:func:`finetune`): the slices are scaled as inference will see them
-(``downsampling``), every slice is a source of augmented patches (:class:`nbapp.train.PatchSampler`:
+(``downsampling``), every slice is a source of augmented patches (:class:`nbapp.training.data.PatchSampler`:
 rotations, flips, scale, contrast, noise), the whole network trains with AdamW at a constant
 learning rate after a short warm-up, batch norm statistics frozen at values recalibrated on the
 user's images (a batch of 4 patches is too small to estimate them), and pixels the user
@@ -54,7 +54,7 @@ class FinetuneParams:
     downsampling : int
         Scale the slices down by this factor first: train at the scale inference will run at.
     synthetic_p : float
-        Share of synthetic EM patches (:mod:`nbapp.synth`) mixed in, so that the model keeps
+        Share of synthetic EM patches (:mod:`nbapp.training.synth`) mixed in, so that the model keeps
         what it knew about other EM while it learns the user's.
     seed : int
     """
@@ -226,8 +226,10 @@ def finetune(images, labels, init="default", minutes: float | None = None,
 
     from nbapp.models import load_model, resolve_device
     from nbapp.models.arch import build_model, recalibrate_batchnorm
-    from nbapp.train import (AugmentConfig, EXPORT_OPTIONS, PatchSampler, _load_init,
-                             _write_yaml, collate, config_dict, export_model, panoptic_loss)
+    from nbapp.training.data import AugmentConfig, PatchSampler, collate
+    from nbapp.training.export import EXPORT_OPTIONS, config_dict, export_model, write_yaml
+    from nbapp.training.loss import panoptic_loss
+    from nbapp.training.start import load_init
 
     p = params or FinetuneParams()
     if minutes is not None:
@@ -244,7 +246,7 @@ def finetune(images, labels, init="default", minutes: float | None = None,
         raise ParameterError(f"{init} cannot be fine-tuned here: nbapp trains its own "
                              "architecture only (start from 'default', or a model fine-tuned "
                              "from it); fine-tune MitoNet models in empanada-napari")
-    start = _load_init(str(init))
+    start = load_init(str(init))
     arch = start["arch"]
     model = build_model(**arch).to(dev)
     model.load_state_dict(start["state_dict"])
@@ -310,7 +312,7 @@ def finetune(images, labels, init="default", minutes: float | None = None,
     works_at = pixel_size_nm * p.downsampling if pixel_size_nm else start["pixel_size_nm"]
     if works_at:
         cfg["pixel_size_nm"] = round(float(works_at), 3)
-    _write_yaml(cfg, yml)
+    write_yaml(cfg, yml)
     tuned = load_model(str(yml), device=dev)
     return FinetuneResult(tuned, yml, step, time.monotonic() - t0, losses, stopped)
 

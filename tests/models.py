@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nbapp.targets import panoptic_targets
+from nbapp.training.targets import panoptic_targets
 
 
 class TinyNet(nn.Module):

@@ -24,7 +24,7 @@ def test_import_linter_contracts_hold():
 
 
 def test_import_nbapp_does_not_import_torch_or_widgets():
-    code = ("import sys, nbapp, nbapp.params, nbapp.postprocess, nbapp.targets; "
+    code = ("import sys, nbapp, nbapp.params, nbapp.postprocess, nbapp.training.targets; "
             "bad = [m for m in ('torch', 'ipywidgets', 'matplotlib') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

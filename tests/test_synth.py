@@ -1,11 +1,11 @@
-"""Tests of the synthetic EM training patches (nbapp.synth)."""
+"""Tests of the synthetic EM training patches (nbapp.training.synth)."""
 
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 from skimage.measure import label as cc_label
 
-from nbapp.synth import synthetic_patch
+from nbapp.training.synth import synthetic_patch
 
 
 def _patches(n, size=128, seed=0):
@@ -91,7 +91,7 @@ def test_hard_negatives_are_unlabelled_and_off_by_default():
 
 
 def test_each_kind_of_hard_negative_darkens_the_patch():
-    from nbapp.synth import _hard_negatives
+    from nbapp.training.synth import _hard_negatives
 
     for seed in range(8):
         rng = np.random.default_rng(seed)

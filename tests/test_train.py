@@ -132,7 +132,7 @@ def test_workers_arch_and_stop_after_resume(tmp_path):
 
 
 def test_worker_batches_are_seeded_per_worker():
-    from nbapp.train import _PatchStream
+    from nbapp.training.data import _PatchStream
 
     raw, labels = _blob_volume((12, 32, 32))
     unit, lab = raw.astype(np.float32) / 255, labels.astype(np.int32)
@@ -427,11 +427,11 @@ def test_init_rejects_a_model_nbapp_cannot_train(tmp_path):
 
 
 def test_planes_limit_where_real_patches_come_from(monkeypatch):
-    import nbapp.train as train
+    import nbapp.training.data as data
 
     seen = []
-    real_plane = train._plane
-    monkeypatch.setattr(train, "_plane", lambda vol, plane, i: seen.append(plane)
+    real_plane = data.get_slice
+    monkeypatch.setattr(data, "get_slice", lambda vol, plane, i: seen.append(plane)
                         or real_plane(vol, plane, i))
     raw, labels = _blob_volume((12, 64, 64))
     unit, lab = raw.astype(np.float32) / 255, labels.astype(np.int32)
@@ -445,3 +445,63 @@ def test_planes_limit_where_real_patches_come_from(monkeypatch):
     sampler = PatchSampler(unit, lab, 32, np.random.default_rng(0), planes=("xz", "yz"))
     sampler.with_rng(np.random.default_rng(1)).batch(12, {"mean": 0.5, "std": 0.2})
     assert set(seen) <= {"xz", "yz"} and seen
+
+
+# -- TrainParams: the training run as one frozen, checked value (issue 17 item 14) ------------------
+
+def test_train_params_are_the_command_line_defaults_and_frozen(tmp_path):
+    import dataclasses
+
+    from nbapp.training import TrainParams
+    from nbapp.training.data import AugmentConfig
+    from nbapp.training.params import _AUG
+
+    p = TrainParams(raw="r.tif", labels="l.tif", out=str(tmp_path))
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--raw", "r.tif", "--labels", "l.tif", "--out", str(tmp_path)])
+    assert TrainParams.from_args(args) == p
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.steps = 3
+    # the augmentation defaults TrainParams repeats are AugmentConfig's
+    aug = AugmentConfig()
+    assert {k: getattr(aug, k) for k in _AUG} == _AUG
+    q = p.replace(planes="yz,xy", arch='{"decoder_width": 8}', gamma=[0.8, 1.2])
+    assert q.planes == ("xy", "yz") and q.arch == {"decoder_width": 8} and q.gamma == (0.8, 1.2)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"patch": 100}, "--patch must be a multiple"),
+    ({"zoom_in_max": 0.5}, "--zoom-in-max"),
+    ({"synthetic_p": 1.5}, "--synthetic-p must be a probability"),
+    ({"gamma": (1.5, 0.7)}, "--gamma needs"),
+    ({"zoom_out_max": 1.0}, "--zoom-out-max"),
+    ({"planes": "xy,ab"}, "--planes must list"),
+    ({"planes": "xy,xy"}, "--planes must list"),
+    ({"arch": "{nope"}, "--arch must be a JSON object"),
+    ({"arch": "[1]"}, "--arch must be a JSON object"),
+    ({"arch": {"nope": 1}}, "unknown hyper-parameters"),
+    ({"steps": 0}, "--steps must be at least 1"),
+    ({"workers": -1}, "--workers must be >= 0"),
+    ({"warmup": 1.0}, "--warmup must be in"),
+    ({"time_limit": -1.0}, "--time-limit must be a number"),
+])
+def test_bad_train_params_are_refused_when_made(tmp_path, change, match):
+    from nbapp.errors import ParameterError
+    from nbapp.training import TrainParams
+
+    with pytest.raises(ParameterError, match=match):
+        TrainParams(raw="r.tif", labels="l.tif", out=str(tmp_path), **change)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+def test_run_takes_train_params(tmp_path):
+    from nbapp.training import TrainParams
+    from nbapp.training import run as run_params
+
+    rp, lp = _volume_files(tmp_path)
+    p = TrainParams(raw=str(rp), labels=str(lp), out=str(tmp_path / "p"), steps=2, batch_size=2,
+                    patch=32, val_slices=4, val_every=1, val_stride=2, progress=False, threads=1,
+                    arch=TINY)
+    assert run_params(p) == 0
+    assert (tmp_path / "p" / "nbapp_mito.pt").exists() and (tmp_path / "p" / "best.pth").exists()
