@@ -100,6 +100,8 @@ def test_2d_teaching(tmp_path):
     assert len(ct) == 2 and ct[0] > ct[1]
     moved = re.search(r"pixels whose object changes: (\d+)", out)
     assert moved and int(moved.group(1)) > 0
+    kept = re.search(r"network outputs kept per slice: \d+ KiB coarse, \d+ KiB fine \(([0-9.]+)x\)", out)
+    assert kept and float(kept.group(1)) > 2
     holes = [int(n) for n in re.findall(r"fill_holes = \w+: .* (\d+)/\d+ px of it", out)]
     assert len(holes) == 2 and holes[1] > holes[0]
     ds = [int(n) for n in re.findall(r"downsampling \d: (\d+) objects", out)]

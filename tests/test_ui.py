@@ -1219,3 +1219,20 @@ def test_block_by_block_stacks_are_shown_and_their_consensus_re_runs_block_by_bl
         assert (exports / "array_3d.zarr").exists()
     finally:
         a.close()
+
+
+def test_the_viewer_grows_for_a_large_screen_or_a_projector(app):
+    """Issue 17 item 8: the 2D viewer's size is the user's (the ipympl canvas does not follow
+    the page's width by itself)."""
+    from nbapp.ui.viewer2d import VIEWER_SIZES
+
+    v = app.viewer2d
+    assert tuple(v.figure.get_size_inches()) == (5.5, 5.5)
+    assert [o[0] for o in v.size.options] == [name for name, _ in VIEWER_SIZES]
+    v.size.value = 9.5
+    assert app.state.viewer_inches == 9.5
+    assert tuple(v.figure.get_size_inches()) == (9.5, 9.5)
+    w, h = v.canvas.get_width_height()
+    assert w == h == round(9.5 * v.figure.dpi)
+    app.state.viewer_inches = 4.5
+    assert v.size.value == 4.5 and tuple(v.figure.get_size_inches()) == (4.5, 4.5)

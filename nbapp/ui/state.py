@@ -94,6 +94,7 @@ class AppState(HasTraits):
     plane = Unicode("xy")
     index = Int(0)
     opacity = Float(0.5)
+    viewer_inches = Float(5.5)  # side of the 2D viewer (grows for large screens and projectors)
     show_heads = Bool(False)
     result2d = Instance(Result2D, allow_none=True)
     busy2d = Bool(False)

@@ -20,6 +20,11 @@ from nbapp.ui.state import AppState
 
 __all__ = ["Viewer2D", "HeadsView", "CompareView"]
 
+#: Sides (inches at the figure's 100 dpi) the viewer can take: the default fits the 2D tab
+#: beside its controls at 1366x768; the larger ones suit a full-HD screen or a projector.
+VIEWER_SIZES = (("small", 4.5), ("medium", 5.5), ("large", 7.5), ("projector", 9.5))
+
+
 class Viewer2D:
     """The slice, its labels (opacity), the count and timings, and a box tool."""
 
@@ -29,7 +34,7 @@ class Viewer2D:
         self.on_click = on_click  # (y, x) in the delete and merge tools
         self.on_stroke = on_stroke  # [(y, x), ...] in the paint and erase tools
         self._stroke: list | None = None
-        self.figure = figure_widget((5.5, 5.5))
+        self.figure = figure_widget((state.viewer_inches, state.viewer_inches))
         self.ax = self.figure.add_axes((0, 0, 1, 1))
         self.image, self.overlay = setup_image_axes(self.ax, opacity=state.opacity)
         self.canvas = self.figure.canvas
@@ -37,7 +42,16 @@ class Viewer2D:
         self.selector = RectangleSelector(self.ax, self._selected, useblit=False, interactive=True,
                                           button=[1], minspanx=1, minspany=1, spancoords="data")
         self.selector.set_active(False)
-        self.widget = W.VBox([self.canvas, self.info])
+        self.size = W.Dropdown(options=VIEWER_SIZES, value=state.viewer_inches,
+                               description="Viewer", layout=W.Layout(width="170px"),
+                               style={"description_width": "48px"},
+                               tooltip="size of the viewer: larger on a large screen or a "
+                                       "projector")
+        W.link((self.size, "value"), (state, "viewer_inches"))
+        self.widget = W.VBox([self.canvas, W.HBox([self.info, self.size],
+                                                  layout=W.Layout(justify_content="space-between",
+                                                                  align_items="flex-start"))])
+        state.observe(self._resize, names=["viewer_inches"])
         state.observe(self._result, names=["result2d", "edited", "score2d"])
         self.trail, = self.ax.plot([], [], "-", color="#ffd400", lw=2, alpha=0.8)
         self.canvas.mpl_connect("button_press_event", self._press)
@@ -47,6 +61,11 @@ class Viewer2D:
         state.observe(self._busy, names=["busy2d"])
         self.draws = 0
         self._last_heads = None
+
+    def _resize(self, change=None) -> None:
+        side = float(self.state.viewer_inches)
+        self.figure.set_size_inches(side, side, forward=True)
+        self.canvas.draw_idle()
 
     def set_box_mode(self, on: bool) -> None:
         self.selector.set_active(bool(on))

@@ -245,6 +245,31 @@ def test_drawing_a_box_does_not_move_the_viewer(app):
     page.locator("button:visible").filter(has_text=re.compile(r"^\s*Draw box\s*$")).click()
 
 
+def test_the_viewer_grows_on_a_full_hd_screen(app):
+    """Issue 17 item 8: at 1920x1080 the "Viewer" size makes the 2D viewer larger (the
+    projector size), in the page, without errors; back to medium afterwards."""
+    needs_model(app)
+    page = app.page
+    page.set_viewport_size({"width": 1920, "height": 1080})
+    try:
+        app.tab("2D parameter testing")
+        canvas = app.viewer_canvas()
+        before = canvas.bounding_box()
+        size = page.locator(".widget-dropdown:visible", has=page.locator("label", has_text="Viewer"))
+        size.locator("select").select_option(label="projector")
+        page.wait_for_function("([c, w]) => c.getBoundingClientRect().width > 1.5 * w",
+                               arg=[canvas.element_handle(), before["width"]], timeout=60000)
+        after = canvas.bounding_box()
+        assert after["width"] >= 1.6 * before["width"] and after["x"] + after["width"] <= 1920
+        screenshot(app, "viewer_projector_1920.png")
+        size.locator("select").select_option(label="medium")
+        page.wait_for_function("([c, w]) => Math.abs(c.getBoundingClientRect().width - w) < 2",
+                               arg=[canvas.element_handle(), before["width"]], timeout=60000)
+        assert_no_page_errors(app)
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
+
+
 def _image_point(canvas, row: float, col: float, shape) -> tuple[float, float]:
     """Page coordinates of image pixel (row, col) on the viewer's canvas (the image fills the
     square figure: its axes span the whole canvas)."""
