@@ -1229,10 +1229,10 @@ def test_the_viewer_grows_for_a_large_screen_or_a_projector(app):
     v = app.viewer2d
     assert tuple(v.figure.get_size_inches()) == (5.5, 5.5)
     assert [o[0] for o in v.size.options] == [name for name, _ in VIEWER_SIZES]
-    v.size.value = 9.5
-    assert app.state.viewer_inches == 9.5
-    assert tuple(v.figure.get_size_inches()) == (9.5, 9.5)
+    v.size.value = 8.5
+    assert app.state.viewer_inches == 8.5
+    assert tuple(v.figure.get_size_inches()) == (8.5, 8.5)
     w, h = v.canvas.get_width_height()
-    assert w == h == round(9.5 * v.figure.dpi)
+    assert w == h == round(8.5 * v.figure.dpi)
     app.state.viewer_inches = 4.5
     assert v.size.value == 4.5 and tuple(v.figure.get_size_inches()) == (4.5, 4.5)

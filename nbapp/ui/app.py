@@ -81,7 +81,9 @@ class App(W.VBox):
         self.table = ObjectTable(state)
 
         tab_data = W.VBox([self.data_panel.widget, self.model_panel.widget])
-        viewer = W.VBox([self.proofread.tools, self.viewer2d.widget, self.proofread.train])
+        viewer = W.VBox([W.HBox([self.proofread.tools, self.viewer2d.size],
+                                layout=W.Layout(align_items="center", flex_flow="row wrap")),
+                         self.viewer2d.widget, self.proofread.train])
         tab_2d = W.VBox([W.HBox([self.controls2d.widget, viewer]),
                          self.heads_view.widget, self.compare_view.widget])
         results = W.VBox([self.stacks_view.widget,

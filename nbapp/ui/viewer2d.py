@@ -20,9 +20,9 @@ from nbapp.ui.state import AppState
 
 __all__ = ["Viewer2D", "HeadsView", "CompareView"]
 
-#: Sides (inches at the figure's 100 dpi) the viewer can take: the default fits the 2D tab
-#: beside its controls at 1366x768; the larger ones suit a full-HD screen or a projector.
-VIEWER_SIZES = (("small", 4.5), ("medium", 5.5), ("large", 7.5), ("projector", 9.5))
+#: Sides (inches; 100 pixels each) the viewer can take: the default fits the 2D tab beside its
+#: controls at 1366x768; "projector" fills the height of a 1920x1080 screen.
+VIEWER_SIZES = (("small", 4.5), ("medium", 5.5), ("large", 7.0), ("projector", 8.5))
 
 
 class Viewer2D:
@@ -48,9 +48,7 @@ class Viewer2D:
                                tooltip="size of the viewer: larger on a large screen or a "
                                        "projector")
         W.link((self.size, "value"), (state, "viewer_inches"))
-        self.widget = W.VBox([self.canvas, W.HBox([self.info, self.size],
-                                                  layout=W.Layout(justify_content="space-between",
-                                                                  align_items="flex-start"))])
+        self.widget = W.VBox([self.canvas, self.info])  # (the app puts ``size`` above it)
         state.observe(self._resize, names=["viewer_inches"])
         state.observe(self._result, names=["result2d", "edited", "score2d"])
         self.trail, = self.ax.plot([], [], "-", color="#ffd400", lw=2, alpha=0.8)
