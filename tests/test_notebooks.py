@@ -50,6 +50,19 @@ def text(nb) -> str:
     return "\n".join(out)
 
 
+def save_picture(nb, cell_id: str, name: str) -> None:
+    """The first picture a cell drew, as docs/screenshots/NAME (the README shows one picture
+    per notebook)."""
+    import base64
+
+    cell = next(c for c in nb.cells if c.get("id") == cell_id)
+    png = next(o["data"]["image/png"] for o in cell.get("outputs", [])
+               if "image/png" in o.get("data", {}))
+    folder = NOTEBOOKS.parent / "docs" / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(base64.b64decode(png))
+
+
 def images(nb) -> int:
     return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
 
@@ -110,7 +123,7 @@ def test_2d_teaching(tmp_path, monkeypatch):
     assert len(holes) == 2 and holes[1] > holes[0]
     ds = [int(n) for n in re.findall(r"downsampling \d: (\d+) objects", out)]
     assert len(ds) == 3 and ds[0] > ds[1] > ds[2] == 0
-    # real EM (issue 18 item 7): a crop the default model fails on, better after a minute of
+    # real EM (issue 18 item 7): a crop the default model fails on, better after 60 steps of
     # fine-tuning on its other half; the other crop's numbers are shown whichever way they go
     real_em = re.findall(r"real EM (\S+), right half: default F1@0\.5 ([0-9.]+) .* F1@0\.5 "
                          r"([0-9.]+)", out)
@@ -120,8 +133,17 @@ def test_2d_teaching(tmp_path, monkeypatch):
         assert name == "mitochondria1.png" and float(before) < 0.2 < float(after)
     else:
         assert "real EM section skipped" in out
+    # the interact sliders: a widget in the cell, its first output (the teaching slice's
+    # numbers) in the widget state the notebook keeps
+    cell = next(c for c in nb.cells if c.get("id") == "cell-interact")
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+               for o in cell.outputs)
+    assert re.search(r"interactive: \d+ objects, F1@0\.5 [0-9.]+",
+                     json.dumps(nb.metadata.get("widgets", {}))), "no interact output"
+    assert "the model's pixel size: 10" in out and "suggested downsampling 1" in out
     assert images(nb) >= 8
     assert list(tmp_path.iterdir()) == []
+    save_picture(nb, "cell-grouping", "notebook_2d_teaching.png")
 
 
 def test_3d(tmp_path):
@@ -146,7 +168,10 @@ def test_3d(tmp_path):
     aniso = dict(re.findall(r"anisotropic \(32 nm steps\) +(xy only|ortho-plane) .*F1@0\.5 ([0-9.]+)", out))
     assert float(aniso["ortho-plane"]) < float(aniso["xy only"]), aniso
     assert len(re.findall(r"xy only, median \d+ ", out)) == 4
+    surfaces = re.search(r"3D view: (\d+) object surfaces", out)
+    assert surfaces and int(surfaces.group(1)) > 0
     assert images(nb) >= 4
+    save_picture(nb, "cell-3dview", "notebook_3d.png")
 
 
 def test_headless(tmp_path):
@@ -158,6 +183,11 @@ def test_headless(tmp_path):
     assert "exit status 2" in out and "nbapp: error: input" in out
     assert '"f1":' in out
     assert "fine-tuned from default" in out and "slice 16, fine-tuned model:" in out
+    # your data (issue 18 item 10): the object table with volumes in nm³, as CSV and as a table
+    assert "no MY_FILE given: wrote a demo volume" in out and "objects.csv" in out
+    assert re.search(r"\d+ objects; median volume \d+ voxels = [0-9.]+ um³", out), out[-3000:]
+    assert "volume_nm3" in out and "0%|" not in out
+    save_picture(nb, "cell-table", "notebook_headless.png")
     # it trains (issue 18 item 4: it stopped at step 0 on its time limit) and says what it bought
     assert "nbapp.train: done at step 30" in out, out[-3000:]
     assert re.search(r"held-out slices, F1@0.5: default [0-9.]+ -> fine-tuned [0-9.]+", out)
