@@ -449,7 +449,7 @@ def test_failed_zarr_write_keeps_old_store_and_leaves_no_temp(tmp_path, monkeypa
     real_open = zarr.open
 
     def broken(store, **kwargs):
-        arr = real_open(store, **kwargs)
+        real_open(store, **kwargs)
         (Path(store) / "c").mkdir(exist_ok=True)  # some chunks written, then the disk fills up
         raise OSError(28, "No space left on device")
 

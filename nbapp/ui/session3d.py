@@ -107,8 +107,6 @@ class VolumeActions:
         writes: ``nbapp-exports/NAME_3d.zarr`` in the data root. The name is the same for the
         same data, so that running again after a stop or a kernel restart resumes (the blocks
         already done are skipped)."""
-        import re
-
         from nbapp.blockwise import BlockParams, VolumeSource, blockwise_steps
 
         st = self.state
