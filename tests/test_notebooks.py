@@ -165,6 +165,7 @@ def test_3d(tmp_path):
     kept = {(int(a), int(b)): int(c) for a, b, c in sizes}
     suggested = min(a for a, b in kept if a > 0)
     assert kept[(suggested, 5)] == 1 and kept[(3 * suggested, 5)] == 0, kept
+    # (the anisotropic teaching volume, 36 slices, is made and segmented only here: 15 s)
     aniso = dict(re.findall(r"anisotropic \(32 nm steps\) +(xy only|ortho-plane) .*F1@0\.5 ([0-9.]+)", out))
     assert float(aniso["ortho-plane"]) < float(aniso["xy only"]), aniso
     assert len(re.findall(r"xy only, median \d+ ", out)) == 4

@@ -42,11 +42,6 @@ def test_teaching_volume_has_each_scripted_object():
     assert teaching_volume()[0].any()
 
 
-def test_anisotropic_teaching_volume():
-    img, lab = teaching_volume(anisotropic=True)
-    assert img.shape == (36, 256, 256) and int(lab.max()) == len(TEACHING_OBJECTS)
-
-
 @pytest.fixture(scope="module")
 def slice_segmenter():
     import nbapp
