@@ -32,7 +32,7 @@ __all__ = ["TrainParams", "run", "main", "add_arguments", "PatchSampler", "Augme
 
 _WHERE = {
     "TrainParams": "params", "run": "recipe", "main": "cli", "add_arguments": "cli",
-    "PatchSampler": "data", "AugmentConfig": "data", "compute_norms": "data",
+    "PatchSampler": "data", "AugmentConfig": "params", "compute_norms": "data",
     "panoptic_loss": "loss", "evaluate": "evaluate", "export_model": "export",
     "export_checkpoint": "export", "config_dict": "export", "EXPORT_OPTIONS": "export",
     "load_init": "start", "panoptic_targets": "targets", "synthetic_patch": "synth",

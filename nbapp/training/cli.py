@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="largest zoom-in factor (objects grow up to this much)")
     parser.add_argument("--shading-p", type=float, default=d["shading_p"],
                         help="probability of uneven illumination (a linear intensity ramp of "
-                             f"up to +-{_AUG['shading_max'] * 50:.0f} per cent)")
+                             f"up to +-{_AUG.shading_max * 50:.0f} per cent)")
     parser.add_argument("--no-fit-patches", dest="fit_patches", action="store_false",
                         help="let patches reach beyond the plane (mirrored) anywhere and draw "
                              "zoomed-out patches from every plane (how v0.1 and v0.2 were "

@@ -11,7 +11,6 @@ synthetic EM (:mod:`nbapp.training.synth`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from skimage.measure import label as cc_label
 
 from nbapp.errors import InputError
 from nbapp.params import PLANES
+from nbapp.training.params import AugmentConfig
 from nbapp.training.synth import synthetic_patch
 from nbapp.training.targets import panoptic_targets
 from nbapp.volume import get_slice
@@ -57,33 +57,6 @@ def to_unit_range(raw: np.ndarray) -> tuple[np.ndarray, float]:
 def compute_norms(unit: np.ndarray) -> dict:
     """Mean and standard deviation of an intensity array already in [0, 1]."""
     return {"mean": round(float(unit.mean()), 4), "std": round(float(unit.std()), 4)}
-
-
-@dataclass
-class AugmentConfig:
-    """Ranges of the random augmentations."""
-
-    scale_lo: float = 0.75
-    scale_hi: float = 1.35
-    zoom_out_p: float = 0.2
-    zoom_out_hi: float = 3.0
-    contrast: tuple = (0.7, 1.4)
-    brightness: float = 0.12
-    gamma: tuple = (0.7, 1.5)
-    noise_p: float = 0.3
-    noise_hi: float = 0.06
-    blur_p: float = 0.2
-    lowres_p: float = 0.2
-    pad_p: float = 0.25
-    pad_max: float = 0.6
-    shading_p: float = 0.0
-    shading_max: float = 0.4
-    fit: bool = True
-    object_p: float = 0.0
-    object_shift: tuple = (-0.3, 0.1)
-    object_gain: tuple = (0.5, 1.5)
-    synthetic_p: float = 0.0
-    hard_negatives_p: float = 0.0
 
 
 class PatchSampler:

@@ -9,13 +9,38 @@ from dataclasses import dataclass, fields
 from nbapp.errors import ParameterError
 from nbapp.params import PLANES
 
-__all__ = ["TrainParams", "EXPORT_DEFAULTS"]
+__all__ = ["TrainParams", "AugmentConfig", "EXPORT_DEFAULTS"]
 
-#: The augmentation defaults (:class:`nbapp.training.data.AugmentConfig`) that TrainParams
-#: exposes (a test checks that the two agree).
-_AUG = {"scale_lo": 0.75, "scale_hi": 1.35, "zoom_out_p": 0.2, "zoom_out_hi": 3.0,
-        "gamma": (0.7, 1.5), "pad_p": 0.25, "shading_p": 0.0, "shading_max": 0.4,
-        "object_p": 0.0, "synthetic_p": 0.0, "hard_negatives_p": 0.0}
+
+@dataclass
+class AugmentConfig:
+    """Ranges of the random augmentations."""
+
+    scale_lo: float = 0.75
+    scale_hi: float = 1.35
+    zoom_out_p: float = 0.2
+    zoom_out_hi: float = 3.0
+    contrast: tuple = (0.7, 1.4)
+    brightness: float = 0.12
+    gamma: tuple = (0.7, 1.5)
+    noise_p: float = 0.3
+    noise_hi: float = 0.06
+    blur_p: float = 0.2
+    lowres_p: float = 0.2
+    pad_p: float = 0.25
+    pad_max: float = 0.6
+    shading_p: float = 0.0
+    shading_max: float = 0.4
+    fit: bool = True
+    object_p: float = 0.0
+    object_shift: tuple = (-0.3, 0.1)
+    object_gain: tuple = (0.5, 1.5)
+    synthetic_p: float = 0.0
+    hard_negatives_p: float = 0.0
+
+
+_AUG = AugmentConfig()  # the defaults TrainParams exposes
+
 #: Export-only options of the TorchScript written at each best validation (the shipped model's).
 EXPORT_DEFAULTS = {"ctr_smooth": 1.0, "ctr_gate": True, "sem_smooth": 1.0}
 
@@ -58,16 +83,16 @@ class TrainParams:
     export_ctr_smooth: float = EXPORT_DEFAULTS["ctr_smooth"]
     export_ctr_gate: bool = EXPORT_DEFAULTS["ctr_gate"]
     export_sem_smooth: float = EXPORT_DEFAULTS["sem_smooth"]
-    zoom_out_max: float = _AUG["zoom_out_hi"]
-    zoom_in_max: float = 1 / _AUG["scale_lo"]
-    shading_p: float = _AUG["shading_p"]
+    zoom_out_max: float = _AUG.zoom_out_hi
+    zoom_in_max: float = 1 / _AUG.scale_lo
+    shading_p: float = _AUG.shading_p
     fit_patches: bool = True
-    object_contrast_p: float = _AUG["object_p"]
-    synthetic_p: float = _AUG["synthetic_p"]
-    hard_negatives_p: float = _AUG["hard_negatives_p"]
-    zoom_out_p: float = _AUG["zoom_out_p"]
-    gamma: tuple = _AUG["gamma"]
-    pad_p: float = _AUG["pad_p"]
+    object_contrast_p: float = _AUG.object_p
+    synthetic_p: float = _AUG.synthetic_p
+    hard_negatives_p: float = _AUG.hard_negatives_p
+    zoom_out_p: float = _AUG.zoom_out_p
+    gamma: tuple = _AUG.gamma
+    pad_p: float = _AUG.pad_p
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
@@ -102,8 +127,8 @@ class TrainParams:
         if len(self.gamma) != 2 or not 0 < self.gamma[0] <= self.gamma[1]:
             raise ParameterError(f"--gamma needs 0 < LO <= HI, got "
                                  f"{' '.join(map(str, self.gamma))}")
-        if self.zoom_out_max < _AUG["scale_hi"]:
-            raise ParameterError(f"--zoom-out-max must be >= {_AUG['scale_hi']}, got "
+        if self.zoom_out_max < _AUG.scale_hi:
+            raise ParameterError(f"--zoom-out-max must be >= {_AUG.scale_hi}, got "
                                  f"{self.zoom_out_max}")
         for name in ("steps", "batch_size", "val_every", "val_stride"):
             if int(getattr(self, name)) < 1:
