@@ -1236,3 +1236,50 @@ def test_the_viewer_grows_for_a_large_screen_or_a_projector(app):
     assert w == h == round(8.5 * v.figure.dpi)
     app.state.viewer_inches = 4.5
     assert v.size.value == 4.5 and tuple(v.figure.get_size_inches()) == (4.5, 4.5)
+
+
+def _faces_area_and_normals(m):
+    v = np.stack([m["z"], m["y"], m["x"]], 1)
+    a, b, c = (v[m["triangles"][:, k]] for k in range(3))
+    n = np.cross(b - a, c - a)
+    area = np.linalg.norm(n, axis=1)
+    return area, n / np.maximum(area, 1e-12)[:, None]
+
+
+@pytest.mark.parametrize("vs", [None, (32.0, 8.0, 8.0)])
+def test_3d_meshes_are_smooth_surfaces_of_the_objects_not_staircases(vs):
+    """Issue 17 item 8: ipyvolume shades a face by how much it looks at the camera, so the
+    sideways steps of a binary mask's surface drew objects nearly black. A ball's surface must
+    be round: few of its faces aligned with an axis, its extent the ball's."""
+    from nbapp.ui.viewer3d import object_meshes
+
+    z, y, x = np.ogrid[:64, :120, :120]
+    r = 30.0
+    zs = 1.0 if vs is None else vs[0] / vs[1]  # the ball is round in nm, flat in voxels
+    ball = ((z - 32) * zs) ** 2 + (y - 60) ** 2 + (x - 60) ** 2 <= r ** 2
+    lab = ball.astype(np.uint32)
+    lab[2:4, 2:8, 2:8] = 2  # a small, flat object keeps a (closed) surface
+    meshes = {m["id"]: m for m in object_meshes(lab, vs)}
+    assert set(meshes) == {1, 2}
+    area, normals = _faces_area_and_normals(meshes[1])
+    aligned = (np.abs(normals).max(1) > np.cos(np.deg2rad(10))) @ area / area.sum()
+    assert aligned < 0.25, aligned  # the binary mask's staircase: 0.37 / 0.40 (now 0.12 / 0.17)
+    m = meshes[1]
+    for axis, centre in (("z", 32 * zs), ("y", 60), ("x", 60)):
+        lo, hi = m[axis].min(), m[axis].max()
+        assert abs((lo + hi) / 2 - centre) < 2.5 and abs((hi - lo) / 2 - r) < 4, (axis, lo, hi)
+    assert len(meshes[2]["triangles"]) > 0
+
+
+def test_3d_view_keeps_the_volume_proportions_and_looks_at_it_from_an_angle():
+    """ipyvolume maps each axis's limits onto the same box side: equal spans keep a 48x256x256
+    volume a slab (unequal ones made it a cube and its objects 5x taller)."""
+    from nbapp.ui.viewer3d import equal_aspect_limits, view_from
+
+    lims = equal_aspect_limits((48, 256, 128), (32.0, 8.0, 8.0))  # 192 x 256 x 128 in 8 nm
+    assert lims == [(-32.0, 224.0), (0.0, 256.0), (-64.0, 192.0)]
+    assert equal_aspect_limits((10, 20, 40)) == [(-15.0, 25.0), (-10.0, 30.0), (0.0, 40.0)]
+    p = np.array(view_from(0.0, 0.0, 1.0, (0.0, 0.0, 2.0)))
+    np.testing.assert_allclose(p, [0.0, 0.0, 2.0], atol=1e-12)
+    p = np.array(view_from(-25.0, -35.0, 1.5, (0.0, 0.0, 2.0)))
+    assert np.isclose(np.linalg.norm(p), 3.0) and p[0] < 0 and p[1] < 0 and p[2] > 0

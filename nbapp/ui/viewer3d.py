@@ -13,7 +13,7 @@ from nbapp.params import PLANES
 from nbapp.ui.state import AppState
 from nbapp.ui.figures import figure_widget, label_cmap, label_display, setup_image_axes, show_image
 
-__all__ = ["StacksView", "LabelsView3D", "ObjectTable", "object_meshes"]
+__all__ = ["StacksView", "LabelsView3D", "ObjectTable", "object_meshes", "equal_aspect_limits"]
 
 PANELS = (*PLANES, "consensus")
 
@@ -64,6 +64,10 @@ class StacksView:
         self.canvas.draw_idle()
 
 
+_PAD = 2  # voxels of background around each object, so the blurred surface stays closed
+_SMOOTH_SIGMA = 1.0  # blur of each object's mask before marching cubes, in (downsampled) voxels
+
+
 def object_meshes(labels: np.ndarray, voxel_size=None, max_objects: int = 64,
                   max_side: int = 96, factor: int = 1) -> list[dict]:
     """Surfaces of the largest objects of a (Z, Y, X) label volume (marching cubes on a
@@ -88,22 +92,52 @@ def object_meshes(labels: np.ndarray, voxel_size=None, max_objects: int = 64,
         if sl is None:
             continue
         sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-        mask = np.pad(small[sl] == i, 1).astype(np.float32)
+        mask = np.pad(small[sl] == i, _PAD).astype(np.float32)
         if mask.sum() < 2:
             continue
+        # a surface of the binary mask is a staircase: its steps face sideways and ipyvolume's
+        # shader (brightness = how much a face looks at the camera, at least 0.2) draws them
+        # nearly black. The surface of a slightly blurred mask is smooth and keeps the shape
+        # (the same 0.5 level); an object too thin to survive the blur keeps its staircase.
+        smooth = ndi.gaussian_filter(mask, _SMOOTH_SIGMA / scale, mode="constant")
+        surface = smooth if smooth.max() > 0.5 else mask
         try:
-            verts, faces, _, _ = marching_cubes(mask, 0.5)
+            verts, faces, _, _ = marching_cubes(surface, 0.5)
         except (ValueError, RuntimeError):
             continue
-        offset = np.array([s.start - 1 for s in sl], float)
+        offset = np.array([s.start - _PAD for s in sl], float)
         verts = (verts + offset) * step * factor * scale
         meshes.append({"id": i, "z": verts[:, 0], "y": verts[:, 1], "x": verts[:, 2],
                        "triangles": faces.astype(np.uint32)})
     return meshes
 
 
+def equal_aspect_limits(shape, voxel_size=None) -> list[tuple[float, float]]:
+    """(z, y, x) limits of a 3D view of a volume of ``shape``: ipyvolume stretches each axis's
+    limits over the same length of its box, so every axis gets the same span (the longest, in
+    voxel-size units), centred on the volume. A 48x256x256 volume is then a flat slab, as it is,
+    and not a cube that stretches its objects 5x along z (whose steep sides the shader draws
+    nearly black)."""
+    size = np.asarray(shape, float) * (np.asarray(voxel_size, float) / min(voxel_size)
+                                       if voxel_size else 1.0)
+    half = float(size.max()) / 2
+    return [(float(c) - half, float(c) + half) for c in size / 2]
+
+
+def view_from(azimuth: float, elevation: float, farther: float,
+              position) -> tuple[float, float, float]:
+    """A camera position at ``azimuth`` / ``elevation`` degrees around the box centre (ipyvolume's
+    frame: y up, the default camera on +z), ``farther`` times the distance of ``position`` (a
+    turned box needs more room to stay whole in the picture)."""
+    r = float(np.linalg.norm(position)) * farther
+    az, el = np.radians(azimuth), np.radians(elevation)
+    return (r * np.sin(az) * np.cos(el), r * np.sin(el), r * np.cos(az) * np.cos(el))
+
+
 class LabelsView3D:
     """The labels in 3D: one coloured surface per object in an ipyvolume Figure widget."""
+
+    VIEW = (-25.0, -35.0, 1.4)  # azimuth, elevation (degrees), distance (x ipyvolume's default)
 
     def __init__(self, state: AppState, width: int = 420, height: int = 420):
         self.state = state
@@ -121,6 +155,9 @@ class LabelsView3D:
 
             self.figure = ipv.Figure(width=self.size[0], height=self.size[1])
             self.figure.camera_control = "orbit"
+            # looking down on the volume from above and in front, not straight along z: the
+            # objects show their depth (drag to turn the view)
+            self.figure.camera.position = view_from(*self.VIEW, self.figure.camera.position)
             self.widget.children = [self.note, self.figure]
         return self.figure
 
@@ -151,11 +188,7 @@ class LabelsView3D:
                                    z=m["z"].astype(np.float32), triangles=m["triangles"],
                                    color=colour))
         self.figure.meshes = meshes
-        shape = np.asarray(full_shape, float) * (
-            np.asarray(vs, float) / min(vs) if vs else 1.0)
-        self.figure.xlim = (0.0, float(shape[2]))
-        self.figure.ylim = (0.0, float(shape[1]))
-        self.figure.zlim = (0.0, float(shape[0]))
+        self.figure.zlim, self.figure.ylim, self.figure.xlim = equal_aspect_limits(full_shape, vs)
         self.note.value = (f"{len(meshes)} of {n} objects shown"
                            + (" (the largest)" if len(meshes) < n else ""))
 
