@@ -241,7 +241,15 @@ def serve(port: int = DEFAULT_PORT, open_browser: bool = True,
 
 
 def _run_voila(cmd: list, env: dict) -> int:
-    proc = subprocess.Popen(cmd, env=env)
+    # Ctrl-C in a terminal signals the whole foreground group. Voila itself ignores SIGINT (the
+    # disposition is inherited through exec) and stops on the SIGTERM this wrapper sends:
+    # a SIGINT that reached Voila between opening its port and starting its loop, or during
+    # its imports, ended it with a KeyboardInterrupt traceback. Its kernels set their own.
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
 
     def forward(signum, _frame):  # stop Voila cleanly: it shuts its kernels down on SIGTERM
         if proc.poll() is None:

@@ -210,6 +210,22 @@ def test_live_server_serves_the_page_with_xsrf_checks_and_stops_cleanly(tmp_path
     serve.check_port(app.port)  # nothing listens there any more
 
 
+def test_voila_ignores_sigint_and_the_wrapper_keeps_its_own(capfd):
+    """A Ctrl-C that reached Voila between opening its port and starting its loop ended it with
+    a KeyboardInterrupt traceback (seen once in this suite): Voila runs with SIGINT ignored and
+    stops on the wrapper's SIGTERM; the wrapper's own Ctrl-C handling is as it was."""
+    before = signal.getsignal(signal.SIGINT)
+    probe = "import signal; print('voila ignores SIGINT:', signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"
+    assert serve._run_voila([sys.executable, "-c", probe], dict(os.environ)) == 0
+    assert "voila ignores SIGINT: True" in capfd.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_failed_voila_raises_with_its_exit_status():
+    with pytest.raises(serve.NbappError, match="Voila stopped with exit status 3; see its messages"):
+        serve._run_voila([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
+
+
 @needs_app
 @pytest.mark.slow
 def test_ctrl_c_stops_the_server_with_status_0(tmp_path):
