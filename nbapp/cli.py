@@ -484,6 +484,9 @@ def _segment_3d(args, sp: SliceParams, out: Path) -> int:
     return 0
 
 
+_TO_ZARR = "write to a .zarr output, which runs it block by block in bounded memory"
+
+
 def _blockwise(args, params: VolumeParams, volume, out: Path) -> bool:
     """Whether this 3D job runs block by block: asked for, or too large for memory."""
     asked = args.blockwise or args.block_size is not None or args.halo is not None
@@ -494,15 +497,12 @@ def _blockwise(args, params: VolumeParams, volume, out: Path) -> bool:
     if not needs_blockwise(tuple(volume.shape), params):
         return False
     if out.suffix.lower() != ".zarr":
-        from nbapp.memory import OutOfMemory, available_bytes, format_bytes
+        from nbapp.memory import does_not_fit
         from nbapp.volume import job_memory
 
-        raise OutOfMemory(
-            f"out of memory: the {'ortho-plane' if params.orthoplane else 'single-plane'} 3D job "
-            f"on a {'x'.join(map(str, volume.shape))} volume needs "
-            f"{format_bytes(job_memory(tuple(volume.shape), params))} but this process has "
-            f"{format_bytes(available_bytes())} left; write to a .zarr output, which runs it "
-            "block by block in bounded memory")
+        raise does_not_fit(job_memory(tuple(volume.shape), params),
+                           f"the {'ortho-plane' if params.orthoplane else 'single-plane'} 3D job "
+                           f"on a {'x'.join(map(str, volume.shape))} volume", _TO_ZARR)
     print("nbapp: the volume is too large for one in-memory job: running it block by block",
           file=sys.stderr)
     return True
@@ -663,7 +663,7 @@ def _cmd_consensus(args) -> int:
 def _consensus_blockwise(args, shape: tuple, out: Path) -> bool:
     """Whether ``nbapp consensus`` runs block by block: asked for, a Dask cluster given, or
     stacks too large for memory (then the output must be .zarr)."""
-    from nbapp.memory import OutOfMemory, available_bytes, format_bytes
+    from nbapp.memory import available_bytes, does_not_fit
     from nbapp.volume import JOB_BYTES_PER_VOXEL
 
     asked = args.blockwise or args.block_size is not None or args.halo is not None \
@@ -671,16 +671,15 @@ def _consensus_blockwise(args, shape: tuple, out: Path) -> bool:
     # the in-memory consensus holds the three stacks, their filtered copies and its own work:
     # about what an ortho-plane job holds per voxel
     need = JOB_BYTES_PER_VOXEL["ortho"] * int(np.prod(shape))
-    if not asked and need <= 0.9 * available_bytes():
+    room = available_bytes()
+    if not asked and need <= 0.9 * room:
         return False
     if out.suffix.lower() != ".zarr":
         if asked:
             raise InputError(f"a blockwise consensus writes OME-Zarr: give an output ending in "
                              f".zarr, not {str(out)!r}")
-        raise OutOfMemory(f"out of memory: the consensus of {'x'.join(map(str, shape))} stacks "
-                          f"needs about {format_bytes(need)} but this process has "
-                          f"{format_bytes(available_bytes())} left; write to a .zarr output, "
-                          "which runs it block by block in bounded memory")
+        raise does_not_fit(need, f"the consensus of {'x'.join(map(str, shape))} stacks",
+                           _TO_ZARR, room)
     if not asked:
         print("nbapp: the stacks are too large for one in-memory consensus: running it block "
               "by block", file=sys.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nbapp.errors import NbappError
 
-__all__ = ["available_bytes", "format_bytes", "check_fits", "OutOfMemory", "CGROUP_ROOT",
+__all__ = ["available_bytes", "format_bytes", "check_fits", "does_not_fit", "OutOfMemory", "CGROUP_ROOT",
            "out_of_memory_message", "is_out_of_memory", "check_address_space",
            "TORCH_ADDRESS_SPACE"]
 
@@ -156,6 +156,18 @@ def available_bytes() -> int:
     return int(min(_meminfo_available(), _cgroup_room(proc_cgroup), _rlimit_room()))
 
 
+def does_not_fit(nbytes: float, what: str, hint: str, room: float | None = None) -> OutOfMemory:
+    """The :class:`OutOfMemory` for ``what`` needing ``nbytes`` (``room``: the bytes left,
+    measured when not given), for a caller that already knows it does not fit.
+
+    >>> str(does_not_fit(3 << 30, "a job", "use less", room=1 << 30))
+    'out of memory: a job needs 3.0 GiB but this process has 1.0 GiB left; use less'
+    """
+    room = available_bytes() if room is None else room
+    return OutOfMemory(f"out of memory: {what} needs {format_bytes(nbytes)} but this process "
+                       f"has {format_bytes(room)} left; {hint}")
+
+
 def check_fits(nbytes: float, what: str, hint, fraction: float = 0.9) -> None:
     """Raise :class:`OutOfMemory` when ``nbytes`` is more than ``fraction`` of the memory this
     process has left; ``what`` says what needs it and ``hint`` how to need less: a text, or a
@@ -173,8 +185,7 @@ def check_fits(nbytes: float, what: str, hint, fraction: float = 0.9) -> None:
     if callable(hint):
         hint = hint(fraction * room)
     if fraction >= 0.9:
-        raise OutOfMemory(f"out of memory: {what} needs {format_bytes(nbytes)} but this process "
-                          f"has {format_bytes(room)} left; {hint}")
+        raise does_not_fit(nbytes, what, hint, room)
     share = "half" if fraction == 0.5 else f"{fraction:.0%}"
     raise OutOfMemory(f"out of memory: {what} needs {format_bytes(nbytes)}, more than {share} of "
                       f"the {format_bytes(room)} this process has left (the rest is needed to "

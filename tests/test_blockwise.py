@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -733,3 +734,29 @@ def test_a_killed_run_resumes(tmp_path, tiny_volume):
     subprocess.run([*args[:6], str(fresh), *args[7:]], check=True, capture_output=True)
     np.testing.assert_array_equal(np.asarray(read_image(out, lazy=True)[0][...]),
                                   np.asarray(read_image(fresh, lazy=True)[0][...]))
+
+
+class _ThreadsTask:
+    """A block task that reports the worker process's device and torch threads."""
+
+    def run(self, index: int) -> dict:
+        import torch
+
+        from nbapp.blockwise import _DEVICE
+
+        return {"index": index, "device": _DEVICE[0], "threads": torch.get_num_threads()}
+
+
+@pytest.mark.parametrize("cores, devices, threads", [(4, ["cpu", "cpu"], 2), (2, ["cpu"] * 3, 1)])
+def test_worker_processes_share_the_cores(monkeypatch, cores, devices, threads):
+    """Each worker process started one torch thread per core: two processes on two cores took
+    48 s for what one process did in 4 s (tiny_volume's job). They now share the cores."""
+    from types import SimpleNamespace
+
+    from nbapp.blockwise import _process_blocks
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    todo = [SimpleNamespace(index=i) for i in range(len(devices))]
+    out = list(_process_blocks(_ThreadsTask(), todo, devices))
+    assert sorted(o["index"] for o in out) == list(range(len(devices)))
+    assert {o["threads"] for o in out} == {threads} and {o["device"] for o in out} == {"cpu"}
