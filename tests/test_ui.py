@@ -1031,6 +1031,8 @@ def test_add_slice_and_fine_tune_make_the_tuned_model_active(volume, tmp_path):
         assert len(stored) == 1 and "1 slice(s)" in tools.summary.value
         assert app.session.start_finetune(0.15)
         assert st.tuning.state == JobState.DONE, st.tuning.error
+        assert tools.cancel.disabled and not tools.tune.disabled and tools.bar.value == 1.0
+        assert tools.cancel.button_style == ""  # not coloured as if it could be clicked
         assert st.model_info["name"] == "tuned_1" and st.status_level == "ok", st.messages[-4:]
         assert "fine-tuned in" in st.status and "tuned model is active" in st.status
         assert (tmp_path / "nbapp-training" / "models" / "tuned_1.yaml").is_file()

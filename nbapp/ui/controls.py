@@ -544,8 +544,7 @@ class ProofreadPanel:
                                           style={"description_width": "56px"})
         self.tune = W.Button(description="Fine-tune", icon="graduation-cap",
                              button_style="primary")
-        self.cancel = W.Button(description="Cancel", icon="stop", button_style="warning",
-                               disabled=True)
+        self.cancel = W.Button(description="Cancel", icon="stop", disabled=True)
         self.bar = W.FloatProgress(0.0, min=0.0, max=1.0, layout=_layout("160px"))
         self.curve = W.HTML("")
         self.scores = W.HTML("")
@@ -585,6 +584,8 @@ class ProofreadPanel:
         running = snap.state.value == "running"
         self.tune.disabled = running
         self.cancel.disabled = not running
+        # a disabled orange button still looks clickable: coloured only while it can act
+        self.cancel.button_style = "warning" if running else ""
         detail = snap.detail if isinstance(snap.detail, dict) else {}
         losses, minutes = detail.get("loss"), detail.get("minutes", 0.0)
         if running:

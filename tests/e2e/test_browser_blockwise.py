@@ -73,5 +73,9 @@ def test_a_large_volume_runs_block_by_block_and_resumes(page_app):
     body = page.locator(".nbapp-app").inner_text()
     assert re.search(r"\d+ objects: mito \d+", body)  # the object table, from the job
     page.mouse.wheel(0, -4000)
+    # tall enough for the whole tab: the widgets below a 768 px window are not drawn
+    page.set_viewport_size({"width": 1366, "height": 1500})
+    page.wait_for_timeout(1000)
     screenshot(app, "blockwise.png")
+    page.set_viewport_size({"width": 1366, "height": 768})
     assert_no_page_errors(app)
