@@ -13,7 +13,8 @@ from nbapp.params import PLANES
 from nbapp.ui.state import AppState
 from nbapp.ui.figures import figure_widget, label_cmap, label_display, setup_image_axes, show_image
 
-__all__ = ["StacksView", "LabelsView3D", "ObjectTable", "object_meshes", "equal_aspect_limits"]
+__all__ = ["StacksView", "LabelsView3D", "ObjectTable", "object_meshes", "equal_aspect_limits",
+           "view_from"]
 
 PANELS = (*PLANES, "consensus")
 
