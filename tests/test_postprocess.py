@@ -611,6 +611,25 @@ def test_box_suggestion_keeps_the_smallest_object_it_was_drawn_around():
         kept = filter_objects(np.where(truth == obj, truth, 0), sug["min_size"],
                               sug["min_extent"])
         assert kept.any(), (int(obj), sug)
+    # measured from the object's own pixels on any slice through it (what the app does when
+    # the 2D result has an object in the box), however loose or diagonal a box drawn around it:
+    # the object is kept; a 10 px loose box alone would delete some of them
+    from nbapp.objects import suggest_from_mask
+
+    lost_to_loose_boxes = 0
+    for obj in ids:
+        sl = ndi.find_objects((truth == obj).astype(np.int32))[0]
+        for z in range(sl[0].start, sl[0].stop, 3):
+            mask = truth[z] == obj
+            sug = suggest_from_mask(mask)
+            kept = filter_objects(np.where(truth == obj, truth, 0), sug["min_size"],
+                                  sug["min_extent"])
+            assert kept.any(), (int(obj), z, sug)
+        ys, xs = np.nonzero(truth[(sl[0].start + sl[0].stop) // 2] == obj)
+        loose = suggest_filters(ys.max() - ys.min() + 21, xs.max() - xs.min() + 21)
+        lost_to_loose_boxes += not filter_objects(np.where(truth == obj, truth, 0),
+                                                  loose["min_size"], loose["min_extent"]).any()
+    assert lost_to_loose_boxes > 0
     smallest = ids[np.argmin([(truth == i).sum() for i in ids])]
     from nbapp.objects import suggest_from_object
 

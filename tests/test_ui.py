@@ -190,6 +190,7 @@ def test_compare_downsampling_fills_four_panels(app):
 
 def test_box_suggests_min_size_and_extent_and_apply_sets_them(app):
     v = app.viewer2d
+    app.state.edited = np.zeros_like(app.state.result2d.labels)  # no object on the slice
     app.controls2d.box.value = True
     assert v.selector.get_active()
     v.selector.extents = (10, 40, 5, 25)  # x0, x1, y0, y1: a 20 x 30 box
@@ -204,6 +205,26 @@ def test_box_suggests_min_size_and_extent_and_apply_sets_them(app):
     assert app.controls3d.widgets["min_size"].value == 1200
     app.controls3d.widgets["min_size"].value = 123  # the suggestion stays overridable
     assert app.state.volume_params.consensus.min_size == 123
+
+
+def test_box_around_an_object_of_the_slice_measures_its_pixels(app):
+    """A newcomer's loose box around a long, diagonal object suggested more voxels than any
+    object had, and the 3D job then kept none: the object's own pixels are measured instead,
+    however loose the box."""
+    from nbapp.objects import suggest_from_mask
+
+    labels = np.asarray(app.state.result2d.labels)
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    target = int(ids[np.argmax(counts)])
+    ys, xs = np.nonzero(labels == target)
+    centre = ((ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2)
+    expected = suggest_from_mask(labels == target)
+    for margin in (0, 10):  # tight, and 10 px loose on every side
+        sug = app.session.suggest_from_box(np.ptp(ys) + 1 + 2 * margin, np.ptp(xs) + 1 + 2 * margin,
+                                           centre=centre)
+        assert (sug["min_size"], sug["min_extent"]) == (expected["min_size"],
+                                                        expected["min_extent"])
+        assert "object's pixels on this slice" in sug["filters_why"]
 
 
 def test_box_on_an_object_of_the_3d_result_measures_it(app):
@@ -361,6 +382,23 @@ def test_rerun_consensus_uses_stored_stacks_without_the_network(app, tmp_path):
     assert "consensus re-run" in app.state.status
     assert not np.array_equal(first, app.state.labels3d)
     assert len(app.state.table) == np.count_nonzero(np.unique(app.state.labels3d))
+
+
+def test_filters_that_remove_every_object_say_so_and_how_to_get_them_back(app):
+    """A Min Size above every object's size left "0 objects" and an F1 of 0 with no word of
+    why: the status now says the stacks had objects and what removed them."""
+    small_lab(app)
+    app.session.run_3d()
+    assert app.state.table and app.state.status_level == "ok"
+    app.controls3d.widgets["min_size"].value = 10 ** 6
+    app.controls3d.rerun.click()
+    st = app.state
+    assert st.table == [] and st.status_level == "warning"
+    assert "The stacks had objects (xy " in st.status and "Min Size 1000000" in st.status
+    assert "lower them and press Re-run consensus" in st.status
+    app.controls3d.widgets["min_size"].value = 10
+    app.controls3d.rerun.click()
+    assert st.table and st.status_level == "ok" and "stacks had objects" not in st.status
 
 
 def test_cancel_mid_job_leaves_the_state_cancelled(app):

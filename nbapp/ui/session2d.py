@@ -16,7 +16,7 @@ from nbapp.errors import NbappError
 from nbapp.intensity import intensity_range
 from nbapp.metrics import headline_scores
 from nbapp.objects import (plane_pixel_size, suggest_downsampling, suggest_filters,
-                           suggest_from_object, suggest_median)
+                           suggest_from_mask, suggest_from_object, suggest_median)
 from nbapp.params import LABELS, PLANES
 from nbapp.ui.state import CompareResult, Result2D
 from nbapp.ui.threads import call_in_ui
@@ -322,9 +322,16 @@ class SliceActions:
             r, c = int(round(centre[0])), int(round(centre[1]))
             if 0 <= r < lab.shape[1] and 0 <= c < lab.shape[2] and lab[st.index, r, c] > 0:
                 measured = int(lab[st.index, r, c])
+        on_slice = None if measured is not None or centre is None else \
+            self._object_in_box(height, width, centre)
         if measured is not None:
             sug.update(suggest_from_object(lab, measured))
             sug["filters_why"] = f"object {measured} of the 3D result, measured"
+        elif on_slice is not None:
+            sug.update(suggest_from_mask(on_slice))
+            sug["filters_why"] = ("from the object's pixels on this slice (thickness unknown: a "
+                                  "quarter of its width); run the 3D job and draw again to "
+                                  "measure it in 3D")
         else:
             sug.update(suggest_filters(height, width))
             sug["filters_why"] = ("from the box alone (thickness unknown: a quarter of its "
@@ -332,6 +339,32 @@ class SliceActions:
         st.box = (float(abs(height)), float(abs(width)))
         st.suggestion = sug
         return sug
+
+    def _object_in_box(self, height: float, width: float, centre: tuple):
+        """The mask (on the shown slice) of the object of the 2D result under the box's centre,
+        else the one with most pixels inside the box; None without one."""
+        st = self.state
+        r = st.result2d
+        if r is None:
+            return None
+        labels = st.edited if st.edited is not None and st.edited.shape == r.labels.shape \
+            else r.labels
+        labels = np.asarray(labels)
+        if labels.ndim != 2:
+            return None
+        cy, cx = int(round(centre[0])), int(round(centre[1]))
+        h, w = abs(float(height)) / 2, abs(float(width)) / 2
+        y0, y1 = max(0, int(centre[0] - h)), max(0, int(np.ceil(centre[0] + h)) + 1)
+        x0, x1 = max(0, int(centre[1] - w)), max(0, int(np.ceil(centre[1] + w)) + 1)
+        inside = 0 <= cy < labels.shape[0] and 0 <= cx < labels.shape[1]
+        label = int(labels[cy, cx]) if inside else 0
+        if label == 0:
+            ids, counts = np.unique(labels[y0:y1, x0:x1], return_counts=True)
+            counts, ids = counts[ids > 0], ids[ids > 0]
+            if ids.size == 0:
+                return None
+            label = int(ids[np.argmax(counts)])
+        return labels == label
 
     def apply_suggestion(self) -> None:
         st = self.state

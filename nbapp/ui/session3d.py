@@ -196,9 +196,11 @@ class VolumeActions:
             score = (f"; against the ground truth F1@0.5 {st.score3d['f1']:.3f}, PQ "
                      f"{st.score3d['pq']:.3f}, FG IoU {st.score3d['fg_iou']:.3f}"
                      if st.score3d else "")
+            none_left = self._none_left()
             st.say(f"3D job done in {snap.elapsed:.1f} s: {len(st.table)} objects "
                    f"(network {t.get('network_s', 0):.1f} s, tracking {t.get('tracking_s', 0):.1f} s, "
-                   f"consensus {t.get('consensus_s', 0):.1f} s){score}", "ok")
+                   f"consensus {t.get('consensus_s', 0):.1f} s){score}{none_left}",
+                   "warning" if none_left else "ok")
         elif snap.state == JobState.CANCELLED:
             st.say("3D job cancelled", "warning")
         elif snap.state == JobState.FAILED:
@@ -248,10 +250,27 @@ class VolumeActions:
             st.score3d = self._score_3d(labels)
         cp = st.volume_params.consensus
         score = f"; F1@0.5 {st.score3d['f1']:.3f} against the ground truth" if st.score3d else ""
+        none_left = self._none_left()
         st.say(f"consensus re-run in {time.perf_counter() - t0:.2f} s (vote {cp.vote_threshold}, "
                f"min size {cp.min_size}, min extent {cp.min_extent}, one stack "
                f"{'allowed' if cp.allow_one_view else 'not allowed'}): {len(st.table)} objects"
-               f"{score}", "ok")
+               f"{score}{none_left}", "warning" if none_left else "ok")
+
+    def _none_left(self) -> str:
+        """When the result has no object but a stack had some: what removed them all (the
+        filters or the vote) and what to do; else ''."""
+        st = self.state
+        if st.table:
+            return ""
+        found = {p: int(np.count_nonzero(np.unique(s))) for p, s in st.stacks.items()
+                 if isinstance(s, np.ndarray) and s.any()}
+        if not found:
+            return ""
+        cp = st.volume_params.consensus
+        had = ", ".join(f"{p} {n}" for p, n in found.items())
+        return (f". The stacks had objects ({had}), but Min Size {cp.min_size}, Min Box Extent "
+                f"{cp.min_extent} and the vote ({cp.vote_threshold} of 3) removed every one: "
+                "lower them and press Re-run consensus")
 
     def _rerun_consensus_blockwise(self) -> None:
         """The stacks are on disk (a block-by-block job): the consensus runs block by block
