@@ -601,12 +601,17 @@ class ProofreadPanel:
         if not s:
             self.scores.value = ""
             return
-        b, a = s["before"], s["after"]
+        rows = [("before", s["before"]), ("after", s["after"])]
+        truth = s.get("truth")
+        if truth:
+            n = truth["slices"]
+            rows += [(f"before, {n} other slices vs ground truth", truth["before"]),
+                     (f"after, {n} other slices vs ground truth", truth["after"])]
         self.scores.value = (
             "<table class='nbapp-table' style='font-size:12px'><tr><th></th><th>F1@0.5</th>"
             "<th>precision</th><th>recall</th></tr>"
             + "".join(f"<tr><td>{k}</td><td>{v['f1']:.3f}</td><td>{v['precision']:.3f}</td>"
-                      f"<td>{v['recall']:.3f}</td></tr>" for k, v in (("before", b), ("after", a)))
+                      f"<td>{v['recall']:.3f}</td></tr>" for k, v in rows)
             + f"</table><small>on the stored slices; {s['steps']} steps in "
               f"{s['minutes']:.1f} min; saved as {html.escape(s['config'])}</small>")
 

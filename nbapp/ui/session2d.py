@@ -171,7 +171,9 @@ class SliceActions:
             st.result2d = result
             self.show_edits()  # the slice's proofreading edits, if any, stay on top
             self.score_2d()
-        if self._error_2d:  # the error the status line shows is over: say so there
+        # an error the status line still shows is over (the user has moved on, and the log
+        # keeps it): say so there
+        if self._error_2d or st.status_level == "error":
             self._error_2d = False
             if st.status_level == "error":
                 st.say(f"2D inference: {result.count} instances", "ok")

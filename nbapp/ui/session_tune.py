@@ -185,14 +185,22 @@ class TuneActions:
         n = sum(s.objects for s in slices)
         name = f"tuned_{len(list(ts.folder.glob('models/*.yaml'))) + 1}"
         before_model = st.model
+        name_now = st.data.name if st.data is not None else None
+        held_out = self._truth_slices({int(s.meta.get("index", -1)) for s in slices
+                                       if s.meta.get("plane") == "xy"
+                                       and s.meta.get("data") == name_now})
 
         def run(report, cancel):
             res = finetune(images, labels, spec, params=params, weights=weights,
                            out=ts.folder / "models", name=name,
                            progress=lambda step, total, detail: report(step, total, detail),
                            cancel=cancel, device=str(before_model.device), pixel_size_nm=pixel)
-            return res, tuple(score_slices(m, images, labels, ds)
-                              for m in (before_model, res.model))
+            scores = tuple(score_slices(m, images, labels, ds) for m in (before_model, res.model))
+            truth = {"slices": len(held_out[0]),
+                     **{k: score_slices(m, *held_out, ds)
+                        for k, m in (("before", before_model), ("after", res.model))}} \
+                if held_out else None
+            return res, scores, truth
 
         def job():
             return (yield from callback_steps(run, "fine-tune"))
@@ -209,6 +217,26 @@ class TuneActions:
             return False
         return True
 
+    TRUTH_SLICES = 4  # xy slices with ground truth, not in the training set, scored after tuning
+
+    def _truth_slices(self, exclude: set) -> tuple[list, list] | None:
+        """Up to :attr:`TRUTH_SLICES` xy slices of the data with ground truth (spread evenly,
+        none of ``exclude``): (images, truths), or None without ground truth."""
+        st = self.state
+        if st.truth is None or st.data is None or st.data.array.ndim != 3:
+            return None
+        n = st.data.shape[0]
+        picks = [int(z) for z in np.linspace(0, n - 1, self.TRUTH_SLICES + 2)[1:-1].round()]
+        picks = [z for z in dict.fromkeys(picks) if z not in exclude]
+        images, truths = [], []
+        for z in picks:
+            gt = self.truth_slice("xy", z)
+            if gt is None:
+                return None
+            images.append(self.slice_image("xy", z)[0])
+            truths.append(np.asarray(gt))
+        return (images, truths) if images else None
+
     def cancel_finetune(self) -> None:
         """Stop fine-tuning; the active model stays as it was."""
         self.tuning.cancel()
@@ -222,7 +250,8 @@ class TuneActions:
         if not snap.finished:
             return
         if snap.state == JobState.DONE and snap.result is not None:
-            res, (before, after) = snap.result
+            res, (before, after), truth = snap.result
+            previous = st.model_info.get("name", "the previous model")
             editors = self._editors
             for key in [k for k, ed in editors.items() if getattr(ed, "stored", False)]:
                 del editors[key]  # stored slices now show the tuned model's result
@@ -231,11 +260,20 @@ class TuneActions:
             self.show_edits()
             st.tune_scores = {"before": before, "after": after, "steps": res.steps,
                               "minutes": res.seconds / 60, "config": str(res.config),
-                              "stopped": res.stopped}
+                              "stopped": res.stopped, "truth": truth}
+            # the stored slices are what it trained on: where there is ground truth, other
+            # slices say whether it generalises, and a drop there is a warning
+            held = worse = ""
+            if truth is not None:
+                held = (f"; against the ground truth on {truth['slices']} other slices "
+                        f"{truth['before']['f1']:.2f} -> {truth['after']['f1']:.2f}")
+                if truth["after"]["f1"] < truth["before"]["f1"] - 0.02:
+                    worse = (f". It is worse there than {previous}: load {previous} in the Data "
+                             "tab to go back, or proofread more slices and fine-tune again")
             st.say(f"fine-tuned in {res.seconds / 60:.1f} min ({res.steps} steps, "
                    f"{res.stopped}): F1@0.5 on the stored slices {before['f1']:.2f} -> "
-                   f"{after['f1']:.2f}; the tuned model is active and saved as {res.config}",
-                   "ok")
+                   f"{after['f1']:.2f}{held}; the tuned model is active and saved as "
+                   f"{res.config}{worse}", "warning" if worse else "ok")
         elif snap.state == JobState.CANCELLED:
             st.say("fine-tuning cancelled; the model is unchanged", "warning")
         elif snap.state == JobState.FAILED:
