@@ -1023,6 +1023,8 @@ def test_proofread_tools_edit_the_visible_slice_and_undo(volume, tmp_path):
         mouse(v, "button_press_event", y, x)
         assert st.edited is not None and not (st.edited == target).any()
         assert "showing your edits" in v.info.value
+        # the count is of what is shown (it said one more after a delete)
+        assert v.info.value.startswith(f"<b>{ids.size - 1}</b> instances")
         shown = np.asarray(v.overlay.get_array())
         assert shown[int(y), int(x)] == 0  # the viewer shows the edit
         # paint a new object on background with a stroke
@@ -1128,6 +1130,10 @@ def test_an_old_error_leaves_the_status_line_at_the_next_2d_result(app):
     st = app.state
     assert not app.session.load_model("no_such_model_anywhere")
     assert st.status_level == "error" and "cannot load the model" in st.status
+    assert "a model zoo name (`nbapp models` lists them)" in st.status
+    assert st.status.endswith("loaded before stays active)") and st.model is not None
+    assert "a model zoo name (`nbapp models` lists them)" in st.status
+    assert st.status.endswith("loaded before stays active)") and st.model is not None
     st.slice_params = st.slice_params.replace(seg_threshold=0.6)
     assert st.status_level == "ok" and st.status.startswith("2D inference: ")
     assert any("cannot load the model" in m for m in st.messages)  # the log keeps it
@@ -1164,7 +1170,9 @@ def test_demo_scores_live_and_sweeps_a_parameter():
         sw = st.sweep
         assert sw["param"] == "seg_threshold" and len(sw["values"]) == 9
         assert len(sw["f1"]) == 9 and max(sw["f1"]) >= st.score2d["f1"] - 1e-9
-        assert "<svg" in app.controls2d.sweep_plot.value and "best F1@0.5" in st.status
+        assert "<svg" in app.controls2d.sweep_plot.value and "F1@0.5 " in st.status
+        app.session.use_model(load_model("default", device="cpu"))
+        assert st.sweep == {} and app.controls2d.sweep_plot.value == ""  # measured with the old one
         # the 3D job is scored too
         st.volume_params = st.volume_params.replace(orthoplane=False)
         app.session.run_3d()

@@ -362,8 +362,9 @@ def load_model(spec="default", device=None, warm_up: bool = True, root=None,
             model = Model(module, config, dev, str(weights))
         else:
             if not path.exists():
-                raise ModelError(f"model {str(spec)!r} does not exist: give 'default', a .yaml "
-                                 "config or a TorchScript file")
+                raise ModelError(f"model {str(spec)!r} does not exist: give 'default', a model "
+                                 "zoo name (`nbapp models` lists them), a .yaml config or a "
+                                 "TorchScript file")
             module, embedded = _load_torchscript(path, dev)
             model = Model(module, _config_for_file(path, embedded, root), dev, str(path))
     if warm_up:

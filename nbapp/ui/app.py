@@ -98,9 +98,19 @@ class App(W.VBox):
         # the status line sits above the tabs and stays in view when the page scrolls, so that
         # what a button did (or why it could not) shows where the user is looking
         self.status.line.add_class("nbapp-statusbar")
+        # results that appear below the fold (at 1366x768) are scrolled into view when they
+        # come, so that their buttons do not seem to do nothing
+        self.scroller = Scroller()
+        self.heads_view.widget.add_class("nbapp-heads")
+        self.compare_view.widget.add_class("nbapp-compare")
+        state.observe(lambda c: self.scroller.show("nbapp-heads") if c.new else None,
+                      names=["show_heads"])
+        state.observe(lambda c: self.scroller.show("nbapp-compare") if c.new else None,
+                      names=["compare"])
         self.children = [W.HTML(_CSS + "<h3 style='margin:4px 0'>nbapp: mitochondria "
                                 "segmentation</h3>"),
-                         self.status.line, self.tabs, self.status.log_box]
+                         self.status.line, self.tabs, self.status.log_box,
+                         self.scroller.widget]
 
         if isinstance(volume, str):
             session.load_path(volume)
@@ -143,6 +153,29 @@ class App(W.VBox):
         super().close()
 
 
+class Scroller:
+    """Scrolls the page to a widget (by CSS class) when its content arrives: a hidden output
+    area that runs one line of JavaScript in the page (Jupyter and Voila run the JavaScript
+    outputs of the kernel's own widgets). ``requests`` records what was asked."""
+
+    def __init__(self):
+        self.widget = W.Output(layout=W.Layout(display="none"))
+        self.requests: list[str] = []
+
+    def show(self, css_class: str) -> None:
+        from IPython.display import Javascript
+
+        self.requests.append(css_class)
+        # set as the widget's state, not captured with ``with``: that routes by the kernel's
+        # current request, which a result delivered from a worker thread does not belong to
+        self.widget.outputs = ()
+        # after the next frame and a moment: the widget is shown and drawn by then
+        self.widget.append_display_data(Javascript(
+            "requestAnimationFrame(() => setTimeout(() => { const e = document.querySelector"
+            f"('.{css_class}'); if (e) e.scrollIntoView({{behavior: 'smooth', "
+            "block: 'center'}); }, 300));"))
+
+
 _CSS = """<style>
 .nbapp-statusbar { position: sticky; top: 0; z-index: 20; background: #fff;
                    padding: 2px 0; border-bottom: 1px solid #eee; }
@@ -150,6 +183,9 @@ _CSS = """<style>
 /* the notebook output areas around the app would each be the sticky line's scroll box */
 .jp-OutputArea:has(.nbapp-app), .jp-OutputArea-child:has(.nbapp-app),
 .jp-OutputArea-output:has(.nbapp-app) { overflow: visible !important; }
+/* the log opens (and stays) scrolled to its end: the newest entry in view */
+.nbapp-log { display: flex !important; flex-direction: column-reverse !important; }
+.nbapp-log > .jp-OutputArea { flex-shrink: 0; overflow: visible !important; }
 </style>"""
 
 

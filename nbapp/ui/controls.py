@@ -70,6 +70,7 @@ class StatusArea:
         self.line = W.HTML("")
         self.log = W.Output(layout=W.Layout(max_height="160px", overflow="auto",
                                             border="1px solid #ddd"))
+        self.log.add_class("nbapp-log")  # (the app's CSS keeps its newest entry in view)
         self.log_box = W.Accordion(children=[self.log], titles=("Log",))
         self.log_box.selected_index = None
         # the app places ``line`` (above its tabs) and ``log_box`` (below them) itself
@@ -651,6 +652,6 @@ def loss_curve_svg(losses: list, minutes: float = 0.0) -> str:
 def sweep_svg(sweep: dict) -> str:
     """F1@0.5 against the swept parameter (0 to 1), the current value named."""
     return line_svg(sweep["values"], sweep["f1"],
-                    f"F1@0.5 vs {LABELS[sweep['param']]} (now {sweep['current']:g}; "
-                    f"{sweep['values'][0]:g}-{sweep['values'][-1]:g})", "nbapp-sweep",
-                    lo=0.0, hi=1.0, marks=True)
+                    f"F1@0.5 vs {LABELS[sweep['param']]}, {sweep['values'][0]:g} to "
+                    f"{sweep['values'][-1]:g} (now {sweep['current']:g})", "nbapp-sweep",
+                    width=440, lo=0.0, hi=1.0, marks=True)

@@ -334,6 +334,9 @@ class Session(SliceActions, VolumeActions, TuneActions):
             seg = SliceSegmenter(model)
         except Exception as exc:  # noqa: BLE001
             self.report(exc, "cannot load the model")
+            if st.model is not None:  # say what the tabs still use
+                st.status = (f"{st.status} ({st.model_info.get('name', 'the model')} loaded "
+                             "before stays active)")
             return False
         self.segmenter = seg
         self._engines = {}
@@ -344,6 +347,7 @@ class Session(SliceActions, VolumeActions, TuneActions):
             st.device = ALL_GPUS if all_gpus else str(model.device)
             st.result2d = None
             st.compare = []
+            st.sweep = {}  # measured with the model before
         self.suggest_scale()
         st.say(f"model {info.get('name')!r} loaded on {model.device} "
                f"({info.get('parameters', 0):,} parameters)", "ok")

@@ -34,6 +34,30 @@ SWEEPS = {
 COMPARE_ENLARGING = (0.25, 0.5, 1, 2)
 
 
+def sweep_verdict(rows: list, current: float) -> str:
+    """What a sweep's (value, scores) rows say: the best F1@0.5 and where, without sending the
+    user to another value when it scores the same as the current one.
+
+    >>> sweep_verdict([(0.1, {"f1": 0.9}), (0.5, {"f1": 0.9})], 0.5)
+    'F1@0.5 0.900 at every value: it does not change the result on this slice'
+    >>> sweep_verdict([(0.1, {"f1": 0.8}), (0.5, {"f1": 0.9}), (0.9, {"f1": 0.9})], 0.5)
+    'best F1@0.5 0.900 at 0.5-0.9, which includes the current 0.5'
+    >>> sweep_verdict([(0.1, {"f1": 0.8}), (0.5, {"f1": 0.7})], 0.5)
+    'best F1@0.5 0.800 at 0.1 (now 0.5: 0.700)'
+    """
+    f1 = np.array([m["f1"] for _, m in rows])
+    top = f1.max()
+    if np.ptp(f1) < 1e-9:
+        return f"F1@0.5 {top:.3f} at every value: it does not change the result on this slice"
+    best = [v for v, m in rows if m["f1"] >= top - 1e-9]
+    where = f"{best[0]:g}" if len(best) == 1 else f"{min(best):g}-{max(best):g}"
+    if any(abs(v - current) < 1e-9 for v in best):
+        return f"best F1@0.5 {top:.3f} at {where}, which includes the current {current:g}"
+    now = [m["f1"] for v, m in rows if abs(v - current) < 1e-9]
+    return (f"best F1@0.5 {top:.3f} at {where} (now {current:g}"
+            + (f": {now[0]:.3f})" if now else ")"))
+
+
 class SliceActions:
     """2D actions of :class:`~nbapp.ui.session.Session` (a base class of it; it provides
     ``state``, ``segmenter``, ``runner2d`` and ``report``)."""
@@ -232,14 +256,12 @@ class SliceActions:
                 if error is not None:
                     self.report(error, "the sweep failed")
                     return
-                best = max(rows, key=lambda t: t[1]["f1"]) if rows else None
                 st.sweep = {"param": param, "values": [v for v, _ in rows],
                             "f1": [m["f1"] for _, m in rows], "pq": [m["pq"] for _, m in rows],
                             "current": getattr(sp, param)}
-                if best is not None:
-                    st.say(f"sweep of {LABELS[param]} on {plane} slice {index}: best F1@0.5 "
-                           f"{best[1]['f1']:.3f} at {best[0]:g} (now {getattr(sp, param):g})",
-                           "ok")
+                if rows:
+                    st.say(f"sweep of {LABELS[param]} on {plane} slice {index}: "
+                           f"{sweep_verdict(rows, getattr(sp, param))}", "ok")
             call_in_ui(apply)
 
         self.runner2d.submit("sweep", work, deliver)

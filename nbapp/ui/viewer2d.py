@@ -22,7 +22,8 @@ __all__ = ["Viewer2D", "HeadsView", "CompareView"]
 
 #: Sides (inches; 100 pixels each) the viewer can take: the default fits the 2D tab beside its
 #: controls at 1366x768; "projector" fills the height of a 1920x1080 screen.
-VIEWER_SIZES = (("small", 4.5), ("medium", 5.5), ("large", 7.0), ("projector", 8.5))
+VIEWER_SIZES = (("small", 4.5), ("medium (1366x768)", 5.5), ("large (1920 wide)", 7.0),
+                ("projector (1920x1080)", 8.5))
 
 
 class Viewer2D:
@@ -43,7 +44,7 @@ class Viewer2D:
                                           button=[1], minspanx=1, minspany=1, spancoords="data")
         self.selector.set_active(False)
         self.size = W.Dropdown(options=VIEWER_SIZES, value=state.viewer_inches,
-                               description="Viewer", layout=W.Layout(width="170px"),
+                               description="Viewer", layout=W.Layout(width="245px"),
                                style={"description_width": "48px"},
                                tooltip="size of the viewer: larger on a large screen or a "
                                        "projector")
@@ -125,9 +126,14 @@ class Viewer2D:
         sc = self.state.score2d
         score = (f" &middot; vs ground truth F1@0.5 <b>{sc['f1']:.3f}</b>, PQ {sc['pq']:.3f}, "
                  f"FG IoU {sc['fg_iou']:.3f}" if sc else "")
-        txt = (f"<b>{r.count}</b> instances{self._per_class(r.labels)}{score} &middot; network {net} &middot; post-processing "
+        edited = self.state.edited
+        shown = edited if edited is not None and edited.shape == r.labels.shape else None
+        # the count is of what is shown: the edited labels when there are edits
+        count = r.count if shown is None else int(np.count_nonzero(np.unique(shown)))
+        txt = (f"<b>{count}</b> instances{self._per_class(r.labels if shown is None else shown)}"
+               f"{score} &middot; network {net} &middot; post-processing "
                f"{1000 * r.postprocess_s:.0f} ms &middot; {r.plane} slice {r.index}")
-        if self.state.edited is not None:
+        if shown is not None:
             txt += " &middot; <b>showing your edits</b>"
         return txt + (" &middot; <i>updating ...</i>" if busy else "")
 
@@ -259,7 +265,7 @@ class CompareView:
                 ax.set_title(f"downsampling {c.downsampling}: too small", fontsize=9)
             else:
                 show_image(over, label_display(c.labels))
-                net = 1000 * c.network_s
-                ax.set_title(f"ds {c.downsampling}: {c.count} objects, "
-                             f"{net:.0f}+{1000 * c.postprocess_s:.0f} ms", fontsize=9)
+                ms = 1000 * (c.network_s + c.postprocess_s)  # (no network time when cached)
+                ax.set_title(f"ds {c.downsampling}: {c.count} objects in {ms:.0f} ms",
+                             fontsize=9)
         self.canvas.draw_idle()

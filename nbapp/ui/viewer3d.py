@@ -32,9 +32,10 @@ class StacksView:
             ax.set_title(f"{name}: -", fontsize=9)
         self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.05)
         self.canvas = self.figure.canvas
+        # the label column and width of the 3D tab's sliders above it (controls._LABEL_COLUMN)
         self.slider = W.IntSlider(0, min=0, max=0, description="Result slice (z)",
-                                  continuous_update=True, style={"description_width": "initial"},
-                                  layout=W.Layout(width="420px"))
+                                  continuous_update=True, style={"description_width": "250px"},
+                                  layout=W.Layout(width="480px"))
         W.link((self.slider, "value"), (state, "result_slice"))
         self.widget = W.VBox([self.slider, self.canvas])
         state.observe(self._update, names=["stacks", "labels3d", "result_slice", "data"])
@@ -231,5 +232,5 @@ class ObjectTable:
             per_class[r.get("class", "")] = per_class.get(r.get("class", ""), 0) + 1
         counts = ", ".join(f"{k} {v}" for k, v in per_class.items() if k)
         self.html.value = (f"<p>{len(rows)} objects{': ' + counts if counts else ''}</p><table class='nbapp-table' "
-                           "style='border-collapse:collapse;font-size:12px'>" + head
+                           "style='border-collapse:separate;border-spacing:10px 1px;font-size:12px'>" + head
                            + "".join(body) + "</table>" + more)

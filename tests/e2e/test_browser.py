@@ -244,6 +244,47 @@ def test_controls_line_up_and_no_label_is_cut_at_1366x768(app):
         page.set_viewport_size({"width": 1400, "height": 1000})
 
 
+def test_results_below_the_fold_come_into_view_and_the_log_shows_its_end_at_1366x768(app):
+    """Walk-through findings: "Network outputs" and "Compare downsampling" drew 650-900 px
+    below the fold, so the buttons seemed to do nothing; the log stayed scrolled to its top
+    with the newest entries hidden."""
+    needs_model(app)
+    page = app.page
+    page.set_viewport_size({"width": 1366, "height": 768})
+    try:
+        app.tab("2D parameter testing")
+        page.mouse.wheel(0, -4000)
+        heads = page.locator("button:visible", has_text="Network outputs")
+        if "mod-active" in (heads.get_attribute("class") or ""):
+            heads.click()  # (another test left it on)
+        heads.click()
+        page.wait_for_function("() => { const e = document.querySelector('.nbapp-heads'); "
+                               "if (!e) return false; const r = e.getBoundingClientRect(); "
+                               "return r.height > 0 && r.top < innerHeight && r.bottom > 0; }",
+                               timeout=20000)
+        page.mouse.wheel(0, -4000)
+        for _ in range(12):  # a dozen log entries: more than the log box shows at once
+            page.locator("button:visible", has_text="Compare downsampling").click()
+            app.wait_for_status("compared downsampling")
+        page.wait_for_function("() => { const e = document.querySelector('.nbapp-compare'); "
+                               "const r = e.getBoundingClientRect(); "
+                               "return r.height > 0 && r.top < innerHeight && r.bottom > 0; }",
+                               timeout=20000)
+        page.locator(".nbapp-app").get_by_text("Log", exact=True).last.click()
+        log = page.locator(".nbapp-log")
+        log.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        overflow, last_visible = log.evaluate(
+            "e => { const box = e.getBoundingClientRect(); const range = document.createRange(); "
+            "range.selectNodeContents(e); const rects = [...range.getClientRects()]; "
+            "const last = rects[rects.length - 1]; "
+            "return [e.scrollHeight > e.clientHeight, last.bottom <= box.bottom + 1]; }")
+        assert overflow and last_visible
+        assert_no_page_errors(app)
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
+
+
 def test_drawing_a_box_does_not_move_the_viewer(app):
     """Issue 17 item 8: the box tool's suggestion text wraps inside the controls' column."""
     needs_model(app)
@@ -274,7 +315,7 @@ def test_the_viewer_grows_on_a_full_hd_screen(app):
         canvas = app.viewer_canvas()
         before = canvas.bounding_box()
         size = page.locator(".widget-dropdown:visible", has=page.locator("label", has_text="Viewer"))
-        size.locator("select").select_option(label="projector")
+        size.locator("select").select_option(label="projector (1920x1080)")
         page.wait_for_function("([c, w]) => c.getBoundingClientRect().width > 1.45 * w",
                                arg=[canvas.element_handle(), before["width"]], timeout=60000)
         after = canvas.bounding_box()
@@ -283,7 +324,7 @@ def test_the_viewer_grows_on_a_full_hd_screen(app):
         assert after["x"] + after["width"] <= 1920 and after["y"] + after["height"] <= 1080
         assert size.bounding_box()["y"] < after["y"]
         screenshot(app, "viewer_projector_1920.png")
-        size.locator("select").select_option(label="medium")
+        size.locator("select").select_option(label="medium (1366x768)")
         page.wait_for_function("([c, w]) => Math.abs(c.getBoundingClientRect().width - w) < 2",
                                arg=[canvas.element_handle(), before["width"]], timeout=60000)
         assert_no_page_errors(app)
