@@ -346,6 +346,11 @@ def test_threaded_app_stays_responsive_and_shows_the_result(volume):
 
 def test_3d_job_feeds_progress_bars_and_shows_stacks_3d_view_and_table(app):
     small_lab(app)
+    # before a result: no black panels titled "-" and no empty 3D box (they looked broken)
+    app.view3d.ensure_figure()  # (what opening the 3D tab does)
+    assert app.stacks_view.widget.layout.display == "none"
+    assert app.view3d.figure not in app.view3d.widget.children
+    assert not app.stacks_view.figure.canvas.toolbar_visible  # it covered the first panel
     seen = []
     app.state.observe(lambda c: seen.append(c.new), names=["job"])
     app.controls3d.run.click()
@@ -363,6 +368,8 @@ def test_3d_job_feeds_progress_bars_and_shows_stacks_3d_view_and_table(app):
     titles = [ax.get_title() for ax in app.stacks_view.axes]
     assert titles[3] == f"consensus: {n} objects" and all("objects" in t for t in titles)
     assert len(app.view3d.figure.meshes) == min(n, 64)
+    assert app.stacks_view.widget.layout.display is None
+    assert app.view3d.figure in app.view3d.widget.children
     assert not app.controls3d.rerun.disabled and "3D job done" in st.status
     row = st.table[0]
     assert set(row) == {"id", "class", "voxels", "bbox", "centroid", "extent"}

@@ -15,9 +15,10 @@ __all__ = ["figure_widget", "label_cmap", "label_display", "setup_image_axes", "
 _N_COLOURS = 255
 
 
-def figure_widget(figsize=(5, 5), **kw) -> Figure:
-    """A matplotlib Figure whose canvas is an ipympl widget (with zoom / pan toolbar), made
-    without pyplot (no global figure registry)."""
+def figure_widget(figsize=(5, 5), toolbar: bool = True, **kw) -> Figure:
+    """A matplotlib Figure whose canvas is an ipympl widget, made without pyplot (no global
+    figure registry). ``toolbar``: the zoom / pan toolbar, which shows over the figure's top
+    left corner on hover (off for rows of small panels, where it covered the first one)."""
     from ipympl.backend_nbagg import Canvas, FigureManager
 
     fig = Figure(figsize=figsize, **kw)
@@ -31,6 +32,7 @@ def figure_widget(figsize=(5, 5), **kw) -> Figure:
     canvas.header_visible = False
     canvas.footer_visible = False
     canvas.resizable = False
+    canvas.toolbar_visible = bool(toolbar)
     return fig
 
 

@@ -180,7 +180,7 @@ class HeadsView:
 
     def __init__(self, state: AppState):
         self.state = state
-        self.figure = figure_widget((9, 3.2))
+        self.figure = figure_widget((9, 3.2), toolbar=False)
         axes = self.figure.subplots(1, 3)
         self.axes = axes
         titles = ("semantic probability", "centre heat-map + centres", "offsets (direction)")
@@ -234,7 +234,7 @@ class CompareView:
 
     def __init__(self, state: AppState, n: int = 4):
         self.state = state
-        self.figure = figure_widget((10, 2.9))
+        self.figure = figure_widget((10, 2.9), toolbar=False)
         self.axes = list(self.figure.subplots(1, n))
         cmap = label_cmap()
         self.panels = [setup_image_axes(ax, cmap=cmap, opacity=state.opacity) for ax in self.axes]

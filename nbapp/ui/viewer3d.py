@@ -24,7 +24,7 @@ class StacksView:
 
     def __init__(self, state: AppState):
         self.state = state
-        self.figure = figure_widget((10, 2.9))
+        self.figure = figure_widget((10, 2.9), toolbar=False)
         self.axes = list(self.figure.subplots(1, len(PANELS)))
         cmap = label_cmap()
         self.panels = [setup_image_axes(ax, cmap=cmap, opacity=0.6) for ax in self.axes]
@@ -38,12 +38,15 @@ class StacksView:
                                   layout=W.Layout(width="480px"))
         W.link((self.slider, "value"), (state, "result_slice"))
         self.widget = W.VBox([self.slider, self.canvas])
+        # shown once there is a result: four black panels titled "-" looked broken
+        self.widget.layout.display = "none"
         state.observe(self._update, names=["stacks", "labels3d", "result_slice", "data"])
 
     def _update(self, change=None) -> None:
         st = self.state
         vols = [st.stacks.get(p) for p in PLANES] + [st.labels3d]
         shape = next((v.shape for v in vols if v is not None), None)
+        self.widget.layout.display = None if shape is not None else "none"
         if shape is None:
             return
         self.slider.max = shape[0] - 1
@@ -160,7 +163,6 @@ class LabelsView3D:
             # looking down on the volume from above and in front, not straight along z: the
             # objects show their depth (drag to turn the view)
             self.figure.camera.position = view_from(*self.VIEW, self.figure.camera.position)
-            self.widget.children = [self.note, self.figure]
         return self.figure
 
     def _update(self, change=None) -> None:
@@ -170,8 +172,11 @@ class LabelsView3D:
         if labels is None:
             if self.figure is not None:
                 self.figure.meshes = []
+            self.widget.children = [self.note]  # (an empty box until there is a result)
+            self.note.value = "<i>run a 3D job to see the objects in 3D</i>"
             return
         self.ensure_figure()
+        self.widget.children = [self.note, self.figure]
         vs = self.state.data.voxel_size if self.state.data is not None else None
         full_shape = tuple(labels.shape)
         if isinstance(labels, np.ndarray):
