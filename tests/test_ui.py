@@ -1081,6 +1081,7 @@ def test_add_slice_and_fine_tune_make_the_tuned_model_active(volume, tmp_path):
         assert tools.cancel.disabled and not tools.tune.disabled and tools.bar.value == 1.0
         assert tools.cancel.button_style == ""  # not coloured as if it could be clicked
         assert st.model_info["name"] == "tuned_1" and st.status_level == "ok", st.messages[-4:]
+        assert app.model_panel.spec.value.endswith("tuned_1.yaml")  # the box names what is active
         assert "fine-tuned in" in st.status and "tuned model is active" in st.status
         assert (tmp_path / "nbapp-training" / "models" / "tuned_1.yaml").is_file()
         assert set(st.tune_scores) >= {"before", "after", "steps"}

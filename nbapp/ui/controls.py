@@ -226,6 +226,8 @@ class ModelPanel:
         if not i:
             self.info.value = "<i>no model loaded</i>"
             return
+        if self.state.model_spec and self.spec.value != self.state.model_spec:
+            self.spec.value = self.state.model_spec  # the loaded one (a tuned model included)
         norms = i.get("norms") or {}
         rows = [("name", i.get("name")), ("classes", ", ".join(map(str, i.get("classes", [])))),
                 ("thing classes", i.get("thing_list")),
