@@ -555,7 +555,9 @@ def test_upload_errors(volume):
 
 
 def test_exports_go_inside_the_data_root(volume, tmp_path):
+    import base64
     import csv
+    import re
 
     import tifffile
 
@@ -571,17 +573,28 @@ def test_exports_go_inside_the_data_root(volume, tmp_path):
         c.export_path.value = "out.tif"
         c.export_labels.click()
         np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), a.state.labels3d)
+        # a page visitor downloads it through the page: the link holds the file itself
+        link = re.search(r"download='out.tif' href='data:application/octet-stream;base64,([^']+)'",
+                         c.download.value)
+        assert link and base64.b64decode(link.group(1)) == (tmp_path / "out.tif").read_bytes()
         c.export_path.value = "out.zarr"
         c.export_labels.click()
         assert (tmp_path / "out.zarr").is_dir() and a.state.status_level == "ok"
+        assert "is a folder on the server" in c.download.value and "href" not in c.download.value
         c.table_path.value = "objects.csv"
         c.export_table.click()
         with open(tmp_path / "objects.csv", newline="") as f:
             rows = list(csv.reader(f))
         assert rows[0][:3] == ["id", "class", "voxels"] and len(rows) == len(a.state.table) + 1
+        assert "download='objects.csv' href='data:text/csv;base64," in c.download.value
         c.export_path.value = "../escape.tif"
         c.export_labels.click()
         assert a.state.status_level == "error" and not (tmp_path.parent / "escape.tif").exists()
+        assert c.download.value == ""  # no link to an export that failed
+        from nbapp.ui.controls import download_link
+
+        assert "larger than the 0.001 MB the page downloads" in download_link(
+            tmp_path / "out.tif", limit_mb=0.001)
     finally:
         a.close()
 

@@ -17,7 +17,7 @@ from nbapp.ui.session import EXPORT_FOLDER, Session
 from nbapp.ui.state import AppState
 
 __all__ = ["StatusArea", "DataPanel", "ModelPanel", "Controls2D", "Controls3D", "ProgressBars",
-           "ProofreadPanel", "loss_curve_svg", "sweep_svg", "line_svg"]
+           "ProofreadPanel", "loss_curve_svg", "sweep_svg", "line_svg", "download_link"]
 
 _WIDE = {"description_width": "initial"}
 #: One label column for every slider, dropdown and number box of a panel, wide enough for the
@@ -466,8 +466,13 @@ class Controls3D:
                                  style=_WIDE)
         self.export_table = W.Button(description="Export table (CSV)", icon="table")
         _fit(self.run, self.cancel, self.rerun, self.export_labels, self.export_table)
-        self.export_labels.on_click(lambda _: session.export_labels(self.export_path.value))
-        self.export_table.on_click(lambda _: session.export_table(self.table_path.value))
+        # a visitor of a served page has no access to the server's disk: small exports also
+        # come as a link that downloads them to the visitor's computer
+        self.download = W.HTML("")
+        self.export_labels.on_click(
+            lambda _: self._offer(session.export_labels(self.export_path.value)))
+        self.export_table.on_click(
+            lambda _: self._offer(session.export_table(self.table_path.value)))
         state.observe(self._from_state, names=["volume_params"])
         state.observe(self._job, names=["job", "stacks"])
         self.widget = W.VBox([
@@ -475,7 +480,11 @@ class Controls3D:
             self.progress.widget,
         ])
         self.export_widget = W.VBox([W.HBox([self.export_path, self.export_labels]),
-                                     W.HBox([self.table_path, self.export_table])])
+                                     W.HBox([self.table_path, self.export_table]),
+                                     self.download])
+
+    def _offer(self, target) -> None:
+        self.download.value = download_link(target) if target is not None else ""
 
     def _param(self, name):
         def handler(change):
@@ -641,6 +650,30 @@ def line_svg(x, y, caption: str, css_class: str, width: int = 320, height: int =
             f"stroke='#999'/><line x1='{pad}' y1='4' x2='{pad}' y2='{height - 16}' stroke='#999'/>"
             f"<text x='0' y='12'>{hi:.2f}</text><text x='0' y='{height - 18}'>{lo:.2f}</text>"
             f"<text x='{pad}' y='{height - 3}'>{html.escape(caption)}</text></svg>")
+
+
+DOWNLOAD_LIMIT_MB = 50  # larger files stay on the server (a link carries the whole file)
+
+
+def download_link(path, limit_mb: float = DOWNLOAD_LIMIT_MB) -> str:
+    """HTML for an exported file: a link that downloads it to the browser's computer (the file
+    inside the link), or why there is none (a .zarr folder, or over ``limit_mb``)."""
+    import base64
+    from pathlib import Path
+
+    path = Path(path)
+    name = html.escape(path.name)
+    if path.is_dir():
+        return (f"<small>{name} is a folder on the server (OME-Zarr): export a .tif to "
+                "download it through the page</small>")
+    size = path.stat().st_size
+    if size > limit_mb * 1e6:
+        return (f"<small>{name} ({size / 1e6:.0f} MB) is larger than the {limit_mb:g} MB the "
+                f"page downloads; it is on the server at {html.escape(str(path))}</small>")
+    kind = "text/csv" if path.suffix.lower() == ".csv" else "application/octet-stream"
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f"<a class='nbapp-download' download='{name}' href='data:{kind};base64,{data}'>"
+            f"&#x2B07; Download {name}</a> <small>({size / 1e3:.0f} kB) to this computer</small>")
 
 
 def loss_curve_svg(losses: list, minutes: float = 0.0) -> str:

@@ -104,7 +104,7 @@ def chromium(profile_dir: Path, viewport=(1400, 1000)):
     with sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
             str(profile_dir), executable_path=CHROMIUM if os.path.exists(CHROMIUM)
-            else shutil.which("chromium"), args=FLAGS, headless=True,
+            else shutil.which("chromium"), args=FLAGS, headless=True, accept_downloads=True,
             viewport={"width": viewport[0], "height": viewport[1]})
         try:
             ctx.route(lambda url: not url.startswith(APP_ORIGIN), offline)

@@ -160,6 +160,16 @@ def test_3d_run_shows_the_stacks_and_a_webgl_view(app):
     page.set_viewport_size({"width": 1400, "height": 1700})
     screenshot(app, "app_3d.png")
     page.set_viewport_size({"width": 1400, "height": 1000})
+    # the export reaches the visitor's computer through the page (no access to the server's disk)
+    page.locator("button:visible", has_text="Export labels").click()
+    link = page.locator("a.nbapp-download")
+    link.wait_for(timeout=60_000)
+    with page.expect_download(timeout=60_000) as got:
+        link.click()
+    import tifffile
+
+    labels = tifffile.imread(got.value.path())
+    assert labels.shape == (48, 256, 256) and labels.max() > 0
     assert_no_page_errors(app)
 
 
