@@ -1135,8 +1135,8 @@ def test_fine_tune_with_ground_truth_scores_other_slices_and_warns_when_worse(
         assert truth["slices"] == 4 and set(truth) == {"slices", "before", "after"}
         assert "against the ground truth on 4 other slices" in st.status
         if worse:
-            assert st.status_level == "warning" and "It is worse there than nbapp_mito" in st.status
-            assert "load nbapp_mito in the Data tab to go back" in st.status
+            assert st.status_level == "warning" and "It is worse there than before" in st.status
+            assert "load 'default' in the Data tab to go back" in st.status
         else:  # (how many steps fit in the time limit varies: the rule, not the outcome)
             dropped = truth["after"]["f1"] < truth["before"]["f1"] - 0.02
             assert st.status_level == ("warning" if dropped else "ok")

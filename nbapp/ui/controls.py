@@ -613,7 +613,7 @@ class ProofreadPanel:
         if not s:
             self.scores.value = ""
             return
-        rows = [("before", s["before"]), ("after", s["after"])]
+        rows = [("before, stored slices", s["before"]), ("after, stored slices", s["after"])]
         truth = s.get("truth")
         if truth:
             n = truth["slices"]
@@ -624,7 +624,7 @@ class ProofreadPanel:
             "<th>precision</th><th>recall</th></tr>"
             + "".join(f"<tr><td>{k}</td><td>{v['f1']:.3f}</td><td>{v['precision']:.3f}</td>"
                       f"<td>{v['recall']:.3f}</td></tr>" for k, v in rows)
-            + f"</table><small>on the stored slices; {s['steps']} steps in "
+            + f"</table><small>{s['steps']} steps in "
               f"{s['minutes']:.1f} min; saved as {html.escape(s['config'])}</small>")
 
 

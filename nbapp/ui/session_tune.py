@@ -185,6 +185,7 @@ class TuneActions:
         n = sum(s.objects for s in slices)
         name = f"tuned_{len(list(ts.folder.glob('models/*.yaml'))) + 1}"
         before_model = st.model
+        self._spec_before = self._model_box_text(before_model)
         name_now = st.data.name if st.data is not None else None
         held_out = self._truth_slices({int(s.meta.get("index", -1)) for s in slices
                                        if s.meta.get("plane") == "xy"
@@ -237,6 +238,19 @@ class TuneActions:
             truths.append(np.asarray(gt))
         return (images, truths) if images else None
 
+    def _model_box_text(self, model) -> str:
+        """What to type in the Data tab's model box to load ``model`` again: 'default', a zoo
+        name or the file it came from."""
+        from nbapp.models import default_config_path
+
+        spec = str(self.state.model_spec or "")
+        if spec and not spec.startswith("("):  # (not "(in-memory model)")
+            return spec
+        path = getattr(model.config, "config_path", None)
+        if path is not None and Path(path).resolve() == default_config_path().resolve():
+            return "default"
+        return str(path or getattr(model, "weights", None) or model.config.name)
+
     def cancel_finetune(self) -> None:
         """Stop fine-tuning; the active model stays as it was."""
         self.tuning.cancel()
@@ -251,7 +265,7 @@ class TuneActions:
             return
         if snap.state == JobState.DONE and snap.result is not None:
             res, (before, after), truth = snap.result
-            previous = st.model_info.get("name", "the previous model")
+            previous = getattr(self, "_spec_before", None) or st.model_info.get("name", "")
             editors = self._editors
             for key in [k for k, ed in editors.items() if getattr(ed, "stored", False)]:
                 del editors[key]  # stored slices now show the tuned model's result
@@ -268,7 +282,7 @@ class TuneActions:
                 held = (f"; against the ground truth on {truth['slices']} other slices "
                         f"{truth['before']['f1']:.2f} -> {truth['after']['f1']:.2f}")
                 if truth["after"]["f1"] < truth["before"]["f1"] - 0.02:
-                    worse = (f". It is worse there than {previous}: load {previous} in the Data "
+                    worse = (f". It is worse there than before: load {previous!r} in the Data "
                              "tab to go back, or proofread more slices and fine-tune again")
             st.say(f"fine-tuned in {res.seconds / 60:.1f} min ({res.steps} steps, "
                    f"{res.stopped}): F1@0.5 on the stored slices {before['f1']:.2f} -> "

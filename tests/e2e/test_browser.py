@@ -292,6 +292,9 @@ def test_results_below_the_fold_come_into_view_and_the_log_shows_its_end_at_1366
         assert overflow and last_visible
         assert_no_page_errors(app)
     finally:
+        heads = page.locator("button:visible", has_text="Network outputs")
+        if "mod-active" in (heads.get_attribute("class") or ""):
+            heads.click()  # off again: the later tests' screenshots are of the plain tab
         page.set_viewport_size({"width": 1400, "height": 1000})
 
 
@@ -408,5 +411,8 @@ def test_proofread_add_and_fine_tune_in_the_page(app):
     app.tab("Data & model")
     assert "tuned_1" in page.locator(".nbapp-model-info").first.inner_text()
     app.tab("2D parameter testing")
+    page.set_viewport_size({"width": 1400, "height": 1500})  # the scores table too
+    page.wait_for_timeout(1000)
     screenshot(app, "finetuned.png")
+    page.set_viewport_size({"width": 1400, "height": 1000})
     assert_no_page_errors(app)
