@@ -367,12 +367,9 @@ class SliceActions:
     def _object_in_box(self, height: float, width: float, centre: tuple):
         """The mask (on the shown slice) of the object of the 2D result under the box's centre,
         else the one with most pixels inside the box; None without one."""
-        st = self.state
-        r = st.result2d
-        if r is None:
+        labels = self.state.shown_labels()
+        if labels is None:
             return None
-        labels = st.edited if st.edited is not None and st.edited.shape == r.labels.shape \
-            else r.labels
         labels = np.asarray(labels)
         if labels.ndim != 2:
             return None

@@ -129,6 +129,15 @@ class AppState(HasTraits):
     status_level = traitlets.Enum(("info", "ok", "warning", "error"), default_value="info")
     messages = List(Unicode())
 
+    def shown_labels(self):
+        """The visible slice's labels as the viewer shows them: the user's edits when there are
+        any, else the 2D result's; None without a result."""
+        r = self.result2d
+        if r is None:
+            return None
+        e = self.edited
+        return e if e is not None and e.shape == r.labels.shape else r.labels
+
     def say(self, text: str, level: str = "info", detail: str | None = None) -> None:
         """Show ``text`` in the status line and append it (and ``detail``) to the log."""
         self.status_level = level

@@ -126,14 +126,14 @@ class Viewer2D:
         sc = self.state.score2d
         score = (f" &middot; vs ground truth F1@0.5 <b>{sc['f1']:.3f}</b>, PQ {sc['pq']:.3f}, "
                  f"FG IoU {sc['fg_iou']:.3f}" if sc else "")
-        edited = self.state.edited
-        shown = edited if edited is not None and edited.shape == r.labels.shape else None
+        shown = self.state.shown_labels()
+        edits = shown is not None and shown is not r.labels
         # the count is of what is shown: the edited labels when there are edits
-        count = r.count if shown is None else int(np.count_nonzero(np.unique(shown)))
-        txt = (f"<b>{count}</b> instances{self._per_class(r.labels if shown is None else shown)}"
+        count = int(np.count_nonzero(np.unique(shown))) if edits else r.count
+        txt = (f"<b>{count}</b> instances{self._per_class(shown if edits else r.labels)}"
                f"{score} &middot; network {net} &middot; post-processing "
                f"{1000 * r.postprocess_s:.0f} ms &middot; {r.plane} slice {r.index}")
-        if shown is not None:
+        if edits:
             txt += " &middot; <b>showing your edits</b>"
         return txt + (" &middot; <i>updating ...</i>" if busy else "")
 
@@ -149,8 +149,7 @@ class Viewer2D:
         if r is None:
             self.info.value = self._text(None)
             return
-        edited = self.state.edited
-        labels = edited if edited is not None and edited.shape == r.labels.shape else r.labels
+        labels = self.state.shown_labels()
         if r.heads is None or r.heads is not self._last_heads:  # same cached outputs: same image
             show_image(self.image, r.image, image_clim(r.image))
             self._last_heads = r.heads
