@@ -16,6 +16,7 @@ import yaml
 
 from nbapp.errors import ModelError
 from nbapp.models.config import ModelConfig, confine_config, confine_model_path, fetch, read_config
+from nbapp.models.guard import check_archive, check_module
 
 __all__ = ["Model", "load_model", "resolve_device", "default_config_path", "check_outputs",
            "gpu_devices", "device_names"]
@@ -207,6 +208,7 @@ def _load_torchscript(path: Path, device: torch.device) -> tuple[torch.nn.Module
     if not zipfile.is_zipfile(path):
         raise ModelError(f"{path} is not a TorchScript model file (not a zip archive); "
                          "export the model with torch.jit.script(...).save(path)")
+    check_archive(path)  # before loading: loading runs the file's __setstate__ code
     extra = {_EXTRA_CONFIG: ""}
     try:
         with warnings.catch_warnings():
@@ -218,6 +220,7 @@ def _load_torchscript(path: Path, device: torch.device) -> tuple[torch.nn.Module
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path} is not a loadable TorchScript model ({msg}); a plain state "
                          "dict needs its architecture: export with torch.jit.script") from None
+    check_module(module, path)  # before it runs: every operator of every method
     cfg = None
     if extra[_EXTRA_CONFIG]:
         try:
