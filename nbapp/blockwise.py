@@ -7,7 +7,9 @@ runs the whole 3D pipeline on it (per-plane stacks, median, tracking, consensus)
 the labels of its core into a work store beside the output, then a record of what it found: its
 objects (sizes, boxes, first voxels) and its labels of the strips just across its faces. A
 block with a record is finished; re-running the same command skips it (resume after a crash
-or a cancel). When every block is finished, the pieces of objects cut by block faces are joined
+or a cancel) when the job is the same: the same model content, input content and settings
+(:func:`job_identity`); another job starts fresh, and its first progress report says why.
+When every block is finished, the pieces of objects cut by block faces are joined
 where the two blocks' labels of a strip agree (:func:`nbapp.stitch.join_objects`), the 3D
 filters are applied to the joined objects, and the labels are written, numbered 1..N by first
 appearance, as an OME-Zarr multiscale image (written by ``ome-zarr``) under a temporary name
@@ -29,6 +31,7 @@ Where the block jobs run:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -124,6 +127,9 @@ class BlockProgress:
     done: int
     total: int
     detail: str | None = None
+    #: A one-line message for the user, given once (why an earlier run's blocks were not
+    #: resumed); the first report's ``detail`` carries it too
+    note: str | None = None
 
 
 @dataclass
@@ -354,12 +360,15 @@ class WorkStore:
         self.shape: tuple = ()
         self.grid: list[Block] = []
         self.layers: tuple = ("labels",)
+        #: Why :meth:`open` did not resume an earlier run's store (None: resumed, or none)
+        self.note: str | None = None
 
     # opening and resuming
     def open(self, job: dict, shape: tuple, block_size: tuple,
-             layers: tuple = ("labels",)) -> int:
-        """Create the store, or reuse a previous run's of the same ``job``; return how many
-        blocks are already finished."""
+             layers: tuple = ("labels",), resume: bool = True) -> int:
+        """Create the store, or reuse a previous run's of the same ``job`` (unless ``resume``
+        is False); return how many blocks are already finished. A store of another job is
+        removed, and :attr:`note` says why."""
         import zarr
 
         self.shape = tuple(int(s) for s in shape)
@@ -370,10 +379,16 @@ class WorkStore:
         job = dict(job, shape=list(self.shape), chunks=list(chunks), layers=list(self.layers))
         text = json.dumps(job, sort_keys=True, default=str)
         meta = self.path / "job.json"
+        self.note = None
         if self.path.exists():
-            same = meta.exists() and meta.read_text() == text
-            if same and all((self.path / f"{n}.zarr").exists() for n in self.layers):
+            old = meta.read_text() if meta.exists() else None
+            if not resume:
+                pass  # an input that cannot be identified: never resumed
+            elif old == text and all((self.path / f"{n}.zarr").exists() for n in self.layers):
                 return len(self.finished())
+            else:
+                self.note = (f"the work store at {self.path} was made "
+                             f"{_what_differs(old, job)}; starting fresh")
             shutil.rmtree(self.path)  # another job's (or a broken) work folder
         (self.path / "records").mkdir(parents=True)
         for name in self.layers:
@@ -469,26 +484,124 @@ class WorkStore:
         self.unlock()
 
 
+#: Bytes at the start of an input file whose digest joins its size and modification time in
+#: a job's identity (another file of the same size and time is still another input).
+HEAD_BYTES = 64 << 10
+_ZARR_METADATA = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
+
+
 def file_stamp(source_id: str) -> list | None:
-    """Size and modification time of a source's file (None for an in-memory array)."""
-    from nbapp.io import source_file
+    """Size, modification time and a digest of the first :data:`HEAD_BYTES` of a source's
+    file (of a zarr store: of its metadata files); None for an in-memory array or a file
+    that cannot be read.
+
+    A zarr store's chunks are not read: a chunk rewritten in place leaves it the same.
+    """
+    from nbapp.io import source_file, split_h5_path, split_zarr_path
 
     if source_id.startswith("array:"):
         return None
+    file = source_file(source_id)
     try:
-        st = os.stat(source_file(source_id))
+        st = os.stat(file)
+        h = hashlib.sha256()
+        if os.path.isdir(file):
+            node = split_zarr_path(split_h5_path(source_id)[0])[1]
+            folders = [file] + ([os.path.join(file, node)] if node else [])
+            for folder in folders:
+                for name in _ZARR_METADATA:
+                    path = os.path.join(folder, name)
+                    if os.path.isfile(path):
+                        with open(path, "rb") as f:
+                            h.update(path.encode() + b"\0" + f.read(HEAD_BYTES))
+        else:
+            with open(file, "rb") as f:
+                h.update(f.read(HEAD_BYTES))
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, h.hexdigest()[:32]]
 
 
-def job_identity(source_id: str, shape: tuple, dtype, model_id: str, params: VolumeParams,
+def array_digest(volume: np.ndarray) -> str:
+    """sha256 (hex) of a numpy array's shape, dtype and values, read 16 MiB at a time (an
+    in-memory input's identity: an array changed in place is another input). About 0.2 s
+    per 256 MB on one core.
+
+    >>> a = np.arange(6).reshape(2, 3)
+    >>> array_digest(a) == array_digest(a.copy()), array_digest(a) == array_digest(a.T)
+    (True, False)
+    """
+    h = hashlib.sha256(f"{volume.dtype.str}{tuple(volume.shape)}".encode())
+    step = 16 << 20
+    if volume.flags.c_contiguous:
+        flat = memoryview(volume.reshape(-1).view(np.uint8))
+        for i in range(0, len(flat), step):
+            h.update(flat[i:i + step])
+    elif volume.ndim:
+        rows = max(1, step // max(1, volume[:1].nbytes))
+        for i in range(0, volume.shape[0], rows):
+            h.update(np.ascontiguousarray(volume[i:i + rows]).reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def input_id(volume, source: VolumeSource | None) -> str | None:
+    """The input's part of a job's identity: its file, or ``array:DIGEST`` for a numpy
+    array; None for another in-memory array-like (reading it all to hash it could take as
+    long as the job: such a job is never resumed)."""
+    if source is not None:
+        return source.path
+    if isinstance(volume, np.ndarray):
+        return f"array:{array_digest(volume)}"
+    return None
+
+
+def job_identity(source_id: str, shape: tuple, dtype, model_id: dict, params: VolumeParams,
                  blocks: BlockParams, intensity: tuple) -> dict:
     """What makes two runs the same job (a re-run resumes only then): the input (its path,
-    size and modification time), the model, every parameter and the grid."""
-    return {"version": 2, "source": source_id, "stamp": file_stamp(source_id),
+    size, modification time and first bytes, or an array's content), the model's content
+    (:func:`nbapp.cluster.model_identity`), every parameter and the grid."""
+    return {"version": 3, "source": source_id, "stamp": file_stamp(source_id),
             "dtype": str(dtype), "model": model_id, "params": repr(params), "halo": blocks.halo,
             "intensity": [float(v) for v in intensity[:2]]}
+
+
+def _what_differs(old_text: str | None, job: dict) -> str:
+    """How an earlier run's ``job.json`` differs from ``job``, for the note of a fresh start.
+
+    >>> new = {"version": 3, "model": {"name": "m", "weights": "bb" * 32}, "source": "v.npy"}
+    >>> _what_differs(json.dumps(dict(new, model={"name": "m", "weights": "aa" * 32})), new)
+    'with another model (m, content aaaaaaaaaaaa, now bbbbbbbbbbbb)'
+    >>> _what_differs(json.dumps(dict(new, stamp=[1, 2, "ab"])), dict(new, stamp=[1, 2, "cd"]))
+    'for another input (v.npy changed since)'
+    """
+    try:
+        old = json.loads(old_text) if old_text else None
+    except ValueError:
+        old = None
+    if not isinstance(old, dict):
+        return "by a run that did not record its job (a broken store)"
+    old = {k: v for k, v in old.items() if k not in ("shape", "chunks", "layers")}
+    if old.get("version") != job.get("version"):
+        return "by another version of nbapp"
+    if old.get("model") != job.get("model"):
+        was, now = old.get("model") or {}, job.get("model") or {}
+        name = now.get("name") if isinstance(now, dict) else now
+        if isinstance(was, dict) and isinstance(now, dict) and was.get("name") == name:
+            return (f"with another model ({name}, content {str(was.get('weights'))[:12]}, now "
+                    f"{str(now.get('weights'))[:12]})")
+        return f"with another model ({_name(was)}, now {_name(now)})"
+    if old.get("source") != job.get("source") or old.get("stamp") != job.get("stamp"):
+        source = str(job.get("source"))
+        if source.startswith("array:"):
+            return "for another input (the array's values differ)"
+        return f"for another input ({os.path.basename(source)} changed since)"
+    if old.get("stacks") != job.get("stacks"):
+        return "for other stacks (a stack changed since)"
+    return "with other settings"
+
+
+def _name(model) -> str:
+    return str(model.get("name")) if isinstance(model, dict) else str(model)
 
 
 # -- joining and writing ------------------------------------------------------------------------
@@ -615,6 +728,8 @@ class _Task:
     blocks: BlockParams
     intensity: tuple
     thing_list: tuple
+    #: sha256 of the model's weights when the job started (a worker refuses another file)
+    digest: str | None = None
 
     def run(self, index: int) -> dict:
         """Run block ``index`` in this worker: open the volume, the store and the engine of
@@ -622,7 +737,8 @@ class _Task:
         from nbapp.cluster import worker_engine
         from nbapp.volume import sequential_heads
 
-        engine = worker_engine(self.model, self.batch_size, _DEVICE[0] if _DEVICE else None)
+        engine = worker_engine(self.model, self.batch_size, _DEVICE[0] if _DEVICE else None,
+                               self.digest)
         store = WorkStore.attach(self.store)
 
         def heads(sub, plane, sp, intensity):
@@ -681,14 +797,6 @@ def _drained(gen):
             next(gen)
         except StopIteration as stop:
             return stop.value
-
-
-def _model_id(model) -> str:
-    config = getattr(model, "config", None)
-    if config is not None:
-        where = getattr(model, "weights", None) or getattr(config, "config_path", None)
-        return f"{config.name}:{where}"
-    return str(model)
 
 
 def _check_output(output: Path) -> Path:
@@ -766,12 +874,14 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
         if params.return_stacks else {}
     outputs["labels"] = output
     store = WorkStore(output)
-    job = job_identity(source.path if source else f"array:{id(volume)}", shape, volume.dtype,
-                       _model_id(model if model is not None else engine.model), params, blocks,
+    from nbapp.cluster import model_identity
+
+    model_id = model_identity(engine.model if hasattr(getattr(engine, "model", None), "config")
+                              else model)
+    source_id = input_id(volume, source)
+    job = job_identity(source_id or "array", shape, volume.dtype, model_id, params, blocks,
                        intensity)
-    if source is None:  # an in-memory array is never resumed: it may have changed
-        store.remove()
-    skipped = store.open(job, shape, block_size, tuple(outputs))
+    skipped = store.open(job, shape, block_size, tuple(outputs), resume=source_id is not None)
     try:  # the lock is held until the job ends, in any way
         if not remote:
             from nbapp.jobs import DevicePool
@@ -791,10 +901,11 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
         else:
             local = None
             task = _Task(source, model_spec, batch_size or getattr(engine, "batch_size", 4),
-                         str(store.path), params, blocks, intensity, thing_list)
+                         str(store.path), params, blocks, intensity, thing_list,
+                         model_id.get("weights"))
         timings = {}
         yield from _blocks_steps(store, skipped, local, task, client,
-                                 [str(e.device) for e in engines], timings)
+                                 [str(e.device) for e in engines], timings, store.note)
         semantic = params.slice.semantic_only
         tables = yield from _finish_steps(store, outputs, params.consensus, voxel_size, timings,
                                           semantic_scale=(params.slice.label_divisor or 1)
@@ -810,16 +921,19 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
 
 
 def _blocks_steps(store: WorkStore, skipped: int, local, task, client, devices: list,
-                  timings: dict) -> Generator[BlockProgress, None, None]:
+                  timings: dict, note: str | None = None
+                  ) -> Generator[BlockProgress, None, None]:
     """Run every block of ``store`` not finished yet: in this process (``local(block)``, a
     generator of progress), else ``task`` on the Dask ``client`` or in one worker process per
-    device. Raises when a block did not finish."""
+    device. The first report carries ``note`` (why an earlier run was not resumed). Raises
+    when a block did not finish."""
     todo = [b for b in store.grid if b.index not in store.finished()]
     total = len(store.grid)
     t_start = time.perf_counter()
     done = skipped
     yield BlockProgress("blocks", "network", done, total,
-                        f"{skipped} of {total} blocks already done" if skipped else None)
+                        note or (f"{skipped} of {total} blocks already done" if skipped else None),
+                        note)
     if todo and local is not None:
         for block in todo:
             gen = local(block)
@@ -938,14 +1052,11 @@ def consensus_blockwise_steps(stacks: dict, output: str | os.PathLike,
     block_size = choose_block_size(shape, VolumeParams(), BlockParams(
         blocks.block_size, halo, blocks.memory_budget))
     store = WorkStore(output)
-    if sources is None:
-        store.remove()
-        ids = {p: f"array:{id(stacks[p])}" for p in PLANES}
-    else:
-        ids = {p: sources[p].path for p in PLANES}
-    job = {"version": 2, "kind": "consensus", "halo": halo, "consensus": repr(consensus),
-           "stacks": {p: [ids[p], file_stamp(ids[p]), str(stacks[p].dtype)] for p in PLANES}}
-    skipped = store.open(job, shape, block_size)
+    ids = {p: input_id(stacks[p], sources[p] if sources else None) for p in PLANES}
+    job = {"version": 3, "kind": "consensus", "halo": halo, "consensus": repr(consensus),
+           "stacks": {p: [ids[p] or "array", file_stamp(ids[p] or "array:"),
+                          str(stacks[p].dtype)] for p in PLANES}}
+    skipped = store.open(job, shape, block_size, resume=None not in ids.values())
     try:
         task = None
         local = None
@@ -958,7 +1069,7 @@ def consensus_blockwise_steps(stacks: dict, output: str | os.PathLike,
                 return consensus_block(stacks, store, block, consensus, halo)
 
         timings: dict = {}
-        yield from _blocks_steps(store, skipped, local, task, client, [], timings)
+        yield from _blocks_steps(store, skipped, local, task, client, [], timings, store.note)
         rows = (yield from _finish_steps(store, {"labels": output}, consensus, voxel_size,
                                          timings))["labels"]
         if not keep_work:

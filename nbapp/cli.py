@@ -558,6 +558,8 @@ def _blocks_bar():
 
     def progress(p) -> None:
         nonlocal bar
+        if getattr(p, "note", None):  # e.g. why an earlier run's blocks were not resumed
+            print(f"nbapp: {p.note}", file=sys.stderr)
         if p.stage != "network":
             close()
             return

@@ -10,6 +10,8 @@ or a TorchScript path), never per task.
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 from typing import Generator
 
 import numpy as np
@@ -18,7 +20,8 @@ from nbapp.errors import InputError
 from nbapp.params import VolumeParams
 from nbapp.volume import Progress, block_labels, get_slice, plane_axis
 
-__all__ = ["DaskPlanes", "model_spec_for_workers", "worker_engine"]
+__all__ = ["DaskPlanes", "model_spec_for_workers", "worker_engine", "model_identity",
+           "file_digest"]
 
 
 def model_spec_for_workers(model) -> str:
@@ -37,22 +40,108 @@ def model_spec_for_workers(model) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def worker_engine(spec: str, batch_size: int, device: str | None = None):
-    """The engine of this worker process (loaded once per process, spec and device; device
-    default: the GPU if there is one, else the CPU). Dask workers and the blockwise job's
-    worker processes use it."""
+def worker_engine(spec: str, batch_size: int, device: str | None = None,
+                  digest: str | None = None):
+    """The engine of this worker process (loaded once per process, spec, device and content;
+    device default: the GPU if there is one, else the CPU). Dask workers and the blockwise
+    job's worker processes use it.
+
+    ``digest`` is what :func:`model_identity` gave the client for the model's weights: a
+    worker that lives on between jobs loads the file again when it changed, and a file that
+    changed since the job started is refused (its blocks would mix two models).
+    """
     import torch
 
     from nbapp.engine import Engine
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Engine(spec, device=device, batch_size=batch_size)
+    engine = Engine(spec, device=device, batch_size=batch_size)
+    if digest is not None:
+        found = model_identity(engine.model).get("weights")
+        if found != digest:
+            raise InputError(f"the model {spec!r} changed after the job started (content "
+                             f"{digest[:12]}, now {str(found)[:12]}): run the job again")
+    return engine
+
+
+#: sha256 of files already hashed in this process, by (path, size, mtime, inode, ctime): a
+#: model file is read once however many jobs and blocks ask for its identity.
+_DIGESTS: dict = {}
+_CHUNK = 16 << 20
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's content; computed once per version of the file in this
+    process (its path, size, modification and change times and inode name the version)."""
+    path = os.path.realpath(path)
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(_CHUNK)
+                if not block:
+                    break
+                h.update(block)
+        if len(_DIGESTS) >= 64:
+            _DIGESTS.clear()
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def module_digest(module) -> str:
+    """sha256 (hex) of a torch module's state: every parameter's and buffer's name, dtype,
+    shape and bytes (a model held only in memory, with no file to hash)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu()
+            if t.is_quantized:  # its values, scales and zero points applied
+                t = t.dequantize()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:  # packed parameters and other objects: their text (a new one: start fresh)
+            h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def model_identity(model) -> dict:
+    """What a blockwise job records of its model: the name, and the content it runs: the
+    sha256 of the weights file (for a config: of the file it names) and of the config file,
+    or of the parameters of a model held only in memory.
+
+    >>> model_identity("no such file")
+    {'name': 'no such file'}
+    """
+    config = getattr(model, "config", None)
+    if config is None:  # a spec (path) or a bare module
+        if hasattr(model, "state_dict"):
+            return {"name": type(model).__name__, "weights": module_digest(model)}
+        if isinstance(model, (str, os.PathLike)) and os.path.isfile(model):
+            return {"name": os.path.basename(os.fspath(model)), "file": file_digest(model)}
+        return {"name": str(model)}
+    out = {"name": str(getattr(config, "name", ""))}
+    weights = getattr(model, "weights", None)
+    module = getattr(model, "module", None)
+    if weights and os.path.isfile(weights):
+        out["weights"] = file_digest(weights)
+    elif module is not None:
+        out["weights"] = module_digest(module)
+    config_path = getattr(config, "config_path", None)
+    if config_path and os.path.isfile(config_path):
+        out["config"] = file_digest(config_path)
+    return out
 
 
 def _run_block(spec: str, batch_size: int, block: np.ndarray, params: VolumeParams,
-               intensity: tuple, thing_list: tuple, start: int, stop: int, first: int) -> np.ndarray:
-    engine = worker_engine(spec, batch_size)
+               intensity: tuple, thing_list: tuple, start: int, stop: int, first: int,
+               digest: str | None = None) -> np.ndarray:
+    engine = worker_engine(spec, batch_size, None, digest)
     return block_labels(engine, block, params, intensity, thing_list, start, stop, first)
 
 
@@ -62,6 +151,8 @@ class DaskPlanes:
     def __init__(self, client, model, batch_size: int = 4, block_size: int = 16):
         self.client = client
         self.spec = model_spec_for_workers(model)
+        # a loaded model's content: a worker that kept an older version of the file reloads it
+        self.digest = model_identity(model).get("weights") if hasattr(model, "config") else None
         self.batch_size = batch_size
         self.block_size = block_size
 
@@ -81,7 +172,8 @@ class DaskPlanes:
             first, last = max(0, start - r), min(n, stop + r)
             block = np.stack([get_slice(volume, plane, i) for i in range(first, last)])
             fut = self.client.submit(_run_block, self.spec, self.batch_size, block, params,
-                                     intensity, thing_list, start, stop, first, pure=False)
+                                     intensity, thing_list, start, stop, first, self.digest,
+                                     pure=False)
             futures[fut] = (start, stop)
         done = 0
         try:

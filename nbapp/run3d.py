@@ -143,7 +143,8 @@ def segment_blockwise(volume, output: str | os.PathLike, model="default",
     ----------
     volume : path or (Z, Y, X) array
         A file path is read lazily, and re-running the same call resumes an interrupted job
-        (finished blocks are skipped); an array is always run from the start.
+        (finished blocks are skipped), as does a numpy array with the same values; other
+        in-memory arrays always run from the start.
     output : path ending in ``.zarr``
     blocks : nbapp.blockwise.BlockParams, optional
         Block size (default: from the memory budget) and halo.
@@ -191,7 +192,8 @@ def consensus_blockwise(stacks: dict, output: str | os.PathLike, params=None, bl
     stacks : {"xy", "xz", "yz"} -> path or (Z, Y, X) integer array
         E.g. the ``OUT_xy.zarr``, ``OUT_xz.zarr``, ``OUT_yz.zarr`` that
         :func:`segment_blockwise` writes with ``VolumeParams(return_stacks=True)``. Files are
-        read lazily, and re-running the same call resumes; arrays always run from the start.
+        read lazily, and re-running the same call resumes (as it does for numpy arrays with
+        the same values).
     output : path ending in ``.zarr``
     params : nbapp.ConsensusParams, optional
     blocks : nbapp.BlockParams, optional

@@ -417,6 +417,184 @@ def test_other_settings_start_over(tmp_path):
     assert np.array_equal(np.asarray(res.labels()[...]), in_memory(truth, params))
 
 
+def _interrupted(job, after: int = 2) -> None:
+    """Run ``job()`` (a blockwise generator) until ``after`` blocks are finished, then cancel it."""
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        drain(job(), lambda p: cancel.set() if p.stage == "network" and p.done >= after
+              else None, cancel)
+
+
+def _first_note(job) -> tuple:
+    """Run ``job()`` to its end; return (its result, the note of its reports)."""
+    notes = []
+    res = drain(job(), lambda p: notes.append(p.note) if getattr(p, "note", None) else None)
+    assert len(notes) <= 1
+    return res, (notes or [None])[0]
+
+
+def test_a_changed_input_file_of_the_same_size_and_time_starts_fresh(tmp_path):
+    """The input replaced by another file of the same size and modification time (cp -p,
+    rsync -t): the job must not keep the old file's blocks."""
+    from nbapp.blockwise import VolumeSource
+
+    src = _npy(tmp_path, ellipsoids((32, 64, 64), n=8, seed=4).astype(np.float32))
+    out = tmp_path / "out.zarr"
+
+    def job():
+        return blockwise_steps([LabelEngine()], VolumeSource(str(src)).open(), out, NO_FILTER,
+                               BlockParams(block_size=16, halo=4), source=VolumeSource(str(src)))
+
+    _interrupted(job)
+    st = src.stat()
+    other = ellipsoids((32, 64, 64), n=8, seed=5).astype(np.float32)
+    np.save(src, other)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (src.stat().st_size, src.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    res, note = _first_note(job)
+    assert res.skipped == 0
+    assert note == (f"the work store at {WorkStore(out).path} was made for another input "
+                    "(vol.npy changed since); starting fresh")
+    assert np.array_equal(np.asarray(res.labels()[...]), in_memory(other, NO_FILTER))
+
+
+def test_an_array_changed_in_place_starts_fresh(tmp_path):
+    """In-memory arrays are known by their values, not their address (which Python reuses)."""
+    volume = ellipsoids((32, 64, 64), n=8, seed=4).astype(np.float32)
+    out = tmp_path / "out.zarr"
+
+    def job():
+        return blockwise_steps([LabelEngine()], volume, out, NO_FILTER,
+                               BlockParams(block_size=16, halo=4))
+
+    _interrupted(job)
+    volume[:] = ellipsoids((32, 64, 64), n=8, seed=5)
+    res, note = _first_note(job)
+    assert res.skipped == 0
+    assert "was made for another input (the array's values differ); starting fresh" in note
+    assert np.array_equal(np.asarray(res.labels()[...]), in_memory(volume, NO_FILTER))
+
+
+def test_an_unchanged_array_resumes(tmp_path):
+    volume = ellipsoids((32, 64, 64), n=8, seed=4).astype(np.float32)
+    out = tmp_path / "out.zarr"
+    engines = []
+
+    def job():
+        engines.append(LabelEngine())
+        return blockwise_steps(engines[-1:], volume.copy(), out, NO_FILTER,
+                               BlockParams(block_size=16, halo=4))
+
+    _interrupted(job, after=3)
+    res, note = _first_note(job)
+    assert res.skipped == 3 and res.blocks == 32 and note is None
+    fresh = LabelEngine()
+    drain(blockwise_steps([fresh], volume, tmp_path / "fresh.zarr", NO_FILTER,
+                          BlockParams(block_size=16, halo=4)))
+    assert 0 < engines[-1].calls < fresh.calls  # the finished blocks were not run again
+    assert np.array_equal(np.asarray(res.labels()[...]), in_memory(volume, NO_FILTER))
+
+
+def _script(path, seed: int) -> None:
+    import torch
+
+    from models import TinyNet
+
+    torch.jit.script(TinyNet(seed=seed)).save(str(path))
+
+
+def test_cli_resume_with_another_model_starts_fresh(tmp_path, capsys):
+    """Start a job with m.pt, stop it, replace m.pt by another model, run the same command:
+    the blocks of the first model must not be kept (they were: the store knew the model by
+    its name and path)."""
+    from nbapp.cli import main
+    from nbapp.run3d import segment_blockwise
+    from nbapp.samples import demo_volume
+
+    vol = tmp_path / "vol.npy"
+    np.save(vol, demo_volume()[0][:40, 40:112, 40:112])
+    model = tmp_path / "m.pt"
+    out = tmp_path / "out.zarr"
+    blocks = BlockParams(block_size=(40, 36, 36), halo=8)
+    _script(model, seed=0)
+    _interrupted(lambda: _blockwise_job(segment_blockwise, vol, out, model, blocks))
+    _script(model, seed=4)  # random models of seeds 0 and 4 find 19 and 5 objects here
+    args = ["segment", vol, "-o", out, "--mode", "3d", "--model", model, "--block-size",
+            "40,36,36", "--halo", "8", "--min-size", "0", "--min-extent", "0"]
+    assert main([str(a) for a in args]) == 0
+    err = capsys.readouterr().err
+    assert (f"nbapp: the work store at {WorkStore(out).path} was made with another model "
+            "(m, content ") in err and "; starting fresh" in err
+    assert "from an earlier run" not in err
+    fresh = segment_blockwise(str(vol), tmp_path / "fresh.zarr", str(model), NO_FILTER, blocks,
+                              devices="cpu")
+    _script(tmp_path / "m0.pt", seed=0)
+    first = segment_blockwise(str(vol), tmp_path / "first.zarr", str(tmp_path / "m0.pt"),
+                              NO_FILTER, blocks, devices="cpu")
+    got = np.asarray(read_image(out, lazy=True)[0][...])
+    assert np.array_equal(got, _labels(fresh))
+    assert not np.array_equal(_labels(first), _labels(fresh))  # the probe can tell them apart
+
+
+def _blockwise_job(segment_blockwise, vol, out, model, blocks):
+    """segment_blockwise's job as a generator (so that _interrupted can stop it)."""
+    from nbapp.blockwise import VolumeSource
+    from nbapp.run3d import make_engines
+
+    source = VolumeSource(str(vol))
+    return blockwise_steps(make_engines(str(model), "cpu"), source.open(), out, NO_FILTER,
+                           blocks, model=str(model), source=source)
+
+
+def test_model_identity_is_the_content(tmp_path, monkeypatch):
+    """A model file is hashed once per version (not once per block or job); a model held in
+    memory is known by its parameters."""
+    import torch
+
+    from models import TinyNet
+    from nbapp import cluster
+    from nbapp.models import load_model
+
+    path = tmp_path / "m.pt"
+    _script(path, seed=0)
+    expected = cluster.hashlib.sha256(path.read_bytes()).hexdigest()
+    reads = []
+    real = cluster.hashlib.sha256
+    monkeypatch.setattr(cluster.hashlib, "sha256", lambda *a: reads.append(1) or real(*a))
+    model = load_model(str(path), device="cpu", warm_up=False)
+    first = cluster.model_identity(model)
+    assert cluster.model_identity(model) == first and len(reads) == 1
+    assert first == {"name": "m", "weights": expected}
+    _script(path, seed=4)
+    assert cluster.model_identity(model)["weights"] != first["weights"] and len(reads) == 2
+
+    def in_memory_model(seed):
+        return cluster.model_identity(load_model(TinyNet(seed=seed), device="cpu",
+                                                 warm_up=False))
+
+    assert in_memory_model(0) == in_memory_model(0) != in_memory_model(4)
+    assert "weights" in in_memory_model(0)
+    assert cluster.model_identity(torch.nn.Linear(2, 2))["name"] == "Linear"
+
+
+def test_a_worker_refuses_a_model_file_changed_since_the_job_started(tmp_path):
+    from nbapp.cluster import file_digest, worker_engine
+
+    path = tmp_path / "m.pt"
+    _script(path, seed=0)
+    digest = file_digest(path)
+    old = worker_engine(str(path), 2, "cpu", digest)
+    _script(path, seed=4)
+    # a worker that lives on between jobs loads the new file for a job of the new file
+    assert worker_engine(str(path), 2, "cpu", file_digest(path)) is not old
+    # a worker that starts after the file changed refuses to run a job of the old one
+    worker_engine.cache_clear()
+    with pytest.raises(InputError, match=r"the model '.*m.pt' changed after the job started "
+                                         r"\(content [0-9a-f]{12}, now [0-9a-f]{12}\): run "
+                                         r"the job again"):
+        worker_engine(str(path), 2, "cpu", digest)
+
+
 def test_a_failing_block_fails_the_job_and_keeps_the_store_consistent(tmp_path):
     truth = ellipsoids((32, 64, 64), n=5, seed=7).astype(np.float32)
     out = tmp_path / "out.zarr"
