@@ -17,11 +17,52 @@ from pathlib import Path
 
 from nbapp.errors import InputError
 
-__all__ = ["confine", "confine_tree", "OutsideRootError"]
+__all__ = ["confine", "confine_tree", "OutsideRootError", "DataRoot"]
 
 
 class OutsideRootError(InputError):
     """A path resolves outside the data root."""
+
+
+class DataRoot(os.PathLike):
+    """A data root with a private part: the folders under ``private`` (visitors' own folders of
+    a served page) are outside the root for everyone but their owner, whose folder is ``own``.
+    Pass it wherever a root goes; :func:`confine` applies both rules.
+
+    >>> import tempfile; top = Path(tempfile.mkdtemp())
+    >>> root = DataRoot(top, private=top / "v", own=top / "v" / "me")
+    >>> confine("v/me/a.tif", root).name
+    'a.tif'
+    >>> confine("v/you/a.tif", root)
+    Traceback (most recent call last):
+    ...
+    nbapp.confine.OutsideRootError: path 'v/you/a.tif' is in another visitor's folder
+    """
+
+    def __init__(self, path: str | os.PathLike, private: str | os.PathLike | None = None,
+                 own: str | os.PathLike | None = None):
+        self.path = Path(path)
+        self.private = None if private is None else Path(private)
+        self.own = None if own is None else Path(own)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __repr__(self) -> str:
+        return f"DataRoot({os.fspath(self.path)!r})"
+
+    def check(self, real: Path, shown: str, what: str) -> None:
+        """Refuse ``real`` (resolved) if it lies in the private part but not in ``own``."""
+        if self.private is None:
+            return
+        private = Path(os.path.realpath(self.private))
+        if not _inside(real, private):
+            return
+        if self.own is not None and _inside(real, Path(os.path.realpath(self.own))):
+            return
+        if real == private:
+            raise OutsideRootError(f"{what} {shown!r} is the folder of the page's visitors")
+        raise OutsideRootError(f"{what} {shown!r} is in another visitor's folder")
 
 
 def _real_root(root: str | os.PathLike) -> Path:
@@ -71,9 +112,11 @@ def confine(path: str | os.PathLike, root: str | os.PathLike | None,
     if not p.is_absolute():
         p = Path(os.fspath(root)) / p
     real = Path(os.path.realpath(p))
+    shown = os.fspath(path) if shown is None else shown
     if not _inside(real, root_real):
-        shown = os.fspath(path) if shown is None else shown
         raise OutsideRootError(f"{what} {shown!r} is outside the data root")
+    if isinstance(root, DataRoot):
+        root.check(real, shown, what)
     return real
 
 

@@ -119,10 +119,10 @@ def _code(path: Path) -> str:
     return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
 
 
-def test_packaged_app_notebook_reads_the_data_root_and_matches_notebooks_app():
+def test_packaged_app_notebook_takes_the_servers_workspace_and_matches_notebooks_app():
     code = _code(serve.app_notebook())
     assert "from nbapp.ui import App" in code
-    assert serve.DATA_ROOT_ENV in code
+    assert "App.served()" in code
     assert code == _code(ROOT / "notebooks" / "app.ipynb")
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]

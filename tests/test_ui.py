@@ -562,6 +562,7 @@ def test_exports_go_inside_the_data_root(volume, tmp_path):
     import tifffile
 
     a = make_app(volume, data_root=tmp_path)
+    out = tmp_path / "nbapp-exports"
     try:
         small_lab(a)
         a.session.run_3d()
@@ -569,24 +570,27 @@ def test_exports_go_inside_the_data_root(volume, tmp_path):
         c.export_labels.click()  # issue 17 item 9: the defaults go to nbapp-exports/
         c.export_table.click()
         assert sorted(os.listdir(tmp_path)) == ["nbapp-exports"]
-        assert sorted(os.listdir(tmp_path / "nbapp-exports")) == ["labels.tif", "objects.csv"]
+        assert sorted(os.listdir(out)) == ["labels.tif", "objects.csv"]
         c.export_path.value = "out.tif"
         c.export_labels.click()
-        np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), a.state.labels3d)
+        np.testing.assert_array_equal(tifffile.imread(out / "out.tif"), a.state.labels3d)
         # a page visitor downloads it through the page: the link holds the file itself
         link = re.search(r"download='out.tif' href='data:application/octet-stream;base64,([^']+)'",
                          c.download.value)
-        assert link and base64.b64decode(link.group(1)) == (tmp_path / "out.tif").read_bytes()
+        assert link and base64.b64decode(link.group(1)) == (out / "out.tif").read_bytes()
         c.export_path.value = "out.zarr"
         c.export_labels.click()
-        assert (tmp_path / "out.zarr").is_dir() and a.state.status_level == "ok"
+        assert (out / "out.zarr").is_dir() and a.state.status_level == "ok"
         assert "is a folder on the server" in c.download.value and "href" not in c.download.value
-        c.table_path.value = "objects.csv"
+        # a taken name gets the next free one: nothing is replaced (issue 26 item 2)
+        before = (out / "objects.csv").read_bytes()
         c.export_table.click()
-        with open(tmp_path / "objects.csv", newline="") as f:
+        assert (out / "objects.csv").read_bytes() == before
+        assert "objects-2.csv" in a.state.status
+        with open(out / "objects-2.csv", newline="") as f:
             rows = list(csv.reader(f))
         assert rows[0][:3] == ["id", "class", "voxels"] and len(rows) == len(a.state.table) + 1
-        assert "download='objects.csv' href='data:text/csv;base64," in c.download.value
+        assert "download='objects-2.csv' href='data:text/csv;base64," in c.download.value
         c.export_path.value = "../escape.tif"
         c.export_labels.click()
         assert a.state.status_level == "error" and not (tmp_path.parent / "escape.tif").exists()
@@ -594,7 +598,7 @@ def test_exports_go_inside_the_data_root(volume, tmp_path):
         from nbapp.ui.controls import download_link
 
         assert "larger than the 0.001 MB the page downloads" in download_link(
-            tmp_path / "out.tif", limit_mb=0.001)
+            out / "out.tif", limit_mb=0.001)
     finally:
         a.close()
 

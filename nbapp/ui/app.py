@@ -32,7 +32,10 @@ class App(W.VBox):
     device : str, optional
         ``cpu``, ``cuda:N`` or ``mps``; default: the first GPU, else the CPU.
     data_root : path, optional
-        Voila mode: typed paths (data, models, exports) must stay inside this folder.
+        Typed paths (data, models, exports) must stay inside this folder.
+    workspace : nbapp.workspace.Workspace, optional
+        Where this user reads, writes and loads models from; a served page's visitor gets
+        theirs from the server (:meth:`App.served`). Default: the owner's, on ``data_root``.
     upload_limit_mb : float
         Largest accepted upload.
     synchronous : bool
@@ -50,7 +53,7 @@ class App(W.VBox):
 
     def __init__(self, volume=None, model=None, device=None, data_root=None,
                  upload_limit_mb: float = 200.0, synchronous: bool = False,
-                 debounce_s: float = 0.025, **kwargs):
+                 debounce_s: float = 0.025, workspace=None, **kwargs):
         super().__init__(**kwargs)
         self.add_class("nbapp-app")
         self.state = state = AppState()
@@ -60,7 +63,8 @@ class App(W.VBox):
             devices = ["cpu"]
         state.devices = devices
         state.device = device or (devices[1] if len(devices) > 1 else "cpu")
-        self.session = session = Session(state, data_root, upload_limit_mb, synchronous, debounce_s)
+        self.session = session = Session(state, data_root, upload_limit_mb, synchronous, debounce_s,
+                                         workspace=workspace)
         self.status = StatusArea(state)
         add_error_sink(self._ui_error)
 
@@ -126,6 +130,14 @@ class App(W.VBox):
             state.model_spec = "(in-memory model)"
             self.model_panel.spec.value = state.model_spec
 
+
+    @classmethod
+    def served(cls, **kwargs) -> "App":
+        """The app of a page served by ``nbapp app``: the visitor's workspace comes from the
+        server (:func:`nbapp.workspace.from_environment`); elsewhere, the owner's."""
+        from nbapp.workspace import from_environment
+
+        return cls(workspace=from_environment(), **kwargs)
     def _ui_error(self, text: str) -> None:
         self.state.say("a view update failed (see the log)", "error", text)
 

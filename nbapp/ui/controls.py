@@ -149,7 +149,7 @@ class ModelPanel:
 
     def __init__(self, state: AppState, session: Session, devices: list[str]):
         self.state, self.session = state, session
-        self.spec = W.Combobox(value=state.model_spec, options=self._choices(session.data_root),
+        self.spec = W.Combobox(value=state.model_spec, options=self._choices(session.workspace),
                                description="Model",
                                placeholder="default, a zoo name, config .yaml or TorchScript .pt",
                                ensure_option=False, layout=_layout("420px"))
@@ -174,16 +174,16 @@ class ModelPanel:
         state.observe(self._download, names=["download"])
 
     @staticmethod
-    def _choices(root) -> list[str]:
-        """"default", the zoo's models and the model files at the top of the data root."""
-        from pathlib import Path
-
+    def _choices(workspace) -> list[str]:
+        """The zoo's models, then the model files this user may load: their fine-tunes and the
+        administrator's folders (a served page), or the files at the top of the data root."""
         from nbapp.models import zoo
 
-        found = []
-        if root is not None and Path(root).is_dir():
-            found = sorted(p.name for p in Path(root).iterdir()
-                           if p.suffix.lower() in (".yaml", ".yml", ".pt", ".pth") and p.is_file())
+        found = workspace.model_choices()
+        root = workspace.root
+        if workspace.root_models and root is not None and root.is_dir():
+            found += sorted(p.name for p in root.iterdir()
+                            if p.suffix.lower() in (".yaml", ".yml", ".pt", ".pth") and p.is_file())
         named = [m.name for m in zoo.zoo().values() if not m.quantized]
         return [*named, *found[:50]]
 
@@ -446,7 +446,7 @@ class Controls3D:
                                     "memory; resumes)", indent=False, style=_WIDE,
                                     layout=W.Layout(width="auto"),
                                     tooltip="run the 3D job on blocks of the volume into an "
-                                            "OME-Zarr file in nbapp-exports/; a volume too large "
+                                            "OME-Zarr file in the exports folder; a volume too large "
                                             "to load always runs this way")
         W.link((self.blockwise, "value"), (state, "blockwise"))
         state.observe(self._data, names=["data"])
@@ -457,13 +457,14 @@ class Controls3D:
         self.cancel.on_click(lambda _: session.cancel_3d())
         self.rerun.on_click(lambda _: session.rerun_consensus())
         self.progress = ProgressBars(state)
-        self.export_path = W.Text(value=f"{EXPORT_FOLDER}/labels.tif", description="Export to",
-                                  style=_WIDE,
-                                  placeholder="NAME.tif or NAME.zarr" + (
-                                      " (inside the data root)" if session.data_root else ""))
+        where = str(session.workspace.exports()) if session.workspace.served else EXPORT_FOLDER
+        self.export_path = W.Text(value="labels.tif", description="Export to", style=_WIDE,
+                                  placeholder="NAME.tif or NAME.zarr",
+                                  tooltip=f"a name: the file goes into {where}/ (a name that "
+                                          "exists gets the next free one: nothing is replaced)")
         self.export_labels = W.Button(description="Export labels", icon="download")
-        self.table_path = W.Text(value=f"{EXPORT_FOLDER}/objects.csv", description="Table to",
-                                 style=_WIDE)
+        self.table_path = W.Text(value="objects.csv", description="Table to", style=_WIDE,
+                                 placeholder="NAME.csv")
         self.export_table = W.Button(description="Export table (CSV)", icon="table")
         _fit(self.run, self.cancel, self.rerun, self.export_labels, self.export_table)
         # a visitor of a served page has no access to the server's disk: small exports also

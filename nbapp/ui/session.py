@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from nbapp.confine import confine
 from nbapp.objects import write_table
 from nbapp.errors import InputError, NbappError
 from nbapp.intensity import intensity_range
@@ -25,6 +24,7 @@ from nbapp.ui.session2d import COMPARE_FACTORS, SliceActions
 from nbapp.ui.session3d import EXPORT_FOLDER, VolumeActions
 from nbapp.ui.session_tune import TuneActions
 from nbapp.ui.threads import LatestRunner, call_in_ui
+from nbapp.workspace import Workspace, claim, release
 
 __all__ = ["Session", "detect_kind", "available_device_names", "describe_error",
            "COMPARE_FACTORS", "ALL_GPUS", "EXPORT_FOLDER"]
@@ -104,7 +104,10 @@ class Session(SliceActions, VolumeActions, TuneActions):
     ----------
     state : AppState
     data_root : path, optional
-        Voila mode: paths typed by the user must stay inside it; exports go there.
+        Paths typed by the user must stay inside it; exports go there (a notebook's owner).
+    workspace : Workspace, optional
+        Where this user reads, writes and loads models from (a served page's visitor:
+        :func:`nbapp.workspace.from_environment`); default: the owner's, on ``data_root``.
     upload_limit_mb : float
         Largest accepted upload.
     synchronous : bool
@@ -114,9 +117,12 @@ class Session(SliceActions, VolumeActions, TuneActions):
     """
 
     def __init__(self, state: AppState, data_root=None, upload_limit_mb: float = 200.0,
-                 synchronous: bool = False, debounce_s: float = 0.025):
+                 synchronous: bool = False, debounce_s: float = 0.025,
+                 workspace: Workspace | None = None):
         self.state = state
-        self.data_root = None if data_root is None else Path(data_root)
+        self.workspace = workspace if workspace is not None else Workspace(root=data_root)
+        self.data_root = self.workspace.root
+        self.read_root = self.workspace.read_root  # the data root less others' folders
         self.upload_limit_mb = float(upload_limit_mb)
         self.synchronous = synchronous
         self.runner2d = LatestRunner(debounce_s=debounce_s, synchronous=synchronous)
@@ -210,13 +216,13 @@ class Session(SliceActions, VolumeActions, TuneActions):
             text = str(path).strip()
             if not text:
                 raise InputError("no path given: type a file name (inside the data root)")
-            arr, meta = read_image(text, lazy=True, root=self.data_root)
+            arr, meta = read_image(text, lazy=True, root=self.read_root)
             size = int(np.prod(arr.shape, dtype=np.int64)) * arr.dtype.itemsize
             if len(arr.shape) == 3 and size > self.lazy_above_bytes() and \
                     not isinstance(arr, np.ndarray):  # (a NumPy memmap is read in one go below)
                 meta = {**meta, "lazy": True, "source": text}
             else:
-                arr, meta = read_image(text, root=self.data_root)
+                arr, meta = read_image(text, root=self.read_root)
         except Exception as exc:  # noqa: BLE001
             self.report(exc, "cannot load")
             return
@@ -281,7 +287,7 @@ class Session(SliceActions, VolumeActions, TuneActions):
             st.say("load data first, then its ground truth", "warning")
             return False
         try:
-            arr = np.asarray(read_image(str(path).strip(), root=self.data_root)[0])
+            arr = np.asarray(read_image(str(path).strip(), root=self.read_root)[0])
             if arr.shape != st.data.shape:
                 raise InputError(f"ground truth of shape {arr.shape} does not match the data's "
                                  f"{st.data.shape}")
@@ -328,9 +334,10 @@ class Session(SliceActions, VolumeActions, TuneActions):
                 device = self._job_devices[0] if self._job_devices else "cpu"
             else:
                 self._job_devices = None
+            root = None  # a Model object passed in (a fine-tune) is already checked
             if isinstance(spec, (str, os.PathLike)):
-                spec = str(spec).strip()
-            model = load_model(spec, device=device, root=self.data_root)
+                spec, root = self.workspace.model_source(str(spec).strip())
+            model = load_model(spec, device=device, root=root)
             seg = SliceSegmenter(model)
         except Exception as exc:  # noqa: BLE001
             self.report(exc, "cannot load the model")
@@ -402,21 +409,18 @@ class Session(SliceActions, VolumeActions, TuneActions):
 
     # -- export
     def _export_target(self, path: str) -> Path:
-        text = str(path).strip()
-        if not text:
-            raise InputError("give a file name to export to")
-        if self.data_root is None:
-            target = Path(text).expanduser()
-        else:
-            target = Path(text) if Path(text).is_absolute() else self.data_root / text
-            # the folder is resolved (links followed) and must be in the root; the file name
-            # is the writer's (a link there would be replaced, not followed)
-            target = confine(str(target.parent), self.data_root, "export folder") / target.name
-        base = Path(os.path.realpath(self.data_root if self.data_root is not None else "."))
-        if target.parent.name == EXPORT_FOLDER and not target.parent.exists() and \
-                Path(os.path.realpath(target.parent.parent)) == base:
-            target.parent.mkdir()  # the app's own exports folder, made on first use
-        return target
+        """Where an export named ``path`` goes (:meth:`Workspace.export_target`), not claimed."""
+        return self.workspace.export_target(path)
+
+    def _write_new(self, path: str, write, folder: bool = False) -> Path:
+        """Create the export ``path`` exclusively (a taken name gets the next free one, so no
+        file is replaced) and ``write(target)`` it; a failed write leaves nothing."""
+        target = claim(self._export_target(path), folder=folder)
+        try:
+            return write(target)
+        except BaseException:
+            release(target)
+            raise
 
     def current_labels(self) -> np.ndarray | None:
         st = self.state
@@ -433,11 +437,11 @@ class Session(SliceActions, VolumeActions, TuneActions):
             labels = self.current_labels()
             if labels is None:
                 raise InputError("nothing to export yet: segment a slice or run a 3D job")
-            target = self._export_target(path)
-            if not isinstance(labels, np.ndarray) and target.suffix.lower() != ".zarr":
+            zarr = str(path).strip().lower().endswith(".zarr")
+            if not isinstance(labels, np.ndarray) and not zarr:
                 raise InputError(f"the labels of a blockwise job are larger than memory (already "
                                  f"saved in {self.state.job_output}): export to NAME.zarr")
-            target = write_labels(target, labels)
+            target = self._write_new(path, lambda t: write_labels(t, labels), folder=zarr)
         except Exception as exc:  # noqa: BLE001
             self.report(exc, "export failed")
             return None
@@ -449,7 +453,7 @@ class Session(SliceActions, VolumeActions, TuneActions):
         try:
             if not st.table:
                 raise InputError("no object table yet: run a 3D job first")
-            target = write_table(self._export_target(path), st.table)
+            target = self._write_new(path, lambda t: write_table(t, st.table))
         except Exception as exc:  # noqa: BLE001
             self.report(exc, "table export failed")
             return None

@@ -8,6 +8,7 @@ snapshots reach the state only through :func:`nbapp.ui.threads.call_in_ui`.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -18,11 +19,11 @@ from nbapp.jobs import JobMarker, JobState, Snapshot
 from nbapp.objects import object_table
 from nbapp.params import PLANES
 from nbapp.ui.threads import call_in_ui, kernel_id
+from nbapp.workspace import EXPORT_FOLDER
 
 __all__ = ["VolumeActions", "EXPORT_FOLDER"]
 
 #: Where exports go by default, inside the data root (made on first use).
-EXPORT_FOLDER = "nbapp-exports"
 
 
 class VolumeActions:
@@ -104,7 +105,7 @@ class VolumeActions:
 
     def _blockwise_job(self, engines, vp) -> tuple:
         """The blockwise job of the data (a zero-argument callable for the runner) and where it
-        writes: ``nbapp-exports/NAME_3d.zarr`` in the data root. The name is the same for the
+        writes: ``NAME_3d.zarr`` in the exports folder (the visitor's own). The name is the same for the
         same data, so that running again after a stop or a kernel restart resumes (the blocks
         already done are skipped)."""
         from nbapp.blockwise import BlockParams, VolumeSource, blockwise_steps
@@ -131,13 +132,11 @@ class VolumeActions:
         return job, f", block by block into {target}"
 
     def _blockwise_target(self) -> Path:
-        """``nbapp-exports/NAME_3d.zarr`` in the data root: the same for the same data, so that
+        """``NAME_3d.zarr`` in the exports folder: the same for the same data, so that
         running again after a stop or a kernel restart resumes."""
-        import re
-
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.state.data.name).stem).strip("._") \
             or "volume"
-        return self._export_target(f"{EXPORT_FOLDER}/{stem}_3d.zarr")
+        return self.workspace.exports() / f"{stem}_3d.zarr"
 
     def _end_marker(self) -> bool:
         """Remove the running-job marker; True if the page was closed while the job ran."""
@@ -150,15 +149,17 @@ class VolumeActions:
 
     def _save_for_closed_page(self, labels) -> None:
         """The page closed while the job ran: keep its result in the data root's
-        ``nbapp-exports/`` (the server shuts the kernel down right after)."""
+        ``nbapp-exports/`` (a visitor's: their own exports folder; the server shuts the kernel
+        down right after)."""
         from nbapp.io import write_labels
 
         if self.data_root is None or labels is None:
             return
-        name = Path(self.state.data.name if self.state.data else "volume").stem or "volume"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_",
+                      Path(self.state.data.name if self.state.data else "volume").stem).strip("._")
         try:
-            target = write_labels(self._export_target(
-                f"{EXPORT_FOLDER}/{name}_3d_{time.strftime('%Y%m%d-%H%M%S')}.tif"), labels)
+            target = self._write_new(f"{name or 'volume'}_3d_{time.strftime('%Y%m%d-%H%M%S')}.tif",
+                                     lambda t: write_labels(t, labels))
         except (OSError, NbappError) as exc:
             self.report(exc, "saving the 3D result of a closed page failed")
             return

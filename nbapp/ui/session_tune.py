@@ -16,8 +16,9 @@ import numpy as np
 
 from nbapp.errors import InputError
 from nbapp.jobs import JobState
-from nbapp.proofread import TRAINING_FOLDER, LabelEditor, TrainingSet
+from nbapp.proofread import LabelEditor, TrainingSet
 from nbapp.ui.threads import call_in_ui
+from nbapp.workspace import release, reserve_numbered
 
 __all__ = ["TuneActions", "EDIT_MODES"]
 
@@ -120,13 +121,11 @@ class TuneActions:
 
     # -- the training set
     def training_set(self) -> TrainingSet:
-        """``nbapp-training/`` in the data root (the app), or beside the data, or here."""
+        """The visitor's own training set, or ``nbapp-training/`` in the data root, or beside
+        the data, or here (:meth:`nbapp.workspace.Workspace.training`)."""
         d = self.state.data
-        base = self.data_root
-        if base is None:
-            src = (d.meta or {}).get("path") if d is not None else None
-            base = Path(src).parent if src else Path(".")
-        return TrainingSet(Path(base) / TRAINING_FOLDER)
+        src = (d.meta or {}).get("path") if d is not None else None
+        return TrainingSet(self.workspace.training(beside=src))
 
     def add_to_training(self) -> bool:
         """Store the visible slice (its edits, or the result as it is) in the training set."""
@@ -183,7 +182,12 @@ class TuneActions:
         weights = [corrected_weights(s.labels, s.predicted, params.corrected_weight)
                    for s in slices]
         n = sum(s.objects for s in slices)
-        name = f"tuned_{len(list(ts.folder.glob('models/*.yaml'))) + 1}"
+        try:  # reserved at once: two fine-tunes started together get two names
+            self._reserved = reserve_numbered(ts.folder / "models", "tuned_", ".yaml")
+            name = self._reserved.stem
+        except InputError as exc:
+            self.report(exc, "cannot fine-tune")
+            return False
         before_model = st.model
         self._spec_before = self._model_box_text(before_model)
         name_now = st.data.name if st.data is not None else None
@@ -207,6 +211,7 @@ class TuneActions:
             return (yield from callback_steps(run, "fine-tune"))
 
         if self.tuning.busy:
+            release(self._reserved)
             st.say("a fine-tuning run is going on: wait for it or cancel it first", "warning")
             return False
         st.say(f"fine-tuning {st.model_info.get('name')} on {len(slices)} slice(s) ({n} "
@@ -214,6 +219,7 @@ class TuneActions:
         try:
             self.tuning.submit(job, name=name)
         except JobBusyError:
+            release(self._reserved)
             st.say("a fine-tuning run is going on: wait for it or cancel it first", "warning")
             return False
         return True
@@ -292,3 +298,5 @@ class TuneActions:
             st.say("fine-tuning cancelled; the model is unchanged", "warning")
         elif snap.state == JobState.FAILED:
             st.say(f"fine-tuning failed: {snap.error}", "error")
+        if snap.state != JobState.DONE and getattr(self, "_reserved", None) is not None:
+            release(self._reserved)  # the name reserved for a model that was not made
