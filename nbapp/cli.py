@@ -215,6 +215,27 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     app.add_argument("--cull-idle-timeout", type=int, default=3600, metavar="S",
                      help="shut down a kernel whose page is gone after S seconds without "
                           "activity (a running 3D job is kept; default %(default)s)")
+    token = app.add_mutually_exclusive_group()
+    token.add_argument("--token", default=None, metavar="TOKEN",
+                       help="the token visitors need (default: $NBAPP_TOKEN, else a new random "
+                            "one, printed in the URL); prefer $NBAPP_TOKEN: a command line is "
+                            "visible to every account of the machine")
+    token.add_argument("--no-token", action="store_true",
+                       help="serve without a token (every local account can use the app)")
+    app.add_argument("--models", action="append", default=[], metavar="DIR",
+                     help="a folder of models visitors may load (outside the data root; "
+                          "repeat for several)")
+    app.add_argument("--allow-data-root-models", action="store_true",
+                     help="let visitors load model files from the data root (a model file is "
+                          "code: only where everyone who can write there is trusted)")
+    app.add_argument("--max-kernels", type=int, default=12, metavar="N",
+                     help="at most N page sessions at once (about 0.4 GB each; default "
+                          "%(default)s)")
+    app.add_argument("--max-kernels-per-visitor", type=int, default=3, metavar="N",
+                     help="at most N page sessions per browser (default %(default)s)")
+    app.add_argument("--connect-timeout", type=int, default=120, metavar="S",
+                     help="shut down a session whose page never connected after S seconds "
+                          "(default %(default)s)")
 
     ev = sub.add_parser("evaluate", help="compare predicted labels with ground truth")
     ev.add_argument("pred", metavar="PRED")
@@ -873,7 +894,10 @@ def _cmd_app(args) -> int:
     from nbapp.serve import serve
 
     return serve(port=args.port, open_browser=not args.no_browser, data_root=args.data_root,
-                 cull_idle_timeout=args.cull_idle_timeout)
+                 cull_idle_timeout=args.cull_idle_timeout, token=args.token,
+                 no_token=args.no_token, models=args.models,
+                 allow_root_models=args.allow_data_root_models, max_kernels=args.max_kernels,
+                 per_visitor=args.max_kernels_per_visitor, connect_timeout=args.connect_timeout)
 
 
 def _one_line(message: str) -> str:

@@ -28,27 +28,47 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import importlib.util
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from nbapp.errors import NbappError
 from nbapp.jobs import MARKERS_ENV, JobMarker
+from nbapp.workspace import MODEL_DIRS_ENV, ROOT_MODELS_ENV, VISITOR_ENV
 
-__all__ = ["DEFAULT_PORT", "DATA_ROOT_ENV", "CULLING", "app_notebook", "voila_command",
-           "voila_config", "voila_environment", "set_xsrf_cookie", "check_requirements",
-           "check_port", "resolve_data_root", "serve", "culling", "job_aware_kernel_manager"]
+__all__ = ["DEFAULT_PORT", "DATA_ROOT_ENV", "CULLING", "LIMITS", "app_notebook", "voila_command",
+           "voila_config", "voila_environment", "set_xsrf_cookie", "prelaunch",
+           "check_requirements", "check_port", "resolve_data_root", "resolve_model_dirs",
+           "serve", "culling", "job_aware_kernel_manager", "visitor_id", "TOKEN_ENV"]
 
 DEFAULT_PORT = 8866
 HOST = "127.0.0.1"
 #: Environment variable that gives the app's kernel its data root.
 DATA_ROOT_ENV = "NBAPP_DATA_ROOT"
+#: The token visitors need (``nbapp app --token``); read from the environment, never from the
+#: command line, which every local account can see in the process list.
+TOKEN_ENV = "NBAPP_TOKEN"
+#: The server's own copy (the wrapper hands it to Voila's process; removed there before any
+#: kernel starts).
+_SERVER_TOKEN_ENV = "NBAPP_SERVER_TOKEN"
+_LIMITS_ENV = "NBAPP_SERVER_LIMITS"
+#: Kernels: at most ``max_kernels`` at once, ``per_visitor`` per browser, and a kernel whose
+#: page never connected (a script's ``GET /``) is shut down after ``connect_timeout`` seconds.
+LIMITS = {"max_kernels": 12, "per_visitor": 3, "connect_timeout": 120}
+#: The cookie that tells a browser's visits apart (a random secret; its hash names the folder).
+VISITOR_COOKIE = "nbapp-visitor"
+_COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]{32,64}")
 #: Kernel culling (jupyter_server MappingKernelManager traits), see the module docstring.
 CULLING = {
     "cull_idle_timeout": 3600,
@@ -143,6 +163,35 @@ def voila_command(port: int = DEFAULT_PORT, open_browser: bool = False,
     return cmd
 
 
+def visitor_id(cookie: str) -> str:
+    """The folder name of the visitor whose cookie is ``cookie`` (its hash: folder names do not
+    give the cookie away).
+
+    >>> len(visitor_id("x" * 43)), visitor_id("x" * 43) == visitor_id("x" * 43)
+    (24, True)
+    """
+    return hashlib.sha256(cookie.encode()).hexdigest()[:24]
+
+
+#: The visitor of the page being started: set by :func:`prelaunch`, taken by the kernel manager's
+#: ``start_kernel``, which Voila calls right after it with no await in between (one event loop).
+_HANDOFF: dict = {}
+
+
+def prelaunch(request_handler, notebook=None, cwd=None):
+    """Voila ``prelaunch_hook``: the ``_xsrf`` cookie (:func:`set_xsrf_cookie`) and the
+    visitor's cookie (made on the first visit: a random secret, HttpOnly, SameSite=Strict),
+    whose hash :func:`visitor_id` becomes the page's workspace (``NBAPP_VISITOR``)."""
+    set_xsrf_cookie(request_handler)
+    value = request_handler.get_cookie(VISITOR_COOKIE)
+    if not value or not _COOKIE_VALUE.fullmatch(value):
+        value = secrets.token_urlsafe(32)
+        request_handler.set_cookie(VISITOR_COOKIE, value, httponly=True, samesite="Strict",
+                                   expires_days=365, path="/")
+    _HANDOFF["visitor"] = visitor_id(value)
+    return None
+
+
 def set_xsrf_cookie(request_handler, notebook=None, cwd=None):
     """Voila ``prelaunch_hook``: give the page Tornado's ``_xsrf`` cookie.
 
@@ -154,16 +203,91 @@ def set_xsrf_cookie(request_handler, notebook=None, cwd=None):
     return None
 
 
-def job_aware_kernel_manager():
-    """Jupyter Server's kernel manager, except that a kernel running a 3D job (its
-    :class:`~nbapp.jobs.JobMarker` exists in ``$NBAPP_JOB_MARKERS``) is not shut down when its
-    page closes or when it is culled: it is told it is orphaned, and shut down once the job
-    has ended. Server shutdown (``shutdown_all``) is not delayed."""
+def _sessions(n: int) -> str:
+    return f"{n} session" + ("" if n == 1 else "s")
+
+
+def job_aware_kernel_manager(limits: dict | None = None):
+    """Jupyter Server's kernel manager, except that
+
+    - a kernel running a 3D job (its :class:`~nbapp.jobs.JobMarker` exists in
+      ``$NBAPP_JOB_MARKERS``) is not shut down when its page closes or when it is culled: it
+      is told it is orphaned, and shut down once the job has ended. Server shutdown
+      (``shutdown_all``) is not delayed;
+    - kernels are bounded (``limits``, default :data:`LIMITS`): past ``max_kernels`` in all or
+      ``per_visitor`` for one browser, a page is answered "the server is busy" (HTTP 503) and
+      starts nothing; a kernel whose page never connected is shut down after
+      ``connect_timeout`` seconds;
+    - each kernel learns its visitor (``NBAPP_VISITOR`` in its environment, from
+      :func:`prelaunch`).
+    """
     from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+    from tornado.web import HTTPError
+
+    limits = {**LIMITS, **(limits or {})}
 
     class JobAwareKernelManager(AsyncMappingKernelManager):
         #: how often a deferred shutdown looks at the marker
         job_poll_s = 1.0
+        max_kernels = limits["max_kernels"]
+        per_visitor = limits["per_visitor"]
+        connect_timeout = limits["connect_timeout"]
+
+        def _books(self) -> dict:
+            return self.__dict__.setdefault("_nbapp_books", {"visitor": {}, "started": {},
+                                                             "connected": set(), "starting": []})
+
+        async def start_kernel(self, *args, **kwargs):
+            visitor = _HANDOFF.pop("visitor", None)
+            books = self._books()
+            # kernels that run, and those being started (counted before the first await)
+            owners = [books["visitor"].get(k) for k in self.list_kernel_ids()] + books["starting"]
+            if len(owners) >= self.max_kernels:
+                raise HTTPError(503, reason=f"the server is busy: {_sessions(len(owners))} open "
+                                            "(its limit); try again later")
+            if visitor is not None:
+                mine = owners.count(visitor)
+                if mine >= self.per_visitor:
+                    raise HTTPError(503, reason=f"the server is busy: you have "
+                                                f"{_sessions(mine)} open (the limit per "
+                                                "visitor); close a tab of this app and reload")
+                if kwargs.get("env") is not None:
+                    kwargs["env"] = {**kwargs["env"], VISITOR_ENV: visitor}
+            books["starting"].append(visitor)
+            try:
+                kernel_id = await super().start_kernel(*args, **kwargs)
+            finally:
+                books["starting"].remove(visitor)
+            books["visitor"][kernel_id] = visitor
+            books["started"][kernel_id] = time.monotonic()
+            if "_nbapp_reaper" not in self.__dict__:
+                self._nbapp_reaper = asyncio.ensure_future(self._reap_unconnected())
+            return kernel_id
+
+        def notify_connect(self, kernel_id):
+            self._books()["connected"].add(kernel_id)
+            return super().notify_connect(kernel_id)
+
+        async def _reap_unconnected(self):
+            """Shut down kernels whose page never connected (a script's GET /)."""
+            while True:
+                await asyncio.sleep(max(0.5, min(10.0, self.connect_timeout / 4)))
+                books = self._books()
+                now = time.monotonic()
+                for kernel_id in list(books["started"]):
+                    if kernel_id not in self:
+                        for book in ("visitor", "started"):
+                            books[book].pop(kernel_id, None)
+                        books["connected"].discard(kernel_id)
+                    elif kernel_id not in books["connected"] and \
+                            now - books["started"][kernel_id] > self.connect_timeout:
+                        self.log.info("nbapp: kernel %s: its page never connected in %s s; "
+                                      "shutting it down", kernel_id, self.connect_timeout)
+                        books["started"].pop(kernel_id, None)
+                        try:
+                            await self.shutdown_kernel(kernel_id)
+                        except Exception as exc:  # noqa: BLE001 - keep reaping the others
+                            self.log.warning("nbapp: shutting down %s failed: %s", kernel_id, exc)
 
         async def shutdown_kernel(self, kernel_id, now=False, restart=False):
             marker = JobMarker.from_env(kernel_id)
@@ -199,43 +323,128 @@ def job_aware_kernel_manager():
 
 def voila_config():
     """The traitlets config given to Voila besides its command line (what a command line cannot
-    say: the prelaunch hook and the job-aware kernel manager)."""
+    say: the prelaunch hook, the kernel manager with its limits, and the token, which comes
+    from the wrapper's environment and is removed from it before any kernel starts)."""
+    import json
+
     from traitlets.config import Config
 
     cfg = Config()
-    cfg.VoilaConfiguration.prelaunch_hook = set_xsrf_cookie
-    cfg.VoilaConfiguration.multi_kernel_manager_class = job_aware_kernel_manager()
+    cfg.VoilaConfiguration.prelaunch_hook = prelaunch
+    limits = json.loads(os.environ.pop(_LIMITS_ENV, "{}") or "{}")
+    cfg.VoilaConfiguration.multi_kernel_manager_class = job_aware_kernel_manager(limits)
+    token = os.environ.pop(_SERVER_TOKEN_ENV, None)
+    if token is not None:
+        cfg.Voila.token = token
     return cfg
 
 
 def voila_environment(data_root: Path, base: dict | None = None,
-                      markers: Path | None = None) -> dict:
+                      markers: Path | None = None, token: str | None = None,
+                      models: tuple = (), root_models: bool = False,
+                      limits: dict | None = None) -> dict:
     """The environment of the Voila process: ``base`` (default ``os.environ``) plus the data
-    root and the folder of job markers."""
+    root, the folder of job markers, the token, the administrator's model folders, whether
+    model files in the data root may load, and the kernel limits."""
+    import json
+
     env = dict(os.environ if base is None else base)
+    env.pop(TOKEN_ENV, None)  # kernels never see it
     env[DATA_ROOT_ENV] = str(data_root)
     if markers is not None:
         env[MARKERS_ENV] = str(markers)
+    if token is not None:
+        env[_SERVER_TOKEN_ENV] = token
+    env[MODEL_DIRS_ENV] = os.pathsep.join(str(m) for m in models)
+    env[ROOT_MODELS_ENV] = "1" if root_models else ""
+    env[_LIMITS_ENV] = json.dumps({**LIMITS, **(limits or {})})
     return env
+
+
+def resolve_model_dirs(models, data_root: Path) -> tuple[Path, ...]:
+    """The administrator's model folders (``--models DIR``): existing folders, outside the data
+    root (visitors must not be able to put files there through the page)."""
+    found = []
+    for m in models or ():
+        folder = Path(m).expanduser()
+        if not folder.is_dir():
+            raise NbappError(f"--models {str(m)!r} is not an existing folder")
+        folder = folder.resolve()
+        if folder == data_root or data_root in folder.parents:
+            raise NbappError(f"--models {str(m)!r} is inside the data root, where visitors' "
+                             "files go: give a folder outside it")
+        found.append(folder)
+    return tuple(found)
+
+
+def _check_limits(limits: dict) -> dict:
+    for key, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise NbappError(f"--{key.replace('_', '-')} must be a positive whole number, got "
+                             f"{value!r}")
+    return limits
+
+
+def _open_browser_when_up(url: str, port: int, timeout_s: float = 60.0) -> None:
+    """Open ``url`` once the server answers on ``port``, through a private temporary page (so
+    that the token is not on a browser's command line)."""
+    import webbrowser
+
+    def wait_and_open():
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((HOST, port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        fd, page = tempfile.mkstemp(suffix=".html", prefix="nbapp-open-")
+        with os.fdopen(fd, "w") as f:  # mkstemp: readable by this user only
+            f.write(f'<meta http-equiv="refresh" content="0; url={url}">')
+        webbrowser.open(Path(page).as_uri())
+
+    threading.Thread(target=wait_and_open, daemon=True).start()
 
 
 def serve(port: int = DEFAULT_PORT, open_browser: bool = True,
           data_root: str | os.PathLike | None = None,
-          cull_idle_timeout: int = CULLING["cull_idle_timeout"]) -> int:
+          cull_idle_timeout: int = CULLING["cull_idle_timeout"], token: str | None = None,
+          no_token: bool = False, models=(), allow_root_models: bool = False,
+          max_kernels: int = LIMITS["max_kernels"], per_visitor: int = LIMITS["per_visitor"],
+          connect_timeout: int = LIMITS["connect_timeout"]) -> int:
     """Run the app with Voila until it stops (Ctrl-C or SIGTERM); 0 when Voila stopped cleanly.
 
+    Visitors need the token (``token``, else ``$NBAPP_TOKEN``, else a new random one), given
+    once in the printed URL; ``no_token`` serves without one (a warning says so).
+
     Raises :class:`~nbapp.errors.NbappError` for a missing data root, a taken port, missing app
-    packages, or a Voila that failed.
+    packages, bad limits or model folders, or a Voila that failed.
     """
     root = resolve_data_root(data_root)
     check_port(port)
     check_requirements()
-    cmd = voila_command(port, open_browser, cull_idle_timeout=cull_idle_timeout)
-    print(f"nbapp: serving the app at http://{HOST}:{port}/ (data root {root}); "
-          "Ctrl-C stops it", file=sys.stderr, flush=True)
+    dirs = resolve_model_dirs(models, root)
+    limits = _check_limits({"max_kernels": max_kernels, "per_visitor": per_visitor,
+                            "connect_timeout": connect_timeout})
+    if no_token:
+        token = ""
+        print("nbapp: WARNING: serving without a token: every account of this machine (and "
+              "anyone its port is forwarded to) can use the app", file=sys.stderr, flush=True)
+    else:
+        token = token or os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
+        if not _COOKIE_VALUE.fullmatch(token.ljust(32, "_")) or len(token) < 8:
+            raise NbappError("--token must be 8 to 64 letters, digits, '-' or '_'")
+    cmd = voila_command(port, False, cull_idle_timeout=cull_idle_timeout)
+    url = f"http://{HOST}:{port}/" + (f"?token={token}" if token else "")
+    print(f"nbapp: serving the app at {url} (data root {root}); Ctrl-C stops it",
+          file=sys.stderr, flush=True)
+    if open_browser:
+        _open_browser_when_up(url, port)
     markers = Path(tempfile.mkdtemp(prefix="nbapp-jobs-"))
     try:
-        return _run_voila(cmd, voila_environment(root, markers=markers))
+        return _run_voila(cmd, voila_environment(root, markers=markers, token=token,
+                                                 models=dirs, root_models=allow_root_models,
+                                                 limits=limits))
     finally:
         shutil.rmtree(markers, ignore_errors=True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -39,10 +40,22 @@ class AppServer:
     proc: subprocess.Popen
     port: int
     log: Path
+    token: str = ""
+
+    @property
+    def base(self) -> str:
+        """The server's address, without the token."""
+        return f"http://127.0.0.1:{self.port}/"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+        """The page's address with the token (what ``nbapp app`` prints)."""
+        return self.base + (f"?token={self.token}" if self.token else "")
+
+    @property
+    def auth(self) -> dict:
+        """Headers that authenticate a request as the token's holder."""
+        return {"Authorization": f"token {self.token}"} if self.token else {}
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -86,16 +99,17 @@ def running_app(workdir: Path, data_root: Path | None = None, extra_env: dict | 
     """``nbapp app --no-browser --port <free> --data-root DATA_ROOT [EXTRA_ARGS]`` in its own
     process group."""
     port = free_port()
+    token = "" if "--no-token" in extra_args else secrets.token_urlsafe(16)
     log = Path(workdir) / f"nbapp_app_{port}.log"
     argv = [sys.executable, "-m", "nbapp.cli", "app", "--no-browser", "--port", str(port)]
     if data_root is not None:
         argv += ["--data-root", str(data_root)]
     argv += [str(a) for a in extra_args]
-    env = {**os.environ, **(extra_env or {})}
+    env = {**os.environ, **({"NBAPP_TOKEN": token} if token else {}), **(extra_env or {})}
     with open(log, "wb") as fh:
         proc = subprocess.Popen(argv, cwd=workdir, stdout=fh, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    server = AppServer(proc, port, log)
+    server = AppServer(proc, port, log, token)
     try:
         wait_for_port(server, deadline_s)
         yield server

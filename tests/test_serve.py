@@ -61,8 +61,9 @@ def test_voila_command_opens_a_browser_unless_told_not_to():
 
 
 def test_data_root_reaches_the_kernel_environment(tmp_path):
-    env = serve.voila_environment(tmp_path, base={"PATH": "/bin"})
-    assert env == {"PATH": "/bin", serve.DATA_ROOT_ENV: str(tmp_path)}
+    env = serve.voila_environment(tmp_path, base={"PATH": "/bin", serve.TOKEN_ENV: "s3cret"})
+    assert env["PATH"] == "/bin" and env[serve.DATA_ROOT_ENV] == str(tmp_path)
+    assert serve.TOKEN_ENV not in env  # the user's token variable never reaches a kernel
 
 
 def test_job_markers_reach_the_kernel_environment(tmp_path):
@@ -105,7 +106,7 @@ def test_voila_applies_the_settings(tmp_path):
     assert app.notebook_path == str(serve.app_notebook())
     assert app.voila_configuration.file_denylist == [".*"]
     assert app.voila_configuration.show_tracebacks is False
-    assert app.voila_configuration.prelaunch_hook is serve.set_xsrf_cookie
+    assert app.voila_configuration.prelaunch_hook is serve.prelaunch
     assert not settings.get("disable_check_xsrf", False)
     assert "JobAwareKernelManager" in [c.__name__ for c in type(km).__mro__]
 
@@ -189,21 +190,27 @@ def test_live_server_serves_the_page_with_xsrf_checks_and_stops_cleanly(tmp_path
         assert b"<html" in body.lower()
         # the page gets the XSRF cookie its own POSTs need (kernel shutdown on tab close)
         assert any(c.startswith("_xsrf=") for c in headers.get_all("Set-Cookie")), headers
-        shutdown = app.url + "voila/api/shutdown/no-such-kernel"
+        # the browser's login: the token in the URL gave a login cookie (requests with the token
+        # in an Authorization header skip XSRF checks, as in Jupyter; a browser's do not)
+        login = next(c.split(";")[0] for c in headers.get_all("Set-Cookie")
+                     if c.startswith("username-"))
+        shutdown = app.base + "voila/api/shutdown/no-such-kernel"
         # a POST without an XSRF token is refused
-        status, _, body = http(shutdown, "POST")
+        status, _, body = http(shutdown, "POST", {"Cookie": login})
         assert status == 403 and b"_xsrf" in body, body
         # a mismatching token too
-        status, _, _ = http(shutdown, "POST", {"Cookie": "_xsrf=aaaa", "X-XSRFToken": "bbbb"})
+        status, _, _ = http(shutdown, "POST", {"Cookie": f"{login}; _xsrf=aaaa",
+                                               "X-XSRFToken": "bbbb"})
         assert status == 403
         # a matching cookie and header pass the XSRF check (and reach the handler: no kernel)
-        status, _, body = http(shutdown, "POST", {"Cookie": "_xsrf=abcd", "X-XSRFToken": "abcd"})
+        status, _, body = http(shutdown, "POST", {"Cookie": f"{login}; _xsrf=abcd",
+                                                  "X-XSRFToken": "abcd"})
         assert status == 404 and b"Kernel does not exist" in body, body
         # files beside the notebook are not served
-        status, _, _ = http(app.url + "voila/files/app.ipynb")
+        status, _, _ = http(app.base + "voila/files/app.ipynb", headers=app.auth)
         assert status == 403
         log = app.log_text()
-        assert f"http://127.0.0.1:{app.port}/" in log
+        assert f"http://127.0.0.1:{app.port}/?token={app.token}" in log
         assert f"data root {data.resolve()}" in log
         assert "Culling kernels with idle durations > 3600 seconds at 300 second intervals" in log
     assert app.proc.returncode == 0, app.log_text()
