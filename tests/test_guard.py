@@ -18,7 +18,7 @@ from nbapp.errors import ModelError
 from nbapp.models import load_model
 from nbapp.models.guard import (ALLOWED_OPERATORS, check_archive, check_module, module_operators,
                                 refused_operators)
-from models import OracleNet, StandIn, TinyNet, disks, standin_bytes
+from models import OracleNet, TinyNet, disks, standin_bytes
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
