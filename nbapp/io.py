@@ -349,14 +349,60 @@ def _read_zarr(file: str, node: str | None, lazy: bool, meta: dict, limit: _Limi
                     f"zarr group {where!r} holds {len(names)} arrays {names}: give the array's "
                     f"path, e.g. {where}/{names[0] if names else 'name'}")
             arr = root[names[0]]
+    if not lazy:
+        limit(arr.shape, arr.dtype)
+    _check_zarr_chunks(arr, where, lazy, limit.max_bytes)
     if lazy:
         return LazyView.squeezed(arr) if meta["format"] == "ome-zarr" else arr
-    limit(arr.shape, arr.dtype)
     data = np.asarray(arr[...])
     if meta["format"] == "ome-zarr":  # (t, c, z, y, x) files with one time point and channel
         while data.ndim > 3 and data.shape[0] == 1:
             data = data[0]
     return data
+
+
+#: Largest decoded chunk a lazy zarr read accepts. Every read of a slice or a block decodes
+#: each chunk it touches whole (zarr decodes several at once): a 49 KB store of 96 x 4096 x
+#: 4096 in one chunk made every slice read decode 1.5 GiB (peak 0.37 -> 2.19 GB, 12 s a
+#: slice). 128 MiB admits the usual layouts (1 x 1024 x 1024 planes, 64^3 ... 512^3 uint8
+#: cubes). A zarr v3 shard is not decoded whole (its index says where each inner chunk is:
+#: a slice of a 96 x 4096 x 4096 shard of 1 x 1024 x 1024 chunks read in 0.08 s, peak
+#: +35 MB), so the inner chunk is what counts.
+MAX_CHUNK_BYTES = 128 << 20
+
+
+def _check_zarr_chunks(arr, where: str, lazy: bool, max_bytes: int | None) -> None:
+    """Refuse a zarr array whose chunk decodes to more than a read may take, from its
+    metadata, before any chunk is read. A lazy read (a slice or block at a time) allows one
+    chunk :data:`MAX_CHUNK_BYTES`, or half the memory left when that is less; a whole read
+    decodes one chunk at a time beside the array: the two must fit in ``max_bytes`` (default:
+    half the memory left), as the array alone must."""
+    from nbapp import memory
+
+    chunk = tuple(int(c) for c in (getattr(arr, "chunks", None) or arr.shape))
+    item = np.dtype(arr.dtype).itemsize
+    chunk_bytes = float(np.prod(chunk, dtype=float)) * item
+    array_bytes = float(np.prod([int(n) for n in arr.shape], dtype=float)) * item
+    limit = max_bytes if max_bytes is not None and not lazy \
+        else READ_FRACTION * memory.available_bytes()
+    source = "the limit for one image" if max_bytes is not None and not lazy \
+        else "half the memory this process has left"
+    if lazy:
+        budget = min(MAX_CHUNK_BYTES, limit)
+        why = ("every read of a slice or block decodes each chunk it touches whole"
+               if budget == MAX_CHUNK_BYTES else f"{source}; every read decodes whole chunks")
+    else:
+        budget = max(0.0, limit - array_bytes)
+        why = (f"beside its {format_bytes(array_bytes)} of data, within {source}, "
+               f"{format_bytes(limit)}")
+    if chunk_bytes <= budget:
+        return
+    plane = [1] * (len(arr.shape) - 2) + [min(int(n), 1024) for n in arr.shape[-2:]]
+    raise OutOfMemory(
+        f"out of memory: zarr {Path(where).name} is stored in chunks of "
+        f"{' x '.join(map(str, chunk))} {np.dtype(arr.dtype)} ({format_bytes(chunk_bytes)} "
+        f"decoded each), over the {format_bytes(budget)} a chunk may take ({why}); rechunk "
+        f"the store to smaller chunks, e.g. {' x '.join(map(str, plane))}")
 
 
 class LazyView:

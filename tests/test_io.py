@@ -214,6 +214,143 @@ def test_ome_zarr_with_malformed_multiscales(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# zarr chunks: every read decodes whole chunks, so a chunk's decoded size is checked first
+
+
+BOMB_SHAPE = (96, 4096, 4096)
+
+
+def one_chunk_zarr(path: Path, shape=BOMB_SHAPE) -> Path:
+    """A zarr v2 store of zeros in ONE zlib chunk: about 1.5 MB on disk, prod(shape) bytes
+    decoded. The chunk is deflated 16 MiB at a time (a full flush makes every piece the same
+    bytes), so making it never holds the decoded chunk."""
+    import struct
+    import zlib
+
+    import numcodecs
+
+    zarr.create_array(str(path), shape=shape, chunks=shape, dtype="uint8", fill_value=1,
+                      zarr_format=2, compressors=numcodecs.Zlib(level=9))
+    n = int(np.prod(shape))
+    piece = 16 << 20
+    assert n % piece == 0
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = deflate.compress(bytes(piece)) + deflate.flush(zlib.Z_FULL_FLUSH)
+    adler = ((n % 65521) << 16) | 1  # adler32 of n zero bytes
+    data = b"\x78\xda" + body * (n // piece) + deflate.flush() + struct.pack(">I", adler)
+    (path / ".".join("0" * len(shape))).write_bytes(data)
+    return path
+
+
+def test_zarr_chunk_bomb_is_refused_before_reading(tmp_path, monkeypatch):
+    """A 1.5 MB store of 96 x 4096 x 4096 in one chunk passed the checks (only the slice was
+    counted) and every slice read decoded 1.5 GiB (peak 0.37 -> 2.19 GB, 12 s a slice)."""
+    from nbapp import memory
+    from nbapp.memory import OutOfMemory
+
+    path = one_chunk_zarr(tmp_path / "bomb.zarr")
+    assert sum(f.stat().st_size for f in path.iterdir()) < 2_000_000
+    import zlib  # a real chunk of zeros (not the fill value 1), its start inflated only
+
+    assert zlib.decompressobj().decompress((path / "0.0.0").read_bytes(), 4096) == bytes(4096)
+    monkeypatch.setattr(zarr.Array, "__getitem__", _refuse_reading)
+    chunk = r"zarr bomb.zarr is stored in chunks of 96 x 4096 x 4096 uint8 \(1.5 GiB decoded each\)"
+    fix = "; rechunk the store to smaller chunks, e.g. 1 x 1024 x 1024$"
+    with pytest.raises(OutOfMemory, match=rf"^out of memory: {chunk}, over the 128 MiB a chunk "
+                                          r"may take \(every read of a slice or block decodes "
+                                          rf"each chunk it touches whole\){fix}") as exc:
+        read_image(path, lazy=True)
+    assert "\n" not in str(exc.value)
+    # a whole read decodes the chunk beside the array: both must fit
+    monkeypatch.setattr(memory, "available_bytes", lambda: 4 << 30)
+    with pytest.raises(OutOfMemory, match=rf"{chunk}, over the 512 MiB a chunk may take \("
+                                          r"beside its 1.5 GiB of data, within half the memory "
+                                          rf"this process has left, 2.0 GiB\){fix}"):
+        read_image(path)
+    with pytest.raises(OutOfMemory, match=r"over the 1.0 GiB a chunk may take \(beside its "
+                                          r"1.5 GiB of data, within the limit for one image, "
+                                          r"2.5 GiB\)"):
+        read_image(path, max_bytes=int(2.5 * (1 << 30)))
+
+
+def _refuse_reading(self, *args, **kwargs):
+    raise AssertionError("a zarr chunk was read: the check must come first")
+
+
+def test_ome_zarr_and_nodes_have_their_chunks_checked(tmp_path, monkeypatch):
+    """OME-Zarr level 0 (zarr v3) and a node inside a store, from their metadata alone."""
+    from nbapp.memory import OutOfMemory
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", _refuse_reading)
+    g = zarr.open_group(str(tmp_path / "ome.zarr"), mode="w", zarr_format=3)
+    g.create_array("0", shape=(1, 1, *BOMB_SHAPE), chunks=(1, 1, *BOMB_SHAPE), dtype="uint16")
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}] + ZYX_UM
+    g.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * 5}]}]}]}
+    with pytest.raises(OutOfMemory, match=r"chunks of 1 x 1 x 96 x 4096 x 4096 uint16 \(3.0 GiB "
+                                          r"decoded each\).*e.g. 1 x 1 x 1 x 1024 x 1024$"):
+        read_image(tmp_path / "ome.zarr", lazy=True)
+    g.create_array("raw", shape=(4096, 8192), chunks=(4096, 8192), dtype="float64")
+    with pytest.raises(OutOfMemory, match=r"chunks of 4096 x 8192 float64 \(256 MiB.*e.g. "
+                                          r"1024 x 1024$"):
+        read_image(f"{tmp_path}/ome.zarr/raw", lazy=True, max_bytes=10 << 30)
+
+
+def test_zarr_chunk_budget_is_the_cap_or_half_the_memory_left(tmp_path, monkeypatch):
+    from nbapp import memory
+    from nbapp.memory import OutOfMemory
+
+    data = np.arange(8 * 512 * 512, dtype=np.uint32).reshape(8, 512, 512) % 251
+    whole = zarr.create_array(str(tmp_path / "one.zarr"), shape=data.shape, chunks=data.shape,
+                              dtype="uint8")
+    whole[...] = data
+    planes = zarr.create_array(str(tmp_path / "planes.zarr"), shape=data.shape,
+                               chunks=(1, 512, 512), dtype="uint8")
+    planes[...] = data
+    assert np.array_equal(read_image(tmp_path / "one.zarr", lazy=True)[0][3], data[3])
+    monkeypatch.setattr(nio, "MAX_CHUNK_BYTES", 1 << 20)
+    with pytest.raises(OutOfMemory, match=r"chunks of 8 x 512 x 512 uint8 \(2.0 MiB decoded "
+                                          r"each\), over the 1.0 MiB a chunk may take"):
+        read_image(tmp_path / "one.zarr", lazy=True)
+    assert np.array_equal(read_image(tmp_path / "planes.zarr", lazy=True)[0][5], data[5])
+    monkeypatch.setattr(nio, "MAX_CHUNK_BYTES", 128 << 20)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 3 << 20)
+    with pytest.raises(OutOfMemory, match=r"over the 1.5 MiB a chunk may take \(half the memory "
+                                          r"this process has left; every read decodes whole "
+                                          r"chunks\)"):
+        read_image(tmp_path / "one.zarr", lazy=True)
+    assert np.array_equal(read_image(tmp_path / "planes.zarr", lazy=True)[0][5], data[5])
+    # a whole read: the 2 MiB array and one 256 KiB chunk beside it
+    assert np.array_equal(read_image(tmp_path / "planes.zarr", max_bytes=(2 << 20) + (256 << 10))
+                          [0], data)
+    with pytest.raises(OutOfMemory, match="over the 0 B a chunk may take"):
+        read_image(tmp_path / "planes.zarr", max_bytes=2 << 20)
+
+
+def test_a_large_shard_of_small_chunks_is_read_a_chunk_at_a_time(tmp_path):
+    """zarr v3 shards are not decoded whole (their index says where each inner chunk is): a
+    96 x 4096 x 4096 shard of 1 x 1024 x 1024 chunks is accepted and a slice reads fast."""
+    arr = zarr.create_array(str(tmp_path / "s.zarr"), shape=BOMB_SHAPE, chunks=(1, 1024, 1024),
+                            shards=BOMB_SHAPE, dtype="uint8", fill_value=1)
+    arr[2:4] = 7
+    lazy = read_image(tmp_path / "s.zarr", lazy=True)[0]
+    assert lazy[3].shape == (4096, 4096) and (lazy[3] == 7).all() and (lazy[5] == 1).all()
+
+
+def test_cli_refuses_a_zarr_chunk_bomb_in_one_line(tmp_path, capsys, monkeypatch):
+    from nbapp.cli import main
+
+    path = one_chunk_zarr(tmp_path / "bomb.zarr")
+    monkeypatch.setattr(zarr.Array, "__getitem__", _refuse_reading)  # (it ran for minutes)
+    rc = main(["segment", str(path), "-o", str(tmp_path / "out.zarr"), "--mode", "3d"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("nbapp: error: out of memory: zarr bomb.zarr is stored in chunks of "
+                          "96 x 4096 x 4096 uint8 (1.5 GiB decoded each)")
+    assert "rechunk the store" in err and not (tmp_path / "out.zarr").exists()
+
+
+# --------------------------------------------------------------------------------------------
 # HDF5
 
 
