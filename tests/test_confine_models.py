@@ -17,7 +17,8 @@ from models import TinyNet
 from nbapp import cli
 from nbapp.errors import ModelError
 from nbapp.models import cache_dir, load_model
-from nbapp.models.config import MIRROR_ENV, trusted_url
+from nbapp.models.config import MIRROR_ENV
+from nbapp.models.zoo import trusted_url
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
 

@@ -19,8 +19,8 @@ import yaml
 
 from nbapp.errors import ModelError
 
-__all__ = ["ModelConfig", "read_config", "cache_dir", "fetch", "trusted_url", "confine_config",
-           "confine_model_path", "trusted_prefixes", "MIRROR_ENV"]
+__all__ = ["ModelConfig", "read_config", "cache_dir", "fetch", "confine_model_path", "is_url",
+           "default_config_path", "MIRROR_ENV"]
 
 #: Environment variable naming a facility's own copy of the models (also trusted).
 MIRROR_ENV = "NBAPP_MODEL_MIRROR"
@@ -167,43 +167,20 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     )
 
 
-def _is_url(s: str) -> bool:
+def is_url(s: str) -> bool:
     return urllib.parse.urlparse(s).scheme in ("http", "https", "ftp", "file")
 
 
 def _resolve(model: str, base: Path) -> str:
-    if _is_url(model):
+    if is_url(model):
         return model
     p = Path(os.path.expanduser(model))
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def trusted_url(url: str) -> bool:
-    """True for a URL a confined page may make the server download: one under
-    :func:`trusted_prefixes` (the zoo's download folders and the mirror).
-
-    >>> trusted_url("https://zenodo.org/record/6861565/files/MitoNet_v1.pth?download=1")
-    True
-    >>> trusted_url("http://127.0.0.1:8000/x.pth"), trusted_url("file:///etc/passwd")
-    (False, False)
-    """
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or ".." in parsed.path.split("/"):
-        return False
-    return any(url.startswith(p) for p in trusted_prefixes())
-
-
-def trusted_prefixes() -> list[str]:
-    """Where models may be downloaded from when loading is confined to a data root (the app):
-    the folders of the zoo's download URLs (``zoo.yaml``: the empanada registry's records) and
-    the mirror named by ``$NBAPP_MODEL_MIRROR``."""
-    from nbapp.models import zoo
-
-    prefixes = sorted({m.url.rsplit("/", 1)[0] + "/" for m in zoo.zoo().values() if m.url})
-    mirror = os.environ.get(MIRROR_ENV, "").strip()
-    if mirror:
-        prefixes.append(mirror.rstrip("/") + "/")
-    return prefixes
+def default_config_path() -> Path:
+    """Path of the YAML config of the model shipped inside the package."""
+    return Path(__file__).resolve().parent / "default" / "nbapp_mito.yaml"
 
 
 def confine_model_path(path, root, what: str) -> Path:
@@ -215,23 +192,6 @@ def confine_model_path(path, root, what: str) -> Path:
         return confine(path, root, what)
     except InputError as exc:
         raise ModelError(str(exc)) from None
-
-
-def confine_config(config: "ModelConfig", root) -> None:
-    """Refuse a config that names weights outside ``root``: local files must resolve inside
-    it, URLs must be :func:`trusted_url` (no ``file://``, no other server)."""
-    where = Path(config.config_path).name if config.config_path else config.name
-    for key in ("model", "model_quantized"):
-        location = getattr(config, key)
-        if not location:
-            continue
-        if _is_url(location):
-            if not trusted_url(location):
-                raise ModelError(f"model config {where}: {key} {location!r} is not a known model "
-                                 f"download; inside the data root a config may name files in "
-                                 f"the root or the model zoo's URLs (or ${MIRROR_ENV})")
-            continue
-        confine_model_path(location, root, f"model config {where}: {key}")
 
 
 def cache_dir() -> Path:
@@ -247,7 +207,7 @@ def fetch(location: str, sha256: str | None = None, progress=True, cancel=None) 
     parsed = urllib.parse.urlparse(location)
     if parsed.scheme == "file":
         location = urllib.request.url2pathname(parsed.path)
-    elif _is_url(location):
+    elif is_url(location):
         if parsed.scheme not in ("http", "https"):
             raise ModelError(f"cannot download {location}: only http(s) and file URLs are supported")
         from nbapp.models.download import download

@@ -15,18 +15,14 @@ import torch
 import yaml
 
 from nbapp.errors import ModelError
-from nbapp.models.config import ModelConfig, confine_config, confine_model_path, fetch, read_config
+from nbapp.models.config import (ModelConfig, confine_model_path, default_config_path, fetch,
+                                 read_config)
 from nbapp.models.guard import check_archive, check_module
 
 __all__ = ["Model", "load_model", "resolve_device", "default_config_path", "check_outputs",
            "gpu_devices", "device_names"]
 
 _EXTRA_CONFIG = "nbapp_config.yaml"
-
-
-def default_config_path() -> Path:
-    """Path of the YAML config of the model shipped inside the package."""
-    return Path(__file__).resolve().parent / "default" / "nbapp_mito.yaml"
 
 
 def gpu_devices() -> list[str]:
@@ -308,7 +304,7 @@ def load_model(spec="default", device=None, warm_up: bool = True, root=None,
         Confine loading to this folder (the app passes its data root): a path spec is taken
         from it and must resolve inside it, and so must the weights a config names (``model``
         and ``model_quantized``) and a config beside a TorchScript file; a config's URLs must
-        be the model zoo's (:func:`nbapp.models.config.trusted_url`). ``"default"`` and
+        be the model zoo's (:func:`nbapp.models.zoo.trusted_url`). ``"default"`` and
         in-memory models are always allowed.
     quantized : bool
         Use the zoo model's quantized CPU file (``MITONET_quantized``).
@@ -359,7 +355,7 @@ def load_model(spec="default", device=None, warm_up: bool = True, root=None,
         if path.suffix.lower() in (".yaml", ".yml"):
             config = read_config(path)
             if root is not None:
-                confine_config(config, root)
+                zoo.confine_config(config, root)
             weights = fetch(config.model, config.sha256, progress=progress, cancel=cancel)
             module, _ = _load_torchscript(Path(weights), dev)
             model = Model(module, config, dev, str(weights))

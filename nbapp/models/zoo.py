@@ -19,10 +19,11 @@ from pathlib import Path
 import yaml
 
 from nbapp.errors import ModelError
-from nbapp.models.config import MIRROR_ENV, ModelConfig, cache_dir
+from nbapp.models.config import (MIRROR_ENV, ModelConfig, cache_dir, confine_model_path,
+                                 is_url)
 
 __all__ = ["ZooModel", "zoo", "find", "model_path", "download_url", "fetch_model", "QUANTIZED",
-           "zoo_listing"]
+           "zoo_listing", "trusted_url", "trusted_prefixes", "confine_config"]
 
 QUANTIZED = "_quantized"
 
@@ -92,8 +93,7 @@ def _raw() -> dict:
 
 def _entry(name: str, raw: dict, quantized: bool) -> ZooModel:
     if raw.get("bundled"):
-        from nbapp.models.config import read_config
-        from nbapp.models.loader import default_config_path
+        from nbapp.models.config import default_config_path, read_config
 
         cfg = read_config(default_config_path())  # its pixel_size_nm included
         return ZooModel(name, name, False, None, cfg,
@@ -186,3 +186,48 @@ def fetch_model(entry: ZooModel, progress=True, cancel: threading.Event | None =
 def zoo_listing() -> list[dict]:
     """``nbapp models --json``: every zoo model as a dict."""
     return [m.to_dict() for m in zoo().values()]
+
+
+# -- where a confined page may download models from
+
+def trusted_url(url: str) -> bool:
+    """True for a URL a confined page may make the server download: one under
+    :func:`trusted_prefixes` (the zoo's download folders and the mirror).
+
+    >>> trusted_url("https://zenodo.org/record/6861565/files/MitoNet_v1.pth?download=1")
+    True
+    >>> trusted_url("http://127.0.0.1:8000/x.pth"), trusted_url("file:///etc/passwd")
+    (False, False)
+    """
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or ".." in parsed.path.split("/"):
+        return False
+    return any(url.startswith(p) for p in trusted_prefixes())
+
+
+def trusted_prefixes() -> list[str]:
+    """Where models may be downloaded from when loading is confined to a data root (the app):
+    the folders of the zoo's download URLs (``zoo.yaml``: the empanada registry's records) and
+    the mirror named by ``$NBAPP_MODEL_MIRROR``."""
+    prefixes = sorted({m.url.rsplit("/", 1)[0] + "/" for m in zoo().values() if m.url})
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    if mirror:
+        prefixes.append(mirror.rstrip("/") + "/")
+    return prefixes
+
+
+def confine_config(config: "ModelConfig", root) -> None:
+    """Refuse a config that names weights outside ``root``: local files must resolve inside
+    it, URLs must be :func:`trusted_url` (no ``file://``, no other server)."""
+    where = Path(config.config_path).name if config.config_path else config.name
+    for key in ("model", "model_quantized"):
+        location = getattr(config, key)
+        if not location:
+            continue
+        if is_url(location):
+            if not trusted_url(location):
+                raise ModelError(f"model config {where}: {key} {location!r} is not a known model "
+                                 f"download; inside the data root a config may name files in "
+                                 f"the root or the model zoo's URLs (or ${MIRROR_ENV})")
+            continue
+        confine_model_path(location, root, f"model config {where}: {key}")
