@@ -100,9 +100,9 @@ def iou_table(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     Returns
     -------
     pred_ids : (P,) int64
-        Non-zero predicted ids, ascending.
+        Non-zero predicted ids, ascending (uint64 when the ids go beyond int64).
     gt_ids : (G,) int64
-        Non-zero ground-truth ids, ascending.
+        Non-zero ground-truth ids, ascending (uint64 likewise).
     iou : (P, G) float64
         IoU of each pair (0 where they do not overlap).
 
@@ -133,18 +133,29 @@ def iou_table(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 
 
 def _compact(labels: np.ndarray):
-    """Non-zero ids (ascending), their areas, and a function mapping labels to 0..K-1."""
-    lab = labels.astype(np.int64, copy=False) if labels.dtype.kind != "b" else labels.astype(np.int64)
-    top = int(lab.max()) if lab.size else 0
+    """Non-zero ids (ascending), their areas, and a function mapping labels to 0..K-1.
+
+    Ids up to 2**26 are counted over their range; larger ones (uint64 ids of 2**63 and
+    beyond included, kept unsigned: as int64 they would turn negative) are sorted.
+
+    >>> ids, area, lut = _compact(np.array([0, 2**63 + 5, 7, 2**63 + 5], np.uint64))
+    >>> ids.tolist(), area.tolist(), lut(np.array([7, 2**63 + 5], np.uint64)).tolist()
+    ([7, 9223372036854775813], [1, 2], [0, 1])
+    """
+    top = int(labels.max()) if labels.size else 0
     if top < 1 << 26:  # bincount over the id range: O(pixels)
-        area = np.bincount(lab, minlength=top + 1)
+        area = np.bincount(labels.astype(np.int64, copy=False).ravel(), minlength=top + 1)
         area[0] = 0
         ids = np.flatnonzero(area)
         lut = np.zeros(top + 1, np.int64)
         lut[ids] = np.arange(ids.size)
-        return ids.astype(np.int64), area[ids], lambda v: lut[v]
+        return ids.astype(np.int64), area[ids], lambda v: lut[v.astype(np.int64, copy=False)]
+    # sorting the non-zero ids in their own dtype (only they are copied)
+    lab = labels if labels.dtype.kind in "iu" else labels.astype(np.int64)
     ids, area = np.unique(lab[lab != 0], return_counts=True)
-    return ids.astype(np.int64), area, lambda v: np.searchsorted(ids, v)
+    if ids.dtype.kind == "i" or ids[-1] <= np.iinfo(np.int64).max:
+        ids = ids.astype(np.int64)
+    return ids, area, lambda v: np.searchsorted(ids, v)
 
 
 def match_instances(pred: np.ndarray, gt: np.ndarray, thresh: float = 0.5) -> Matching:

@@ -428,6 +428,30 @@ def test_evaluate(capsys, tmp_path):
     assert rc == 0 and "f1: 1.0000" in stdout
 
 
+def test_evaluate_uint64_ids_beyond_int64(capsys, tmp_path):
+    """uint64 ids of 2**63 and more became negative as int64: a raw traceback. They are
+    scored (the objects of tests/test_metrics.py's GT64 / PRED64: F1 4/6)."""
+    big = 2**63
+    gt = np.array([[big + 1, big + 1, 0, big + 2, big + 2],
+                   [big + 1, big + 1, 0, big + 2, big + 2],
+                   [0, 0, 0, 0, 0],
+                   [big + 3, big + 3, 0, 0, 0]], np.uint64)
+    pred = np.array([[2**64 - 1, 2**64 - 1, 0, 0, 0],
+                     [2**64 - 1, 2**64 - 1, 0, 7, 7],
+                     [0, 0, 0, 0, 0],
+                     [0, 0, 0, 0, big + 9]], np.uint64)
+    np.save(tmp_path / "gt.npy", gt)
+    np.save(tmp_path / "pred.npy", pred)
+    rc, stdout, err = run(capsys, "evaluate", tmp_path / "pred.npy", tmp_path / "gt.npy", "--json")
+    assert rc == 0 and err == ""
+    scores = json.loads(stdout)
+    assert (scores["tp"], scores["fp"], scores["fn"]) == (2, 1, 1)
+    assert scores["f1"] == pytest.approx(4 / 6) and scores["pq"] == pytest.approx(0.5)
+    tifffile.imwrite(tmp_path / "gt.tif", gt)
+    rc, stdout, _ = run(capsys, "evaluate", tmp_path / "gt.tif", tmp_path / "gt.npy")
+    assert rc == 0 and "f1: 1.0000" in stdout
+
+
 @pytest.mark.parametrize("pred,needles", [
     (np.zeros((4, 5), np.int32), ["PRED has shape (4, 5) but GT has shape (4, 4)"]),
     (np.zeros((4, 4), np.float32), ["PRED must hold integer labels", "float32"]),

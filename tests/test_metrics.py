@@ -171,3 +171,33 @@ def test_slice_metrics_rejects_bad_thresholds():
 
     with pytest.raises(ValueError, match=r"thresholds must be in \(0, 1\]"):
         slice_metrics(np.zeros((1, 2, 2), int), np.zeros((1, 2, 2), int), thresholds=(1.5,))
+
+
+BIG = 2**63
+#: uint64 labels with ids of 2**63 and beyond (as int64 they were negative: a raw ValueError).
+#: gt: A = BIG+1 (4 px), B = BIG+2 (4 px), C = BIG+3 (2 px). pred: 2**64-1 is A exactly,
+#: 7 covers half of B (IoU 0.5), BIG+9 overlaps nothing; C is missed.
+GT64 = np.array([[BIG + 1, BIG + 1, 0, BIG + 2, BIG + 2],
+                 [BIG + 1, BIG + 1, 0, BIG + 2, BIG + 2],
+                 [0, 0, 0, 0, 0],
+                 [BIG + 3, BIG + 3, 0, 0, 0]], np.uint64)
+PRED64 = np.array([[2**64 - 1, 2**64 - 1, 0, 0, 0],
+                   [2**64 - 1, 2**64 - 1, 0, 7, 7],
+                   [0, 0, 0, 0, 0],
+                   [0, 0, 0, 0, BIG + 9]], np.uint64)
+
+
+def test_uint64_ids_beyond_int64_are_scored():
+    m = instance_metrics(PRED64, GT64)
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 1, 1)
+    assert m["f1"] == pytest.approx(4 / 6) and m["f1@0.75"] == pytest.approx(2 / 6)
+    assert m["pq"] == pytest.approx((1.0 + 0.5) / 3)
+    assert m["fg_iou"] == pytest.approx(6 / 11)
+    # the same objects under small ids score the same
+    small = {int(v): i for i, v in enumerate(np.unique(np.concatenate([GT64, PRED64])))}
+    relabel = np.vectorize(lambda v: small[int(v)])
+    assert instance_metrics(relabel(PRED64), relabel(GT64)) == m
+    # and the matched ids are the real ones
+    match = match_instances(PRED64, GT64)
+    assert sorted(zip(match.pred_ids.tolist(), match.gt_ids.tolist())) == [
+        (7, BIG + 2), (2**64 - 1, BIG + 1)]
