@@ -1405,3 +1405,33 @@ def test_3d_view_keeps_the_volume_proportions_and_looks_at_it_from_an_angle():
     np.testing.assert_allclose(p, [0.0, 0.0, 2.0], atol=1e-12)
     p = np.array(view_from(-25.0, -35.0, 1.5, (0.0, 0.0, 2.0)))
     assert np.isclose(np.linalg.norm(p), 3.0) and p[0] < 0 and p[1] < 0 and p[2] > 0
+
+
+def test_merge_picks_belong_to_one_tool_slice_and_model_and_far_objects_need_a_second_click(app):
+    """Issue 30 item 1: Merge, click A, View, Merge, click B far away merged them."""
+    from nbapp.proofread import LabelEditor
+
+    st, s = app.state, app.session
+    lab = np.zeros(st.result2d.labels.shape, np.int32)
+    lab[5:15, 5:15], lab[5:15, 15:25], lab[40:50, 40:50] = 1, 2, 3  # 1 touches 2; 3 is far
+    s._editors[s._edit_key()] = LabelEditor(lab)
+    ids = lambda: set(np.unique(s._editors[s._edit_key()].labels)) - {0}  # noqa: E731
+    st.edit_mode = "merge"
+    s.edit_click(10, 10)
+    assert "object 1 picked" in st.status
+    st.edit_mode = "view"
+    assert "merge pick cleared" in st.status
+    st.edit_mode = "merge"
+    s.edit_click(45, 45)  # a first pick again, not a merge of 3 into 1
+    assert ids() == {1, 2, 3} and "object 3 picked" in st.status
+    s.edit_click(10, 10)  # 1 is far from 3: said, not done
+    assert ids() == {1, 2, 3} and st.status_level == "warning"
+    assert "objects 1 and 3 do not touch" in st.status and "click object 1 again" in st.status
+    s.edit_click(10, 10)  # the repeated click merges them
+    assert ids() == {2, 3} and "object 1 merged into 3" in st.status
+    s.edit_click(10, 20)  # touching objects merge at once
+    s.edit_click(10, 10)
+    assert ids() == {2}
+    s.edit_click(10, 10)
+    st.index = st.index + 1  # another slice: the pick is gone
+    assert s._merge_from is None

@@ -144,6 +144,8 @@ class Session(SliceActions, VolumeActions, TuneActions):
         self._error_2d = False  # the status line shows a 2D inference error
         self._quiet = False  # set while several state changes make one 2D request
         state.observe(self._params_changed, names=["slice_params", "plane", "index"])
+        # a merge's first pick belongs to one slice, tool and model (issue 30 item 1)
+        state.observe(self.clear_merge_pick, names=["edit_mode", "plane", "index", "data", "model"])
 
     # -- errors
     def report(self, exc: BaseException, what: str = "") -> None:

@@ -73,19 +73,49 @@ class TuneActions:
             ed.delete(y, x)
             self._edited(before, ed, f"object {i} deleted")
         elif mode == "merge":
-            first = self._merge_from
-            if first is None:
-                if ed.id_at(y, x) == 0:
-                    self.state.say("merge: click on an object first", "warning")
-                    return
-                self._merge_from = (y, x)
-                self.state.say(f"merge: object {ed.id_at(y, x)} picked; click the object to "
-                               "merge into it", "info")
+            self._merge_click(ed, y, x)
+
+    #: Objects farther apart than this (pixels) merge only when the second click is repeated.
+    MERGE_GAP = 3.0
+
+    def _merge_click(self, ed: LabelEditor, y: float, x: float) -> None:
+        """Merge: the first click picks an object, the second merges its object into the
+        first; objects that do not touch merge only when that second click is repeated. Picks
+        live on one slice with one tool and model (:meth:`clear_merge_pick`)."""
+        key, here = self._edit_key(), ed.id_at(y, x)
+        pick = self._merge_from if self._merge_from and self._merge_from[0] == key else None
+        if pick is None:
+            if here == 0:
+                self.state.say("merge: click on an object first", "warning")
                 return
+            self._merge_from = (key, (y, x), None)
+            self.state.say(f"merge: object {here} picked; click the object to merge into it",
+                           "info")
+            return
+        _, first, confirm = pick
+        a = ed.id_at(*first)
+        if here == 0 or here == a:
+            self.state.say(f"merge: object {a} stays picked; click another object "
+                           "(View cancels)", "info")
+            return
+        gap = ed.gap(first, (y, x))
+        if gap > self.MERGE_GAP and confirm != here:
+            self._merge_from = (key, first, here)
+            self.state.say(f"merge: objects {here} and {a} do not touch (they are {gap:.0f} "
+                           f"pixels apart); click object {here} again to merge them anyway, or "
+                           "View to cancel", "warning")
+            return
+        self._merge_from = None
+        before = ed.labels
+        ed.merge(first, (y, x))
+        self._edited(before, ed, f"object {here} merged into {a}")
+
+    def clear_merge_pick(self, change=None) -> None:
+        """Forget a pending merge pick (a tool, slice, plane, data or model change)."""
+        if self._merge_from is not None:
             self._merge_from = None
-            a, b = ed.id_at(*first), ed.id_at(y, x)
-            ed.merge(first, (y, x))
-            self._edited(before, ed, f"object {b} merged into {a}")
+            if change is not None and change.get("name") == "edit_mode" and change.new != "merge":
+                self.state.say("merge pick cleared", "info")
 
     def edit_stroke(self, points: list) -> None:
         """A brush stroke (list of (y, x)) in the paint or erase tool."""
