@@ -374,24 +374,24 @@ MAX_CHUNK_BYTES = 128 << 20
 def _check_zarr_chunks(arr, where: str, lazy: bool, max_bytes: int | None) -> None:
     """Refuse a zarr array whose chunk decodes to more than a read may take, from its
     metadata, before any chunk is read. A lazy read (a slice or block at a time) allows one
-    chunk :data:`MAX_CHUNK_BYTES`, or half the memory left when that is less; a whole read
-    decodes one chunk at a time beside the array: the two must fit in ``max_bytes`` (default:
-    half the memory left), as the array alone must."""
+    chunk :data:`MAX_CHUNK_BYTES` (the memory left is for the job that reads it to check:
+    with little left, its own checks say what needs less); a whole read decodes one chunk at a
+    time beside the array: the two must fit in ``max_bytes`` (default: half the memory left),
+    as the array alone must."""
     from nbapp import memory
 
     chunk = tuple(int(c) for c in (getattr(arr, "chunks", None) or arr.shape))
     item = np.dtype(arr.dtype).itemsize
     chunk_bytes = float(np.prod(chunk, dtype=float)) * item
     array_bytes = float(np.prod([int(n) for n in arr.shape], dtype=float)) * item
-    limit = max_bytes if max_bytes is not None and not lazy \
-        else READ_FRACTION * memory.available_bytes()
-    source = "the limit for one image" if max_bytes is not None and not lazy \
-        else "half the memory this process has left"
     if lazy:
-        budget = min(MAX_CHUNK_BYTES, limit)
-        why = ("every read of a slice or block decodes each chunk it touches whole"
-               if budget == MAX_CHUNK_BYTES else f"{source}; every read decodes whole chunks")
+        budget = MAX_CHUNK_BYTES
+        why = "every read of a slice or block decodes each chunk it touches whole"
     else:
+        limit = max_bytes if max_bytes is not None \
+            else READ_FRACTION * memory.available_bytes()
+        source = "the limit for one image" if max_bytes is not None \
+            else "half the memory this process has left"
         budget = max(0.0, limit - array_bytes)
         why = (f"beside its {format_bytes(array_bytes)} of data, within {source}, "
                f"{format_bytes(limit)}")

@@ -296,7 +296,7 @@ def test_ome_zarr_and_nodes_have_their_chunks_checked(tmp_path, monkeypatch):
         read_image(f"{tmp_path}/ome.zarr/raw", lazy=True, max_bytes=10 << 30)
 
 
-def test_zarr_chunk_budget_is_the_cap_or_half_the_memory_left(tmp_path, monkeypatch):
+def test_zarr_chunk_budget_of_lazy_and_whole_reads(tmp_path, monkeypatch):
     from nbapp import memory
     from nbapp.memory import OutOfMemory
 
@@ -313,17 +313,16 @@ def test_zarr_chunk_budget_is_the_cap_or_half_the_memory_left(tmp_path, monkeypa
                                           r"each\), over the 1.0 MiB a chunk may take"):
         read_image(tmp_path / "one.zarr", lazy=True)
     assert np.array_equal(read_image(tmp_path / "planes.zarr", lazy=True)[0][5], data[5])
+    # a lazy read under the cap is left to the job that reads it when memory is short (its
+    # own checks say what needs less: not "rechunk" a store of small chunks)
     monkeypatch.setattr(nio, "MAX_CHUNK_BYTES", 128 << 20)
-    monkeypatch.setattr(memory, "available_bytes", lambda: 3 << 20)
-    with pytest.raises(OutOfMemory, match=r"over the 1.5 MiB a chunk may take \(half the memory "
-                                          r"this process has left; every read decodes whole "
-                                          r"chunks\)"):
-        read_image(tmp_path / "one.zarr", lazy=True)
-    assert np.array_equal(read_image(tmp_path / "planes.zarr", lazy=True)[0][5], data[5])
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)
+    assert read_image(tmp_path / "one.zarr", lazy=True)[0].shape == data.shape
     # a whole read: the 2 MiB array and one 256 KiB chunk beside it
     assert np.array_equal(read_image(tmp_path / "planes.zarr", max_bytes=(2 << 20) + (256 << 10))
                           [0], data)
-    with pytest.raises(OutOfMemory, match="over the 0 B a chunk may take"):
+    with pytest.raises(OutOfMemory, match=r"over the 0 B a chunk may take \(beside its 2.0 MiB "
+                                          r"of data, within the limit for one image, 2.0 MiB\)"):
         read_image(tmp_path / "planes.zarr", max_bytes=2 << 20)
 
 
