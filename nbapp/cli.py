@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -946,6 +947,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nbapp: error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `nbapp models --json | head`: the reader has what it wanted
+        _quiet_stdout()
+        return 0
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's exit flush does not raise again on the
+    closed pipe (the way the Python documentation recommends for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (a test's capture): nothing to flush
+        pass
 
 
 if __name__ == "__main__":

@@ -840,3 +840,20 @@ def test_segment_data_root_confines_input_and_model(capsys, tmp_path, oracle):
     rc, _, err = run(capsys, "segment", Path(images).name, "-o", tmp_path / "o.tif",
                      "--mode", "batch", "--data-root", root, "--model", Path(model).name)
     assert rc == 0, err
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    """Issue 30 item 14: `nbapp models --json | head` ended in a BrokenPipe traceback."""
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            raise ValueError("no file")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert cli.main(["models", "--json"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
