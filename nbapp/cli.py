@@ -212,7 +212,8 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
                      help="port on 127.0.0.1 (default %(default)s)")
     app.add_argument("--no-browser", action="store_true", help="do not open a web browser")
     app.add_argument("--data-root", default=None, metavar="DIR",
-                     help="the only folder the app's path box may read (default: this folder)")
+                     help="the only folder the app's path box may read (default: ~/nbapp-data, "
+                          "or $NBAPP_DATA_HOME; made if missing)")
     app.add_argument("--cull-idle-timeout", type=int, default=3600, metavar="S",
                      help="shut down a kernel whose page is gone after S seconds without "
                           "activity (a running 3D job is kept; default %(default)s)")

@@ -49,7 +49,8 @@ from nbapp.workspace import MODEL_DIRS_ENV, ROOT_MODELS_ENV, VISITOR_ENV
 
 __all__ = ["DEFAULT_PORT", "DATA_ROOT_ENV", "CULLING", "LIMITS", "app_notebook", "voila_command",
            "voila_config", "voila_environment", "set_xsrf_cookie", "prelaunch",
-           "check_requirements", "check_port", "resolve_data_root", "resolve_model_dirs",
+           "check_requirements", "check_port", "resolve_data_root", "default_data_root",
+           "resolve_model_dirs",
            "serve", "culling", "job_aware_kernel_manager", "visitor_id", "TOKEN_ENV"]
 
 DEFAULT_PORT = 8866
@@ -125,9 +126,27 @@ def check_port(port: int, host: str = HOST) -> None:
             raise NbappError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
+#: The data root when none is given: a folder of its own in the user's home (``$NBAPP_DATA_HOME``
+#: moves it), made on first use; never the current folder, which after the README's command is
+#: the source checkout (visitors' exports and training sets would land in the source tree).
+DATA_HOME_ENV = "NBAPP_DATA_HOME"
+
+
+def default_data_root() -> Path:
+    """``$NBAPP_DATA_HOME``, else ``~/nbapp-data`` (made if missing)."""
+    root = Path(os.environ.get(DATA_HOME_ENV) or Path.home() / "nbapp-data").expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NbappError(f"cannot create the default data root {str(root)!r} "
+                         f"({exc.strerror or exc}); give one with --data-root DIR") from None
+    return root
+
+
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
-    """The absolute data root (default: the current folder); it must be an existing folder."""
-    root = Path(data_root if data_root is not None else os.getcwd()).expanduser()
+    """The absolute data root (default: :func:`default_data_root`); it must be an existing
+    folder."""
+    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
     if not root.exists():
         raise NbappError(f"--data-root {str(data_root)!r} does not exist")
     if not root.is_dir():
@@ -436,8 +455,9 @@ def serve(port: int = DEFAULT_PORT, open_browser: bool = True,
             raise NbappError("--token must be 8 to 64 letters, digits, '-' or '_'")
     cmd = voila_command(port, False, cull_idle_timeout=cull_idle_timeout)
     url = f"http://{HOST}:{port}/" + (f"?token={token}" if token else "")
-    print(f"nbapp: serving the app at {url} (data root {root}); Ctrl-C stops it",
-          file=sys.stderr, flush=True)
+    print(f"nbapp: serving the app at {url} (data root {root}"
+          + ("" if data_root is not None else ": put your images there, or give --data-root DIR")
+          + "); Ctrl-C stops it", file=sys.stderr, flush=True)
     if open_browser:
         _open_browser_when_up(url, port)
     markers = Path(tempfile.mkdtemp(prefix="nbapp-jobs-"))

@@ -18,6 +18,7 @@ import pytest
 
 from app_server import free_port, http, missing_app_modules, running_app
 from nbapp import cli, serve
+from nbapp.errors import NbappError
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_app = pytest.mark.skipif(bool(missing_app_modules()),
@@ -79,10 +80,20 @@ def test_cull_idle_timeout_option(capsys):
     assert_one_line_error(rc, err, "--cull-idle-timeout must be a positive number")
 
 
-def test_data_root_defaults_to_the_current_folder(tmp_path, monkeypatch):
+def test_data_root_defaults_to_a_folder_of_its_own_not_the_current_one(tmp_path, monkeypatch):
+    """Issue 30 item 13: after the README's command the current folder is the checkout."""
     monkeypatch.chdir(tmp_path)
-    assert serve.resolve_data_root(None) == tmp_path.resolve()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(serve.DATA_HOME_ENV, raising=False)
+    assert serve.resolve_data_root(None) == (tmp_path / "home" / "nbapp-data").resolve()
+    assert (tmp_path / "home" / "nbapp-data").is_dir()
+    monkeypatch.setenv(serve.DATA_HOME_ENV, str(tmp_path / "lab"))
+    assert serve.resolve_data_root(None) == (tmp_path / "lab").resolve()
     assert serve.resolve_data_root(tmp_path / ".") == tmp_path.resolve()
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv(serve.DATA_HOME_ENV, str(tmp_path / "file" / "sub"))
+    with pytest.raises(NbappError, match="cannot create the default data root"):
+        serve.resolve_data_root(None)
 
 
 @needs_app
