@@ -105,7 +105,8 @@ def running_app(workdir: Path, data_root: Path | None = None, extra_env: dict | 
     if data_root is not None:
         argv += ["--data-root", str(data_root)]
     argv += [str(a) for a in extra_args]
-    env = {**os.environ, **({"NBAPP_TOKEN": token} if token else {}), **(extra_env or {})}
+    env = {**os.environ, **({"NBAPP_TOKEN": token} if token else {}),
+           "NBAPP_DATA_HOME": str(Path(workdir) / "nbapp-data"), **(extra_env or {})}
     with open(log, "wb") as fh:
         proc = subprocess.Popen(argv, cwd=workdir, stdout=fh, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
