@@ -49,7 +49,7 @@ def test_closing_the_page_during_a_3d_job_keeps_the_job(server, browser, data_ro
     saved = []
     while not saved:
         assert time.monotonic() < end, server.log_text()[-3000:]
-        saved = list((data_root / "nbapp-exports").glob("demo volume_3d_*.tif"))
+        saved = list(data_root.glob("nbapp-visitors/*/exports/demo_volume_3d_*.tif"))
         time.sleep(0.5)  # polling for the job's file, bounded by the deadline
     wait_for_log(server, f"Kernel shutdown: {kernel}", 60)
     import tifffile
