@@ -1435,3 +1435,33 @@ def test_merge_picks_belong_to_one_tool_slice_and_model_and_far_objects_need_a_s
     s.edit_click(10, 10)
     st.index = st.index + 1  # another slice: the pick is gone
     assert s._merge_from is None
+
+
+def test_the_live_score_is_of_what_is_shown_edits_included():
+    """Issue 30 item 3: after six deletions the line still scored the model's output."""
+    from nbapp.metrics import headline_scores
+    from nbapp.ui import App
+
+    app = App(model=load_model("default", device="cpu"), device="cpu", synchronous=True)
+    try:
+        st, s = app.state, app.session
+        gt = st.truth[st.index]
+        assert st.score2d["of"] == "the model's output"
+        assert "the model's output vs ground truth" in app.viewer2d.info.value
+        st.edit_mode = "delete"
+        for i in np.unique(st.result2d.labels)[1:4]:  # delete three objects
+            y, x = np.argwhere(st.result2d.labels == i)[0]
+            s.edit_click(float(y), float(x))
+        expect = headline_scores(st.edited, gt)
+        assert st.score2d["of"] == "your edits"
+        assert st.score2d["f1"] == pytest.approx(expect["f1"])
+        assert st.score2d["f1"] < headline_scores(st.result2d.labels, gt)["f1"]
+        assert f"your edits vs ground truth F1@0.5 <b>{expect['f1']:.3f}</b>" in \
+            app.viewer2d.info.value
+        # a threshold moved while the edits are shown: the score stays that of the edits
+        st.slice_params = st.slice_params.replace(seg_threshold=0.8)
+        assert st.score2d["f1"] == pytest.approx(expect["f1"])
+        s.discard_edits()
+        assert st.score2d["of"] == "the model's output"
+    finally:
+        app.close()

@@ -144,6 +144,7 @@ class Session(SliceActions, VolumeActions, TuneActions):
         self._error_2d = False  # the status line shows a 2D inference error
         self._quiet = False  # set while several state changes make one 2D request
         state.observe(self._params_changed, names=["slice_params", "plane", "index"])
+        state.observe(self.score_2d, names=["edited"])  # the score is of what is shown
         # a merge's first pick belongs to one slice, tool and model (issue 30 item 1)
         state.observe(self.clear_merge_pick, names=["edit_mode", "plane", "index", "data", "model"])
 

@@ -217,12 +217,18 @@ class SliceActions:
 
         return get_slice(truth, plane, index)
 
-    def score_2d(self) -> None:
-        """F1@0.5, PQ and FG IoU of the visible result against the ground truth."""
+    def score_2d(self, change=None) -> None:
+        """F1@0.5, PQ and FG IoU against the ground truth of what the viewer shows: the user's
+        edits when there are any, else the model's result; ``of`` says which."""
         st = self.state
         r = st.result2d
         gt = self.truth_slice(r.plane, r.index) if r is not None else None
-        st.score2d = headline_scores(r.labels, gt) if gt is not None else {}
+        if gt is None:
+            st.score2d = {}
+            return
+        shown = st.shown_labels()
+        st.score2d = {**headline_scores(shown, gt),
+                      "of": "your edits" if shown is not r.labels else "the model's output"}
 
     def sweep(self, param: str) -> None:
         """Score the visible slice against the ground truth at a range of ``param`` values

@@ -124,8 +124,9 @@ class Viewer2D:
             return "<i>computing ...</i>" if busy else "<i>no result yet</i>"
         net = "cached" if r.cached else f"{1000 * r.network_s:.0f} ms"
         sc = self.state.score2d
-        score = (f" &middot; vs ground truth F1@0.5 <b>{sc['f1']:.3f}</b>, PQ {sc['pq']:.3f}, "
-                 f"FG IoU {sc['fg_iou']:.3f}" if sc else "")
+        score = (f" &middot; {sc.get('of', 'result')} vs ground truth F1@0.5 "
+                 f"<b>{sc['f1']:.3f}</b>, PQ {sc['pq']:.3f}, FG IoU {sc['fg_iou']:.3f}"
+                 if sc else "")
         shown = self.state.shown_labels()
         edits = shown is not None and shown is not r.labels
         # the count is of what is shown: the edited labels when there are edits
