@@ -107,8 +107,18 @@ def claim(path: str | os.PathLike, folder: bool = False, attempts: int = 1000) -
     """
     path = Path(path)
     stem, ext = _split(path.name)
-    for i in range(1, attempts + 1):
-        candidate = path if i == 1 else path.with_name(f"{stem}-{i}{ext}")
+    made = _create_first((path if i == 1 else path.with_name(f"{stem}-{i}{ext}")
+                          for i in range(1, attempts + 1)), folder)
+    if made is None:
+        raise InputError(f"{attempts} files named like {path.name!r} exist in "
+                         f"{str(path.parent)!r}: choose another name")
+    return made
+
+
+def _create_first(candidates, folder: bool = False) -> Path | None:
+    """Create the first of ``candidates`` that does not exist yet (atomically: ``O_EXCL`` or
+    ``mkdir``) and return it; None when all exist."""
+    for candidate in candidates:
         try:
             if folder:
                 os.mkdir(candidate)
@@ -119,8 +129,7 @@ def claim(path: str | os.PathLike, folder: bool = False, attempts: int = 1000) -
             continue
         except OSError as exc:
             raise InputError(f"cannot create {str(candidate)!r}: {exc.strerror or exc}") from None
-    raise InputError(f"{attempts} files named like {path.name!r} exist in {str(path.parent)!r}: "
-                     "choose another name")
+    return None
 
 
 def reserve_numbered(folder: str | os.PathLike, prefix: str, ext: str,
@@ -137,16 +146,10 @@ def reserve_numbered(folder: str | os.PathLike, prefix: str, ext: str,
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create {str(folder)!r}: {exc.strerror or exc}") from None
-    for n in range(1, attempts + 1):
-        path = folder / f"{prefix}{n}{ext}"
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            return path
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise InputError(f"cannot create {str(path)!r}: {exc.strerror or exc}") from None
-    raise InputError(f"{attempts} files named {prefix}N{ext} exist in {str(folder)!r}")
+    made = _create_first(folder / f"{prefix}{n}{ext}" for n in range(1, attempts + 1))
+    if made is None:
+        raise InputError(f"{attempts} files named {prefix}N{ext} exist in {str(folder)!r}")
+    return made
 
 
 def release(path: str | os.PathLike) -> None:

@@ -215,3 +215,19 @@ def test_a_notebook_owner_keeps_model_files_and_paths(root):
     assert ws.model_source("dropped.pt")[0] == "dropped.pt"
     assert ws.export_target("sub/../x.tif") == root.resolve() / "x.tif"
     assert ws.export_target("x.tif") == root / "nbapp-exports" / "x.tif"
+
+
+def test_claims_that_cannot_be_made_say_why(tmp_path):
+    (tmp_path / "a.tif").write_bytes(b"1")
+    (tmp_path / "a-2.tif").write_bytes(b"2")
+    with pytest.raises(InputError, match="2 files named like 'a.tif' exist"):
+        claim(tmp_path / "a.tif", attempts=2)
+    with pytest.raises(InputError, match="cannot create .*No such file or directory"):
+        claim(tmp_path / "missing" / "b.tif")
+    reserve_numbered(tmp_path / "m", "tuned_", ".yaml")
+    with pytest.raises(InputError, match="1 files named tuned_N.yaml exist"):
+        reserve_numbered(tmp_path / "m", "tuned_", ".yaml", attempts=1)
+    with pytest.raises(InputError, match="cannot create"):
+        reserve_numbered(tmp_path / "a.tif" / "m", "tuned_", ".yaml")
+    with pytest.raises(InputError, match="give a file name to export to"):
+        Workspace(root=tmp_path).export_target("  ")
