@@ -100,7 +100,7 @@ def test_app_suggests_the_scale_from_the_pixel_size_and_applies_it(coarse_demo, 
         assert st.suggestion["downsampling"] == 0.5  # the default model works at ~10 nm
         assert "20 nm pixels to the model's 10 nm" in st.suggestion["scale_why"]
         assert "0.5 (enlarge 2x)" in c.suggestion.value and not c.apply.disabled
-        assert app.session.compare_factors() == (0.25, 0.5, 1, 2)
+        assert app.session.compare_factors() == (0.5, 1, 2, 4, 8)  # 0.5 with the current 1
         c.apply.click()
         assert st.slice_params.downsampling == 0.5 and st.result2d.count > 0
         app.data_panel.voxel.value = "abc"

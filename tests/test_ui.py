@@ -178,14 +178,45 @@ def test_network_outputs_view_marks_the_detected_centres(app):
     assert hv.images[2].get_array().shape == (*r.heads.offsets.shape[1:], 3)
 
 
-def test_compare_downsampling_fills_four_panels(app):
+def test_compare_downsampling_fills_five_panels_enlarging_too(app):
     app.controls2d.compare.click()
     res = app.state.compare
-    assert [c.downsampling for c in res] == [1, 2, 4, 8]
-    assert res[0].labels is not None and res[0].count == app.state.result2d.count
-    assert res[3].labels is None and res[3].error  # 64 / 8 < padding factor 16
+    assert [c.downsampling for c in res] == [0.5, 1, 2, 4, 8]
+    assert res[1].labels is not None and res[1].count == app.state.result2d.count
+    assert res[0].labels.shape == res[1].labels.shape  # enlarged 2x, labels at image size
+    assert res[4].labels is None and res[4].error  # 64 / 8 < padding factor 16
+    assert all(c.f1 is None for c in res)  # no ground truth here: no score
     titles = [ax.get_title() for ax in app.compare_view.axes]
-    assert len(titles) == 4 and titles[0].startswith("ds 1:") and "too small" in titles[3]
+    assert len(titles) == 5 and titles[1].startswith("ds 1:") and "too small" in titles[4]
+    assert titles[0].startswith("ds 0.5:")
+
+
+def test_compare_downsampling_scores_each_factor_and_keeps_the_current_one():
+    """Issue 30 item 6: with ground truth, F1 per factor and the best named; the current
+    factor is always compared (and a sweep's grid holds the current value)."""
+    from nbapp.metrics import headline_scores
+    from nbapp.ui import App
+
+    app = App(model=load_model("default", device="cpu"), device="cpu", synchronous=True)
+    try:
+        st = app.state
+        st.slice_params = st.slice_params.replace(downsampling=16)
+        app.controls2d.compare.click()
+        res = st.compare
+        assert [c.downsampling for c in res] == [1, 2, 4, 8, 16]
+        gt = st.truth[st.index]
+        assert res[-1].labels is None and res[-1].f1 is None  # 256 / 16 is too small
+        for c in res[:-1]:
+            assert c.f1 == pytest.approx(headline_scores(c.labels, gt)["f1"])
+        best = max(res[:-1], key=lambda c: c.f1)
+        assert f"best F1@0.5 at downsampling {best.downsampling:g} (now 16)" in st.status
+        assert f"F1 {res[0].f1:.2f}" in app.compare_view.axes[0].get_title()
+        st.slice_params = st.slice_params.replace(downsampling=1, center_threshold=0.12)
+        app.controls2d.sweep_param.value = "center_threshold"
+        app.controls2d.sweep.click()
+        assert 0.12 in st.sweep["values"] and len(st.sweep["values"]) == 9
+    finally:
+        app.close()
 
 
 def test_box_suggests_min_size_and_extent_and_apply_sets_them(app):

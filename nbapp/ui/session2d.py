@@ -23,15 +23,54 @@ from nbapp.ui.threads import call_in_ui
 
 __all__ = ["SliceActions", "COMPARE_FACTORS"]
 
-COMPARE_FACTORS = (1, 2, 4, 8)
+#: What "Compare downsampling" runs: enlarging (0.5) too, and always the current factor.
+COMPARE_FACTORS = (0.5, 1, 2, 4, 8)
+#: Panels of the comparison.
+COMPARE_PANELS = 5
 #: The values a parameter sweep scores (post-processing parameters: no network run).
 SWEEPS = {
     "seg_threshold": tuple(round(0.1 * i, 2) for i in range(1, 10)),
     "center_threshold": (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6),
     "min_distance": (1, 2, 3, 5, 7, 10, 15, 20),
 }
-#: What "Compare downsampling" shows when the scale suggestion enlarges (coarse pixels).
-COMPARE_ENLARGING = (0.25, 0.5, 1, 2)
+#: What "Compare downsampling" shows when the scale suggestion enlarges by 4 (coarse pixels).
+COMPARE_ENLARGING = (0.25, 0.5, 1, 2, 4)
+
+
+def compare_factors(current: float, suggested: float | None = None) -> tuple:
+    """The downsampling factors "Compare downsampling" runs: :data:`COMPARE_FACTORS` (or
+    :data:`COMPARE_ENLARGING` when the scale suggestion enlarges by 4 or more), with the
+    current and suggested factors always among them; at most :data:`COMPARE_PANELS`, dropping
+    the ones farthest from the current.
+
+    >>> compare_factors(1), compare_factors(16), compare_factors(1, 0.25)
+    ((0.5, 1, 2, 4, 8), (1, 2, 4, 8, 16), (0.25, 0.5, 1, 2, 4))
+    """
+    base = COMPARE_ENLARGING if suggested is not None and suggested <= 0.25 else COMPARE_FACTORS
+    keep = {current} | ({suggested} if suggested is not None else set())
+    values = sorted(set(base) | keep)
+    while len(values) > COMPARE_PANELS:
+        far = max((v for v in values if v not in keep), key=lambda v: abs(np.log2(v / current)))
+        values.remove(far)
+    return tuple(values)
+
+
+def compare_verdict(results: list, current: float) -> str:
+    """The comparison's best factor against the ground truth ('' without one).
+
+    >>> from types import SimpleNamespace as C
+    >>> compare_verdict([C(downsampling=1, f1=0.52), C(downsampling=2, f1=0.63)], 1)
+    '; best F1@0.5 at downsampling 2 (now 1: 0.520)'
+    """
+    scored = [c for c in results if getattr(c, "f1", None) is not None]
+    if not scored:
+        return ""
+    best = max(scored, key=lambda c: c.f1)
+    if best.downsampling == current:
+        return f"; the current downsampling {current:g} scores best (F1@0.5 {best.f1:.3f})"
+    now = [c.f1 for c in scored if c.downsampling == current]
+    return (f"; best F1@0.5 at downsampling {best.downsampling:g} (now {current:g}"
+            + (f": {now[0]:.3f})" if now else ")"))
 
 
 def sweep_verdict(rows: list, current: float) -> str:
@@ -238,6 +277,7 @@ class SliceActions:
         if values is None:
             st.say(f"cannot sweep {param!r}: choose one of {', '.join(SWEEPS)}", "error")
             return
+        values = tuple(sorted(set(values) | {getattr(st.slice_params, param)}))  # the current too
         r = st.result2d
         gt = self.truth_slice(r.plane, r.index) if r is not None else None
         if gt is None:
@@ -273,9 +313,9 @@ class SliceActions:
         self.runner2d.submit("sweep", work, deliver)
 
     def compare_factors(self) -> tuple:
-        """1, 2, 4, 8; or 0.25, 0.5, 1, 2 when the scale suggestion enlarges."""
-        suggested = self.state.suggestion.get("downsampling")
-        return COMPARE_ENLARGING if suggested is not None and suggested < 1 else COMPARE_FACTORS
+        """:func:`compare_factors` of the current and suggested downsampling."""
+        return compare_factors(self.state.slice_params.downsampling,
+                               self.state.suggestion.get("downsampling"))
 
     def compare_downsampling(self) -> None:
         """Run the current slice at four downsampling factors (:meth:`compare_factors`)."""
@@ -288,14 +328,16 @@ class SliceActions:
         index = min(max(st.index, 0), self.slice_count(plane) - 1)
         sp, seg, data = st.slice_params, self.segmenter, st.data
         factors = self.compare_factors()
+        gt = self.truth_slice(plane, index)
 
         def work():
             out = []
             for ds in factors:
                 try:
                     r = self._compute_2d(seg, data, kind, plane, index, sp.replace(downsampling=ds))
+                    f1 = None if gt is None else headline_scores(r.labels, gt)["f1"]
                     out.append(CompareResult(ds, r.image, r.labels, r.count, r.network_s,
-                                             r.postprocess_s))
+                                             r.postprocess_s, f1=f1))
                 except NbappError as exc:
                     img, _ = self.slice_image(plane, index)
                     out.append(CompareResult(ds, img, None, 0, 0.0, 0.0, str(exc)))
@@ -308,8 +350,10 @@ class SliceActions:
                 else:
                     st.compare = result
                     st.say("compared downsampling " + ", ".join(
-                        f"{c.downsampling}: {c.count if c.error is None else 'too small'}"
-                        for c in result), "ok")
+                        f"{c.downsampling:g}: " + ("too small" if c.error is not None else
+                                                   f"{c.count}" if c.f1 is None else
+                                                   f"{c.count} (F1 {c.f1:.3f})")
+                        for c in result) + compare_verdict(result, sp.downsampling), "ok")
             call_in_ui(apply)
 
         self.runner2d.submit("compare", work, deliver)

@@ -62,15 +62,17 @@ class Result2D:
 
 @dataclass(frozen=True, eq=False)
 class CompareResult:
-    """One panel of "Compare downsampling": labels (or the error) at one factor."""
+    """One panel of "Compare downsampling": labels (or the error) at one factor, and F1@0.5
+    against the ground truth where there is one."""
 
-    downsampling: int
+    downsampling: float
     image: np.ndarray
     labels: np.ndarray | None
     count: int
     network_s: float
     postprocess_s: float
     error: str | None = None
+    f1: float | None = None
 
 
 class AppState(HasTraits):

@@ -230,9 +230,10 @@ class HeadsView:
 
 
 class CompareView:
-    """Four panels: the current slice at downsampling 1, 2, 4, 8 with counts and times."""
+    """Up to five panels: the current slice at each compared downsampling, with counts, times
+    and F1@0.5 against the ground truth where there is one."""
 
-    def __init__(self, state: AppState, n: int = 4):
+    def __init__(self, state: AppState, n: int = 5):
         self.state = state
         self.figure = figure_widget((10, 2.9), toolbar=False)
         self.axes = list(self.figure.subplots(1, n))
@@ -258,14 +259,18 @@ class CompareView:
             self.widget.layout.display = "none"
             return
         self.widget.layout.display = None
+        for ax in self.axes[len(results):]:
+            ax.set_visible(False)
         for (base, over), ax, c in zip(self.panels, self.axes, results):
+            ax.set_visible(True)
             show_image(base, c.image, image_clim(c.image))
             if c.labels is None:
                 show_image(over, np.zeros(c.image.shape, np.uint8))
-                ax.set_title(f"downsampling {c.downsampling}: too small", fontsize=9)
+                ax.set_title(f"downsampling {c.downsampling:g}: too small", fontsize=9)
             else:
                 show_image(over, label_display(c.labels))
                 ms = 1000 * (c.network_s + c.postprocess_s)  # (no network time when cached)
-                ax.set_title(f"ds {c.downsampling}: {c.count} objects in {ms:.0f} ms",
+                score = "" if c.f1 is None else f", F1 {c.f1:.2f}"
+                ax.set_title(f"ds {c.downsampling:g}: {c.count} objects{score}, {ms:.0f} ms",
                              fontsize=9)
         self.canvas.draw_idle()
