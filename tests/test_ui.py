@@ -612,7 +612,8 @@ def test_exports_go_inside_the_data_root(volume, tmp_path):
         c.export_path.value = "out.zarr"
         c.export_labels.click()
         assert (out / "out.zarr").is_dir() and a.state.status_level == "ok"
-        assert "is a folder on the server" in c.download.value and "href" not in c.download.value
+        assert "is a folder on the server" in c.download.value
+        assert "download='out.tif'" not in c.download.value  # the newer labels export's note
         # a taken name gets the next free one: nothing is replaced (issue 26 item 2)
         before = (out / "objects.csv").read_bytes()
         c.export_table.click()
@@ -625,7 +626,8 @@ def test_exports_go_inside_the_data_root(volume, tmp_path):
         c.export_path.value = "../escape.tif"
         c.export_labels.click()
         assert a.state.status_level == "error" and not (tmp_path.parent / "escape.tif").exists()
-        assert c.download.value == ""  # no link to an export that failed
+        assert "zarr" not in c.download.value  # no link to an export that failed
+        assert "download='objects-2.csv'" in c.download.value  # the table's stays
         from nbapp.ui.controls import download_link
 
         assert "larger than the 0.001 MB the page downloads" in download_link(
@@ -1496,3 +1498,24 @@ def test_the_live_score_is_of_what_is_shown_edits_included():
         assert st.score2d["of"] == "the model's output"
     finally:
         app.close()
+
+
+def test_download_links_of_both_exports_stay_until_other_data_is_loaded(volume, tmp_path):
+    """Issue 30 item 14: only the last export had a link, and a link of the previous data set
+    stayed."""
+    a = make_app(volume, data_root=tmp_path)
+    try:
+        small_lab(a)
+        a.session.run_3d()
+        c = a.controls3d
+        c.export_labels.click()
+        c.export_table.click()
+        assert "download='labels.tif'" in c.download.value
+        assert "download='objects.csv'" in c.download.value
+        c.export_labels.click()  # the newer labels export replaces the older's link
+        assert "download='labels-2.tif'" in c.download.value
+        assert "download='labels.tif'" not in c.download.value
+        a.session.load_demo(shape=(8, 64, 64), n_mito=2)
+        assert c.download.value == ""
+    finally:
+        a.close()

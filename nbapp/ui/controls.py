@@ -470,10 +470,12 @@ class Controls3D:
         # a visitor of a served page has no access to the server's disk: small exports also
         # come as a link that downloads them to the visitor's computer
         self.download = W.HTML("")
+        self._links: dict = {}  # the latest labels and table exports of this data
         self.export_labels.on_click(
-            lambda _: self._offer(session.export_labels(self.export_path.value)))
+            lambda _: self._offer("labels", session.export_labels(self.export_path.value)))
         self.export_table.on_click(
-            lambda _: self._offer(session.export_table(self.table_path.value)))
+            lambda _: self._offer("table", session.export_table(self.table_path.value)))
+        state.observe(self._new_data, names=["data"])
         state.observe(self._from_state, names=["volume_params"])
         state.observe(self._job, names=["job", "stacks"])
         self.widget = W.VBox([
@@ -484,8 +486,20 @@ class Controls3D:
                                      W.HBox([self.table_path, self.export_table]),
                                      self.download])
 
-    def _offer(self, target) -> None:
-        self.download.value = download_link(target) if target is not None else ""
+    def _offer(self, what: str, target) -> None:
+        """Show the download link of the latest export of ``what`` (labels or table) beside the
+        other's; a failed export removes its link."""
+        if target is None:
+            self._links.pop(what, None)
+        else:
+            self._links[what] = download_link(target)
+        self.download.value = "<br>".join(self._links[k] for k in ("labels", "table")
+                                          if k in self._links)
+
+    def _new_data(self, change=None) -> None:
+        """Links of another data set's exports go when new data is loaded."""
+        self._links = {}
+        self.download.value = ""
 
     def _param(self, name):
         def handler(change):
