@@ -290,3 +290,4 @@ def test_worker_engines_refuse_it_too(crafted, tmp_path):
     with pytest.raises(ModelError, match="is refused"):
         worker_engine(str(crafted["dropper"]), 2, "cpu")
     assert not (tmp_path / "evil.pth").exists()
+

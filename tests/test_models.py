@@ -253,3 +253,17 @@ class _OOM(torch.nn.Module):
 def test_out_of_memory_is_a_memory_error():
     with pytest.raises(MemoryError, match="out of memory"):
         load_model(_OOM(), device="cpu")
+
+
+def test_a_quantized_models_parameter_count_includes_its_packed_weights(tmp_path):
+    """Issue 30 item 14: the quantized MitoNet said '273,412 parameters' (its packed int8
+    weights were not counted)."""
+    from models import standin_bytes
+
+    full = tmp_path / "full.pt"
+    full.write_bytes(standin_bytes())
+    q = tmp_path / "q.pt"
+    q.write_bytes(standin_bytes(quantized=True))
+    n_full = load_model(full, device="cpu").parameters
+    assert n_full == 8 * 1 * 3 * 3 + 8 + 4 * 8 + 4  # stem and heads convolutions
+    assert load_model(q, device="cpu").parameters == n_full

@@ -135,8 +135,15 @@ class Model:
 
     @property
     def parameters(self) -> int:
-        """Number of parameters of the network."""
-        return int(sum(p.numel() for p in self.module.parameters()))
+        """Number of parameters of the network, the packed int8 weights of a quantized model
+        included (they are not torch parameters)."""
+        n = sum(p.numel() for p in self.module.parameters())
+        for _, sub in self.module.named_modules():
+            packed = getattr(sub, "_packed_params", None)
+            if isinstance(packed, torch.ScriptObject) and hasattr(packed, "unpack"):
+                weight, bias = packed.unpack()[:2]
+                n += weight.numel() + (0 if bias is None else bias.numel())
+        return int(n)
 
     @property
     def num_classes(self) -> int:
