@@ -266,3 +266,41 @@ def test_cli_finetune_writes_a_model_and_scores_it(tmp_path, demo_slices, capsys
                      str(tmp_path / "train_lab.tif"), str(tmp_path / "x.tif"), "--out",
                      str(tmp_path / "m")])
     assert code == 2 and "one --labels file per --images file" in capsys.readouterr().err
+
+
+def test_finetune_budget_is_training_time_and_no_step_is_an_error(tmp_path, demo_slices,
+                                                                  monkeypatch, capsys):
+    """Issue 30 item 7: set-up counted inside --minutes, and --minutes 0.5 trained 0 steps,
+    wrote a model and exited 0."""
+    import time as _time
+
+    import tifffile
+
+    import nbapp.training.start as start
+    from nbapp import cli
+    from nbapp.fewshot import FinetuneParams, finetune
+
+    img, lab = demo_slices
+    slow = start.load_init
+
+    def slow_setup(spec):  # a set-up longer than the whole budget
+        _time.sleep(1.5)
+        return slow(spec)
+
+    monkeypatch.setattr(start, "load_init", slow_setup)
+    res = finetune(img[1], lab[1], "default", out=tmp_path,
+                   params=FinetuneParams(patch=64, batch_size=1, minutes=0.02, max_steps=3))
+    assert res.steps >= 1
+    monkeypatch.setattr(start, "load_init", slow)
+    with pytest.raises(ParameterError, match="no training step fitted in 1e-09 min"):
+        finetune(img[1], lab[1], "default", out=tmp_path / "none",
+                 params=FinetuneParams(patch=64, batch_size=1, minutes=1e-9))
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
+    tifffile.imwrite(tmp_path / "train.tif", img[:1])
+    tifffile.imwrite(tmp_path / "train_lab.tif", lab[:1])
+    code = cli.main(["finetune", "--images", str(tmp_path / "train.tif"), "--labels",
+                     str(tmp_path / "train_lab.tif"), "--minutes", "1e-9", "--out",
+                     str(tmp_path / "cli"), "--name", "zero"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no training step fitted" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cli" / "zero.yaml").exists()
