@@ -255,19 +255,20 @@ def check_archive(path: str | Path) -> None:
         except (SyntaxError, UnicodeDecodeError, ValueError):
             raise ModelError(f"{path} is refused: its stored source {name} cannot be parsed, so "
                              "it cannot be checked") from None
-    defined = {node.name for _, tree in trees for node in ast.walk(tree)
+    nodes = [(name, list(ast.walk(tree))) for name, tree in trees]  # one walk per file
+    defined = {node.name for _, found in nodes for node in found
                if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    for name, tree in trees:
+    for name, found in nodes:
         # the printer binds functions to locals first (``_1 = __torch__.F.interpolate``): a
         # call of a local is checked as a call of everything the local is bound to
         aliases: dict[str, list] = {}
-        for node in ast.walk(tree):
+        for node in found:
             if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute)
                     and _dotted(node.value)):
                 for target in node.targets:
                     if isinstance(target, ast.Name):
                         aliases.setdefault(target.id, []).append(node.value)
-        for node in ast.walk(tree):
+        for node in found:
             if isinstance(node, ast.Call):
                 funcs = aliases.get(getattr(node.func, "id", None)) or [node.func]
                 for func in funcs:
@@ -291,11 +292,17 @@ def _nodes(block):
 
 
 def _graphs(module):
-    """(where, graph) of every method and hook of ``module`` and its submodules, inlined."""
+    """(where, graph) of every method and hook of ``module`` and its submodules, inlined (once
+    per compiled type: TorchScript gives instances with other code other types)."""
     import torch
 
+    seen: set = set()
     for prefix, sub in module.named_modules():
         c = sub._c
+        kind = c._type().qualified_name()  # submodules of one compiled type share their code
+        if kind in seen:
+            continue
+        seen.add(kind)
         functions = [(name, c._get_method(name)) for name in c._method_names()]
         functions += [(f"hook {h.name}", h) for h in (*c._get_forward_pre_hooks(),
                                                       *c._get_forward_hooks())]
