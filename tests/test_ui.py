@@ -1379,18 +1379,23 @@ def test_block_by_block_stacks_are_shown_and_their_consensus_re_runs_block_by_bl
 def test_the_viewer_grows_for_a_large_screen_or_a_projector(app):
     """Issue 17 item 8: the 2D viewer's size is the user's (the ipympl canvas does not follow
     the page's width by itself)."""
-    from nbapp.ui.viewer2d import VIEWER_SIZES
+    from nbapp.ui.viewer2d import TOOLBAR_STRIP_IN, VIEWER_SIZES
 
     v = app.viewer2d
-    assert tuple(v.figure.get_size_inches()) == (5.5, 5.5)
+    strip = TOOLBAR_STRIP_IN
+    assert tuple(v.figure.get_size_inches()) == (5.5 + strip, 5.5)
     assert [o[0] for o in v.size.options] == [name for name, _ in VIEWER_SIZES]
     v.size.value = 8.5
     assert app.state.viewer_inches == 8.5
-    assert tuple(v.figure.get_size_inches()) == (8.5, 8.5)
+    assert tuple(v.figure.get_size_inches()) == (8.5 + strip, 8.5)
     w, h = v.canvas.get_width_height()
-    assert w == h == round(8.5 * v.figure.dpi)
+    assert h == round(8.5 * v.figure.dpi) and w == round((8.5 + strip) * v.figure.dpi)
+    # the image is square and starts right of the toolbar's strip (issue 30 item 2)
+    x0, y0, x1, y1 = v.ax.get_window_extent().extents
+    assert x0 == pytest.approx(strip * v.figure.dpi) and x1 - x0 == pytest.approx(y1 - y0)
     app.state.viewer_inches = 4.5
-    assert v.size.value == 4.5 and tuple(v.figure.get_size_inches()) == (4.5, 4.5)
+    assert v.size.value == 4.5 and tuple(v.figure.get_size_inches()) == (4.5 + strip, 4.5)
+    assert v.ax.get_window_extent().x0 == pytest.approx(strip * v.figure.dpi)
 
 
 def _faces_area_and_normals(m):

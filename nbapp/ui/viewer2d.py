@@ -22,6 +22,8 @@ __all__ = ["Viewer2D", "HeadsView", "CompareView"]
 
 #: Sides (inches; 100 pixels each) the viewer can take: the default fits the 2D tab beside its
 #: controls at 1366x768; "projector" fills the height of a 1920x1080 screen.
+#: Inches (at the canvas's 100 px per inch) left of the image for ipympl's toolbar (36 px).
+TOOLBAR_STRIP_IN = 0.42
 VIEWER_SIZES = (("small", 4.5), ("medium (1366x768)", 5.5), ("large (1920 wide)", 7.0),
                 ("projector (1920x1080)", 8.5))
 
@@ -35,8 +37,10 @@ class Viewer2D:
         self.on_click = on_click  # (y, x) in the delete and merge tools
         self.on_stroke = on_stroke  # [(y, x), ...] in the paint and erase tools
         self._stroke: list | None = None
-        self.figure = figure_widget((state.viewer_inches, state.viewer_inches))
-        self.ax = self.figure.add_axes((0, 0, 1, 1))
+        # the zoom / pan toolbar shows at the canvas's left edge: the image starts right of it,
+        # so that no control sits over the image (issue 30 item 2)
+        self.figure = figure_widget((state.viewer_inches + TOOLBAR_STRIP_IN, state.viewer_inches))
+        self.ax = self.figure.add_axes(self._axes_box(state.viewer_inches))
         self.image, self.overlay = setup_image_axes(self.ax, opacity=state.opacity)
         self.canvas = self.figure.canvas
         self.info = W.HTML("")
@@ -61,9 +65,16 @@ class Viewer2D:
         self.draws = 0
         self._last_heads = None
 
+    @staticmethod
+    def _axes_box(side: float) -> tuple:
+        """The image's place in the figure: right of the toolbar's strip, the rest square."""
+        width = side + TOOLBAR_STRIP_IN
+        return (TOOLBAR_STRIP_IN / width, 0, side / width, 1)
+
     def _resize(self, change=None) -> None:
         side = float(self.state.viewer_inches)
-        self.figure.set_size_inches(side, side, forward=True)
+        self.figure.set_size_inches(side + TOOLBAR_STRIP_IN, side, forward=True)
+        self.ax.set_position(self._axes_box(side))
         self.canvas.draw_idle()
 
     def set_box_mode(self, on: bool) -> None:

@@ -416,3 +416,27 @@ def test_proofread_add_and_fine_tune_in_the_page(app):
     screenshot(app, "finetuned.png")
     page.set_viewport_size({"width": 1400, "height": 1000})
     assert_no_page_errors(app)
+
+
+def test_no_control_sits_over_the_image(app):
+    """Issue 30 item 2: the zoom toolbar covered the image's left edge (about 35 px), so objects
+    there could not be edited; the image now starts right of the toolbar."""
+    needs_model(app)
+    page = app.page
+    page.set_viewport_size({"width": 1366, "height": 768})
+    try:
+        app.tab("2D parameter testing")
+        canvas = app.viewer_canvas()
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # shows it
+        figure = page.locator(".jupyter-matplotlib-figure:visible", has=canvas).first
+        bar = figure.locator(".jupyter-matplotlib-toolbar").first
+        page.wait_for_timeout(500)  # the toolbar's fade-in (bounded)
+        tb, cb = bar.bounding_box(), canvas.bounding_box()
+        assert tb is not None and cb is not None
+        image_left = cb["x"] + cb["width"] - cb["height"]  # the image is square, at the right
+        assert image_left > cb["x"] + 20  # a strip for the toolbar
+        assert tb["x"] + tb["width"] <= image_left + 1, (tb, cb)
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
