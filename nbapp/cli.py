@@ -243,6 +243,12 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     ev.add_argument("pred", metavar="PRED")
     ev.add_argument("gt", metavar="GT")
     ev.add_argument("--json", action="store_true", help="print JSON")
+    how = ev.add_mutually_exclusive_group()
+    how.add_argument("--per-slice", dest="per_slice", action="store_true", default=None,
+                     help="score each slice of a stack on its own, pooled (2D labels); default: "
+                          "when GT looks like per-slice labels")
+    how.add_argument("--no-per-slice", dest="per_slice", action="store_false",
+                     help="score a stack as one 3D volume even when GT looks per-slice")
     _add_data_root(ev)
 
     ft = sub.add_parser("finetune", help="fine-tune a model on a few labelled 2D slices "
@@ -795,7 +801,20 @@ def _cmd_evaluate(args) -> int:
             raise InputError(f"{name} must hold integer labels, got dtype {a.dtype}")
         if a.size and a.min() < 0:
             raise InputError(f"{name} holds negative labels (min {a.min()}); 0 is background")
-    scores = metrics.instance_metrics(pred, gt)
+    per_slice, why = args.per_slice, None
+    if per_slice is None and gt.ndim == 3:
+        why = metrics.per_slice_truth(gt)
+        per_slice = why is not None
+    if per_slice and gt.ndim != 3:
+        raise InputError(f"--per-slice needs stacks of 2D slices (Z, Y, X), got shape {gt.shape}")
+    if per_slice:
+        print(f"nbapp evaluate: scored slice by slice ({len(gt)} slices, "
+              f"{metrics.count_objects(gt, True)} objects)"
+              + (f": GT looks like per-slice labels ({why}); --no-per-slice scores in 3D"
+                 if why else ""), file=sys.stderr)
+        scores = metrics.slice_metrics(pred, gt)
+    else:
+        scores = metrics.instance_metrics(pred, gt)
     if args.json:
         print(json.dumps(scores, indent=2, default=float))
     else:

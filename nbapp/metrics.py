@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["Matching", "iou_table", "match_instances", "instance_metrics", "fg_iou",
+__all__ = ["per_slice_truth", "count_objects", "Matching", "iou_table", "match_instances",
+           "instance_metrics", "fg_iou",
            "slice_metrics", "headline_scores"]
 
 
@@ -307,3 +308,66 @@ def headline_scores(pred: np.ndarray, gt: np.ndarray) -> dict:
     """
     m = instance_metrics(np.asarray(pred), np.asarray(gt))
     return {"f1": float(m["f1"]), "pq": float(m["pq"]), "fg_iou": float(m["fg_iou"])}
+
+
+def per_slice_truth(gt: np.ndarray) -> str | None:
+    """Why a 3D label stack looks like per-slice (2D) ground truth, or None.
+
+    Per-slice labels (a batch of 2D images, or serial sections labelled slice by slice) score
+    near zero in 3D: each 2D object is matched against 3D objects. They show in three ways:
+    every object is one slice thick; each slice is numbered 1..n on its own (n varying from
+    slice to slice, far fewer ids than objects); or an id marks unrelated objects in
+    neighbouring slices (masks that barely overlap, where a 3D object's do).
+
+    >>> one = np.zeros((3, 4, 4), int); one[0, :2, :2] = 1; one[1, 2:, 2:] = 2; one[2, :2, 2:] = 3
+    >>> per_slice_truth(one)
+    'every object is one slice thick'
+    >>> restart = np.zeros((3, 8, 8), int)
+    >>> restart[0, :2, :2] = 1; restart[1, 5:, 5:] = 1; restart[2, :2, 5:] = 1
+    >>> per_slice_truth(restart)
+    'ids restart in each slice (an id marks other objects from slice to slice)'
+    >>> numbered = np.zeros((3, 8, 8), int); numbered[:, :3, :3] = 1; numbered[1:, 5:, 5:] = 2
+    >>> per_slice_truth(numbered), per_slice_truth(numbered * 7)  # 1..n in each slice
+    ('ids restart in each slice (an id marks other objects from slice to slice)', None)
+    >>> ball = np.zeros((3, 8, 8), int); ball[:, 2:6, 2:6] = 1
+    >>> per_slice_truth(ball) is None
+    True
+    """
+    gt = np.asarray(gt)
+    if gt.ndim != 3 or gt.shape[0] < 2:
+        return None
+    ids_per_slice = [np.unique(z[z != 0]) for z in gt]
+    counts = np.unique(np.concatenate(ids_per_slice), return_counts=True)[1] \
+        if any(i.size for i in ids_per_slice) else np.zeros(0)
+    if counts.size and counts.max() == 1:
+        return "every object is one slice thick"
+    restart = "ids restart in each slice (an id marks other objects from slice to slice)"
+    # per-slice numbering (connected components slice by slice): each slice's ids are 1..n,
+    # n varying with the slice, far fewer ids than objects over the slices
+    sizes = [i.size for i in ids_per_slice if i.size]
+    numbered = sum(bool(i.size) and i[0] == 1 and i[-1] == i.size for i in ids_per_slice)
+    if (sizes and numbered >= 0.8 * len(sizes) and len(set(sizes)) > 1
+            and sum(sizes) >= 1.5 * counts.size):
+        return restart
+    # ids in two neighbouring slices whose masks barely overlap: unrelated objects
+    ious = []
+    for a, b in zip(gt[:-1], gt[1:]):
+        shared = np.intersect1d(np.unique(a[a != 0]), np.unique(b[b != 0]))
+        for i in shared[:200]:  # a sample is enough
+            ma, mb = a == i, b == i
+            ious.append(np.count_nonzero(ma & mb) / np.count_nonzero(ma | mb))
+    if len(ious) >= 2 and float(np.median(ious)) < 0.1:
+        return restart
+    return None
+
+
+def count_objects(gt: np.ndarray, per_slice: bool = False) -> int:
+    """Objects a score counts: distinct non-zero ids, or (``per_slice``) their sum over slices.
+
+    >>> count_objects(np.array([[[1, 2]], [[1, 0]]])), count_objects(np.array([[[1, 2]], [[1, 0]]]), True)
+    (2, 3)
+    """
+    gt = np.asarray(gt)
+    if per_slice:
+        return int(sum(np.count_nonzero(np.unique(z)) for z in gt))
+    return int(np.count_nonzero(np.unique(gt)))

@@ -201,3 +201,20 @@ def test_uint64_ids_beyond_int64_are_scored():
     match = match_instances(PRED64, GT64)
     assert sorted(zip(match.pred_ids.tolist(), match.gt_ids.tolist())) == [
         (7, BIG + 2), (2**64 - 1, BIG + 1)]
+
+
+@pytest.mark.parametrize("parts, expect", [
+    (("vnc_sstem", "mito_instances_2d_cc.tif"), "one slice thick"),
+    (("sbem_cdeep3m_train", "mito_instances_2d_cc.tif"), "ids restart"),
+    (("urocell_mito_labels", "mito_instance_fib1-0-0-0.tif"), None),
+])
+def test_per_slice_truth_on_real_labels(parts, expect):
+    """Issue 30 item 5 on three labs' labels: per-slice components of two serial-section
+    stacks, and true 3D instances."""
+    import tifffile
+
+    from models import data_path
+    from nbapp.metrics import per_slice_truth
+
+    why = per_slice_truth(tifffile.imread(data_path(*parts)))
+    assert (why is None) if expect is None else (expect in why)

@@ -1524,3 +1524,34 @@ def test_download_links_of_both_exports_stay_until_other_data_is_loaded(volume, 
         assert c.download.value == ""
     finally:
         a.close()
+
+
+def test_per_slice_ground_truth_is_counted_and_scored_slice_by_slice(volume, tmp_path):
+    """Issue 30 item 5: 'ground truth loaded (67 labels)' for a stack of 321 objects, and a
+    3D score of 0.020 for slices that score 0.6-0.7."""
+    import tifffile
+
+    from skimage.segmentation import relabel_sequential
+
+    from nbapp.metrics import slice_metrics
+
+    app = make_app(volume, data_root=tmp_path)
+    try:
+        small_lab(app)
+        app.session.run_3d()
+        labels = app.state.labels3d
+        # per-slice labels of the result itself: each slice numbered from 1
+        per_slice = np.stack([relabel_sequential(z)[0] for z in labels]).astype(np.uint16)
+        tifffile.imwrite(tmp_path / "gt2d.tif", per_slice, photometric="minisblack")
+        assert app.session.load_truth("gt2d.tif")
+        n = int(sum(np.count_nonzero(np.unique(z)) for z in per_slice))
+        assert f"ground truth loaded: {n} objects in {len(labels)} slices, per-slice labels" \
+            in app.state.status
+        app.session.run_3d()
+        sc = app.state.score3d
+        assert sc["of"] == "slice by slice"
+        assert sc["f1"] == pytest.approx(slice_metrics(app.state.labels3d, per_slice)["f1"])
+        assert sc["f1"] > 0.9 and "against the ground truth slice by slice F1@0.5" in \
+            app.state.status
+    finally:
+        app.close()

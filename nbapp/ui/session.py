@@ -300,10 +300,18 @@ class Session(SliceActions, VolumeActions, TuneActions):
         except NbappError as exc:
             self.report(exc, "cannot load the ground truth")
             return False
+        from nbapp.metrics import count_objects, per_slice_truth
+
         st.truth = arr
         self.score_2d()
-        st.say(f"ground truth loaded ({int(np.count_nonzero(np.unique(arr)))} labels): "
-               "scores show in the 2D and 3D tabs", "ok")
+        why = per_slice_truth(arr)
+        if why is None:
+            st.say(f"ground truth loaded ({count_objects(arr)} objects): scores show in the 2D "
+                   "and 3D tabs", "ok")
+        else:  # count what will be scored (ids that restart per slice are not 3D objects)
+            st.say(f"ground truth loaded: {count_objects(arr, True)} objects in {len(arr)} "
+                   f"slices, per-slice labels ({why}): the 3D tab scores slice by slice",
+                   "ok")
         return True
 
     # -- model

@@ -31,12 +31,18 @@ class VolumeActions:
     ``state``, ``jobs``, ``data_root``, ``report`` and the model's engines)."""
 
     def _score_3d(self, labels) -> dict:
-        """3D F1@0.5, PQ and FG IoU against the ground truth ({} without one)."""
+        """F1@0.5, PQ and FG IoU against the ground truth ({} without one): in 3D, or slice by
+        slice (pooled) when the ground truth holds per-slice labels
+        (:func:`nbapp.metrics.per_slice_truth`: a batch of 2D images scores near 0 in 3D)."""
         truth = self.state.truth
         if truth is None or np.shape(labels) != truth.shape:
             return {}
-        from nbapp.metrics import headline_scores
+        from nbapp.metrics import headline_scores, per_slice_truth, slice_metrics
 
+        if per_slice_truth(truth) is not None:
+            m = slice_metrics(np.asarray(labels), truth)
+            return {"f1": float(m["f1"]), "pq": float(m["pq"]), "fg_iou": float(m["fg_iou"]),
+                    "of": "slice by slice"}
         return headline_scores(labels, truth)
 
     def _class_names(self) -> dict:
@@ -194,7 +200,8 @@ class VolumeActions:
                 st.result_slice = min(st.result_slice, res.labels.shape[0] - 1)
             t = res.timings
             st.score3d = self._score_3d(res.labels)
-            score = (f"; against the ground truth F1@0.5 {st.score3d['f1']:.3f}, PQ "
+            how = f" {st.score3d['of']}" if "of" in st.score3d else ""
+            score = (f"; against the ground truth{how} F1@0.5 {st.score3d['f1']:.3f}, PQ "
                      f"{st.score3d['pq']:.3f}, FG IoU {st.score3d['fg_iou']:.3f}"
                      if st.score3d else "")
             none_left = self._none_left()
