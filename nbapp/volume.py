@@ -328,6 +328,29 @@ def check_job_memory(shape: tuple, params: VolumeParams, engine=None) -> None:
                f"{'x'.join(map(str, shape))} volume", hint)
 
 
+def thin_stack_error(shape: tuple, plane: str, params: VolumeParams,
+                     exc: InputError) -> InputError:
+    """The error of a plane too small for the model, with what works: a stack too thin for the
+    xz / yz views (fewer slices than the model's smallest side) runs single-plane xy, or needs
+    more slices; less downsampling helps only when the slices themselves are the limit
+    (issue 30 item 9).
+
+    >>> from nbapp.params import VolumeParams
+    >>> print(thin_stack_error((5, 1024, 1024), "xz", VolumeParams(), InputError("too small")))
+    this stack has 5 slices: too few for the xz view (its slices are 5 pixels high; the model needs more). Run it single-plane xy (untick Run ortho-plane; --plane xy --no-orthoplane), or use a stack with more slices
+    """
+    other = shape[2] if plane == "xz" else shape[1]
+    if not params.orthoplane or plane not in ("xz", "yz") or shape[0] >= other:
+        return exc
+    main = "xy" if params.plane in ("xz", "yz") else params.plane
+    ds = params.slice.downsampling
+    return InputError(
+        f"this stack has {shape[0]} slices: too few for the {plane} view (its slices are "
+        f"{shape[0]} pixels high; the model needs more). Run it single-plane {main} (untick "
+        f"Run ortho-plane; --plane {main} --no-orthoplane), or use a stack with more slices"
+        + (", or less downsampling" if ds > 1 else ""))
+
+
 def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
                  intensity: tuple | None = None, heads_source=None, plane_runner=None
                  ) -> Generator[Progress, None, VolumeResult]:
@@ -348,8 +371,11 @@ def volume_steps(engine, volume, params: VolumeParams = VolumeParams(),
         ax = plane_axis(plane)
         shape2d = tuple(s for i, s in enumerate(volume.shape) if i != ax)
         if check is not None:
-            check(shape2d, params.slice.downsampling,
-                  f"{plane} slice (volume {'x'.join(map(str, volume.shape))})")
+            try:
+                check(shape2d, params.slice.downsampling,
+                      f"{plane} slice (volume {'x'.join(map(str, volume.shape))})")
+            except InputError as exc:
+                raise thin_stack_error(volume.shape, plane, params, exc) from None
     check_job_memory(tuple(volume.shape), params, engine)
     timings = {"network_s": 0.0, "median_s": 0.0, "postprocess_s": 0.0, "stacks_wall_s": 0.0,
                "tracking_s": 0.0, "consensus_s": 0.0}

@@ -1555,3 +1555,25 @@ def test_per_slice_ground_truth_is_counted_and_scored_slice_by_slice(volume, tmp
             app.state.status
     finally:
         app.close()
+
+
+def test_a_thin_stack_gets_a_3d_setting_that_runs_and_a_refusal_that_says_what_works(volume):
+    """Issue 30 item 9: ortho-plane refused a 5-slice stack with 'use less downsampling',
+    which cannot help, and Apply suggestion gave settings the 3D job then refused."""
+    a = make_app(volume[:5])
+    try:
+        st, s = a.state, a.session
+        s.set_voxel_size("40, 8, 8")  # a serial-section stack: the data is a volume
+        st.slice_params = st.slice_params.replace(batch_mode=False)
+        assert st.volume_params.orthoplane
+        s.run_3d()
+        assert st.status_level == "error"
+        assert "this stack has 5 slices: too few for the xz view" in st.status
+        assert "single-plane xy" in st.status and "less downsampling" not in st.status
+        st.suggestion = {**st.suggestion, "median_size": 3}
+        s.apply_suggestion()
+        assert not st.volume_params.orthoplane and "ortho-plane off" in st.status
+        s.run_3d()
+        assert st.labels3d is not None and st.labels3d.shape == volume[:5].shape, st.status
+    finally:
+        a.close()

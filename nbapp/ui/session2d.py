@@ -459,8 +459,28 @@ class SliceActions:
             except NbappError as exc:
                 self.report(exc, "cannot apply the suggestion")
                 return
+        thin = ""
+        if vp.orthoplane and self._too_thin_for_orthoplane(sp.downsampling):
+            # the 3D job would refuse xz / yz views of this stack: never apply what it refuses
+            vp = vp.replace(orthoplane=False)
+            thin = (f"; ortho-plane off: the stack's {st.data.shape[0]} slices are too few for "
+                    "xz and yz views")
         with st.hold_trait_notifications():
             st.volume_params = vp
             st.slice_params = sp
         st.say(f"applied: Image Downsampling {sp.downsampling}, Min Size {cp.min_size}, "
-               f"Min Box Extent {cp.min_extent}, Median Filter Size {vp.median_size}", "ok")
+               f"Min Box Extent {cp.min_extent}, Median Filter Size {vp.median_size}{thin}", "ok")
+
+    def _too_thin_for_orthoplane(self, downsampling) -> bool:
+        """Whether the xz / yz slices of the data are too small for the model at
+        ``downsampling`` (a stack of few slices)."""
+        st, seg = self.state, self.segmenter
+        if st.data is None or st.data.array.ndim != 3 or seg is None:
+            return False
+        z, y, x = st.data.shape
+        try:
+            for side in ((z, x), (z, y)):
+                seg.engine.check_size(side, downsampling)
+        except NbappError:
+            return True
+        return False
