@@ -25,7 +25,8 @@ import numpy as np
 
 from nbapp.errors import InputError, ParameterError
 
-__all__ = ["FinetuneParams", "FinetuneResult", "finetune", "corrected_weights", "score_slices"]
+__all__ = ["FinetuneParams", "FinetuneResult", "finetune", "corrected_weights", "score_slices",
+           "tune_thresholds", "THRESHOLD_GRID"]
 
 
 @dataclass(frozen=True)
@@ -324,14 +325,43 @@ def finetune(images, labels, init="default", minutes: float | None = None,
     return FinetuneResult(tuned, yml, step, time.monotonic() - t0, losses, stopped)
 
 
-def score_slices(model, images, labels, downsampling=1) -> dict:
-    """F1@0.5, precision, recall, FG IoU and PQ of ``model`` on labelled 2D slices (default
-    post-processing, counts pooled over the slices): the before / after of fine-tuning."""
+def score_slices(model, images, labels, downsampling=1, params=None, segmenter=None) -> dict:
+    """F1@0.5, precision, recall, FG IoU and PQ of ``model`` on labelled 2D slices (counts
+    pooled over the slices): the before / after of fine-tuning. ``params``: the
+    post-processing to score with (default: the defaults at ``downsampling``)."""
     from nbapp.inference import SliceSegmenter
     from nbapp.metrics import slice_metrics
     from nbapp.params import SliceParams
 
-    seg = SliceSegmenter(model)
-    params = SliceParams(downsampling=downsampling)
+    seg = segmenter or SliceSegmenter(model)
+    params = params if params is not None else SliceParams(downsampling=downsampling)
     m = slice_metrics([seg(im, params) for im in images], [np.asarray(la) for la in labels])
     return {k: float(m[k]) for k in ("f1", "precision", "recall", "fg_iou", "pq")}
+
+
+#: The post-processing grid a tuned model's thresholds are chosen from (issue 30 item 4).
+THRESHOLD_GRID = {"seg_threshold": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                  "center_threshold": (0.05, 0.1, 0.15, 0.2, 0.3)}
+
+
+def tune_thresholds(model, images, labels, params) -> dict:
+    """The segmentation and centre thresholds that score best (F1@0.5, pooled) for ``model`` on
+    labelled slices, from :data:`THRESHOLD_GRID` and the current ``params`` (the network runs
+    once per slice; every setting reuses its outputs).
+
+    Returns ``{"seg_threshold", "center_threshold", "f1", "current_f1"}``; the current values
+    when nothing scores higher.
+    """
+    from nbapp.inference import SliceSegmenter
+
+    seg = SliceSegmenter(model, cache_size=max(16, len(images)))
+    best = {"seg_threshold": params.seg_threshold, "center_threshold": params.center_threshold}
+    current = score_slices(model, images, labels, params=params, segmenter=seg)["f1"]
+    top = current
+    for s in THRESHOLD_GRID["seg_threshold"]:
+        for c in THRESHOLD_GRID["center_threshold"]:
+            f1 = score_slices(model, images, labels, segmenter=seg,
+                              params=params.replace(seg_threshold=s, center_threshold=c))["f1"]
+            if f1 > top + 1e-9:
+                top, best = f1, {"seg_threshold": s, "center_threshold": c}
+    return {**best, "f1": top, "current_f1": current}

@@ -1155,8 +1155,8 @@ def test_fine_tune_with_ground_truth_scores_other_slices_and_warns_when_worse(
 
     real = fewshot.score_slices
     if worse:  # a tuned model that is worse on the held-out slices
-        def fake(model, images, labels, ds=1):
-            out = real(model, images, labels, ds)
+        def fake(model, images, labels, ds=1, params=None, segmenter=None):
+            out = real(model, images, labels, ds, params, segmenter)
             tuned = model is not app.state.model  # (the active one is the model before)
             return {**out, "f1": 0.5} if tuned and len(images) > 1 else out
         monkeypatch.setattr(fewshot, "score_slices", fake)
@@ -1166,11 +1166,26 @@ def test_fine_tune_with_ground_truth_scores_other_slices_and_warns_when_worse(
         st = app.state
         assert st.truth is not None
         app.proofread.add.click()
+        # sliders far from the tuned model's best (issue 30 item 4: the old model's sliders
+        # stayed, and the tuned model scored worse with them)
+        st.slice_params = st.slice_params.replace(seg_threshold=0.9)
         assert app.session.start_finetune(0.1)
         assert st.tuning.state == JobState.DONE, st.tuning.error
         truth = st.tune_scores["truth"]
-        assert truth["slices"] == 4 and set(truth) == {"slices", "before", "after"}
-        assert "against the ground truth on 4 other slices" in st.status
+        assert truth["slices"] == 4 and set(truth) == {"slices", "which", "before", "after"}
+        assert truth["which"] == "slices 9, 19, 28 and 38"  # named, not "4 other slices"
+        assert "against the ground truth on slices 9, 19, 28 and 38 (not trained on)" in st.status
+        best = st.tune_scores["thresholds"]
+        assert best["on"] == "slices 9, 19, 28 and 38 (ground truth)"
+        if not worse:  # (the worse variant's fake scores every setting alike)
+            assert best["f1"] > best["current_f1"] and best["seg_threshold"] < 0.9
+            assert "Apply tuned thresholds sets them" in st.status
+            assert app.proofread.apply_thresholds.layout.display is None
+            app.proofread.apply_thresholds.click()
+            assert st.slice_params.seg_threshold == best["seg_threshold"]
+            assert st.slice_params.center_threshold == best["center_threshold"]
+        else:
+            assert app.proofread.apply_thresholds.layout.display == "none"
         if worse:
             assert st.status_level == "warning" and "It is worse there than before" in st.status
             assert "load 'default' in the Data tab to go back" in st.status
@@ -1178,7 +1193,7 @@ def test_fine_tune_with_ground_truth_scores_other_slices_and_warns_when_worse(
             dropped = truth["after"]["f1"] < truth["before"]["f1"] - 0.02
             assert st.status_level == ("warning" if dropped else "ok")
             assert ("worse" in st.status) == dropped
-        assert "other slices" in app.proofread.scores.value
+        assert "slices 9, 19, 28 and 38 vs ground truth" in app.proofread.scores.value
     finally:
         app.close()
 
@@ -1577,3 +1592,9 @@ def test_a_thin_stack_gets_a_3d_setting_that_runs_and_a_refusal_that_says_what_w
         assert st.labels3d is not None and st.labels3d.shape == volume[:5].shape, st.status
     finally:
         a.close()
+
+
+def test_apply_tuned_thresholds_before_a_fine_tune_says_so(app):
+    assert not app.session.apply_tuned_thresholds()
+    assert "no better thresholds to apply: fine-tune first" in app.state.status
+    assert app.proofread.apply_thresholds.layout.display == "none"

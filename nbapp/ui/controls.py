@@ -583,6 +583,11 @@ class ProofreadPanel:
         self.add.on_click(lambda _: session.add_to_training())
         self.tune.on_click(lambda _: session.start_finetune(float(self.minutes.value)))
         self.cancel.on_click(lambda _: session.cancel_finetune())
+        self.apply_thresholds = W.Button(description="Apply tuned thresholds", icon="check",
+                                         tooltip="the thresholds that score best with the "
+                                                 "tuned model on slices it did not train on",
+                                         layout=W.Layout(width="auto", display="none"))
+        self.apply_thresholds.on_click(lambda _: session.apply_tuned_thresholds())
         self.box_toggle = box_toggle
         self.tools = W.HBox([self.mode, self.brush, self.undo, self.discard],
                             layout=W.Layout(flex_flow="row wrap", align_items="center"))
@@ -590,7 +595,7 @@ class ProofreadPanel:
             W.HBox([self.add, self.summary], layout=W.Layout(align_items="center")),
             W.HBox([self.minutes, self.tune, self.cancel, self.bar],
                    layout=W.Layout(align_items="center", flex_flow="row wrap")),
-            self.curve, self.scores])
+            self.curve, self.scores, self.apply_thresholds])
         state.observe(self._summary, names=["training"])
         state.observe(self._tuning, names=["tuning"])
         state.observe(self._scores, names=["tune_scores"])
@@ -627,13 +632,17 @@ class ProofreadPanel:
         s = self.state.tune_scores
         if not s:
             self.scores.value = ""
+            self.apply_thresholds.layout.display = "none"
             return
         rows = [("before, stored slices", s["before"]), ("after, stored slices", s["after"])]
         truth = s.get("truth")
         if truth:
-            n = truth["slices"]
-            rows += [(f"before, {n} other slices vs ground truth", truth["before"]),
-                     (f"after, {n} other slices vs ground truth", truth["after"])]
+            which = truth.get("which", f"{truth['slices']} other slices")
+            rows += [(f"before, {which} vs ground truth", truth["before"]),
+                     (f"after, {which} vs ground truth", truth["after"])]
+        best = s.get("thresholds") or {}
+        self.apply_thresholds.layout.display = \
+            None if best and best["f1"] > best["current_f1"] + 1e-9 else "none"
         self.scores.value = (
             "<table class='nbapp-table' style='font-size:12px'><tr><th></th><th>F1@0.5</th>"
             "<th>precision</th><th>recall</th></tr>"

@@ -20,6 +20,16 @@ from nbapp.proofread import LabelEditor, TrainingSet
 from nbapp.ui.threads import call_in_ui
 from nbapp.workspace import release, reserve_numbered
 
+
+def _which(indices) -> str:
+    """'slice 3' or 'slices 3, 9 and 14' (the slices a score is on).
+
+    >>> _which([3]), _which([3, 9, 14])
+    ('slice 3', 'slices 3, 9 and 14')
+    """
+    idx = [str(i) for i in indices]
+    return f"slice {idx[0]}" if len(idx) == 1 else f"slices {', '.join(idx[:-1])} and {idx[-1]}"
+
 __all__ = ["TuneActions", "EDIT_MODES"]
 
 EDIT_MODES = ("view", "delete", "merge", "paint", "erase")
@@ -185,7 +195,8 @@ class TuneActions:
     def start_finetune(self, minutes: float = 3.0) -> bool:
         """Fine-tune the current model on the stored slices in the background; the tuned model
         becomes the active one when it ends (False if it could not start)."""
-        from nbapp.fewshot import FinetuneParams, corrected_weights, finetune, score_slices
+        from nbapp.fewshot import (FinetuneParams, corrected_weights, finetune, score_slices,
+                                   tune_thresholds)
         from nbapp.jobs import JobBusyError, callback_steps
 
         st = self.state
@@ -225,17 +236,28 @@ class TuneActions:
                                        if s.meta.get("plane") == "xy"
                                        and s.meta.get("data") == name_now})
 
+        sp = st.slice_params  # the sliders the user tuned (for the model before)
+
         def run(report, cancel):
             res = finetune(images, labels, spec, params=params, weights=weights,
                            out=ts.folder / "models", name=name,
                            progress=lambda step, total, detail: report(step, total, detail),
                            cancel=cancel, device=str(before_model.device), pixel_size_nm=pixel)
-            scores = tuple(score_slices(m, images, labels, ds) for m in (before_model, res.model))
-            truth = {"slices": len(held_out[0]),
-                     **{k: score_slices(m, *held_out, ds)
-                        for k, m in (("before", before_model), ("after", res.model))}} \
-                if held_out else None
-            return res, scores, truth
+            # scored with the user's sliders: what the page shows with each model
+            scores = tuple(score_slices(m, images, labels, params=sp)
+                           for m in (before_model, res.model))
+            truth = None
+            if held_out:
+                idx, him, hla = held_out
+                truth = {"slices": len(idx), "which": _which(idx),
+                         **{k: score_slices(m, him, hla, params=sp)
+                            for k, m in (("before", before_model), ("after", res.model))}}
+            # the old sliders were tuned for the old model: choose the tuned model's on slices
+            # it did not train on where there are any, else on the stored slices
+            ims, las, on = (held_out[1], held_out[2], f"{_which(held_out[0])} (ground truth)") \
+                if held_out else (images, labels, "the stored slices")
+            thresholds = {**tune_thresholds(res.model, ims, las, sp), "on": on}
+            return res, scores, truth, thresholds
 
         def job():
             return (yield from callback_steps(run, "fine-tune"))
@@ -258,7 +280,7 @@ class TuneActions:
 
     def _truth_slices(self, exclude: set) -> tuple[list, list] | None:
         """Up to :attr:`TRUTH_SLICES` xy slices of the data with ground truth (spread evenly,
-        none of ``exclude``): (images, truths), or None without ground truth."""
+        none of ``exclude``): (indices, images, truths), or None without ground truth."""
         st = self.state
         if st.truth is None or st.data is None or st.data.array.ndim != 3:
             return None
@@ -272,7 +294,21 @@ class TuneActions:
                 return None
             images.append(self.slice_image("xy", z)[0])
             truths.append(np.asarray(gt))
-        return (images, truths) if images else None
+        return (picks, images, truths) if images else None
+
+    def apply_tuned_thresholds(self) -> bool:
+        """Set the sliders to the thresholds chosen for the tuned model after fine-tuning."""
+        st = self.state
+        best = (st.tune_scores or {}).get("thresholds")
+        if not best or best["f1"] <= best["current_f1"] + 1e-9:
+            st.say("no better thresholds to apply: fine-tune first", "info")
+            return False
+        st.slice_params = st.slice_params.replace(seg_threshold=best["seg_threshold"],
+                                                  center_threshold=best["center_threshold"])
+        st.say(f"applied the tuned model's thresholds (Segmentation {best['seg_threshold']:g}, "
+               f"Center {best['center_threshold']:g}; F1@0.5 {best['f1']:.2f} on "
+               f"{best['on']})", "ok")
+        return True
 
     def _model_box_text(self, model) -> str:
         """What to type in the Data tab's model box to load ``model`` again: 'default', a zoo
@@ -300,7 +336,7 @@ class TuneActions:
         if not snap.finished:
             return
         if snap.state == JobState.DONE and snap.result is not None:
-            res, (before, after), truth = snap.result
+            res, (before, after), truth, thresholds = snap.result
             previous = getattr(self, "_spec_before", None) or st.model_info.get("name", "")
             editors = self._editors
             for key in [k for k, ed in editors.items() if getattr(ed, "stored", False)]:
@@ -310,20 +346,27 @@ class TuneActions:
             self.show_edits()
             st.tune_scores = {"before": before, "after": after, "steps": res.steps,
                               "minutes": res.seconds / 60, "config": str(res.config),
-                              "stopped": res.stopped, "truth": truth}
+                              "stopped": res.stopped, "truth": truth,
+                              "thresholds": thresholds}
             # the stored slices are what it trained on: where there is ground truth, other
             # slices say whether it generalises, and a drop there is a warning
             held = worse = ""
             if truth is not None:
-                held = (f"; against the ground truth on {truth['slices']} other slices "
+                held = (f"; against the ground truth on {truth['which']} (not trained on) "
                         f"{truth['before']['f1']:.2f} -> {truth['after']['f1']:.2f}")
                 if truth["after"]["f1"] < truth["before"]["f1"] - 0.02:
                     worse = (f". It is worse there than before: load {previous!r} in the Data "
                              "tab to go back, or proofread more slices and fine-tune again")
+            better = ""
+            if thresholds["f1"] > thresholds["current_f1"] + 1e-9:
+                better = (f". Its best thresholds on {thresholds['on']}: Segmentation "
+                          f"{thresholds['seg_threshold']:g}, Center {thresholds['center_threshold']:g} "
+                          f"(F1@0.5 {thresholds['current_f1']:.2f} -> {thresholds['f1']:.2f}): "
+                          "Apply tuned thresholds sets them")
             st.say(f"fine-tuned in {res.seconds / 60:.1f} min ({res.steps} steps, "
                    f"{res.stopped}): F1@0.5 on the stored slices {before['f1']:.2f} -> "
                    f"{after['f1']:.2f}{held}; the tuned model is active and saved as "
-                   f"{res.config}{worse}", "warning" if worse else "ok")
+                   f"{res.config}{worse}{better}", "warning" if worse else "ok")
         elif snap.state == JobState.CANCELLED:
             st.say("fine-tuning cancelled; the model is unchanged", "warning")
         elif snap.state == JobState.FAILED:
