@@ -204,7 +204,7 @@ class HeadsView:
         self.images.append(axes[1].imshow(np.zeros((2, 2)), cmap="viridis", **NEAREST))
         self.images.append(axes[2].imshow(np.zeros((2, 2, 3)), **NEAREST))
         (self.centres,) = axes[1].plot([], [], "r+", markersize=8, markeredgewidth=1.5)
-        self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.05)
+        self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.86, wspace=0.05)
         self.canvas = self.figure.canvas
         self.widget = W.VBox([self.canvas])
         self.widget.layout.display = "none"
@@ -236,7 +236,9 @@ class HeadsView:
         ys = (c[:, 0] * g + (g - 1) / 2 + 0.5) * ds - 0.5
         xs = (c[:, 1] * g + (g - 1) / 2 + 0.5) * ds - 0.5
         self.centres.set_data(xs, ys)
-        self.axes[1].set_title(f"centre heat-map + {len(c)} centres", fontsize=9)
+        # more objects than centres: a centre's pixels can form several pieces (issue 30 item 14)
+        self.axes[1].set_title(f"centre heat-map + {len(c)} centres -> {r.count} objects\n"
+                               "(a centre's pixels may form several pieces)", fontsize=8)
         self.canvas.draw_idle()
 
 
