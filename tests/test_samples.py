@@ -86,3 +86,22 @@ def test_each_2d_parameter_moves_a_number_on_the_teaching_slice(slice_segmenter)
     assert (run(fine_boundaries=True)[0] != run()[0]).sum() > 0
     f1 = instance_metrics(run()[0], truth)["f1"]
     assert 0.3 < f1 < 0.95  # harder than the demo (F1 1.000 there)
+
+
+def test_the_cem_crops_ship_with_their_licence():
+    """Issue 30 item 16: the five CEM500K crops (BSD-3-Clause) are a bundled sample."""
+    from nbapp.samples import CEM_FOLDER, cem_crops
+
+    crops = cem_crops()
+    assert [n for n, _, _ in crops] == [f"mitochondria{i}" for i in range(1, 6)]
+    for name, img, lab in crops:
+        assert img.dtype == np.uint8 and img.ndim == 2 and img.shape == lab.shape
+        assert max(img.shape) <= 224 and lab.max() >= 1 and img.std() > 2  # real EM, not blank
+    assert "BSD 3-Clause" in (CEM_FOLDER / "LICENSE-BSD-3-Clause.txt").read_text()
+    import tomllib
+    from pathlib import Path
+
+    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    shipped = data["tool"]["setuptools"]["package-data"]["nbapp"]
+    assert "data/cem_mito_2d/LICENSE-BSD-3-Clause.txt" in shipped
+    assert "data/cem_mito_2d/images/*.png" in shipped and "data/cem_mito_2d/masks/*.png" in shipped
