@@ -1601,3 +1601,30 @@ def test_apply_tuned_thresholds_before_a_fine_tune_says_so(app):
     assert not app.session.apply_tuned_thresholds()
     assert "no better thresholds to apply: fine-tune first" in app.state.status
     assert app.proofread.apply_thresholds.layout.display == "none"
+
+
+def test_an_export_writes_what_is_shown_and_says_what_it_is(volume, tmp_path):
+    """Walk-through: exported labels dropped the visitor's proofreading edits, and a stack's
+    export held one slice without saying so."""
+    import tifffile
+
+    a = make_app(volume, data_root=tmp_path)
+    try:
+        st, s = a.state, a.session
+        ids = np.unique(st.result2d.labels)[1:]
+        assert ids.size >= 1
+        st.edit_mode = "delete"
+        y, x = np.argwhere(st.result2d.labels == ids[0])[0]
+        s.edit_click(float(y), float(x))
+        target = s.export_labels("edited.tif")
+        out = tifffile.imread(target)
+        np.testing.assert_array_equal(out, st.edited)
+        assert not (out == ids[0]).any()
+        assert f"labels of xy slice {st.index} only with your edits (run the 3D job, or Run " \
+               "batch, to export every slice) written to" in st.status
+        small_lab(a)
+        s.run_3d()
+        s.export_labels("volume.tif")
+        assert "labels of the 3D result written to" in st.status
+    finally:
+        a.close()

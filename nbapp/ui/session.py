@@ -433,19 +433,29 @@ class Session(SliceActions, VolumeActions, TuneActions):
             release(target)
             raise
 
-    def current_labels(self) -> np.ndarray | None:
+    def current_labels(self) -> tuple[np.ndarray | None, str]:
+        """What an export writes, and what it is: the 3D result, the batch's labels, or the
+        visible slice as the viewer shows it (the user's edits included)."""
         st = self.state
         if st.labels3d is not None:
-            return st.labels3d
+            return st.labels3d, "the 3D result"
         if st.batch_labels is not None:
-            return st.batch_labels
-        return None if st.result2d is None else st.result2d.labels
+            return st.batch_labels, "the batch's labels"
+        r = st.result2d
+        if r is None:
+            return None, ""
+        shown = st.shown_labels()
+        what = f"{r.plane} slice {r.index} only" + (
+            " with your edits" if shown is not r.labels else "")
+        if st.data is not None and st.data.array.ndim == 3:
+            what += " (run the 3D job, or Run batch, to export every slice)"
+        return shown, what
 
     def export_labels(self, path: str) -> Path | None:
         from nbapp.io import write_labels
 
         try:
-            labels = self.current_labels()
+            labels, what = self.current_labels()
             if labels is None:
                 raise InputError("nothing to export yet: segment a slice or run a 3D job")
             zarr = str(path).strip().lower().endswith(".zarr")
@@ -456,7 +466,7 @@ class Session(SliceActions, VolumeActions, TuneActions):
         except Exception as exc:  # noqa: BLE001
             self.report(exc, "export failed")
             return None
-        self.state.say(f"labels written to {target}", "ok")
+        self.state.say(f"labels of {what} written to {target}", "ok")
         return target
 
     def export_table(self, path: str) -> Path | None:

@@ -18,7 +18,7 @@ def _export(app: AppPage, name: str) -> str:
     box = page.locator(".widget-text", has_text="Export to").locator("input")
     box.fill(name)
     page.locator("button:visible", has_text="Export labels").click()
-    return app.wait_for_status("labels written to", 60)
+    return app.wait_for_status(" written to ", 60)
 
 
 def test_two_visitors_at_once_keep_their_work_apart(server, browser, data_root):
