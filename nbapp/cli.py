@@ -238,6 +238,10 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     app.add_argument("--connect-timeout", type=int, default=120, metavar="S",
                      help="shut down a session whose page never connected after S seconds "
                           "(default %(default)s)")
+    app.add_argument("--disconnect-timeout", type=int, default=600, metavar="S",
+                     help="shut down a session whose page went away without closing (a crashed "
+                          "browser) after S seconds; a running 3D job finishes first (default "
+                          "%(default)s)")
 
     ev = sub.add_parser("evaluate", help="compare predicted labels with ground truth")
     ev.add_argument("pred", metavar="PRED")
@@ -918,7 +922,8 @@ def _cmd_app(args) -> int:
                  cull_idle_timeout=args.cull_idle_timeout, token=args.token,
                  no_token=args.no_token, models=args.models,
                  allow_root_models=args.allow_data_root_models, max_kernels=args.max_kernels,
-                 per_visitor=args.max_kernels_per_visitor, connect_timeout=args.connect_timeout)
+                 per_visitor=args.max_kernels_per_visitor, connect_timeout=args.connect_timeout,
+                 disconnect_timeout=args.disconnect_timeout)
 
 
 def _one_line(message: str) -> str:

@@ -64,9 +64,10 @@ TOKEN_ENV = "NBAPP_TOKEN"
 #: kernel starts).
 _SERVER_TOKEN_ENV = "NBAPP_SERVER_TOKEN"
 _LIMITS_ENV = "NBAPP_SERVER_LIMITS"
-#: Kernels: at most ``max_kernels`` at once, ``per_visitor`` per browser, and a kernel whose
-#: page never connected (a script's ``GET /``) is shut down after ``connect_timeout`` seconds.
-LIMITS = {"max_kernels": 12, "per_visitor": 3, "connect_timeout": 120}
+#: Kernels: at most ``max_kernels`` at once, ``per_visitor`` per browser; a kernel whose page
+#: never connected (a script's ``GET /``) is shut down after ``connect_timeout`` seconds, one whose
+#: pages all went away without closing (a crashed browser) after ``disconnect_timeout``.
+LIMITS = {"max_kernels": 12, "per_visitor": 3, "connect_timeout": 120, "disconnect_timeout": 600}
 #: The cookie that tells a browser's visits apart (a random secret; its hash names the folder).
 VISITOR_COOKIE = "nbapp-visitor"
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]{32,64}")
@@ -222,6 +223,28 @@ def set_xsrf_cookie(request_handler, notebook=None, cwd=None):
     return None
 
 
+def kernels_to_reap(books: dict, now: float, limits: dict) -> list[tuple[str, str]]:
+    """``(kernel id, why)`` of the kernels to shut down: started more than ``connect_timeout``
+    seconds ago and never connected, or without a connected page for ``disconnect_timeout``
+    seconds (``books``: ``started`` and ``gone`` times, the ``connected`` set).
+
+    >>> books = {"started": {"a": 0.0, "b": 0.0, "c": 0.0}, "connected": {"b", "c"},
+    ...          "gone": {"b": 50.0}}
+    >>> kernels_to_reap(books, 200.0, {"connect_timeout": 120, "disconnect_timeout": 100})
+    [('a', 'its page never connected in 120 s'), ('b', 'no page connected for 150 s')]
+    """
+    out = []
+    for kernel_id, started in books["started"].items():
+        gone = books["gone"].get(kernel_id)
+        if kernel_id not in books["connected"]:
+            if now - started > limits["connect_timeout"]:
+                out.append((kernel_id,
+                            f"its page never connected in {limits['connect_timeout']} s"))
+        elif gone is not None and now - gone > limits["disconnect_timeout"]:
+            out.append((kernel_id, f"no page connected for {now - gone:.0f} s"))
+    return out
+
+
 def _sessions(n: int) -> str:
     return f"{n} session" + ("" if n == 1 else "s")
 
@@ -254,7 +277,8 @@ def job_aware_kernel_manager(limits: dict | None = None):
 
         def _books(self) -> dict:
             return self.__dict__.setdefault("_nbapp_books", {"visitor": {}, "started": {},
-                                                             "connected": set(), "starting": []})
+                                                             "connected": set(), "starting": [],
+                                                             "gone": {}})
 
         async def start_kernel(self, *args, **kwargs):
             visitor = _HANDOFF.pop("visitor", None)
@@ -284,29 +308,36 @@ def job_aware_kernel_manager(limits: dict | None = None):
             return kernel_id
 
         def notify_connect(self, kernel_id):
-            self._books()["connected"].add(kernel_id)
+            books = self._books()
+            books["connected"].add(kernel_id)
+            books["gone"].pop(kernel_id, None)
             return super().notify_connect(kernel_id)
 
+        def notify_disconnect(self, kernel_id):
+            out = super().notify_disconnect(kernel_id)
+            if self._kernel_connections.get(kernel_id, 0) <= 0:
+                self._books()["gone"][kernel_id] = time.monotonic()  # its last page left
+            return out
+
         async def _reap_unconnected(self):
-            """Shut down kernels whose page never connected (a script's GET /)."""
+            """Shut down kernels whose page never connected (a script's GET /) or whose pages
+            all went away without closing (a crashed browser, a lost network): see
+            :func:`kernels_to_reap`. A kernel running a 3D job finishes it first."""
             while True:
                 await asyncio.sleep(max(0.5, min(10.0, self.connect_timeout / 4)))
                 books = self._books()
-                now = time.monotonic()
-                for kernel_id in list(books["started"]):
-                    if kernel_id not in self:
-                        for book in ("visitor", "started"):
-                            books[book].pop(kernel_id, None)
-                        books["connected"].discard(kernel_id)
-                    elif kernel_id not in books["connected"] and \
-                            now - books["started"][kernel_id] > self.connect_timeout:
-                        self.log.info("nbapp: kernel %s: its page never connected in %s s; "
-                                      "shutting it down", kernel_id, self.connect_timeout)
-                        books["started"].pop(kernel_id, None)
-                        try:
-                            await self.shutdown_kernel(kernel_id)
-                        except Exception as exc:  # noqa: BLE001 - keep reaping the others
-                            self.log.warning("nbapp: shutting down %s failed: %s", kernel_id, exc)
+                for kernel_id in [k for k in books["started"] if k not in self]:
+                    for book in ("visitor", "started", "gone"):
+                        books[book].pop(kernel_id, None)
+                    books["connected"].discard(kernel_id)
+                for kernel_id, why in kernels_to_reap(books, time.monotonic(), limits):
+                    self.log.info("nbapp: kernel %s: %s; shutting it down", kernel_id, why)
+                    books["started"].pop(kernel_id, None)
+                    books["gone"].pop(kernel_id, None)
+                    try:
+                        await self.shutdown_kernel(kernel_id)
+                    except Exception as exc:  # noqa: BLE001 - keep reaping the others
+                        self.log.warning("nbapp: shutting down %s failed: %s", kernel_id, exc)
 
         async def shutdown_kernel(self, kernel_id, now=False, restart=False):
             marker = JobMarker.from_env(kernel_id)
@@ -340,6 +371,31 @@ def job_aware_kernel_manager(limits: dict | None = None):
     return JobAwareKernelManager
 
 
+_SECRET_PARAMS = re.compile(r"(?i)([?&](?:token|_xsrf)=)[^&#]*")
+
+
+def log_request(handler) -> None:
+    """Tornado's request log line, with the token (and XSRF token) of a URL replaced by
+    ``[secret]``: Voila's default wrote every refused ``GET /?token=...`` in full.
+
+    >>> from types import SimpleNamespace as N
+    >>> import logging; from tornado.log import access_log
+    >>> req = N(uri="/?token=abc&x=1", method="GET", remote_ip="127.0.0.1", request_time=lambda: 0.001)
+    >>> access_log.warning = lambda *a: print(a[0] % a[1:])
+    >>> log_request(N(get_status=lambda: 503, request=req))
+    503 GET /?token=[secret]&x=1 (127.0.0.1) 1.00ms
+    >>> del access_log.warning
+    """
+    from tornado.log import access_log
+
+    status = handler.get_status()
+    log = access_log.info if status < 400 else access_log.warning if status < 500 or \
+        status == 503 else access_log.error
+    req = handler.request
+    log("%d %s %s (%s) %.2fms", status, req.method, _SECRET_PARAMS.sub(r"\1[secret]", req.uri),
+        req.remote_ip, 1000.0 * req.request_time())
+
+
 def voila_config():
     """The traitlets config given to Voila besides its command line (what a command line cannot
     say: the prelaunch hook, the kernel manager with its limits, and the token, which comes
@@ -355,6 +411,7 @@ def voila_config():
     token = os.environ.pop(_SERVER_TOKEN_ENV, None)
     if token is not None:
         cfg.Voila.token = token
+    cfg.Voila.tornado_settings = {"log_function": log_request}  # no token in the log
     return cfg
 
 
@@ -430,7 +487,8 @@ def serve(port: int = DEFAULT_PORT, open_browser: bool = True,
           cull_idle_timeout: int = CULLING["cull_idle_timeout"], token: str | None = None,
           no_token: bool = False, models=(), allow_root_models: bool = False,
           max_kernels: int = LIMITS["max_kernels"], per_visitor: int = LIMITS["per_visitor"],
-          connect_timeout: int = LIMITS["connect_timeout"]) -> int:
+          connect_timeout: int = LIMITS["connect_timeout"],
+          disconnect_timeout: int = LIMITS["disconnect_timeout"]) -> int:
     """Run the app with Voila until it stops (Ctrl-C or SIGTERM); 0 when Voila stopped cleanly.
 
     Visitors need the token (``token``, else ``$NBAPP_TOKEN``, else a new random one), given
@@ -444,7 +502,8 @@ def serve(port: int = DEFAULT_PORT, open_browser: bool = True,
     check_requirements()
     dirs = resolve_model_dirs(models, root)
     limits = _check_limits({"max_kernels": max_kernels, "per_visitor": per_visitor,
-                            "connect_timeout": connect_timeout})
+                            "connect_timeout": connect_timeout,
+                            "disconnect_timeout": disconnect_timeout})
     if no_token:
         token = ""
         print("nbapp: WARNING: serving without a token: every account of this machine (and "

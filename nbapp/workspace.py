@@ -296,11 +296,11 @@ class Workspace:
         if self.root_models:
             return text, self.read_root
         raise ModelError(
-            f"model {text!r} is not one this server offers: give 'default', a model zoo name "
-            "(`nbapp models` lists them), one of your fine-tuned models (tuned_1, ...)"
+            f"model {text!r} is not one this server offers: load 'default', a model zoo name, "
+            "one of your fine-tuned models (tuned_1, ...)"
             + (" or a model of the administrator's folder" if self.model_dirs else "")
-            + ". Model files in the data root are code and load only where the administrator "
-              "allows it (nbapp app --allow-data-root-models)")
+            + "; model files in the data root are code and load only where the administrator "
+              "allows it")
 
 
 def from_environment(env: dict | None = None) -> Workspace:

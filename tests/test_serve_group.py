@@ -73,7 +73,11 @@ def test_token_kernel_caps_and_unconnected_pages(tmp_path):
         assert again[0] == 200 and third[0] == 503, (again[0], third[0])
         assert b"you have 2 sessions open" in third[2]
         assert len(set(_kernels(app).values())) == 1
-    assert "?token=" in app.log_text()
+    # the token is printed once, for the administrator; refused requests log it scrubbed
+    with_token = [line for line in app.log_text().splitlines() if app.token in line]
+    assert len(with_token) == 1 and with_token[0].startswith("nbapp: serving the app at"), \
+        with_token
+    assert "503 GET /?token=[secret]" in app.log_text()
 
 
 def test_token_settings_and_errors(tmp_path, monkeypatch, capsys):
@@ -98,3 +102,17 @@ def test_token_settings_and_errors(tmp_path, monkeypatch, capsys):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_kernels_whose_pages_went_away_are_reaped():
+    """A crashed browser's kernel lived for an hour (walk-through): one whose pages all left
+    without closing is shut down after --disconnect-timeout, as one that never connected is
+    after --connect-timeout."""
+    books = {"started": {"never": 0.0, "left": 0.0, "back": 0.0, "here": 0.0},
+             "connected": {"left", "back", "here"}, "gone": {"left": 10.0, "back": 590.0}}
+    limits = {"connect_timeout": 120, "disconnect_timeout": 600}
+    assert serve.kernels_to_reap(books, 100.0, limits) == []
+    reaped = dict(serve.kernels_to_reap(books, 700.0, limits))
+    assert set(reaped) == {"never", "left"}
+    assert reaped["left"] == "no page connected for 690 s"
+

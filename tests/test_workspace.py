@@ -180,7 +180,7 @@ def test_served_page_loads_models_only_from_trusted_places(root, tmp_path_factor
         for spec in ("dropped.pt", str(root / "dropped.pt")):
             assert not s.load_model(spec, "cpu")
             assert "not one this server offers" in alice.state.status
-            assert "--allow-data-root-models" in alice.state.status
+            assert "load only where the administrator allows it" in alice.state.status
         assert s.load_model("lab.pt", "cpu") and alice.state.model_info["name"] == "lab"
         assert s.load_model(str(admin / "lab.pt"), "cpu")
         assert not s.load_model(str(admin / ".." / "x.pt"), "cpu")

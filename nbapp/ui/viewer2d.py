@@ -254,7 +254,7 @@ class CompareView:
         self.panels = [setup_image_axes(ax, cmap=cmap, opacity=state.opacity) for ax in self.axes]
         for ax in self.axes:
             ax.set_title("", fontsize=9)
-        self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.05)
+        self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.84, wspace=0.05)
         self.canvas = self.figure.canvas
         self.widget = W.VBox([self.canvas])
         self.widget.layout.display = "none"
@@ -279,11 +279,11 @@ class CompareView:
             show_image(base, c.image, image_clim(c.image))
             if c.labels is None:
                 show_image(over, np.zeros(c.image.shape, np.uint8))
-                ax.set_title(f"downsampling {c.downsampling:g}: too small", fontsize=9)
+                ax.set_title(f"ds {c.downsampling:g}: too small", fontsize=8)
             else:
                 show_image(over, label_display(c.labels))
                 ms = 1000 * (c.network_s + c.postprocess_s)  # (no network time when cached)
                 score = "" if c.f1 is None else f", F1 {c.f1:.2f}"
-                ax.set_title(f"ds {c.downsampling:g}: {c.count} objects{score}, {ms:.0f} ms",
-                             fontsize=9)
+                ax.set_title(f"ds {c.downsampling:g}: {c.count} objects{score}\n{ms:.0f} ms",
+                             fontsize=8)
         self.canvas.draw_idle()
