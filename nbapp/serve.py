@@ -396,6 +396,53 @@ def log_request(handler) -> None:
         req.remote_ip, 1000.0 * req.request_time())
 
 
+#: Stylesheet links of Voila's page template to a CDN (font icons its own bundle carries too).
+_CDN_LINK = re.compile(rb'<link[^>]*href="https?://cdn\.jsdelivr\.net/[^"]*"[^>]*>[ \t]*\n?')
+
+
+def no_cdn_transform():
+    r"""A Tornado output transform that drops :data:`_CDN_LINK` s from the app's HTML: offline,
+    or on a network without that CDN, they failed (two console errors, a stalled request), and a
+    served page should send its visitors to no third party.
+
+    >>> from types import SimpleNamespace as N
+    >>> t = no_cdn_transform()(N())
+    >>> html = b'<head><link rel="stylesheet" href="https://cdn.jsdelivr.net/x.css" />\n<b>'
+    >>> t.transform_first_chunk(200, {"Content-Type": "text/html"}, html, True)[2]
+    b'<head><b>'
+    """
+    from tornado.web import OutputTransform
+
+    class NoCdnLinks(OutputTransform):
+        def transform_first_chunk(self, status_code, headers, chunk, finishing):
+            self._html = str(headers.get("Content-Type", "")).startswith("text/html")
+            if self._html:
+                chunk = self.transform_chunk(chunk, finishing)
+                if "Content-Length" in headers:
+                    if finishing:
+                        headers["Content-Length"] = str(len(chunk))
+                    else:
+                        del headers["Content-Length"]
+            return status_code, headers, chunk
+
+        def transform_chunk(self, chunk, finishing):
+            return _CDN_LINK.sub(b"", chunk) if self._html else chunk
+
+    return NoCdnLinks
+
+
+def voila_app_class():
+    """Voila's application with :func:`no_cdn_transform` on its web application."""
+    from voila.app import Voila
+
+    class NbappVoila(Voila):
+        def init_handlers(self):
+            self.app.add_transform(no_cdn_transform())
+            return super().init_handlers()
+
+    return NbappVoila
+
+
 def voila_config():
     """The traitlets config given to Voila besides its command line (what a command line cannot
     say: the prelaunch hook, the kernel manager with its limits, and the token, which comes
@@ -559,6 +606,4 @@ def _run_voila(cmd: list, env: dict) -> int:
 
 
 if __name__ == "__main__":  # python -m nbapp.serve VOILA_ARGS (what voila_command runs)
-    from voila.app import Voila
-
-    Voila.launch_instance(argv=sys.argv[1:], config=voila_config())
+    voila_app_class().launch_instance(argv=sys.argv[1:], config=voila_config())

@@ -556,7 +556,7 @@ INPUT_ERRORS = [
     ("3d-needs-batch", lambda d: _save(d, "v.npy", np.zeros((3, 32, 32), np.uint8)), [],
      ["3D stack", "--mode batch"]),
     ("3d-too-thin", lambda d: _save(d, "v3.npy", np.zeros((3, 32, 32), np.uint8)), ["--mode", "3d"],
-     ["xz slice (volume 3x32x32) of 3x32 pixels is too small"]),
+     ["this stack has 3 slices: too few for the xz view", "--plane xy --no-orthoplane"]),
     ("2d-mode-on-stack", lambda d: _save(d, "v2.npy", np.zeros((3, 32, 32), np.uint8)),
      ["--mode", "2d"], ["--mode 2d needs a 2D image"]),
 ]

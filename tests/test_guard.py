@@ -291,3 +291,4 @@ def test_worker_engines_refuse_it_too(crafted, tmp_path):
         worker_engine(str(crafted["dropper"]), 2, "cpu")
     assert not (tmp_path / "evil.pth").exists()
 
+

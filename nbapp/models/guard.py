@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import threading
 import zipfile
 from pathlib import Path
 
@@ -197,6 +198,12 @@ def _refuse(source, what: str) -> ModelError:
 
 # -- 1. before loading: the stored source -------------------------------------------------------
 
+#: ``ast.parse`` is not thread-safe in CPython 3.11 (its recursion counter is shared: two
+#: threads parsing at once raised "SystemError: AST constructor recursion depth mismatch" when
+#: two Dask worker threads loaded the model together).
+_PARSE_LOCK = threading.Lock()
+
+
 def _dotted(node) -> list[str] | None:
     parts = []
     while isinstance(node, ast.Attribute):
@@ -251,7 +258,8 @@ def check_archive(path: str | Path) -> None:
     trees = []
     for name, raw in sorted(sources.items()):
         try:
-            trees.append((name, ast.parse(raw.decode("utf-8"), filename=name)))
+            with _PARSE_LOCK:
+                trees.append((name, ast.parse(raw.decode("utf-8"), filename=name)))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             raise ModelError(f"{path} is refused: its stored source {name} cannot be parsed, so "
                              "it cannot be checked") from None

@@ -48,6 +48,9 @@ def test_two_visitors_at_once_keep_their_work_apart(server, browser, data_root):
         bob.page.locator("button:visible", has_text="Load").first.click()
         assert "is in another visitor" in bob.wait_for_status("another visitor", 60)
         assert not rec.page_errors, rec.page_errors
+        # the page asks no third party for anything (Voila's template linked a CDN's fonts:
+        # offline, two console errors; issue 30 item 14)
+        assert not rec.external, rec.external
     finally:
         for a in pages:
             a.page.close(run_before_unload=True)
