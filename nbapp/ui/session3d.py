@@ -23,8 +23,6 @@ from nbapp.workspace import EXPORT_FOLDER
 
 __all__ = ["VolumeActions", "EXPORT_FOLDER"]
 
-#: Where exports go by default, inside the data root (made on first use).
-
 
 class VolumeActions:
     """3D actions of :class:`~nbapp.ui.session.Session` (a base class of it; it provides
@@ -111,8 +109,8 @@ class VolumeActions:
 
     def _blockwise_job(self, engines, vp) -> tuple:
         """The blockwise job of the data (a zero-argument callable for the runner) and where it
-        writes: ``NAME_3d.zarr`` in the exports folder (the visitor's own). The name is the same for the
-        same data, so that running again after a stop or a kernel restart resumes (the blocks
+        writes: ``NAME_3d.zarr`` in the exports folder (the visitor's own). The name is the
+        same for the same data, so that running again after a stop or a kernel restart resumes (the blocks
         already done are skipped)."""
         from nbapp.blockwise import BlockParams, VolumeSource, blockwise_steps
 
@@ -140,9 +138,12 @@ class VolumeActions:
     def _blockwise_target(self) -> Path:
         """``NAME_3d.zarr`` in the exports folder: the same for the same data, so that
         running again after a stop or a kernel restart resumes."""
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.state.data.name).stem).strip("._") \
-            or "volume"
-        return self.workspace.exports() / f"{stem}_3d.zarr"
+        return self.workspace.exports() / f"{self._data_stem()}_3d.zarr"
+
+    def _data_stem(self) -> str:
+        """The data's name as a plain file-name stem ('demo volume' -> 'demo_volume')."""
+        name = self.state.data.name if self.state.data is not None else "volume"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem).strip("._") or "volume"
 
     def _end_marker(self) -> bool:
         """Remove the running-job marker; True if the page was closed while the job ran."""
@@ -161,10 +162,8 @@ class VolumeActions:
 
         if self.data_root is None or labels is None:
             return
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_",
-                      Path(self.state.data.name if self.state.data else "volume").stem).strip("._")
         try:
-            target = self._write_new(f"{name or 'volume'}_3d_{time.strftime('%Y%m%d-%H%M%S')}.tif",
+            target = self._write_new(f"{self._data_stem()}_3d_{time.strftime('%Y%m%d-%H%M%S')}.tif",
                                      lambda t: write_labels(t, labels))
         except (OSError, NbappError) as exc:
             self.report(exc, "saving the 3D result of a closed page failed")
