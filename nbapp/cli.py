@@ -272,6 +272,10 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     ft.add_argument("--test-images", nargs="*", default=[], metavar="IMAGE",
                     help="held-out images to score before / after on (F1@0.5)")
     ft.add_argument("--test-labels", nargs="*", default=[], metavar="LABELS")
+    ft.add_argument("--held-out", type=float, default=0.2, metavar="SHARE",
+                    help="share of each slice kept apart as a band and never trained on: the "
+                         "weights that score best there are kept, the starting ones included "
+                         "(default 0.2; 0 keeps the last weights)")
     ft.add_argument("--device", default="cpu")
     ft.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -880,7 +884,7 @@ def _slices(paths: list, root) -> list:
 
 
 def _cmd_finetune(args) -> int:
-    from nbapp.fewshot import FinetuneParams, finetune, score_slices
+    from nbapp.fewshot import FinetuneParams, finetune, held_out_text, score_slices
 
     if len(args.images) != len(args.labels):
         raise InputError(f"give one --labels file per --images file ({len(args.images)} images, "
@@ -888,7 +892,8 @@ def _cmd_finetune(args) -> int:
     if len(args.test_images) != len(args.test_labels):
         raise InputError("give one --test-labels file per --test-images file")
     images, labels = _slices(args.images, None), _slices(args.labels, None)
-    params = FinetuneParams(minutes=args.minutes, downsampling=args.downsampling)
+    params = FinetuneParams(minutes=args.minutes, downsampling=args.downsampling,
+                            held_out=args.held_out)
     last = [0.0]
 
     def progress(step, total, detail):
@@ -901,7 +906,8 @@ def _cmd_finetune(args) -> int:
     res = finetune(images, labels, args.init, params=params, out=args.out, name=args.name,
                    progress=progress, device=args.device, threads=args.threads)
     print(f"nbapp finetune: {res.steps} steps in {res.seconds / 60:.1f} min ({res.stopped}); "
-          f"wrote {res.config} (use --model {res.config})", file=sys.stderr)
+          f"{held_out_text(res.held_out)}; wrote {res.config} (use --model {res.config})",
+          file=sys.stderr)
     if args.test_images:
         from nbapp.models import load_model
 

@@ -26,7 +26,7 @@ import numpy as np
 from nbapp.errors import InputError, ParameterError
 
 __all__ = ["FinetuneParams", "FinetuneResult", "finetune", "corrected_weights", "score_slices",
-           "tune_thresholds", "THRESHOLD_GRID"]
+           "tune_thresholds", "THRESHOLD_GRID", "held_out_band", "held_out_text", "weights_model"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,16 @@ class FinetuneParams:
     synthetic_p : float
         Share of synthetic EM patches (:mod:`nbapp.training.synth`) mixed in, so that the model keeps
         what it knew about other EM while it learns the user's.
+    held_out : float
+        Share of each labelled slice kept apart as a band along one edge (the band with the most
+        objects) and never trained on: the model is scored there (F1@0.5) before training and
+        every ``val_every`` steps, and the best-scoring weights are the result, the starting
+        model's included (fine-tuning never returns a model worse there than it started).
+        0 trains on everything and returns the last weights.
+    val_every : int
+        Steps between two scorings of the held-out bands.
+    patience : int
+        Stop early after this many scorings without a better held-out score (0: never).
     seed : int
     """
 
@@ -71,6 +81,9 @@ class FinetuneParams:
     freeze_bn: bool = True
     downsampling: int | float = 1
     synthetic_p: float = 0.0
+    held_out: float = 0.2
+    val_every: int = 100
+    patience: int = 6
     seed: int = 0
 
     def __post_init__(self):
@@ -91,6 +104,14 @@ class FinetuneParams:
         if not 0.0 <= self.synthetic_p <= 1.0:
             raise ParameterError(f"synthetic_p must be a probability in [0, 1], got "
                                  f"{self.synthetic_p}")
+        if not 0.0 <= self.held_out <= 0.5:
+            raise ParameterError(f"held_out must be a share of each slice in [0, 0.5], got "
+                                 f"{self.held_out}")
+        if self.val_every < 1:
+            raise ParameterError(f"val_every must be >= 1 step, got {self.val_every}")
+        if self.patience < 0:
+            raise ParameterError(f"patience must be >= 0 scorings (0: never stop early), got "
+                                 f"{self.patience}")
         if self.downsampling not in DOWNSAMPLING_FACTORS:
             raise ParameterError(f"downsampling must be one of {DOWNSAMPLING_FACTORS}, "
                                  f"got {self.downsampling!r}")
@@ -106,7 +127,18 @@ class FinetuneResult:
     steps: int
     seconds: float
     losses: list = field(default_factory=list)
-    stopped: str = "done"  # "done", "time limit" or "cancelled"
+    stopped: str = "done"  # "done", "time limit", "cancelled" or "no gain" (early stop)
+    #: the held-out bands' scores (None without bands): ``slices`` (how many slices gave a band),
+    #: ``objects``, ``start`` and ``best`` (F1@0.5, PQ, FG IoU), ``best_step`` (0: the starting
+    #: model was kept), ``curve`` ([(step, f1), ...])
+    held_out: dict | None = None
+    #: best-so-far weights at the steps asked for with ``snapshot_steps`` (benchmarks)
+    snapshots: dict = field(default_factory=dict)
+
+    @property
+    def kept_start(self) -> bool:
+        """True when no training step beat the starting model on the held-out bands."""
+        return self.held_out is not None and self.held_out["best_step"] == 0
 
 
 def corrected_weights(labels: np.ndarray, predicted: np.ndarray, weight: float) -> np.ndarray:
@@ -160,6 +192,54 @@ def _as_slices(images, labels, weights) -> list[tuple]:
     return out
 
 
+#: The narrowest held-out band, in pixels of the model's input (a band must hold whole objects).
+MIN_BAND = 48
+
+
+def held_out_band(labels: np.ndarray, share: float, downsampling=1) -> tuple | None:
+    """``(keep, band)``: two index expressions splitting a 2D slice into the part to train on
+    and a band along one edge to score on, or None when no band of ``share`` of the slice (at
+    least :data:`MIN_BAND` model pixels, at most half the slice) holds an object. Of the four
+    edges, the band with the most objects wins (ties: bottom, right, top, left).
+
+    >>> lab = np.zeros((100, 100), int); lab[90:95, 10:20] = 1
+    >>> keep, band = held_out_band(lab, 0.2)
+    >>> lab[keep].shape, lab[band].shape, int(lab[band].max())
+    ((52, 100), (48, 100), 1)
+    """
+    if share <= 0:
+        return None
+    best, most = None, 0
+    for axis in (0, 1):
+        n = labels.shape[axis]
+        size = max(int(round(share * n)), int(math.ceil(MIN_BAND * downsampling)))
+        if size > n // 2:
+            continue
+        for at_end in (True, False):
+            cut = slice(n - size, n) if at_end else slice(0, size)
+            rest = slice(0, n - size) if at_end else slice(size, n)
+            band = (cut, slice(None)) if axis == 0 else (slice(None), cut)
+            keep = (rest, slice(None)) if axis == 0 else (slice(None), rest)
+            count = int(np.count_nonzero(np.unique(labels[band])))
+            if count > most:
+                best, most = (keep, band), count
+    return best
+
+
+def _split_held_out(items: list[tuple], share: float, ds) -> tuple[list, list]:
+    """The slices to train on (each less its held-out band) and the bands ``(image, labels)``."""
+    train, bands = [], []
+    for im, la, w in items:
+        cut = held_out_band(la, share, ds)
+        if cut is None:
+            train.append((im, la, w))
+            continue
+        keep, band = cut
+        train.append((im[keep], la[keep], None if w is None else w[keep]))
+        bands.append((im[band], la[band]))
+    return train, bands
+
+
 def _prepare(items: list[tuple], ds) -> list[tuple]:
     """Unit-range images at the scale the engine shows them to the model (its intensity
     mapping and :func:`nbapp.engine.resize_for_model`), with labels and weights to match."""
@@ -186,11 +266,32 @@ def _prepare(items: list[tuple], ds) -> list[tuple]:
     return out
 
 
+def weights_model(weights: dict, arch: dict, norms: dict, device="cpu", name: str = "weights"):
+    """A loaded :class:`nbapp.models.loader.Model` of nbapp's architecture from training weights
+    (a state dict), with the export-only smoothing the saved model gets: what the app would run,
+    without writing a file (held-out scoring, benchmarks)."""
+    from nbapp.models import resolve_device
+    from nbapp.models.arch import PADDING_FACTOR, build_model
+    from nbapp.models.config import ModelConfig
+    from nbapp.models.loader import Model
+    from nbapp.training.export import EXPORT_OPTIONS
+
+    dev = resolve_device(device)
+    net = build_model(**{**arch, "ctr_smooth": EXPORT_OPTIONS["ctr_smooth"],
+                         "ctr_gate": EXPORT_OPTIONS["ctr_gate"],
+                         "sem_smooth": EXPORT_OPTIONS["sem_smooth"]})
+    net.load_state_dict(weights)
+    config = ModelConfig(name=name, padding_factor=PADDING_FACTOR,
+                         norms=(float(norms["mean"]), float(norms["std"])))
+    return Model(net.to(dev).eval(), config, dev)
+
+
 def finetune(images, labels, init="default", minutes: float | None = None,
              params: FinetuneParams | None = None, weights=None, out=None,
              name: str = "finetuned", progress: Callable | None = None,
              cancel: threading.Event | None = None, device: str = "cpu",
-             threads: int | None = None, pixel_size_nm: float | None = None) -> FinetuneResult:
+             threads: int | None = None, pixel_size_nm: float | None = None,
+             snapshot_steps=()) -> FinetuneResult:
     """Fine-tune ``init`` on labelled 2D slices; return the tuned model.
 
     Parameters
@@ -213,6 +314,9 @@ def finetune(images, labels, init="default", minutes: float | None = None,
     pixel_size_nm : float, optional
         The slices' pixel size: the tuned model records ``pixel_size_nm * downsampling`` as the
         pixel size it works at (else the starting model's, when it records one).
+    snapshot_steps : iterable of int
+        Steps at which to keep a copy of the best weights so far (``result.snapshots``): one
+        run gives a learning curve (bench/bench_fewshot_curve.py).
 
     Raises
     ------
@@ -235,7 +339,9 @@ def finetune(images, labels, init="default", minutes: float | None = None,
     p = params or FinetuneParams()
     if minutes is not None:
         p = FinetuneParams(**{**p.__dict__, "minutes": float(minutes)})
-    slices = _prepare(_as_slices(images, labels, weights), p.downsampling)
+    train_items, bands = _split_held_out(_as_slices(images, labels, weights), p.held_out,
+                                         p.downsampling)
+    slices = _prepare(train_items, p.downsampling)
     dev = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -277,8 +383,34 @@ def finetune(images, labels, init="default", minutes: float | None = None,
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
-    # the budget is training time: set-up and batch-norm recalibration (45 s on a CPU for a
-    # large slice) do not count (issue 30 item 7)
+    snapshot_steps = {int(s) for s in snapshot_steps}
+    snapshots: dict = {}
+
+    def state():
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def score_bands(weights_now) -> dict:
+        """F1@0.5, PQ and FG IoU of these weights on the held-out bands, as the app runs them."""
+        return score_slices(weights_model(weights_now, arch, norms, dev, name),
+                            [b[0] for b in bands], [b[1] for b in bands], p.downsampling)
+
+    on = "held-out bands"
+    if p.held_out > 0 and not bands:  # no slice has room for a band: guard against a collapse
+        # on what it trains on (12 steps took a small demo slice from 0.89 to 0.57)
+        bands, on = [(im, la) for im, la, _ in train_items], "trained slices"
+    held = None
+    if bands:
+        first = score_bands(state())  # recalibrated batch norm computes the same function
+        held = {"on": on, "slices": len(bands),
+                "objects": int(sum(np.count_nonzero(np.unique(b[1])) for b in bands)),
+                "start": first, "best": first, "best_step": 0, "curve": [(0, first["f1"])]}
+        best_state, since_best = state(), 0
+
+    def key(m):
+        return (round(m["f1"], 6), round(m["pq"], 6))
+
+    # the budget is training time: set-up, batch-norm recalibration (45 s on a CPU for a large
+    # slice) and the held-out scorings do not count (issue 30 item 7)
     t_train = time.monotonic()
     limit = t_train + 60 * p.minutes
     while step < p.max_steps:
@@ -298,9 +430,31 @@ def finetune(images, labels, init="default", minutes: float | None = None,
         opt.step()
         step += 1
         losses.append(float(loss.item()))
+        if held is not None and (step % p.val_every == 0 or step in snapshot_steps):
+            t_val = time.monotonic()
+            m = score_bands(state())
+            held["curve"].append((step, m["f1"]))
+            if key(m) > key(held["best"]):
+                held["best"], held["best_step"], best_state, since_best = m, step, state(), 0
+            else:
+                since_best += 1
+            limit += time.monotonic() - t_val
+        if step in snapshot_steps:
+            snapshots[step] = best_state if held is not None else state()
         if progress is not None:
-            progress(step, p.max_steps, {"loss": losses, "minutes": (time.monotonic() - t0) / 60})
+            progress(step, p.max_steps, {"loss": losses, "minutes": (time.monotonic() - t0) / 60,
+                                         "held_out": held})
+        if held is not None and p.patience and since_best >= p.patience:
+            stopped = "no gain"
+            break
     model.eval()
+    if held is not None and step and held["curve"][-1][0] != step:
+        m = score_bands(state())
+        held["curve"].append((step, m["f1"]))
+        if key(m) > key(held["best"]):
+            held["best"], held["best_step"], best_state = m, step, state()
+    if held is not None:
+        model.load_state_dict(best_state)
     if step == 0 and stopped == "time limit":
         raise ParameterError(f"no training step fitted in {p.minutes:g} min (one step takes "
                              f"longer here); give more minutes, or smaller patches "
@@ -315,14 +469,41 @@ def finetune(images, labels, init="default", minutes: float | None = None,
     n_obj = sum(int(np.count_nonzero(np.unique(la))) for _, la, _ in slices)
     desc = (f"{name}: fine-tuned by nbapp from {init} on {len(slices)} labelled slice(s) "
             f"({n_obj} objects) at downsampling {p.downsampling}, {step} steps in "
-            f"{(time.monotonic() - t0) / 60:.1f} min ({stopped}).")
+            f"{(time.monotonic() - t0) / 60:.1f} min ({stopped})")
+    if held is not None:
+        desc += (f"; {held['on']} of {held['slices']} slice(s): F1@0.5 "
+                 f"{held['start']['f1']:.3f} at the start, {held['best']['f1']:.3f} kept (step "
+                 f"{held['best_step']})")
+    desc += "."
     cfg = config_dict(norms, desc, model_file=pt.name)
     works_at = pixel_size_nm * p.downsampling if pixel_size_nm else start["pixel_size_nm"]
     if works_at:
         cfg["pixel_size_nm"] = round(float(works_at), 3)
     write_yaml(cfg, yml)
     tuned = load_model(str(yml), device=dev)
-    return FinetuneResult(tuned, yml, step, time.monotonic() - t0, losses, stopped)
+    return FinetuneResult(tuned, yml, step, time.monotonic() - t0, losses, stopped, held,
+                          snapshots)
+
+
+def held_out_text(held: dict | None) -> str:
+    """One sentence on what chose the weights of a fine-tune (:attr:`FinetuneResult.held_out`).
+
+    >>> held_out_text({"on": "held-out bands", "slices": 2, "objects": 9, "start": {"f1": 0.5},
+    ...                "best": {"f1": 0.5}, "best_step": 0, "curve": [(0, 0.5), (100, 0.4)]})
+    'no step beat the starting model (F1@0.5 0.50) on the held-out bands of 2 slice(s) (9 objects, never trained on): it is kept unchanged; proofread more slices (or others) to give it more to learn from'
+    """
+    if held is None:
+        return "the last weights are kept (no held-out band asked for)"
+    where = (f"the held-out bands of {held['slices']} slice(s) ({held['objects']} objects, never "
+             "trained on)" if held["on"] == "held-out bands" else
+             f"the {held['slices']} slice(s) it trained on ({held['objects']} objects; too small "
+             "for a held-out band)")
+    if held["best_step"] == 0:
+        return (f"no step beat the starting model (F1@0.5 {held['start']['f1']:.2f}) on "
+                f"{where}: it is kept unchanged; proofread more slices (or others) to give it "
+                "more to learn from")
+    return (f"on {where} F1@0.5 {held['start']['f1']:.2f} -> {held['best']['f1']:.2f}, the "
+            f"weights of step {held['best_step']} kept")
 
 
 def score_slices(model, images, labels, downsampling=1, params=None, segmenter=None) -> dict:

@@ -156,7 +156,8 @@ def test_finetune_learns_a_deleted_object_is_not_one(tmp_path, demo_slices):
 
     before = fg(default)
     res = finetune(image, corrected, "default", weights=corrected_weights(corrected, truth, 4.0),
-                   params=FinetuneParams(max_steps=40, patch=128, batch_size=2), out=tmp_path)
+                   params=FinetuneParams(max_steps=40, patch=128, batch_size=2, held_out=0),
+                   out=tmp_path)
     after = fg(res.model)
     assert before > 0.5 and after < 0.5 * before, (before, after)
 
@@ -187,6 +188,95 @@ def test_finetune_stops_when_cancelled(tmp_path, demo_slices):
     res = finetune(img[1], lab[1], "default", params=FinetuneParams(patch=64, batch_size=1),
                    out=tmp_path, progress=progress, cancel=cancel)
     assert res.steps == 2 and res.stopped == "cancelled" and res.config.is_file()
+
+
+def test_held_out_band_takes_the_edge_with_most_objects_or_none():
+    from nbapp.fewshot import held_out_band
+
+    lab = np.zeros((200, 300), np.int32)
+    lab[5:15, 100:110], lab[5:15, 140:150] = 1, 2    # two objects at the top
+    lab[190:198, 120:130] = 3                        # one at the bottom
+    keep, band = held_out_band(lab, 0.2)
+    assert lab[band].shape == (48, 300) and set(np.unique(lab[band])) == {0, 1, 2}
+    assert lab[keep].shape == (152, 300) and not np.isin([1, 2], lab[keep]).any()
+    lab[:] = 0
+    lab[90:110, 280:299] = 4                         # only near the right edge
+    keep, band = held_out_band(lab, 0.2)
+    assert lab[band].shape == (200, 60) and 4 in lab[band] and lab[keep].shape == (200, 240)
+    assert held_out_band(lab, 0.0) is None           # switched off
+    lab[:] = 0
+    lab[95:105, 145:155] = 5                         # in the middle: no band holds an object
+    assert held_out_band(lab, 0.2) is None
+    assert held_out_band(np.ones((60, 60), np.int32), 0.2) is None  # 48 > half of 60
+    # downsampling 2: the band is at least 48 model pixels = 96 image pixels
+    assert held_out_band(np.ones((300, 300), np.int32), 0.2, 2)[1][0] == slice(204, 300)
+
+
+def test_finetune_never_returns_a_model_worse_on_the_held_out_band(tmp_path, demo_slices):
+    """Issue 30 item 8: a fine-tune that hurts (here a learning rate that wrecks the network)
+    returns the starting model, scored on a band of the slice it never trained on; without the
+    band it returns the wrecked one."""
+    from nbapp.fewshot import FinetuneParams, finetune
+    from nbapp.inference import SliceSegmenter
+    from nbapp.models import load_model
+
+    img, lab = demo_slices
+    start = SliceSegmenter(load_model("default", device="cpu"))(img[6])
+    p = dict(max_steps=6, patch=64, batch_size=2, lr=50.0, warmup_steps=1, val_every=3)
+    seen = []
+    res = finetune(img[2], lab[2], "default", out=tmp_path, name="kept",
+                   params=FinetuneParams(**p), progress=lambda *a: seen.append(a[2]["held_out"]))
+    held = res.held_out
+    assert held["slices"] == 1 and held["objects"] >= 1 and held["start"]["f1"] > 0.5
+    assert [s for s, _ in held["curve"]] == [0, 3, 6]
+    assert max(f for _, f in held["curve"][1:]) < held["start"]["f1"]
+    assert res.kept_start and held["best"] == held["start"] and res.steps == 6
+    assert seen[-1] is held
+    np.testing.assert_array_equal(SliceSegmenter(res.model)(img[6]), start)
+    assert "held-out bands of 1 slice(s)" in res.model.config.description
+    assert held["on"] == "held-out bands"
+    wrecked = finetune(img[2], lab[2], "default", out=tmp_path, name="wrecked",
+                       params=FinetuneParams(**p, held_out=0))
+    assert wrecked.held_out is None and not wrecked.kept_start
+    assert not np.array_equal(SliceSegmenter(wrecked.model)(img[6]), start)
+
+
+def test_finetune_on_slices_too_small_for_a_band_chooses_on_what_it_trained_on(tmp_path,
+                                                                             demo_slices):
+    from nbapp.fewshot import FinetuneParams, finetune, held_out_text
+    from nbapp.inference import SliceSegmenter
+    from nbapp.models import load_model
+
+    img, lab = demo_slices
+    small, small_lab = img[2][:80, :80], lab[2][:80, :80]  # 48 > half of 80: no band
+    assert small_lab.max() > 0
+    start = SliceSegmenter(load_model("default", device="cpu"))(img[6])
+    res = finetune(small, small_lab, "default", out=tmp_path,
+                   params=FinetuneParams(max_steps=4, patch=64, batch_size=2, lr=50.0,
+                                         warmup_steps=1, val_every=2))
+    assert res.held_out["on"] == "trained slices" and res.kept_start
+    np.testing.assert_array_equal(SliceSegmenter(res.model)(img[6]), start)
+    assert "the 1 slice(s) it trained on" in held_out_text(res.held_out)
+    assert "too small for a held-out band" in held_out_text(res.held_out)
+
+
+def test_finetune_keeps_the_best_weights_and_stops_without_gain(tmp_path, demo_slices):
+    from nbapp.fewshot import FinetuneParams, finetune
+
+    img, lab = demo_slices
+    res = finetune(img[2], lab[2], "default", out=tmp_path, snapshot_steps=(1, 2),
+                   params=FinetuneParams(max_steps=50, patch=64, batch_size=2, lr=50.0,
+                                         warmup_steps=1, val_every=1, patience=2))
+    assert res.stopped == "no gain" and res.steps == 2  # two scorings without a better one
+    assert sorted(res.snapshots) == [1, 2] and res.kept_start
+    import torch
+
+    from nbapp.training.start import load_init
+
+    start = load_init("default")["state_dict"]
+    for snap in res.snapshots.values():  # the best so far: still the start's weights
+        assert all(torch.equal(snap[k], start[k]) for k in start if "conv" in k and
+                   k.endswith("weight"))
 
 
 def test_corrected_pixels_weigh_more(demo_slices):
@@ -225,6 +315,8 @@ def test_finetune_refusals(kwargs, error, match):
     ("minutes", 0, "minutes"), ("patch", 100, "multiple of 32"), ("batch_size", 0, "batch_size"),
     ("lr", 0, "lr"), ("corrected_weight", 0.5, "corrected_weight"),
     ("downsampling", 3, "downsampling"), ("max_steps", 0, "max_steps"),
+    ("held_out", 0.6, "held_out"), ("held_out", -0.1, "held_out"),
+    ("val_every", 0, "val_every"), ("patience", -1, "patience"),
 ])
 def test_finetune_params_are_checked(field, value, match):
     from nbapp.fewshot import FinetuneParams
@@ -261,11 +353,16 @@ def test_cli_finetune_writes_a_model_and_scores_it(tmp_path, demo_slices, capsys
     err = capsys.readouterr().err
     assert code == 0, err
     assert "before: F1@0.5" in err and "after: F1@0.5" in err and "on 1 test slice" in err
+    assert "held-out bands of 2 slice(s)" in err
     assert load_model(str(tmp_path / "m" / "mine.yaml"), device="cpu").config.name == "mine"
     code = cli.main(["finetune", "--images", str(tmp_path / "train.tif"), "--labels",
                      str(tmp_path / "train_lab.tif"), str(tmp_path / "x.tif"), "--out",
                      str(tmp_path / "m")])
     assert code == 2 and "one --labels file per --images file" in capsys.readouterr().err
+    code = cli.main(["finetune", "--images", str(tmp_path / "train.tif"), "--labels",
+                     str(tmp_path / "train_lab.tif"), "--held-out", "0.7", "--out",
+                     str(tmp_path / "m")])
+    assert code == 2 and "held_out must be a share of each slice" in capsys.readouterr().err
 
 
 def test_finetune_budget_is_training_time_and_no_step_is_an_error(tmp_path, demo_slices,

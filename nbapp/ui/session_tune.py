@@ -347,6 +347,7 @@ class TuneActions:
             st.tune_scores = {"before": before, "after": after, "steps": res.steps,
                               "minutes": res.seconds / 60, "config": str(res.config),
                               "stopped": res.stopped, "truth": truth,
+                              "held_out": res.held_out,
                               "thresholds": thresholds}
             # the stored slices are what it trained on: where there is ground truth, other
             # slices say whether it generalises, and a drop there is a warning
@@ -363,9 +364,12 @@ class TuneActions:
                           f"{thresholds['seg_threshold']:g}, Center {thresholds['center_threshold']:g} "
                           f"(F1@0.5 {thresholds['current_f1']:.2f} -> {thresholds['f1']:.2f}): "
                           "Apply tuned thresholds sets them")
+            from nbapp.fewshot import held_out_text
+
             st.say(f"fine-tuned in {res.seconds / 60:.1f} min ({res.steps} steps, "
-                   f"{res.stopped}): F1@0.5 on the stored slices {before['f1']:.2f} -> "
-                   f"{after['f1']:.2f}{held}; the tuned model is active and saved as "
+                   f"{res.stopped}): {held_out_text(res.held_out)}; F1@0.5 on the stored "
+                   f"slices {before['f1']:.2f} -> {after['f1']:.2f}{held}; the tuned model is "
+                   "active and saved as "
                    f"{res.config}{worse}{better}", "warning" if worse else "ok")
         elif snap.state == JobState.CANCELLED:
             st.say("fine-tuning cancelled; the model is unchanged", "warning")
