@@ -1421,6 +1421,33 @@ def test_the_viewer_grows_for_a_large_screen_or_a_projector(app):
     assert v.ax.get_window_extent().x0 == pytest.approx(strip * v.figure.dpi)
 
 
+def test_the_viewer_takes_its_size_from_the_window_once(volume):
+    """Issue 30 item 10: at 1366x768 the default viewer pushed the score line and fine-tune
+    below the fold. The page reports its window (a hidden box typed into by one line of
+    JavaScript); the first report picks the size, a later one or a user's choice wins."""
+    app = make_app(volume)
+    try:
+        st, win = app.state, app.window
+        assert "innerWidth + 'x' + innerHeight" in str(win.script.outputs[0]["data"])
+        assert win.css_class in win.box._dom_classes and win.widget in app.children
+        assert win.widget.layout.display == "none" and st.viewer_inches == 5.5
+        win.box.value = "garbage"                  # ignored
+        assert st.viewer_inches == 5.5
+        win.box.value = "1366x768"
+        assert st.viewer_inches == 4.0 and app.viewer2d.size.value == 4.0
+        win.box.value = "1920x1080"                # once: later reports do not resize
+        assert st.viewer_inches == 4.0
+    finally:
+        app.close()
+    app = make_app(volume)
+    try:
+        app.viewer2d.size.value = 8.5              # the user chose before the page reported
+        app.window.box.value = "1366x768"
+        assert app.state.viewer_inches == 8.5
+    finally:
+        app.close()
+
+
 def _faces_area_and_normals(m):
     v = np.stack([m["z"], m["y"], m["x"]], 1)
     a, b, c = (v[m["triangles"][:, k]] for k in range(3))

@@ -13,8 +13,9 @@ from nbapp.ui.controls import (Controls2D, Controls3D, DataPanel, ModelPanel, Pr
 from nbapp.ui.session import Session, available_device_names
 from nbapp.ui.state import AppState
 from nbapp.ui.threads import add_error_sink, remove_error_sink
-from nbapp.ui.viewer2d import CompareView, HeadsView, Viewer2D
+from nbapp.ui.viewer2d import CompareView, HeadsView, Viewer2D, viewer_inches_for
 from nbapp.ui.viewer3d import LabelsView3D, ObjectTable, StacksView
+from nbapp.ui.window import WindowSize
 
 __all__ = ["App", "app"]
 
@@ -111,10 +112,14 @@ class App(W.VBox):
                       names=["show_heads"])
         state.observe(lambda c: self.scroller.show("nbapp-compare") if c.new else None,
                       names=["compare"])
+        # the viewer's size from the browser window, once, unless the user chose one first
+        self.window = WindowSize(self._window_size)
+        self._default_inches = state.viewer_inches
         self.children = [W.HTML(_CSS + "<h3 style='margin:4px 0'>nbapp: mitochondria "
                                 "segmentation</h3>"),
                          self.status.line, self.tabs, self.status.log_box,
-                         self.scroller.widget]
+                         self.scroller.widget, self.window.widget]
+        self.window.measure()
 
         if isinstance(volume, str):
             session.load_path(volume)
@@ -138,6 +143,15 @@ class App(W.VBox):
         from nbapp.workspace import from_environment
 
         return cls(workspace=from_environment(), **kwargs)
+
+    def _window_size(self, width: int, height: int) -> None:
+        """The page's window is ``width`` x ``height``: a viewer that fits it (issue 30 item
+        10), unless the size was chosen already."""
+        st = self.state
+        if st.viewer_inches == self._default_inches and not getattr(self, "_sized", False):
+            st.viewer_inches = viewer_inches_for(width, height)
+        self._sized = True
+
     def _ui_error(self, text: str) -> None:
         self.state.say("a view update failed (see the log)", "error", text)
 
@@ -189,8 +203,11 @@ class Scroller:
 
 
 _CSS = """<style>
-.nbapp-statusbar { position: sticky; top: 0; z-index: 20; background: #fff;
-                   padding: 2px 0; border-bottom: 1px solid #eee; }
+.nbapp-statusbar { position: sticky; top: 0; z-index: 1000; background: #fff;
+                   padding: 2px 0; border-bottom: 1px solid #eee;
+                   box-shadow: 0 -16px 0 #fff; }
+/* (above the viewer's toolbar, z-index 100, and covering the page's top padding, where the
+   canvas showed when scrolled: issue 30 item 10) */
 .nbapp-app { overflow: visible !important; }
 /* the notebook output areas around the app would each be the sticky line's scroll box */
 .jp-OutputArea:has(.nbapp-app), .jp-OutputArea-child:has(.nbapp-app),

@@ -18,14 +18,32 @@ from nbapp.ui.figures import (NEAREST, figure_widget, image_clim, label_cmap, la
                               setup_image_axes, show_image)
 from nbapp.ui.state import AppState
 
-__all__ = ["Viewer2D", "HeadsView", "CompareView"]
+__all__ = ["Viewer2D", "HeadsView", "CompareView", "viewer_inches_for"]
 
 #: Sides (inches; 100 pixels each) the viewer can take: the default fits the 2D tab beside its
 #: controls at 1366x768; "projector" fills the height of a 1920x1080 screen.
 #: Inches (at the canvas's 100 px per inch) left of the image for ipympl's toolbar (36 px).
 TOOLBAR_STRIP_IN = 0.42
-VIEWER_SIZES = (("small", 4.5), ("medium (1366x768)", 5.5), ("large (1920 wide)", 7.0),
-                ("projector (1920x1080)", 8.5))
+VIEWER_SIZES = (("compact (1366x768)", 4.0), ("small", 4.5), ("medium", 5.5),
+                ("large (1920 wide)", 7.0), ("projector (1920x1080)", 8.5))
+#: What the 2D tab needs besides the viewer's side, in CSS pixels, measured in Chromium at
+#: 1366x768 (tests/e2e: the title, status line, tabs and tool row above the canvas; the count,
+#: training set and fine-tune rows below it; the controls column left of it).
+ABOVE_VIEWER_PX, BELOW_VIEWER_PX, LEFT_OF_VIEWER_PX = 215, 135, 540
+
+
+def viewer_inches_for(width: float, height: float) -> float:
+    """The largest viewer side (:data:`VIEWER_SIZES`) with which the 2D tab, down to its
+    fine-tune row, fits a browser window of ``width`` x ``height`` CSS pixels, or the smallest
+    (issue 30 item 10: at 1366x768 the default pushed the score line below the fold).
+
+    >>> viewer_inches_for(1366, 768), viewer_inches_for(1920, 1080), viewer_inches_for(800, 600)
+    (4.0, 7.0, 4.0)
+    """
+    fits = [side for _, side in VIEWER_SIZES
+            if ABOVE_VIEWER_PX + 100 * side + BELOW_VIEWER_PX <= height
+            and LEFT_OF_VIEWER_PX + 100 * (side + TOOLBAR_STRIP_IN) <= width]
+    return max(fits) if fits else min(side for _, side in VIEWER_SIZES)
 
 
 class Viewer2D:

@@ -225,6 +225,61 @@ def test_closing_the_tab_shuts_its_kernel_down(server, browser):
     assert "403 POST /voila/api/shutdown" not in server.log_text()
 
 
+#: The page's scroll box (Voila scrolls an element, not the document).
+SCROLL_BOX = "document.querySelector('#rendered_cells') || document.scrollingElement"
+
+
+def test_a_page_opened_at_1366x768_fits_the_2d_tab_and_keeps_the_status_line_on_top(
+        server, browser):
+    """Issue 30 item 10: at 1366x768 the default viewer pushed the score line and fine-tune
+    controls below the fold, and when scrolled, the viewer's toolbar and canvas drew over the
+    sticky status line."""
+    ctx, rec = browser
+    page = ctx.new_page()
+    watch(page, rec)
+    page.set_viewport_size({"width": 1366, "height": 768})
+    other = AppPage(page, rec)
+    try:
+        needs_model(type("A", (), {"load_times": other.open(server.url)}))
+        other.tab("2D parameter testing")
+        size = page.locator(".widget-dropdown:visible", has=page.locator("label", has_text="Viewer"))
+        page.wait_for_function("s => s.options[s.selectedIndex].text.startsWith('compact')",
+                               arg=size.locator("select").element_handle(), timeout=30000)
+        tune = page.locator("button:visible", has_text="Fine-tune").first
+        page.wait_for_timeout(500)  # the canvas takes its new size (bounded)
+        box = tune.bounding_box()
+        assert box["y"] + box["height"] <= 768, box  # in view without scrolling
+        count = page.locator(".widget-html:visible", has_text="instances ·").first.bounding_box()
+        assert count["y"] + count["height"] <= 768, count  # the count and score line too
+        size.locator("select").select_option(label="large (1920 wide)")  # room to scroll
+        canvas = other.viewer_canvas()
+        page.wait_for_function("c => c.getBoundingClientRect().height > 650",
+                               arg=canvas.element_handle(), timeout=60000)
+        page.evaluate(f"() => ({SCROLL_BOX}).scrollBy(0, 300)")
+        page.wait_for_timeout(300)
+        cb = canvas.bounding_box()
+        page.mouse.move(cb["x"] + cb["width"] / 2, cb["y"] + cb["height"] / 2)  # the toolbar shows
+        page.wait_for_timeout(600)
+        line = other.page.locator(".nbapp-statusbar").first.bounding_box()
+        assert cb["y"] < line["y"] + line["height"], "not scrolled under the status line"
+        for x in (cb["x"] + 5, cb["x"] + 20, cb["x"] + cb["width"] / 2):  # toolbar, image
+            for y in (line["y"] + 2, line["y"] + line["height"] / 2):
+                on_top = page.evaluate("([x, y]) => !!document.elementFromPoint(x, y)"
+                                       ".closest('.nbapp-statusbar')", [x, y])
+                assert on_top, (x, y, line)
+        if line["y"] >= 4:  # nothing of the image shows in the page's padding above the line
+            from PIL import Image
+
+            above = np.asarray(Image.open(io.BytesIO(page.screenshot(clip={
+                "x": cb["x"], "y": 0, "width": cb["width"], "height": line["y"]}))).convert("L"))
+            assert above.min() > 235, above.min()
+        page.screenshot(path=str(SCREENSHOTS.parent / "last_1366_scrolled.png")) \
+            if not os.environ.get(MODEL_ENV) and SCREENSHOTS.is_dir() else None
+    finally:
+        page.close(run_before_unload=True)
+    assert rec.problems() == []
+
+
 def test_controls_line_up_and_no_label_is_cut_at_1366x768(app):
     """Issue 17 item 8: slider tracks of one width and start, whole button labels, progress
     bars of one length."""
@@ -337,7 +392,7 @@ def test_the_viewer_grows_on_a_full_hd_screen(app):
         assert after["x"] + after["width"] <= 1920 and after["y"] + after["height"] <= 1080
         assert size.bounding_box()["y"] < after["y"]
         screenshot(app, "viewer_projector_1920.png")
-        size.locator("select").select_option(label="medium (1366x768)")
+        size.locator("select").select_option(label="medium")
         page.wait_for_function("([c, w]) => Math.abs(c.getBoundingClientRect().width - w) < 2",
                                arg=[canvas.element_handle(), before["width"]], timeout=60000)
         assert_no_page_errors(app)
@@ -401,9 +456,16 @@ def test_proofread_add_and_fine_tune_in_the_page(app):
     minutes.locator("input").fill("0.5")  # the shortest the page allows
     minutes.locator("input").press("Tab")
     before = app.draws(canvas)
+    # issue 30 item 10: the page jumped to the top during a fine-tune (the scroll position is
+    # sampled every 100 ms from the click to the end)
+    page.evaluate(f"() => ({SCROLL_BOX}).scrollBy(0, 200)")
+    page.evaluate(f"() => {{ const b = {SCROLL_BOX}; window.__tops = [b.scrollTop]; "
+                  "window.__sampler = setInterval(() => window.__tops.push(b.scrollTop), 100); }")
     page.locator("button:visible", has_text="Fine-tune").click()
     app.wait_for_status("fine-tuning", timeout_s=30)
     status = app.wait_for_status("tuned model is active", timeout_s=300)
+    tops = page.evaluate("() => { clearInterval(window.__sampler); return window.__tops; }")
+    assert tops[0] > 0 and min(tops) >= tops[0] - 50, (tops[0], min(tops))
     assert "fine-tuned in" in status and "F1@0.5 on the stored slices" in status
     app.wait_for_draw(canvas, before)
     page.wait_for_function("() => document.querySelector('.nbapp-loss') !== null", timeout=30000)
