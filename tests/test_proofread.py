@@ -38,8 +38,13 @@ def test_paint_on_background_makes_a_new_object_and_never_overwrites():
     ys, xs = np.nonzero(out == 3)
     assert xs.min() <= 2 and xs.max() >= 12  # the stroke is continuous from end to end
     before = out.copy()
-    out = ed.paint([(4, 12), (12, 12)], radius=2)  # starts on background, crosses object 1? no
+    # starts on background left of object 2 and crosses it (issue 31: the old stroke crossed
+    # nothing, so a brush that overwrote objects passed)
+    out = ed.paint([(12, 12), (12, 28)], radius=2)
     assert ((before > 0) & (out != before)).sum() == 0  # painted pixels never overwrite objects
+    assert (out == 2).sum() == 60 and (out[10:16, 15:25] == 2).all()
+    ys, xs = np.nonzero(out == 4)
+    assert xs.min() <= 13 and xs.max() >= 26  # painted on both sides of it
 
 
 def test_paint_starting_on_an_object_extends_it():
