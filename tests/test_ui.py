@@ -1421,6 +1421,35 @@ def test_the_viewer_grows_for_a_large_screen_or_a_projector(app):
     assert v.ax.get_window_extent().x0 == pytest.approx(strip * v.figure.dpi)
 
 
+def test_a_thin_stack_without_voxel_size_says_why_it_is_batch(volume):
+    """Walk-through: a 3-slice stack became Batch mode with greyed planes, unexplained."""
+    app = make_app(volume[:3])
+    try:
+        st = app.state
+        assert st.slice_params.batch_mode and "taken as 3 separate 2D images" in " ".join(
+            st.messages), st.messages[-3:]
+        assert any("untick Batch mode in the 2D tab" in m for m in st.messages)
+    finally:
+        app.close()
+    app = make_app(volume)  # a volume: no such sentence
+    try:
+        assert not any("separate 2D images" in m for m in app.state.messages)
+    finally:
+        app.close()
+
+
+def test_the_object_table_is_silent_until_there_is_a_result(volume):
+    """Walk-through: the 3D tab read "run a 3D job to see the objects in 3D no objects"."""
+    app = make_app(volume)
+    try:
+        st = app.state
+        assert app.table.html.value == "" and "run a 3D job" in app.view3d.note.value
+        st.labels3d = np.zeros(volume.shape, np.int32)  # a result without objects
+        assert "no objects" in app.table.html.value
+    finally:
+        app.close()
+
+
 def test_the_viewer_takes_its_size_from_the_window_once(volume):
     """Issue 30 item 10: at 1366x768 the default viewer pushed the score line and fine-tune
     below the fold. The page reports its window (a hidden box typed into by one line of

@@ -187,7 +187,12 @@ class Session(SliceActions, VolumeActions, TuneActions):
         vs = f", voxel size {'x'.join(f'{v:g}' for v in ds.voxel_size)} nm" if ds.voxel_size else ""
         how = (" (larger than memory: read from disk slice by slice; the 3D job runs block by "
                "block)") if lazy else ""
-        st.say(f"loaded {name}: {kind} {'x'.join(map(str, arr.shape))} {arr.dtype}{vs}{how}", "ok")
+        why = (f" (fewer than 8 slices and no voxel size: taken as {arr.shape[0]} separate 2D "
+               "images, each segmented on its own (Batch mode), so the other planes are off; "
+               "untick Batch mode in the 2D tab to treat it as a volume)"
+               if kind == "stack" else "")
+        st.say(f"loaded {name}: {kind} {'x'.join(map(str, arr.shape))} {arr.dtype}{vs}{how}{why}",
+               "ok")
         self.request_2d()
 
     def _reset_for(self, ds: DataSet, kind: str) -> None:

@@ -210,7 +210,7 @@ class ObjectTable:
         # a scroll bar that is always there: more rows than fit must look scrollable
         self.widget = W.VBox([self.html], layout=W.Layout(max_height="320px",
                                                           overflow="hidden scroll"))
-        state.observe(self._update, names=["table"])
+        state.observe(self._update, names=["table", "labels3d"])
 
     @property
     def rows(self) -> int:
@@ -218,8 +218,9 @@ class ObjectTable:
 
     def _update(self, change=None) -> None:
         rows = self.state.table
-        if not rows:
-            self.html.value = "<i>no objects</i>"
+        if not rows:  # before any result the 3D view's note says what to do: nothing here
+            # (the two ran together as "... to see the objects in 3D no objects")
+            self.html.value = "<i>no objects</i>" if self.state.labels3d is not None else ""
             return
         head = ("<tr><th>id</th><th>class</th><th>voxels</th><th>bounding box (z0, y0, x0)-(z1, y1, x1)</th>"
                 "<th>centroid (z, y, x)</th><th>extent (z, y, x)</th></tr>")
