@@ -213,8 +213,52 @@ def test_held_out_band_takes_the_edge_with_most_objects_or_none():
     lab[95:105, 145:155] = 5                         # in the middle: no band holds an object
     assert held_out_band(lab, 0.2) is None
     assert held_out_band(np.ones((60, 60), np.int32), 0.2) is None  # 48 > half of 60
+    lab[:] = 0
+    lab[150:196, 120:130] = 6                        # cut by a 48-px bottom band's inner edge
+    assert held_out_band(lab, 0.2) is None
     # downsampling 2: the band is at least 48 model pixels = 96 image pixels
-    assert held_out_band(np.ones((300, 300), np.int32), 0.2, 2)[1][0] == slice(204, 300)
+    lab = np.zeros((300, 300), np.int32)
+    lab[280:290, 100:110] = 1
+    assert held_out_band(lab, 0.2, 2)[1][0] == slice(204, 300)
+
+
+def test_held_out_scores_see_context_and_leave_out_objects_the_band_cuts():
+    """A band's objects cut by its inner edge are pieces, not objects: counted, a model that
+    misses only the cut one would score F1 0.8 here; the context beyond the edge is segmented,
+    not scored."""
+    from nbapp.fewshot import _split_held_out, score_held_out
+
+    class Oracle:  # a "model" whose result is the truth: only the scoring is under test
+        pass
+
+    lab = np.zeros((200, 120), np.int32)
+    lab[185:195, 10:20], lab[185:195, 50:60] = 1, 2     # whole, in the bottom band
+    lab[140:160, 90:100] = 3                            # cut by the band's inner edge (152)
+    img = np.zeros_like(lab, np.uint8)
+    train, bands = _split_held_out([(img, lab, None)], 0.2, 1)
+    (im, la, band), = bands
+    assert train[0][0].shape == (152, 120) and im.shape == (96, 120)  # band + as much context
+    assert band == (slice(48, 96), slice(None)) and np.array_equal(la[band], lab[152:])
+
+    import nbapp.inference as inference
+
+    class Seg:
+        def __init__(self, model):
+            pass
+
+        def __call__(self, image, params):
+            return np.where(la == 3, 0, la)  # misses the object the band's edge cuts
+
+    real = inference.SliceSegmenter
+    inference.SliceSegmenter = Seg
+    try:
+        m = score_held_out(Oracle(), bands)
+        assert m["f1"] == 1.0 and m["precision"] == 1.0
+        assert np.isin(3, la)  # the stored band keeps its labels for the next scoring
+        m = score_held_out(Oracle(), bands)
+        assert m["f1"] == 1.0
+    finally:
+        inference.SliceSegmenter = real
 
 
 def test_finetune_never_returns_a_model_worse_on_the_held_out_band(tmp_path, demo_slices):
