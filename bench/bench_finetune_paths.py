@@ -89,7 +89,8 @@ def page_run(images, labels, minutes: float, work: Path, threads: int) -> dict:
         t0 = time.monotonic()
         session.tuning.synchronous = False  # the job in its own thread, as in the page
         assert session.start_finetune(minutes), st.status
-        while st.tuning is None or not st.tuning.finished:
+        while st.tuning is None or not st.tuning.finished or "steps" not in (
+                st.tune_scores or {}) and st.tuning.state == JobState.DONE:
             time.sleep(0.5)  # the page's job runs in its own thread
         wall = time.monotonic() - t0
         assert st.tuning.state == JobState.DONE, st.tuning.error

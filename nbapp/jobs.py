@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
 import threading
 import time
@@ -245,12 +246,14 @@ class Step:
     detail: Any = None
 
 
-def callback_steps(fn: Callable, stage: str, poll_s: float = 0.2) -> Generator:
+def callback_steps(fn: Callable, stage: str, poll_s: float = 0.2,
+                   min_interval_s: float = 0.0) -> Generator:
     """Turn ``fn(report, cancel)``, a blocking call that reports progress through
     ``report(done, total, detail=None)`` and stops when the ``cancel`` event is set, into a
     job for :class:`JobRunner`: ``fn`` runs in a helper thread, the generator yields a
-    :class:`Step` at least every ``poll_s`` and returns ``fn``'s result (or raises its error).
-    Closing the generator (the job cancelled) sets ``cancel`` and waits for ``fn`` to stop."""
+    :class:`Step` at least every ``poll_s`` (but not more often than every ``min_interval_s``)
+    and returns ``fn``'s result (or raises its error). Closing the generator (the job
+    cancelled) sets ``cancel`` and waits for ``fn`` to stop."""
     latest = [Step(stage, stage, 0, 0)]
     box: dict = {}
     cancel = threading.Event()
@@ -271,9 +274,13 @@ def callback_steps(fn: Callable, stage: str, poll_s: float = 0.2) -> Generator:
     helper = threading.Thread(target=target, name=f"nbapp-{stage}", daemon=True)
     helper.start()
     try:
+        last = -math.inf
         while helper.is_alive():
-            changed.wait(poll_s)
+            changed.wait(max(poll_s, min_interval_s - (time.monotonic() - last)))
             changed.clear()
+            if time.monotonic() - last < min_interval_s:
+                continue
+            last = time.monotonic()
             yield latest[0]
         if "error" in box:
             raise box["error"]

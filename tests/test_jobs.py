@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -127,3 +128,29 @@ def test_shutdown_cancels_and_joins():
     runner.shutdown(10)
     assert runner.snapshot.state == JobState.CANCELLED
     assert not runner.busy
+
+
+def test_callback_steps_reports_at_most_once_per_interval():
+    """The page's fine-tune redrew its loss curve after every step (about 3 a second) and
+    trained 15 % slower than the command line; ``min_interval_s`` spaces the reports."""
+    from nbapp.jobs import callback_steps
+
+    def fn(report, cancel):
+        for i in range(60):  # 60 reports over about 0.6 s
+            time.sleep(0.01)
+            report(i + 1, 60)
+        return "done"
+
+    def drain(gen):
+        steps = []
+        try:
+            while True:
+                steps.append(next(gen))
+        except StopIteration as stop:
+            return steps, stop.value
+
+    many, result = drain(callback_steps(fn, "x", poll_s=0.2))
+    assert result == "done" and len(many) >= 20  # every report wakes it
+    few, result = drain(callback_steps(fn, "x", poll_s=0.2, min_interval_s=0.25))
+    assert result == "done" and 1 <= len(few) <= 4, len(few)
+    assert [s.done for s in few] == sorted(s.done for s in few)

@@ -260,7 +260,9 @@ class TuneActions:
             return res, scores, truth, thresholds
 
         def job():
-            return (yield from callback_steps(run, "fine-tune"))
+            # the loss curve redrawn once a second, not after every step: the page trained 15 %
+            # slower than the command line (bench/bench_finetune_paths.py)
+            return (yield from callback_steps(run, "fine-tune", min_interval_s=1.0))
 
         if self.tuning.busy:
             release(self._reserved)
