@@ -1135,12 +1135,13 @@ def test_add_slice_and_fine_tune_make_the_tuned_model_active(volume, tmp_path):
         assert tools.cancel.button_style == ""  # not coloured as if it could be clicked
         assert st.model_info["name"] == "tuned_1" and st.status_level == "ok", st.messages[-4:]
         assert app.model_panel.spec.value.endswith("tuned_1.yaml")  # the box names what is active
-        assert "fine-tuned in" in st.status and "tuned model is active" in st.status
+        assert "fine-tuned in" in st.status and "is active and saved as" in st.status
         # issue 30 item 8: the slice is too small for a held-out band, so the weights are
         # chosen on it (12 steps took it from 0.89 to 0.57 when the last ones were kept)
         held = st.tune_scores["held_out"]
         assert held["on"] == "trained slices" and "the 1 slice(s) it trained on" in st.status
         assert held["best"]["f1"] >= held["start"]["f1"]  # never worse than it started there
+        assert ("(the starting weights, unchanged)" in st.status) == (held["best_step"] == 0)
         assert (tmp_path / "nbapp-training" / "models" / "tuned_1.yaml").is_file()
         assert set(st.tune_scores) >= {"before", "after", "steps"}
         assert "<svg" in tools.curve.value, (st.tuning.detail, st.messages[-6:])

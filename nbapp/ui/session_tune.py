@@ -370,7 +370,8 @@ class TuneActions:
 
             st.say(f"fine-tuned in {res.seconds / 60:.1f} min ({res.steps} steps, "
                    f"{res.stopped}): {held_out_text(res.held_out)}; F1@0.5 on the stored "
-                   f"slices {before['f1']:.2f} -> {after['f1']:.2f}{held}; the tuned model is "
+                   f"slices {before['f1']:.2f} -> {after['f1']:.2f}{held}; the tuned model "
+                   f"{'(the starting weights, unchanged) ' if res.kept_start else ''}is "
                    "active and saved as "
                    f"{res.config}{worse}{better}", "warning" if worse else "ok")
         elif snap.state == JobState.CANCELLED:

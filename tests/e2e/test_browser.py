@@ -475,7 +475,7 @@ def test_proofread_add_and_fine_tune_in_the_page(app):
                   "window.__sampler = setInterval(() => window.__tops.push(b.scrollTop), 100); }")
     page.locator("button:visible", has_text="Fine-tune").click()
     app.wait_for_status("fine-tuning", timeout_s=30)
-    status = app.wait_for_status("tuned model is active", timeout_s=300)
+    status = app.wait_for_status("is active and saved as", timeout_s=300)
     tops = page.evaluate("() => { clearInterval(window.__sampler); return window.__tops; }")
     assert tops[0] > 0 and min(tops) >= tops[0] - 50, (tops[0], min(tops))
     assert "fine-tuned in" in status and "F1@0.5 on the stored slices" in status
