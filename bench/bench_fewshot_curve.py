@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_2d import machine  # noqa: E402
-from bench_model import DATA, emulate  # noqa: E402
+from bench_model import DATA  # noqa: E402
 
 STEPS_PER_MINUTE = 200
 POOL_PICKS = {1: [3], 3: [1, 3, 5], 6: [0, 1, 2, 3, 4, 5]}
@@ -69,19 +69,11 @@ def vnc():
 
 
 def lucchi20():
-    import tifffile
-    from skimage.measure import label as cc_label
+    from bench_fewshot import lucchi_at_20nm
 
-    d = DATA / "lucchi_pp_train"
-    if not (d / "train_raw.tif").exists():
-        return None
-    raw = tifffile.imread(d / "train_raw.tif")
-    lab = tifffile.imread(d / "train_mito_instances_3d_cc.tif").astype(np.int32)
     keep = [10, 30, 50, 70, 90, 110] + list(range(130, 165, 5))
-    small, slab = emulate(raw[keep], lab[keep], 0.25, 1.0, 0.0, 1.0)
-    small = np.clip(small, 0, 255).astype(np.uint8)
-    slab = np.stack([cc_label(s, connectivity=2) for s in slab]).astype(np.int32)
-    return small, slab, list(range(6)), list(range(6, len(keep))), 1
+    got = lucchi_at_20nm(keep)
+    return None if got is None else (*got, list(range(6)), list(range(6, len(keep))), 1)
 
 
 SOURCES = {"sbem": sbem, "vnc": vnc, "lucchi20": lucchi20}

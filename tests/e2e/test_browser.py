@@ -285,8 +285,6 @@ def test_a_page_opened_at_1366x768_fits_the_2d_tab_and_keeps_the_status_line_on_
             above = np.asarray(Image.open(io.BytesIO(page.screenshot(clip={
                 "x": cb["x"], "y": 0, "width": cb["width"], "height": line["y"]}))).convert("L"))
             assert above.min() > 235, above.min()
-        page.screenshot(path=str(SCREENSHOTS.parent / "last_1366_scrolled.png")) \
-            if not os.environ.get(MODEL_ENV) and SCREENSHOTS.is_dir() else None
     finally:
         page.close(run_before_unload=True)
     assert rec.problems() == []
