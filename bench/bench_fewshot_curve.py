@@ -83,6 +83,7 @@ PLANS = {
     "quick": [("current", 3, (2, 5, 10)), ("previous", 3, (2, 5)), ("current", 1, (2, 5)),
               ("current", 6, (2, 5))],
     "current": [("current", 3, (2, 5, 10)), ("current", 1, (2, 5)), ("current", 6, (2, 5))],
+    "slices": [("current", 1, (2, 5)), ("current", 6, (2, 5))],
     "full": [("current", n, (2, 5, 10)) for n in (1, 3, 6)]
             + [("previous", n, (2, 5, 10)) for n in (1, 3, 6)],
 }
