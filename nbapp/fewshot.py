@@ -231,9 +231,10 @@ def held_out_band(labels: np.ndarray, share: float, downsampling=1) -> tuple | N
 
 def _split_held_out(items: list[tuple], share: float, ds) -> tuple[list, list]:
     """The slices to train on (each less its held-out band) and the bands to score on:
-    ``(image, labels, band)``, the image and labels of the band widened by as much context
-    again from the training side (``band``: where the band lies in them; the network sees the
-    context, only the band is scored)."""
+    ``(image, labels, band, edge)``, the image and labels of the band widened by as much
+    context again from the training side (``band``: where the band lies in them; the network
+    sees the context, only the band is scored; ``edge``: the band's line that faces the
+    context, as an index of the band)."""
     train, bands = [], []
     for im, la, w in items:
         cut = held_out_band(la, share, ds)
@@ -249,15 +250,17 @@ def _split_held_out(items: list[tuple], share: float, ds) -> tuple[list, list]:
         wide = tuple(slice(lo, hi) if a == axis else slice(None) for a in (0, 1))
         inner = tuple(slice(b.start - lo, b.stop - lo) if a == axis else slice(None)
                       for a in (0, 1))
-        bands.append((im[wide], la[wide], inner))
+        line = 0 if b.stop == n else size - 1  # (a bottom or right band: its first line)
+        edge = (line, slice(None)) if axis == 0 else (slice(None), line)
+        bands.append((im[wide], la[wide], inner, edge))
     return train, bands
 
 
 def score_held_out(model, bands: list[tuple], downsampling=1) -> dict:
     """F1@0.5, precision, recall, FG IoU and PQ of ``model`` on held-out bands
-    (``(image, labels, band)`` as :func:`_split_held_out` gives them): each image is segmented
-    whole, then only its band is scored, without the objects (true or found) that the band's
-    inner edge cuts: a piece of an object is not an object to count (a 48-px band of small
+    (``(image, labels, band, edge)`` as :func:`_split_held_out` gives them; ``edge`` None:
+    nothing cut): each image is segmented whole, then only its band is scored, without the
+    objects (true or found) that the band's inner edge cuts: a piece of an object is not an object to count (a 48-px band of small
     mitochondria scored 0.44 at the start where whole slices scored 0.82)."""
     from nbapp.inference import SliceSegmenter
     from nbapp.metrics import slice_metrics
@@ -265,10 +268,9 @@ def score_held_out(model, bands: list[tuple], downsampling=1) -> dict:
 
     seg = SliceSegmenter(model)
     preds, truths = [], []
-    for im, la, band in bands:
+    for im, la, band, edge in bands:
         pred = seg(im, SliceParams(downsampling=downsampling))[band].copy()
         truth = la[band].copy()
-        edge = _inner_edge(band, la.shape)
         for lab in (pred, truth):
             cut = np.unique(lab[edge]) if edge is not None else np.zeros(0, lab.dtype)
             lab[np.isin(lab, cut[cut > 0])] = 0
@@ -276,24 +278,6 @@ def score_held_out(model, bands: list[tuple], downsampling=1) -> dict:
         truths.append(truth)
     m = slice_metrics(preds, truths)
     return {k: float(m[k]) for k in ("f1", "precision", "recall", "fg_iou", "pq")}
-
-
-def _inner_edge(band: tuple, shape: tuple):
-    """Index of the band's row or column that faces the training part (None: the band is the
-    whole extent, no inner edge)."""
-    for axis in (0, 1):
-        b = band[axis]
-        if b == slice(None):
-            continue
-        n = shape[axis]
-        if b.start > 0:
-            at = 0  # context before the band: its first line faces it
-        elif b.stop < n:
-            at = b.stop - b.start - 1
-        else:
-            return None
-        return (at, slice(None)) if axis == 0 else (slice(None), at)
-    return None
 
 
 def _prepare(items: list[tuple], ds) -> list[tuple]:
@@ -453,7 +437,7 @@ def finetune(images, labels, init="default", minutes: float | None = None,
     on = "held-out bands"
     if p.held_out > 0 and not bands:  # no slice has room for a band: guard against a collapse
         # on what it trains on (12 steps took a small demo slice from 0.89 to 0.57)
-        bands = [(im, la.copy(), (slice(None), slice(None))) for im, la, _ in train_items]
+        bands = [(im, la.copy(), (slice(None), slice(None)), None) for im, la, _ in train_items]
         on = "trained slices"
     held = None
     if bands:

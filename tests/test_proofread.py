@@ -236,9 +236,10 @@ def test_held_out_scores_see_context_and_leave_out_objects_the_band_cuts():
     lab[140:160, 90:100] = 3                            # cut by the band's inner edge (152)
     img = np.zeros_like(lab, np.uint8)
     train, bands = _split_held_out([(img, lab, None)], 0.2, 1)
-    (im, la, band), = bands
+    (im, la, band, edge), = bands
     assert train[0][0].shape == (152, 120) and im.shape == (96, 120)  # band + as much context
     assert band == (slice(48, 96), slice(None)) and np.array_equal(la[band], lab[152:])
+    assert edge == (0, slice(None))  # the band's first row faces the context
 
     import nbapp.inference as inference
 
