@@ -578,7 +578,7 @@ def _segment_blockwise(args, params: VolumeParams, out: Path, meta: dict) -> int
 
 
 def _say_blockwise(out: Path, result, t0: float) -> None:
-    resumed = f", {result.skipped} of them from an earlier run" if result.skipped else ""
+    resumed = result.resumed_text()
     stacks = result.stacks
     also = f", and the {'/'.join(stacks)} stack{'s' if len(stacks) > 1 else ''} " \
            f"({', '.join(p.name for p in stacks.values())})" if stacks else ""

@@ -20,7 +20,7 @@ import numpy as np
 
 from nbapp.errors import InputError
 
-__all__ = ["Block", "block_grid", "grow", "to_slices", "within", "box_shape", "cut_faces",
+__all__ = ["Block", "block_grid", "splits", "grow", "to_slices", "within", "box_shape", "cut_faces",
            "filter_complete", "core_table", "edge_slabs", "slab_pairs", "mutual_pairs", "join_objects",
            "uid_base", "UID_BITS"]
 
@@ -41,12 +41,12 @@ class Block:
         return box_shape(self.core)
 
 
-def _splits(n: int, size: int) -> list[tuple[int, int]]:
+def splits(n: int, size: int) -> list[tuple[int, int]]:
     """``n`` voxels cut into the fewest pieces of at most ``size``, all of one length but the
     last, which is at most ``k - 1`` voxels shorter (no thin last piece: a 100-voxel axis with
     size 96 gives 50 + 50, not 96 + 4). Equal pieces are what makes each block one zarr chunk.
 
-    >>> _splits(100, 96), _splits(10, 20), _splits(1024, 432)
+    >>> splits(100, 96), splits(10, 20), splits(1024, 432)
     ([(0, 50), (50, 100)], [(0, 10)], [(0, 342), (342, 684), (684, 1024)])
     """
     k = max(1, math.ceil(n / size))
@@ -66,7 +66,7 @@ def block_grid(shape: tuple, block) -> list[Block]:
     if len(sizes) != len(shape) or min(int(s) for s in sizes) < 1:
         raise InputError(f"block size {block!r} does not fit a volume of shape {tuple(shape)}: "
                          "give one positive side or one per axis")
-    axes = [_splits(int(n), int(s)) for n, s in zip(shape, sizes)]
+    axes = [splits(int(n), int(s)) for n, s in zip(shape, sizes)]
     blocks = []
     for index, position in enumerate(np.ndindex(*(len(a) for a in axes))):
         blocks.append(Block(index, tuple(int(p) for p in position),

@@ -1321,7 +1321,8 @@ def test_a_volume_too_large_to_load_runs_block_by_block(volume, tmp_path, monkey
         assert str(out) in st.status and st.job_output == str(out)
         bars = a.controls3d.progress
         assert bars.rows["blocks"].layout.display is None and bars.rows["xy"].layout.display == "none"
-        assert bars.bars["blocks"].value == bars.bars["blocks"].max == 4
+        # the network's slabs (xy 1, xz and yz 2 each: 64 slices in 2 slabs) and 4 blocks
+        assert bars.bars["blocks"].value == bars.bars["blocks"].max == 5 + 4
         assert not isinstance(st.labels3d, np.ndarray) and st.labels3d.shape == big.shape
         labels = np.asarray(st.labels3d[...])
         n = int(labels.max())

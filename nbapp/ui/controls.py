@@ -403,7 +403,7 @@ class ProgressBars:
                 text = f"{stage} {done}/{total}" if stage == "network" else (
                     f"{stage} {'done' if done >= total else '...'}")
                 if p == "blocks":
-                    text = (f"{done}/{total} blocks" if stage == "network"
+                    text = (f"{done}/{total} parts" if stage == "network"
                             else "labels written" if stage == "writing" and done >= total
                             else f"{stage} {done}/{total}")
                     if snap.detail and snap.state == JobState.RUNNING:

@@ -226,7 +226,7 @@ class VolumeActions:
             st.table = [{**r, "class": label} for r in res.table]
             st.result_slice = min(st.result_slice, res.shape[0] - 1)
             st.score3d = {}
-        again = f", {res.skipped} of them from an earlier run" if res.skipped else ""
+        again = res.resumed_text()
         what = "consensus re-run block by block" if res.kind == "consensus" else "3D job"
         stacks = f" (stacks beside it: {', '.join(p.name for p in res.stacks.values())})" \
             if res.stacks else ""

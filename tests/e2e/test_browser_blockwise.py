@@ -57,7 +57,7 @@ def test_a_large_volume_runs_block_by_block_and_resumes(page_app):
     app.tab("3D inference")
     run = page.locator("button:visible").filter(has_text=re.compile(r"^\s*Run\s*$"))
     run.click()
-    app.wait_for_text("1/4 blocks", 300)  # the first block done: stop, then run again
+    app.wait_for_text("block 1/4 done", 300)  # the first block done: stop, then run again
     page.locator("button:visible").filter(has_text=re.compile(r"^\s*Cancel\s*$")).click()
     page.wait_for_function("/job \\d+: cancelled/.test(document.body.innerText)",
                            timeout=300_000)
