@@ -99,7 +99,8 @@ def _add_3d_options(p: argparse.ArgumentParser) -> None:
         "default 32; 16 x the downsampling above 2")
     b.add_argument("--workers", choices=("threads", "processes"), default="threads",
                    help="with several --devices: one worker process per device running whole "
-                        "blocks (processes), or all devices on one block at a time (threads)")
+                        "slabs of slices, then whole blocks (processes), or all devices on one "
+                        "slab at a time (threads)")
     _add_consensus_options(p)
 
 
@@ -114,7 +115,8 @@ def _add_blockwise_options(p: argparse.ArgumentParser, title: str, what: str,
                    help=f"largest block core side in voxels (implies --blockwise; "
                         f"{size_default})")
     b.add_argument("--halo", type=int, default=None, metavar="N",
-                   help=f"context in voxels read around each block ({halo_default})")
+                   help=f"labels in voxels read around each block for tracking and the "
+                        f"consensus ({halo_default}; the network always sees whole slices)")
     return b
 
 

@@ -80,6 +80,33 @@ def test_store_join_and_write_on_an_uneven_grid(tmp_path):
     assert len(rows) == int(truth.max())
 
 
+def test_the_join_needs_both_blocks_to_see_a_pair(tmp_path):
+    """Issue 31: a block whose margin sees its object reach over the face into two of its
+    neighbour's objects (its labels of the strip say so) must not join them when the
+    neighbour, which sees them whole, does not see the object come over into its side."""
+    from nbapp.blockwise import STITCH_DEPTH, join_steps
+    from nbapp.stitch import grow
+
+    shape = (4, 4, 16)
+    store = WorkStore(tmp_path / "out.zarr")
+    store.open({"test": 2}, shape, (4, 4, 8))
+    left, right = store.grid
+    # the left block: one object over its whole core and its strip of the right block
+    region = grow(left.core, STITCH_DEPTH, shape)
+    lab = np.zeros([hi - lo for lo, hi in region], np.int32)
+    lab[:, :, :] = 1
+    store.write_block(left, {"labels": lab}, region, semantic=False)
+    # the right block: two objects that start at the face; nothing of its strip of the left
+    region = grow(right.core, STITCH_DEPTH, shape)
+    lab = np.zeros([hi - lo for lo, hi in region], np.int32)
+    lab[:, :2, STITCH_DEPTH:] = 1
+    lab[:, 2:, STITCH_DEPTH:] = 2
+    store.write_block(right, {"labels": lab}, region, semantic=False)
+    luts, rows = drain(join_steps(store, ConsensusParams(min_size=0, min_extent=0)))
+    assert len(rows) == 3  # one block alone saw the pairs: not joined
+    assert sorted(r["voxels"] for r in rows) == [64, 64, 128]
+
+
 def test_filter_complete_keeps_objects_cut_by_the_region():
     lab = np.zeros((4, 8, 8), np.int32)
     lab[1:3, 1:3, 1:3] = 1   # small, inside: filtered
