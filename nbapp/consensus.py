@@ -79,6 +79,8 @@ __all__ = [
     "MERGE_IOU",
     "MERGE_OVERLAP",
     "MAX_DIRECT_LABEL",
+    "combination_counts",
+    "consensus_of_counts",
 ]
 
 #: Detections joined by an edge with IoU above this form one cluster (when not merging maximally).
@@ -734,3 +736,157 @@ def _overlaps(objects: Sequence[ObjectMask]) -> tuple[np.ndarray, np.ndarray]:
                 pairs.append((i, j))
                 inter.append(count)
     return np.array(pairs, np.int64).reshape(-1, 2), np.array(inter, np.int64)
+
+
+# ------------------------------------------------------------ the same from voxel counts alone
+
+
+def combination_counts(xy: np.ndarray, xz: np.ndarray, yz: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``(xy, xz, yz)`` label combinations of the voxels that some view labels,
+    as (n, 3) int64 rows in ascending order, and how many voxels each has.
+
+    Counts of pieces of a volume add up to the counts of the whole (merge equal rows), which is
+    what lets :func:`consensus_of_counts` decide for a volume seen a block at a time.
+
+    >>> a = np.array([[[1, 1, 0, 2]]]); b = np.array([[[3, 0, 0, 3]]])
+    >>> keys, counts = combination_counts(a, b, b)
+    >>> keys.tolist(), counts.tolist()
+    ([[1, 0, 0], [1, 3, 3], [2, 3, 3]], [1, 1, 1])
+    """
+    flat = np.stack([np.asarray(v, np.int64).reshape(-1) for v in (xy, xz, yz)], axis=1)
+    flat = flat[flat.any(axis=1)]
+    if not flat.size:
+        return np.zeros((0, 3), np.int64), np.zeros(0, np.int64)
+    keys, counts = np.unique(flat, axis=0, return_counts=True)
+    return keys, counts.astype(np.int64)
+
+
+def consensus_of_counts(keys: np.ndarray, counts: np.ndarray,
+                        params: ConsensusParams = ConsensusParams()) -> np.ndarray:
+    """:func:`orthoplane_consensus` decided from :func:`combination_counts` of the whole
+    volume: for each row of ``keys``, the consensus object its voxels go to (0, 1, ... in the
+    order :func:`orthoplane_consensus` makes them, before its filters and numbering), or -1.
+
+    Every decision of the consensus depends on the voxels only through these counts: the
+    detections' sizes and overlaps (steps 1-2), each voxel's votes (the views whose detection
+    there is in the cluster, step 3), the voted objects' sizes and overlaps (step 4) and who
+    keeps a shared voxel (the smallest, step 7). Painting each row's voxels with its object
+    and then applying the Min Size / Min Box Extent filters and numbering by first appearance
+    gives :func:`orthoplane_consensus`'s labels (tests/test_consensus.py).
+
+    >>> a = np.zeros((4, 4, 4), np.uint16); a[1:3, 1:3, 1:3] = 1
+    >>> xy = a.copy(); xy[0, 0, 3] = 2
+    >>> keys, counts = combination_counts(xy, a, a)
+    >>> keys.tolist(), consensus_of_counts(keys, counts).tolist()
+    ([[1, 1, 1], [2, 0, 0]], [0, -1])
+    """
+    if not isinstance(params, ConsensusParams):
+        raise ParameterError(f"params must be ConsensusParams, got {type(params).__name__}")
+    keys = np.asarray(keys, np.int64).reshape(-1, 3)
+    counts = np.asarray(counts, np.int64).reshape(-1)
+    owner = np.full(len(keys), -1, np.int64)
+    if not len(keys):
+        return owner
+    # step 1: the detection graph (nodes by view, then label, as detection_graph numbers them)
+    node_of = np.full(keys.shape, -1, np.int64)
+    view_of, label_of = [], []
+    for v in range(3):
+        labels = np.unique(keys[:, v])
+        labels = labels[labels > 0]
+        has = keys[:, v] > 0
+        node_of[has, v] = len(label_of) + np.searchsorted(labels, keys[has, v])
+        view_of.extend([v] * labels.size)
+        label_of.extend(labels.tolist())
+    n = len(label_of)
+    size = np.zeros(n, np.int64)
+    for v in range(3):
+        has = node_of[:, v] >= 0
+        size += np.bincount(node_of[has, v], weights=counts[has], minlength=n).astype(np.int64)
+    pairs, overlap = [np.zeros((0, 2), np.int64)], [np.zeros(0, np.int64)]
+    for w in (1, 2):  # per later view, pairs ordered by (node, node of w) as detection_graph
+        for_w = []
+        for v in range(w):
+            both = (node_of[:, v] >= 0) & (node_of[:, w] >= 0)
+            for_w.append(np.stack([node_of[both, v], node_of[both, w], counts[both]], axis=1))
+        rows = np.concatenate(for_w)
+        if not len(rows):
+            continue
+        key, inverse = np.unique(rows[:, 0] * n + rows[:, 1], return_inverse=True)
+        pairs.append(np.stack([key // n, key % n], axis=1))
+        overlap.append(np.bincount(inverse.reshape(-1), weights=rows[:, 2]).astype(np.int64))
+    pairs, overlap = np.concatenate(pairs), np.concatenate(overlap)
+    iou = overlap / (size[pairs[:, 0]] + size[pairs[:, 1]] - overlap)
+    graph = DetectionGraph(np.array(view_of, np.int64), np.array(label_of, np.int64), size,
+                           [None] * n, pairs, overlap, iou)
+    # step 2: clusters
+    min_cluster = 1 if params.allow_one_view else 2
+    maximal = params.vote_threshold < min_cluster
+    clusters = [c for c in cluster_detections(graph, 0.0 if maximal else CLUSTER_IOU)
+                if len(c) >= min_cluster]
+    # step 3: votes. (row, cluster) for every view whose detection at the row is in the cluster
+    member_rows, member_clusters = [], []
+    for k, c in enumerate(clusters):
+        if np.unique(graph.view[c]).size < params.vote_threshold:
+            continue  # too few views voted: no object
+        in_c = np.zeros(n, bool)
+        in_c[c] = True
+        votes = np.zeros(len(keys), np.int64)
+        for v in range(3):
+            has = node_of[:, v] >= 0
+            votes[has] += in_c[node_of[has, v]]
+        rows = np.flatnonzero(votes >= params.vote_threshold)
+        if rows.size:
+            member_rows.append(rows)
+            member_clusters.append(np.full(rows.size, len(member_clusters), np.int64))
+    if not member_rows:
+        return owner
+    rows, objects = np.concatenate(member_rows), np.concatenate(member_clusters)
+    n_obj = len(member_rows)
+    # step 4 (module notes 6): union objects that overlap non-trivially
+    group = _component_of_overlaps(rows, objects, counts, n_obj)
+    rows, objects = _unique_pairs(rows, group[objects])
+    # module notes 7: a voxel claimed by several objects goes to the smallest (ties: later)
+    n_groups = int(group.max()) + 1
+    sizes = np.bincount(objects, weights=counts[rows], minlength=n_groups)
+    rank = np.empty(n_groups, np.int64)
+    rank[np.lexsort((np.arange(n_groups), -sizes))] = np.arange(n_groups)
+    best = np.lexsort((rank[objects], rows))  # by row, then rank: the last of a row wins
+    last = np.r_[rows[best][1:] != rows[best][:-1], True]
+    owner[rows[best][last]] = objects[best][last]
+    return owner
+
+
+def _unique_pairs(rows: np.ndarray, objects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (row, object) pairs, sorted by row then object."""
+    pairs = np.unique(np.stack([rows, objects], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _component_of_overlaps(rows: np.ndarray, objects: np.ndarray, counts: np.ndarray,
+                           n_obj: int) -> np.ndarray:
+    """The group of each voted object after :func:`union_overlapping`'s rule, from the rows
+    each covers: objects sharing more than :data:`MERGE_OVERLAP` voxels or with IoU above
+    :data:`MERGE_IOU` are one group (transitively), groups numbered by their first object."""
+    sizes = np.bincount(objects, weights=counts[rows], minlength=n_obj)
+    order = np.lexsort((objects, rows))
+    rows, objects = rows[order], objects[order]
+    # pairs (i < j) of objects on the same row, with that row's voxels
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    ends = np.r_[starts[1:], rows.size]
+    pi, pj, pc = [], [], []
+    for s, e in zip(starts[(ends - starts) > 1], ends[(ends - starts) > 1]):
+        objs = objects[s:e]
+        i, j = np.triu_indices(objs.size, 1)
+        pi.append(objs[i])
+        pj.append(objs[j])
+        pc.append(np.full(i.size, counts[rows[s]], np.int64))
+    if not pi:
+        return np.arange(n_obj, dtype=np.int64)
+    key, inverse = np.unique(np.concatenate(pi) * n_obj + np.concatenate(pj),
+                             return_inverse=True)
+    inter = np.bincount(inverse.reshape(-1), weights=np.concatenate(pc))
+    pairs = np.stack([key // n_obj, key % n_obj], axis=1)
+    iou = inter / (sizes[pairs[:, 0]] + sizes[pairs[:, 1]] - inter)
+    joined = pairs[(iou > MERGE_IOU) | (inter > MERGE_OVERLAP)]
+    return _components(n_obj, joined)

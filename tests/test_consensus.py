@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 
 import nbapp.consensus as cs
 from nbapp import InputError, ParameterError
-from nbapp.params import ConsensusParams
+from nbapp.params import ConsensusParams, VolumeParams
 
 NO_FILTER = ConsensusParams(min_size=0, min_extent=0)
 
@@ -499,3 +499,82 @@ def test_consensus_time_on_a_lucchi_sized_volume():
         assert f1_at(out, gt, 0.5) >= 0.9
     report = ", ".join(f"vote {v}: {s:.2f} s" for v, s in times.items())
     print(f"\nconsensus on {gt.shape} {gt.dtype}: {report}")
+
+
+# ------------------------------------------------------- the consensus decided from counts
+
+
+def via_counts(xy, xz, yz, params: ConsensusParams) -> np.ndarray:
+    """consensus_of_counts on the whole volume, painted, filtered and numbered."""
+    from nbapp.tracking import filter_objects, relabel_by_first_appearance
+
+    keys, counts = cs.combination_counts(xy, xz, yz)
+    owner = cs.consensus_of_counts(keys, counts, params)
+    flat = np.stack([np.asarray(v, np.int64).reshape(-1) for v in (xy, xz, yz)], axis=1)
+    out = np.zeros(flat.shape[0], np.int32)
+    fg = flat.any(axis=1)
+    if keys.size:
+        row = np.unique(flat[fg], axis=0, return_inverse=True)[1].reshape(-1)
+        out[fg] = owner[row] + 1
+    out = filter_objects(out.reshape(xy.shape), params.min_size, params.min_extent)
+    return relabel_by_first_appearance(out)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 10_000), vote=st.integers(1, 3), allow=st.booleans(),
+       min_size=st.integers(0, 30), min_extent=st.integers(0, 3))
+def test_the_consensus_from_counts_is_the_consensus(seed, vote, allow, min_size, min_extent):
+    """Issue 29: every decision of the consensus depends on the voxels only through the
+    counts of their (xy, xz, yz) labels, which blocks can add up."""
+    views = perturbed_views(seed)
+    p = ConsensusParams(vote_threshold=vote, allow_one_view=allow, min_size=min_size,
+                        min_extent=min_extent)
+    assert np.array_equal(via_counts(*views, p), cs.orthoplane_consensus(*views, p))
+
+
+@pytest.mark.parametrize("vote, allow", [(1, False), (2, False), (3, False), (1, True)])
+def test_the_consensus_from_counts_on_noisy_views_of_real_objects(vote, allow):
+    gt, views = urocell_views()
+    views = [v[:96] for v in views]
+    p = ConsensusParams(vote_threshold=vote, allow_one_view=allow, min_size=100)
+    want = cs.orthoplane_consensus(*views, p)
+    assert want.max() > 10 and np.array_equal(via_counts(*views, p), want)
+
+
+def test_counts_of_pieces_add_up_to_the_counts_of_the_whole():
+    views = perturbed_views(7)
+    keys, counts = cs.combination_counts(*views)
+    parts = [cs.combination_counts(*(v[:, :, :3] for v in views)),
+             cs.combination_counts(*(v[:, :, 3:] for v in views))]
+    k = np.concatenate([p[0] for p in parts])
+    c = np.concatenate([p[1] for p in parts])
+    merged, inverse = np.unique(k, axis=0, return_inverse=True)
+    assert np.array_equal(merged, keys)
+    assert np.array_equal(np.bincount(inverse.reshape(-1), weights=c).astype(np.int64), counts)
+
+
+def test_consensus_of_counts_refuses_other_params():
+    with pytest.raises(ParameterError, match="must be ConsensusParams"):
+        cs.consensus_of_counts(np.zeros((0, 3)), np.zeros(0), VolumeParams())
+
+
+def _literal_cases():
+    big = box((12, 12, 12), (1, (0, 10), (0, 10), (0, 10)))
+    small = box((12, 12, 12), (1, (9, 10), (9, 10), (9, 12)))
+    two = box((6, 6, 6), (1, (0, 6), (0, 6), (0, 3)), (2, (0, 6), (0, 6), (3, 6)))
+    merged = (two > 0).astype(np.uint16)
+    whole = box((6, 6, 6), (1, (1, 5), (1, 5), (0, 6)))
+    split = box((6, 6, 6), (1, (1, 5), (1, 5), (0, 3)), (2, (1, 5), (1, 5), (3, 6)))
+    return [((big, small, np.zeros_like(big)), 1, True),  # the smaller keeps shared voxels
+            ((small, big, np.zeros_like(big)), 1, True),
+            ((two, two, merged), 2, False), ((two, two, merged), 1, False),
+            ((two, two, merged), 1, True), ((whole, whole, split), 2, False),
+            ((split, whole, whole), 2, True)]
+
+
+@pytest.mark.parametrize("k", range(7))
+def test_the_consensus_from_counts_on_the_literal_cases(k):
+    views, vote, allow = _literal_cases()[k]
+    p = ConsensusParams(vote_threshold=vote, allow_one_view=allow, min_size=0, min_extent=0)
+    want = cs.orthoplane_consensus(*views, p)
+    assert np.array_equal(via_counts(*views, p), want)
