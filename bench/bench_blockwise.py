@@ -10,9 +10,16 @@ job where its estimate fits in the memory this machine has.
 
 ``--part fidelity``: F1@0.5 between the blockwise and the in-memory labels, and of each against
 the ground truth: the default model on the real Lucchi++ FIB-SEM volume (a 165x512x512 crop in
-4 blocks at downsampling 1 and 2 (2 is the scale suggestion for its 5 nm voxels) with halos of
-16 and 32 voxels; the whole volume with the default blocks), and a perfect network (ideal heads
-of each slice's instances, tests/models.py) on UroCell label volumes (64-voxel blocks).
+4 blocks at downsampling 1 and 2 (2 is the scale suggestion for its 5 nm voxels); the whole
+volume with the default blocks), and a perfect network (ideal heads of each slice's
+instances, tests/models.py) on UroCell label volumes (64-voxel blocks).
+
+``--part invariance`` (issue 29): whole Lucchi++ (165x768x1024) with the default model at
+downsampling 1 and 2, in memory once and blockwise at three block sizes (the default budget's,
+256 and 96; the network stage runs once and its per-slice labels are reused by the other two):
+F1@0.5 and the share of equal voxels between blockwise and in-memory labels, and the F1 of each
+against the truth; and a MitoNet_v1-architecture network with random weights (global pooling
+in its ASPP; bench_mitonet_speed.py) on a 32x192x192 crop at blocks of 64 and 48.
 
 ``--part crop``: why the real network's blockwise labels differ: the share of pixels whose
 foreground probability changes by more than 0.25 when an xz slice is cropped to a block.
@@ -24,7 +31,7 @@ every 7th and sees the others one voxel thinner), tiled mirrored with new ids pe
 time, peak resident memory, objects, and the share of voxels on which the two results agree.
 
 Run: ``python bench/bench_blockwise.py --part scale [--sizes 64M,256M,1G] [--downsampling 2]``,
-``--part fidelity``, ``--part crop`` and ``--part consensus [--sizes 64M,256M]``. Writes bench/results/bench_blockwise_<part>.json.
+``--part fidelity``, ``--part invariance [--cases lucchi1,lucchi2,mitonet]``, ``--part crop`` and ``--part consensus [--sizes 64M,256M]``. Writes bench/results/bench_blockwise_<part>.json.
 """
 
 from __future__ import annotations
@@ -180,7 +187,7 @@ def agreement(a_path: Path, b_path: Path) -> float:
     return same / float(np.prod(a.shape))
 
 
-def child_fidelity(case: str, halo: int, ds: int = 2, block: int = 0) -> dict:
+def child_fidelity(case: str, ds: int = 2, block: int = 0) -> dict:
     sys.path.insert(0, str(HERE.parent / "tests"))
     import tifffile
     from models import LabelEngine, f1_score
@@ -197,26 +204,78 @@ def child_fidelity(case: str, halo: int, ds: int = 2, block: int = 0) -> dict:
                 vol, gt = vol[:, :512, :512], gt[:, :512, :512]
             params = VolumeParams(slice=SliceParams(downsampling=ds))
             engines = make_engines("default", "cpu")
-            blocks = BlockParams(block_size=block or None, halo=halo or None)
+            blocks = BlockParams(block_size=block or None)
         else:
             gt = tifffile.imread(DATA / "urocell_mito_labels" / case)
             vol = gt.astype(np.float32)
             params = VolumeParams()
             engines = [LabelEngine()]
-            blocks = BlockParams(block_size=block, halo=halo)
+            blocks = BlockParams(block_size=block)
         t0 = time.perf_counter()
         mem = drain(job_steps(engines, vol, params)).labels
         t1 = time.perf_counter()
         res = drain(blockwise_steps(engines, vol, Path(tmp) / "out.zarr", params, blocks))
         t2 = time.perf_counter()
         lab = np.asarray(res.labels()[...])
-    return {"case": case, "halo": blocks.resolved(params).halo, "downsampling": ds,
+    return {"case": case, "downsampling": ds,
             "blocks": res.blocks, "block_size": res.block_size,
             "objects_in_memory": int(mem.max()), "objects_blockwise": int(lab.max()),
             "f1_blockwise_vs_in_memory": f1_score(lab, mem),
             "f1_in_memory_vs_truth": f1_score(mem, gt), "f1_blockwise_vs_truth": f1_score(lab, gt),
             # (not the timing benchmark: see --part scale)
             "in_memory_s": t1 - t0, "blockwise_s": t2 - t1}
+
+
+def child_invariance(case: str) -> list:
+    """Blockwise against in-memory labels at three block sizes (see the module docstring)."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    import tifffile
+    from models import f1_score
+
+    from nbapp.blockwise import BlockParams, blockwise_steps
+    from nbapp.engine import Engine
+    from nbapp.params import SliceParams, VolumeParams
+    from nbapp.run3d import drain, job_steps
+
+    if case.startswith("lucchi"):
+        ds = int(case[-1])
+        vol = tifffile.imread(DATA / "lucchi_pp_train" / "train_raw.tif")
+        gt = tifffile.imread(DATA / "lucchi_pp_train" / "train_mito_instances_3d_cc.tif")
+        engines = [Engine("default", device="cpu", batch_size=4)]
+        sizes = [None, 256, 96]
+    else:
+        from bench_mitonet_speed import build_mitonet_arch
+
+        ds = 1
+        vol = tifffile.imread(DATA / "lucchi_pp_train" / "train_raw.tif")[:32, :192, :192]
+        gt = None
+        engines = [Engine(build_mitonet_arch(), device="cpu", batch_size=4)]
+        sizes = [64, 48]
+    params = VolumeParams(slice=SliceParams(downsampling=ds))
+    t0 = time.perf_counter()
+    mem = drain(job_steps(engines, vol, params)).labels
+    rows = [{"case": case, "downsampling": ds, "mode": "in-memory", "objects": int(mem.max()),
+             "wall_s": time.perf_counter() - t0,
+             "f1_vs_truth": None if gt is None else f1_score(mem, gt)}]
+    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            t0 = time.perf_counter()
+            res = drain(blockwise_steps(engines, vol, Path(tmp) / "out.zarr", params,
+                                        BlockParams(block_size=size), keep_work=True))
+            wall = time.perf_counter() - t0
+            lab = np.asarray(res.labels()[...])
+            rows.append({"case": case, "downsampling": ds, "mode": "blockwise",
+                         "block_size": res.block_size, "blocks": res.blocks,
+                         "objects": int(lab.max()), "wall_s": wall,
+                         "network_reused": res.slabs_skipped == res.slabs,
+                         "timings": res.timings,
+                         "f1_vs_in_memory": f1_score(lab, mem),
+                         "equal_voxels": float((lab == mem).mean()),
+                         "identical": bool(np.array_equal(lab, mem)),
+                         "f1_vs_truth": None if gt is None else f1_score(lab, gt)})
+            print(json.dumps(rows[-1], default=str), file=sys.stderr, flush=True)
+    return rows
 
 
 def crop_sensitivity() -> list:
@@ -269,7 +328,8 @@ def run_child(args: list) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("scale", "fidelity", "crop", "consensus"), default="scale")
+    ap.add_argument("--part", choices=("scale", "fidelity", "crop", "consensus", "invariance"),
+                    default="scale")
     ap.add_argument("--sizes", default="64M,256M,1G")
     ap.add_argument("--downsampling", type=int, default=2)
     ap.add_argument("--folder", default=None, help="where the tiled volumes go (default: a temp dir)")
@@ -287,9 +347,11 @@ def main() -> None:
             print(json.dumps(child_scale(store, mode, int(ds), out), default=str))
         elif kind == "consensus":
             print(json.dumps(child_consensus(*rest), default=str))
+        elif kind == "invariance":
+            print(json.dumps(child_invariance(*rest), default=str))
         else:
-            case, halo, ds, block = rest
-            print(json.dumps(child_fidelity(case, int(halo), int(ds), int(block)), default=str))
+            case, ds, block = rest
+            print(json.dumps(child_fidelity(case, int(ds), int(block)), default=str))
         return
     rows = []
     if a.part == "crop":
@@ -322,6 +384,13 @@ def main() -> None:
                 rows.append(row)
         if a.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
+    elif a.part == "invariance":
+        for case in (a.cases or "lucchi2,lucchi1,mitonet").split(","):
+            out = subprocess.run([sys.executable, __file__, "--child", "invariance", case],
+                                 stdout=subprocess.PIPE, text=True)
+            got = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 \
+                else [{"case": case, "error": f"exit {out.returncode}"}]
+            rows += got
     elif a.part == "consensus":
         folder = Path(a.folder or tempfile.mkdtemp(prefix="nbapp-bench-"))
         folder.mkdir(parents=True, exist_ok=True)
@@ -345,11 +414,11 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
     else:
         cases = []
-        if (DATA / "lucchi_pp_train").exists():  # (case, halo (0: default), downsampling, block)
-            cases += [("lucchi_crop", h, ds, 256) for ds in (1, 2) for h in (16, 32)]
-            cases += [("lucchi", 0, 2, 0)]  # the whole volume, default blocks and halo
+        if (DATA / "lucchi_pp_train").exists():  # (case, downsampling, block (0: default))
+            cases += [("lucchi_crop", ds, 256) for ds in (1, 2)]
+            cases += [("lucchi", 2, 0)]  # the whole volume, default blocks
         uro = sorted((DATA / "urocell_mito_labels").glob("*.tif"))[:3]
-        cases += [(p.name, 16, 1, 64) for p in uro]
+        cases += [(p.name, 1, 64) for p in uro]
         if a.cases:
             cases = [c for c in cases if c[0] in a.cases.split(",")]
         for case in cases:

@@ -95,8 +95,7 @@ def _add_3d_options(p: argparse.ArgumentParser) -> None:
     b = _add_blockwise_options(
         p, "volumes larger than memory (blockwise 3D: OME-Zarr output; chosen by itself when "
         "the in-memory job would not fit)", "volume",
-        "default: from a 1.2 GB budget per block job, 272 for ortho-plane",
-        "default 32; 16 x the downsampling above 2")
+        "default: from a 1.2 GB budget per block, 336 for ortho-plane")
     b.add_argument("--workers", choices=("threads", "processes"), default="threads",
                    help="with several --devices: one worker process per device running whole "
                         "slabs of slices, then whole blocks (processes), or all devices on one "
@@ -105,8 +104,8 @@ def _add_3d_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_blockwise_options(p: argparse.ArgumentParser, title: str, what: str,
-                           size_default: str, halo_default: str):
-    """--blockwise, --block-size and --halo in a group of their own; returns the group."""
+                           size_default: str):
+    """--blockwise and --block-size in a group of their own; returns the group."""
     b = p.add_argument_group(title)
     b.add_argument("--blockwise", action="store_true",
                    help=f"run block by block even if the {what} would fit in memory; "
@@ -114,10 +113,15 @@ def _add_blockwise_options(p: argparse.ArgumentParser, title: str, what: str,
     b.add_argument("--block-size", type=_block_size, default=None, metavar="N|Z,Y,X",
                    help=f"largest block core side in voxels (implies --blockwise; "
                         f"{size_default})")
-    b.add_argument("--halo", type=int, default=None, metavar="N",
-                   help=f"labels in voxels read around each block for tracking and the "
-                        f"consensus ({halo_default}; the network always sees whole slices)")
+    # (blocks need no margin since issue 29: the option is accepted, said to be unused)
+    b.add_argument("--halo", type=int, default=None, help=argparse.SUPPRESS)
     return b
+
+
+def _no_halo(args) -> None:
+    if getattr(args, "halo", None) is not None:
+        print("nbapp: --halo is no longer used: blocks need no margin (the labels are the "
+              "in-memory job's at any block size); ignored", file=sys.stderr)
 
 
 def _block_size(text: str):
@@ -181,7 +185,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     b = _add_blockwise_options(
         con, "stacks larger than memory (block by block into an OME-Zarr output; chosen by "
         "itself when the in-memory consensus would not fit)", "stacks",
-        "default: from a 1.2 GB budget per block", "default 32")
+        "default: from a 1.2 GB budget per block")
     b.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run the blocks on a Dask cluster (needs nbapp[dask])")
 
@@ -528,7 +532,7 @@ _TO_ZARR = "write to a .zarr output, which runs it block by block in bounded mem
 
 def _blockwise(args, params: VolumeParams, volume, out: Path) -> bool:
     """Whether this 3D job runs block by block: asked for, or too large for memory."""
-    asked = args.blockwise or args.block_size is not None or args.halo is not None
+    asked = args.blockwise or args.block_size is not None
     if asked:
         return True
     from nbapp.blockwise import needs_blockwise
@@ -554,7 +558,8 @@ def _segment_blockwise(args, params: VolumeParams, out: Path, meta: dict) -> int
     if out.suffix.lower() != ".zarr":
         raise InputError(f"a blockwise run writes OME-Zarr: give an output ending in .zarr, "
                          f"not {str(out)!r}")
-    blocks = BlockParams(block_size=args.block_size, halo=args.halo)
+    _no_halo(args)
+    blocks = BlockParams(block_size=args.block_size)
     client = _dask_client(args.scheduler) if args.scheduler else None
     t0 = time.perf_counter()
     progress, close_bar = _blocks_bar()
@@ -679,13 +684,15 @@ def _cmd_consensus(args) -> int:
     t0 = time.perf_counter()
     if _consensus_blockwise(args, shapes["xy"], out):
         from nbapp.blockwise import BlockParams
+
+        _no_halo(args)
         from nbapp.run3d import consensus_blockwise
 
         client = _dask_client(args.scheduler) if args.scheduler else None
         progress, close_bar = _blocks_bar()
         try:
             result = consensus_blockwise({p: getattr(args, p) for p in stacks}, out, params,
-                                         BlockParams(block_size=args.block_size, halo=args.halo),
+                                         BlockParams(block_size=args.block_size),
                                          client=client, progress=progress, root=args.data_root,
                                          voxel_size=meta.get("voxel_size"))
         finally:
@@ -707,8 +714,7 @@ def _consensus_blockwise(args, shape: tuple, out: Path) -> bool:
     from nbapp.memory import available_bytes, does_not_fit
     from nbapp.volume import JOB_BYTES_PER_VOXEL
 
-    asked = args.blockwise or args.block_size is not None or args.halo is not None \
-        or args.scheduler is not None
+    asked = args.blockwise or args.block_size is not None or args.scheduler is not None
     # the in-memory consensus holds the three stacks, their filtered copies and its own work:
     # about what an ortho-plane job holds per voxel
     need = JOB_BYTES_PER_VOXEL["ortho"] * int(np.prod(shape))

@@ -147,7 +147,7 @@ def segment_blockwise(volume, output: str | os.PathLike, model="default",
         in-memory arrays always run from the start.
     output : path ending in ``.zarr``
     blocks : nbapp.blockwise.BlockParams, optional
-        Block size (default: from the memory budget) and halo.
+        Block size (default: from the memory budget).
     devices, client, progress, cancel, batch_size :
         As for :func:`segment_volume`.
     workers : "threads" or "processes"
@@ -197,7 +197,7 @@ def consensus_blockwise(stacks: dict, output: str | os.PathLike, params=None, bl
     output : path ending in ``.zarr``
     params : nbapp.ConsensusParams, optional
     blocks : nbapp.BlockParams, optional
-        Block size (default: from the memory budget) and halo (default 32).
+        Block size (default: from the memory budget).
     client : dask.distributed.Client, optional
         One task per block on the cluster (the stacks must be files every worker sees).
     progress, cancel, root, voxel_size :

@@ -1,12 +1,11 @@
 """Cutting a volume into blocks and joining the objects found in each block (pure numpy).
 
-A volume too large for one 3D job is cut into a grid of *cores* that tile it; each block job
-reads its core plus a margin (the halo), segments that, and keeps the labels of its core. Two
-blocks beside each other both see the strip of voxels just across their common face (one as
-part of its core, the other in its margin), so an object cut by the face is one object exactly
-where the two labellings of that strip agree. :func:`join_objects` unions such pieces over the
-whole grid (faces, edges and corners alike), applies the 3D Min Size / Min Box Extent filters to
-the joined objects and numbers them 1..N by first appearance, as the in-memory path does.
+A volume too large for one 3D job is cut into a grid of blocks that tile it
+(:func:`block_grid`; their boxes are called *cores*). Each block writes its objects with
+block-unique ids and a table of them (:func:`core_table`); :func:`join_objects` unions the
+pieces of each object over the whole grid (faces, edges and corners alike), applies the 3D
+Min Size / Min Box Extent filters to the joined objects and numbers them 1..N by first
+appearance, as the in-memory path does.
 
 Boxes are tuples of ``(lo, hi)`` per axis, in voxels of the whole volume.
 """
@@ -20,9 +19,8 @@ import numpy as np
 
 from nbapp.errors import InputError
 
-__all__ = ["Block", "block_grid", "splits", "grow", "to_slices", "within", "box_shape", "cut_faces",
-           "filter_complete", "core_table", "edge_slabs", "slab_pairs", "mutual_pairs", "join_objects",
-           "uid_base", "UID_BITS"]
+__all__ = ["Block", "block_grid", "splits", "to_slices", "box_shape", "core_table",
+           "join_objects", "uid_base", "UID_BITS"]
 
 #: Object ids of a block are stored as ``block_index << UID_BITS | local_id`` until joined.
 UID_BITS = 32
@@ -74,65 +72,12 @@ def block_grid(shape: tuple, block) -> list[Block]:
     return blocks
 
 
-def grow(box: tuple, by, shape: tuple) -> tuple:
-    """``box`` widened by ``by`` voxels (an int, or one per axis) on each side, within
-    ``shape``.
-
-    >>> grow(((2, 4), (0, 8)), (1, 3), (10, 9))
-    ((1, 5), (0, 9))
-    """
-    by = (by,) * len(box) if np.isscalar(by) else tuple(by)
-    return tuple((max(0, lo - b), min(int(n), hi + b)) for (lo, hi), b, n in zip(box, by, shape))
-
-
 def to_slices(box: tuple) -> tuple:
     return tuple(slice(lo, hi) for lo, hi in box)
 
 
-def within(box: tuple, outer: tuple) -> tuple:
-    """Slices that cut ``box`` out of an array that holds ``outer``."""
-    return tuple(slice(lo - o, hi - o) for (lo, hi), (o, _) in zip(box, outer))
-
-
 def box_shape(box: tuple) -> tuple:
     return tuple(hi - lo for lo, hi in box)
-
-
-def cut_faces(region: tuple, shape: tuple) -> list[tuple[int, int]]:
-    """The faces of ``region`` that cut the volume, as ``(axis, side)`` with side 0 (low) or
-    -1 (high): the faces where objects may go on outside the region."""
-    faces = []
-    for axis, (lo, hi) in enumerate(region):
-        if lo > 0:
-            faces.append((axis, 0))
-        if hi < shape[axis]:
-            faces.append((axis, -1))
-    return faces
-
-
-def filter_complete(labels: np.ndarray, region: tuple, shape: tuple, min_size: int,
-                    min_extent: int) -> np.ndarray:
-    """The Min Size / Min Box Extent filters applied only to objects that lie wholly inside
-    ``region``: an object touching a face where the volume goes on may be larger than it looks
-    here, so it is kept for the filters of the joined objects to decide.
-
-    >>> lab = np.zeros((1, 4, 6), np.int32); lab[0, 1, 0] = 1; lab[0, 1, 3] = 2
-    >>> filter_complete(lab, ((0, 1), (0, 4), (4, 10)), (1, 4, 20), 2, 0)[0, 1].tolist()
-    [1, 0, 0, 0, 0, 0]
-    """
-    from nbapp.tracking import filter_objects
-
-    out = filter_objects(labels, min_size, min_extent)
-    faces = cut_faces(region, shape)
-    if not faces or np.array_equal(out, labels):
-        return out
-    edge = [np.unique(np.take(labels, 0 if side == 0 else labels.shape[axis] - 1, axis=axis))
-            for axis, side in faces]
-    keep = np.setdiff1d(np.concatenate(edge), [0])
-    if keep.size:
-        restore = np.isin(labels, keep)
-        out[restore] = labels[restore]
-    return out
 
 
 def uid_base(block_index: int) -> np.int64:
@@ -174,59 +119,6 @@ def core_table(core: np.ndarray, box: tuple, shape: tuple) -> dict:
     glob = np.ravel_multi_index(tuple(c + o for c, o in zip(local, origin)), shape)
     return {"ids": ids.astype(np.int64), "counts": counts, "lo": lo, "hi": hi,
             "first": glob.astype(np.int64), "sums": sums + counts[:, None] * origin}
-
-
-def edge_slabs(labels: np.ndarray, region: tuple, core: tuple) -> list[tuple[tuple, np.ndarray]]:
-    """The parts of ``labels`` (which cover ``region``) beyond each face of ``core``: the
-    strips that the neighbouring blocks hold in their cores, with their boxes."""
-    slabs = []
-    for axis, ((rlo, rhi), (clo, chi)) in enumerate(zip(region, core)):
-        for lo, hi in ((rlo, clo), (chi, rhi)):
-            if hi > lo:
-                box = tuple((lo, hi) if a == axis else r for a, r in enumerate(region))
-                slabs.append((box, np.ascontiguousarray(labels[within(box, region)])))
-    return slabs
-
-
-def slab_pairs(mine: np.ndarray, theirs: np.ndarray, min_fraction: float = 0.5) -> np.ndarray:
-    """Pairs ``(a, b)`` of ids (as (n, 2) int64) that are one object: two labellings of the
-    same voxels (``mine`` from one block's margin, ``theirs`` from its neighbours' cores) where
-    ``a`` and ``b`` share at least ``min_fraction`` of the smaller one's voxels there.
-
-    >>> a = np.array([1, 1, 1, 2, 2, 0]); b = np.array([7, 7, 0, 9, 8, 8])
-    >>> slab_pairs(a, b).tolist()
-    [[1, 7], [2, 8], [2, 9]]
-    """
-    mine, theirs = mine.ravel().astype(np.int64), theirs.ravel().astype(np.int64)
-    both = (mine != 0) & (theirs != 0)
-    if not both.any():
-        return np.zeros((0, 2), np.int64)
-    ia, na = np.unique(mine[mine != 0], return_counts=True)
-    ib, nb = np.unique(theirs[theirs != 0], return_counts=True)
-    pairs, nab = np.unique(np.stack([mine[both], theirs[both]], axis=1), axis=0,
-                           return_counts=True)
-    smaller = np.minimum(na[np.searchsorted(ia, pairs[:, 0])], nb[np.searchsorted(ib, pairs[:, 1])])
-    return pairs[nab >= min_fraction * smaller]
-
-
-def mutual_pairs(directed: np.ndarray) -> np.ndarray:
-    """The pairs that both blocks confirm: ``(a, b)`` found in a's strips (a block's own
-    object reaching into its neighbour) and ``(b, a)`` in b's. One block alone may join two
-    objects its neighbour keeps apart when it sees one of them cut by its margin (its centre
-    then moves towards the other); the neighbour, which sees that one whole, must agree.
-
-    >>> mutual_pairs(np.array([[1, 7], [7, 1], [2, 8]])).tolist()
-    [[1, 7]]
-    """
-    directed = np.asarray(directed, np.int64).reshape(-1, 2)
-    if directed.size == 0:
-        return directed
-    both = np.unique(directed, axis=0)
-    back = np.unique(both[:, ::-1], axis=0)
-    keys = lambda a: a[:, 0].astype(object) * (1 << 64) + a[:, 1].astype(object)  # noqa: E731
-    confirmed = np.isin(keys(both), keys(back))
-    pairs = both[confirmed]
-    return pairs[pairs[:, 0] < pairs[:, 1]]
 
 
 def join_objects(tables: dict, pairs: np.ndarray, min_size: int = 0, min_extent: int = 0

@@ -43,6 +43,8 @@ __all__ = [
     "match_to_previous",
     "track_stack",
     "track_stack_steps",
+    "forward_step",
+    "backward_step",
     "filter_objects",
     "relabel_by_first_appearance",
     "track_and_filter",
@@ -358,6 +360,41 @@ def _track_steps(
         )
         flat[fg] = new[idx]
         yield "backward", z, nz
+    return out
+
+
+def forward_step(prev: np.ndarray, curr: np.ndarray, next_label: int
+                 ) -> tuple[np.ndarray, int]:
+    """One slice of :func:`track_stack`'s forward pass on flat slices: ``curr`` relabelled
+    after ``prev`` (the previous slice's forward labels; zeros for the first slice), and the
+    next free label. With :func:`backward_step`, a stack too large for memory is tracked a
+    slice at a time with :func:`track_stack`'s result.
+
+    >>> y = np.array([[[11, 0, 12]], [[11, 0, 12]], [[21, 21, 21]], [[31, 31, 31]]])
+    >>> fwd, nxt, prev = [], 1, np.zeros(3, np.int64)
+    >>> for s in y:
+    ...     prev, nxt = forward_step(prev, s.ravel(), nxt)
+    ...     fwd.append(prev)
+    >>> out = [fwd[-1]]
+    >>> for f in fwd[-2::-1]:
+    ...     out.insert(0, backward_step(out[0], f))
+    >>> np.array_equal(np.stack(out).reshape(y.shape), track_stack(y))
+    True
+    """
+    fg, idx, new, next_label = _match_step(prev, curr, int(next_label), IOU_THRESHOLD,
+                                           IOA_THRESHOLD, True)
+    out = np.zeros(curr.size, np.int64)
+    out[fg] = new[idx]
+    return out, next_label
+
+
+def backward_step(nxt: np.ndarray, curr: np.ndarray) -> np.ndarray:
+    """One slice of :func:`track_stack`'s backward pass on flat slices: ``curr`` (its forward
+    labels) relabelled after ``nxt`` (the next slice, already relabelled by this pass); see
+    :func:`forward_step`."""
+    fg, idx, new, _ = _match_step(nxt, curr, 1, IOU_THRESHOLD, IOA_THRESHOLD, False)
+    out = np.zeros(curr.size, np.int64)
+    out[fg] = new[idx]
     return out
 
 

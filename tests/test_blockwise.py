@@ -16,7 +16,7 @@ from nbapp.errors import InputError, ParameterError
 from nbapp.io import read_image
 from nbapp.params import ConsensusParams, VolumeParams
 from nbapp.run3d import drain
-from nbapp.stitch import (block_grid, core_table, filter_complete, join_objects, slab_pairs,
+from nbapp.stitch import (block_grid, core_table, join_objects,
                           uid_base)
 from nbapp.volume import Cancelled, volume_steps
 
@@ -27,9 +27,9 @@ def in_memory(volume, params):
     return drain(volume_steps(LabelEngine(), volume.astype(np.float32), params)).labels
 
 
-def blockwise(volume, out, params, block, halo=8, **kw):
+def blockwise(volume, out, params, block, **kw):
     res = drain(blockwise_steps([LabelEngine()], volume, out, params,
-                                BlockParams(block_size=block, halo=halo), **kw))
+                                BlockParams(block_size=block), **kw))
     return res, np.asarray(res.labels()[...])
 
 
@@ -61,67 +61,22 @@ def test_every_core_is_one_chunk_of_the_work_store(shape, block):
 def test_store_join_and_write_on_an_uneven_grid(tmp_path):
     """Blocks of 7 / 7 / 6 voxels along an axis: each block's labels land in its own chunk and
     the written labels are the volume's (objects across faces joined, ids by first voxel)."""
-    from nbapp.blockwise import STITCH_DEPTH, join_steps, write_output
-    from nbapp.stitch import grow, to_slices
+    from nbapp.blockwise import join_steps, write_output
+    from nbapp.stitch import to_slices
     from nbapp.tracking import relabel_by_first_appearance
 
     truth = ellipsoids((20, 50, 61), n=6, seed=9)
     store = WorkStore(tmp_path / "out.zarr")
     store.open({"test": 1}, truth.shape, (16, 17, 21))
     assert sorted({b.core[2] for b in store.grid}) == [(0, 21), (21, 42), (42, 61)]
-    for b in store.grid:
-        region = grow(b.core, STITCH_DEPTH, truth.shape)
-        store.write_block(b, {"labels": truth[to_slices(region)]}, region, semantic=False)
+    for b in store.grid:  # ids that are one object wherever they occur
+        store.write_global(b, {"labels": truth[to_slices(b.core)]}, semantic=False)
     luts, rows = drain(join_steps(store, ConsensusParams(min_size=0, min_extent=0)))
     write_output(store, luts, tmp_path / "out.zarr", None)
     store.remove()
     out = np.asarray(read_image(tmp_path / "out.zarr")[0])
     assert np.array_equal(out, relabel_by_first_appearance(truth))
     assert len(rows) == int(truth.max())
-
-
-def test_the_join_needs_both_blocks_to_see_a_pair(tmp_path):
-    """Issue 31: a block whose margin sees its object reach over the face into two of its
-    neighbour's objects (its labels of the strip say so) must not join them when the
-    neighbour, which sees them whole, does not see the object come over into its side."""
-    from nbapp.blockwise import STITCH_DEPTH, join_steps
-    from nbapp.stitch import grow
-
-    shape = (4, 4, 16)
-    store = WorkStore(tmp_path / "out.zarr")
-    store.open({"test": 2}, shape, (4, 4, 8))
-    left, right = store.grid
-    # the left block: one object over its whole core and its strip of the right block
-    region = grow(left.core, STITCH_DEPTH, shape)
-    lab = np.zeros([hi - lo for lo, hi in region], np.int32)
-    lab[:, :, :] = 1
-    store.write_block(left, {"labels": lab}, region, semantic=False)
-    # the right block: two objects that start at the face; nothing of its strip of the left
-    region = grow(right.core, STITCH_DEPTH, shape)
-    lab = np.zeros([hi - lo for lo, hi in region], np.int32)
-    lab[:, :2, STITCH_DEPTH:] = 1
-    lab[:, 2:, STITCH_DEPTH:] = 2
-    store.write_block(right, {"labels": lab}, region, semantic=False)
-    luts, rows = drain(join_steps(store, ConsensusParams(min_size=0, min_extent=0)))
-    assert len(rows) == 3  # one block alone saw the pairs: not joined
-    assert sorted(r["voxels"] for r in rows) == [64, 64, 128]
-
-
-def test_filter_complete_keeps_objects_cut_by_the_region():
-    lab = np.zeros((4, 8, 8), np.int32)
-    lab[1:3, 1:3, 1:3] = 1   # small, inside: filtered
-    lab[1:3, 1:3, 6:8] = 2   # small, touches x = 8, where the volume goes on: kept
-    out = filter_complete(lab, ((0, 4), (0, 8), (0, 8)), (4, 8, 20), min_size=20, min_extent=0)
-    assert sorted(np.unique(out)) == [0, 2]
-    out = filter_complete(lab, ((0, 4), (0, 8), (0, 8)), (4, 8, 8), min_size=20, min_extent=0)
-    assert sorted(np.unique(out)) == [0]  # at the volume's own end nothing is exempt
-
-
-def test_slab_pairs_needs_half_the_smaller_piece():
-    mine = np.array([1, 1, 1, 1, 2, 0, 0, 3])
-    theirs = np.array([5, 5, 5, 6, 6, 6, 6, 0])
-    # 1 -> 5 (3 of 4); 1 -> 6 only 1 of min(4, 4); 2 -> 6 is 1 of min(1, 4): the whole of 2
-    assert slab_pairs(mine, theirs).tolist() == [[1, 5], [2, 6]]
 
 
 def test_join_filters_the_joined_object_not_its_pieces():
@@ -182,14 +137,13 @@ def test_blockwise_equals_in_memory_on_ellipsoids(tmp_path, block):
         [(r["id"], r["voxels"], r["bbox"], r["centroid"]) for r in res.table]
 
 
-@pytest.mark.parametrize("block, halo", [(16, 4), ((32, 40, 56), 8), (64, 32)])
-def test_the_real_network_gives_the_in_memory_labels_at_any_block_size(tmp_path, block, halo):
+@pytest.mark.parametrize("block", [16, (32, 40, 56), 64])
+def test_the_real_network_gives_the_in_memory_labels_at_any_block_size(tmp_path, block):
     """Issue 29: the default model standardises each image it is given and pools over all of
-    it (the hard case for tiling). Blocks of 16 (objects cut into eight, pieces smaller than
-    the model's input), uneven blocks, and blocks of 64 (the network saw 96 x 96 pieces of
-    these 128 x 128 slices before): every plane's stack is the in-memory stack, and the labels
-    are the in-memory labels: the same objects, all but a few voxels of the consensus the
-    same (its decisions on objects cut by the halo: at most 0.1 %)."""
+    it (the hard case for tiling). Blocks of 16 (objects cut into many pieces, pieces
+    smaller than the model's input), uneven blocks, and blocks of 64 (the network saw
+    96 x 96 pieces of these 128 x 128 slices before): every plane's stack and the labels are
+    the in-memory ones, voxel for voxel."""
     from nbapp.engine import Engine
     from nbapp.samples import demo_volume
     from nbapp.volume import filter_stack
@@ -200,13 +154,11 @@ def test_the_real_network_gives_the_in_memory_labels_at_any_block_size(tmp_path,
     mem = drain(volume_steps(engine, vol, params))
     assert mem.labels.max() >= 5
     res = drain(blockwise_steps([engine], vol, tmp_path / "out.zarr", params,
-                                BlockParams(block_size=block, halo=halo)))
+                                BlockParams(block_size=block)))
     for plane in ("xy", "xz", "yz"):
         assert np.array_equal(np.asarray(res.stack(plane)[...]),
                               filter_stack(mem.stacks[plane], params.consensus))
-    lab = np.asarray(res.labels()[...])
-    assert f1_score(lab, mem.labels) == 1.0 and lab.max() == mem.labels.max()
-    assert (lab == mem.labels).mean() >= 0.999
+    assert np.array_equal(np.asarray(res.labels()[...]), mem.labels)
 
 
 def test_single_plane_blockwise_equals_in_memory(tmp_path):
@@ -222,7 +174,7 @@ def test_single_plane_blockwise_equals_in_memory(tmp_path):
 def test_blockwise_matches_in_memory_on_urocell(tmp_path, name):
     truth = tifffile.imread(data_path("urocell_mito_labels", name))[:128].astype(np.float32)
     params = VolumeParams()
-    _, lab = blockwise(truth, tmp_path / "out.zarr", params, block=64, halo=16)
+    _, lab = blockwise(truth, tmp_path / "out.zarr", params, block=64)
     ref = in_memory(truth, params)
     assert f1_score(lab, ref) >= 0.99
     assert abs(int(lab.max()) - int(ref.max())) <= 1
@@ -238,7 +190,7 @@ def test_blockwise_stacks_and_their_consensus_match_in_memory_on_urocell(tmp_pat
     truth = tifffile.imread(data_path("urocell_mito_labels", "mito_instance_fib1-3-2-1.tif")
                             )[:64].astype(np.float32)
     params = VolumeParams(return_stacks=True)
-    res, _ = blockwise(truth, tmp_path / "out.zarr", params, block=64, halo=16)
+    res, _ = blockwise(truth, tmp_path / "out.zarr", params, block=64)
     mem = drain(volume_steps(LabelEngine(), truth, params))
     stacks = {p: res.stack(p) for p in ("xy", "xz", "yz")}
     for plane, stack in stacks.items():
@@ -246,7 +198,7 @@ def test_blockwise_stacks_and_their_consensus_match_in_memory_on_urocell(tmp_pat
                                                              params.consensus)) >= 0.99
     cp = ConsensusParams(vote_threshold=3, min_size=2000)
     again = drain(consensus_blockwise_steps(stacks, tmp_path / "again.zarr", cp,
-                                            BlockParams(block_size=64, halo=16)))
+                                            BlockParams(block_size=64)))
     ref = consensus(mem.stacks, cp)
     assert f1_score(np.asarray(again.labels()[...]), ref) >= 0.99
     assert abs(again.objects - int(ref.max())) <= 1
@@ -305,7 +257,7 @@ def test_consensus_blockwise_equals_the_in_memory_consensus(tmp_path, cp):
     views = _disagreeing_views()
     ref = consensus(views, cp)
     res = drain(consensus_blockwise_steps(views, tmp_path / "c.zarr", cp,
-                                          BlockParams(block_size=24, halo=24)))
+                                          BlockParams(block_size=24)))
     assert res.blocks == 2 * 3 * 3
     assert np.array_equal(np.asarray(res.labels()[...]), ref)
     assert res.objects == int(ref.max()) == len(res.table)
@@ -335,14 +287,13 @@ def test_consensus_blockwise_resumes_from_files(tmp_path):
     def job():
         arrays = {p: read_image(path, lazy=True)[0] for p, path in paths.items()}
         return consensus_blockwise_steps(arrays, out, ConsensusParams(),
-                                         BlockParams(block_size=32, halo=24),
+                                         BlockParams(block_size=32),
                                          sources={p: VolumeSource(str(v))
                                                   for p, v in paths.items()})
 
-    cancel = threading.Event()
-    with pytest.raises(Cancelled):
-        drain(job(), lambda p: cancel.set() if p.done >= 2 else None, cancel)
+    _interrupted(job, after=2)
     assert not out.exists() and len(WorkStore(out).finished()) == 2
+    assert len(WorkStore(out).stats_finished()) == 8  # every block counted before any written
     res = drain(job())
     assert res.skipped == 2 and res.blocks == 8
     assert np.array_equal(np.asarray(res.labels()[...]), consensus(views, ConsensusParams()))
@@ -396,7 +347,7 @@ def test_reads_are_bounded_by_a_slab_of_whole_slices(tmp_path):
             reads.append(out.shape)
             return out
 
-    blockwise(Watched(), tmp_path / "out.zarr", NO_FILTER, block=16, halo=4)
+    blockwise(Watched(), tmp_path / "out.zarr", NO_FILTER, block=16)
     largest = max(int(np.prod(s)) for s in reads)
     assert largest <= (MAX_SLAB + 2) * 80 * 72 < truth.size
     # every read of a box holds whole slices of some plane: two of its sides are the volume's
@@ -441,7 +392,7 @@ def test_cancel_then_resume_skips_finished_blocks(tmp_path):
 
     def job(engine):
         vol = VolumeSource(str(src)).open()
-        return blockwise_steps([engine], vol, out, NO_FILTER, BlockParams(block_size=16, halo=4),
+        return blockwise_steps([engine], vol, out, NO_FILTER, BlockParams(block_size=16),
                                source=VolumeSource(str(src)))
 
     _interrupted(lambda: job(LabelEngine()), after=3)
@@ -464,7 +415,7 @@ def test_cancel_in_the_network_stage_then_resume_skips_finished_slabs(tmp_path):
 
     def job(engine):
         return blockwise_steps([engine], VolumeSource(str(src)).open(), out, NO_FILTER,
-                               BlockParams(block_size=16, halo=4), source=VolumeSource(str(src)))
+                               BlockParams(block_size=16), source=VolumeSource(str(src)))
 
     _interrupted(lambda: job(LabelEngine()), after=2, what="network")
     store = WorkStore(out)
@@ -473,7 +424,7 @@ def test_cancel_in_the_network_stage_then_resume_skips_finished_slabs(tmp_path):
     res = drain(job(engine))
     assert res.skipped == 0 and res.slabs_skipped == 2 and res.slabs == 5
     drain(blockwise_steps([fresh], truth, tmp_path / "fresh.zarr", NO_FILTER,
-                          BlockParams(block_size=16, halo=4)))
+                          BlockParams(block_size=16)))
     # the xy slab (32 slices) and the first xz slab (32 + 1 for the median) are not run again
     assert fresh.calls - engine.calls == 32 + 33
     assert np.array_equal(np.asarray(res.labels()[...]), in_memory(truth, NO_FILTER))
@@ -488,27 +439,27 @@ def test_other_settings_start_over(tmp_path):
     cancel = threading.Event()
     with pytest.raises(Cancelled):
         drain(blockwise_steps([LabelEngine()], truth, out, NO_FILTER,
-                              BlockParams(block_size=16, halo=4), source=VolumeSource(str(src))),
+                              BlockParams(block_size=16), source=VolumeSource(str(src))),
               lambda p: cancel.set() if p.done >= 2 else None, cancel)
     params = NO_FILTER.replace(median_size=1)
     res = drain(blockwise_steps([LabelEngine()], truth, out, params,
-                                BlockParams(block_size=16, halo=4), source=VolumeSource(str(src))))
+                                BlockParams(block_size=16), source=VolumeSource(str(src))))
     assert res.skipped == 0
     assert np.array_equal(np.asarray(res.labels()[...]), in_memory(truth, params))
 
 
 def test_other_block_settings_reuse_the_network_outputs(tmp_path):
-    """The per-slice labels do not depend on the blocks: a run with another block size, halo
+    """The per-slice labels do not depend on the blocks: a run with another block size
     or consensus reuses a kept work store's network outputs and redoes only the blocks."""
     truth = ellipsoids((32, 64, 64), n=8, seed=4).astype(np.float32)
     out = tmp_path / "out.zarr"
     first = drain(blockwise_steps([LabelEngine()], truth, out, NO_FILTER,
-                                  BlockParams(block_size=16, halo=4), keep_work=True))
+                                  BlockParams(block_size=16), keep_work=True))
     assert first.slabs == 5 and first.slabs_skipped == 0
     params = VolumeParams(consensus=ConsensusParams(vote_threshold=3, min_size=50))
     engine = LabelEngine()
     res, note = _first_note(lambda: blockwise_steps([engine], truth, out, params,
-                                                    BlockParams(block_size=24, halo=6),
+                                                    BlockParams(block_size=24),
                                                     keep_work=True))
     assert engine.calls == 0 and res.slabs_skipped == 5 and res.skipped == 0
     assert note == (f"the work store at {WorkStore(out).path} was made with other settings; "
@@ -553,7 +504,7 @@ def test_a_changed_input_file_of_the_same_size_and_time_starts_fresh(tmp_path):
 
     def job():
         return blockwise_steps([LabelEngine()], VolumeSource(str(src)).open(), out, NO_FILTER,
-                               BlockParams(block_size=16, halo=4), source=VolumeSource(str(src)))
+                               BlockParams(block_size=16), source=VolumeSource(str(src)))
 
     _interrupted(job)
     st = src.stat()
@@ -575,7 +526,7 @@ def test_an_array_changed_in_place_starts_fresh(tmp_path):
 
     def job():
         return blockwise_steps([LabelEngine()], volume, out, NO_FILTER,
-                               BlockParams(block_size=16, halo=4))
+                               BlockParams(block_size=16))
 
     _interrupted(job)
     volume[:] = ellipsoids((32, 64, 64), n=8, seed=5)
@@ -593,14 +544,14 @@ def test_an_unchanged_array_resumes(tmp_path):
     def job():
         engines.append(LabelEngine())
         return blockwise_steps(engines[-1:], volume.copy(), out, NO_FILTER,
-                               BlockParams(block_size=16, halo=4))
+                               BlockParams(block_size=16))
 
     _interrupted(job, after=3)
     res, note = _first_note(job)
     assert res.skipped == 3 and res.blocks == 32 and note is None
     fresh = LabelEngine()
     drain(blockwise_steps([fresh], volume, tmp_path / "fresh.zarr", NO_FILTER,
-                          BlockParams(block_size=16, halo=4)))
+                          BlockParams(block_size=16)))
     assert engines[-1].calls == 0 < fresh.calls  # the network outputs were all kept
     assert np.array_equal(np.asarray(res.labels()[...]), in_memory(volume, NO_FILTER))
 
@@ -625,12 +576,12 @@ def test_cli_resume_with_another_model_starts_fresh(tmp_path, capsys):
     np.save(vol, demo_volume()[0][:40, 40:112, 40:112])
     model = tmp_path / "m.pt"
     out = tmp_path / "out.zarr"
-    blocks = BlockParams(block_size=(40, 36, 36), halo=8)
+    blocks = BlockParams(block_size=(40, 36, 36))
     _script(model, seed=0)
     _interrupted(lambda: _blockwise_job(segment_blockwise, vol, out, model, blocks))
     _script(model, seed=4)  # random models of seeds 0 and 4 find 19 and 5 objects here
     args = ["segment", vol, "-o", out, "--mode", "3d", "--model", model, "--block-size",
-            "40,36,36", "--halo", "8", "--min-size", "0", "--min-extent", "0"]
+            "40,36,36", "--min-size", "0", "--min-extent", "0"]
     assert main([str(a) for a in args]) == 0
     err = capsys.readouterr().err
     assert (f"nbapp: the work store at {WorkStore(out).path} was made with another model "
@@ -717,7 +668,7 @@ def test_a_failing_slab_fails_the_job_and_keeps_the_store_consistent(tmp_path):
 
     with pytest.raises(RuntimeError, match="device lost"):
         drain(blockwise_steps([Failing()], truth, out, NO_FILTER,
-                              BlockParams(block_size=16, halo=4)))
+                              BlockParams(block_size=16)))
     assert not out.exists()
     store = WorkStore(out)
     assert store.slabs_finished() == {("xy", 0), ("xz", 0)} and not store.finished()
@@ -726,7 +677,7 @@ def test_a_failing_slab_fails_the_job_and_keeps_the_store_consistent(tmp_path):
 
 
 def test_a_failing_block_fails_the_job_and_keeps_the_store_consistent(tmp_path, monkeypatch):
-    import nbapp.blockwise.blocks as blocks
+    import nbapp.blockwise.workers as workers
 
     truth = ellipsoids((32, 64, 64), n=5, seed=7).astype(np.float32)
     out = tmp_path / "out.zarr"
@@ -734,15 +685,15 @@ def test_a_failing_block_fails_the_job_and_keeps_the_store_consistent(tmp_path, 
 
     def failing(*a, **k):
         calls.append(1)
-        if len(calls) > 3 * 5:  # the sixth block's first plane
+        if len(calls) > 5:  # the sixth block
             raise RuntimeError("worker lost")
-        return track_plane(*a, **k)
+        return write_block(*a, **k)
 
-    track_plane = blocks.track_plane
-    monkeypatch.setattr(blocks, "track_plane", failing)
+    write_block = workers.write_block
+    monkeypatch.setattr(workers, "write_block", failing)
     with pytest.raises(RuntimeError, match="worker lost"):
         drain(blockwise_steps([LabelEngine()], truth, out, NO_FILTER,
-                              BlockParams(block_size=16, halo=4)))
+                              BlockParams(block_size=16)))
     assert not out.exists()
     store = WorkStore(out)
     done = store.finished()
@@ -764,30 +715,21 @@ def test_block_size_from_the_memory_budget(monkeypatch):
     import nbapp.memory
 
     assert choose_block_size((1000, 4000, 4000), VolumeParams(),
-                             BlockParams(memory_budget=1200 << 20, halo=16)) == (304, 304, 304)
+                             BlockParams(memory_budget=1200 << 20)) == (336, 336, 336)
     monkeypatch.setattr(nbapp.memory, "available_bytes", lambda: 64 << 30)
-    assert choose_block_size((1000, 4000, 4000), VolumeParams()) == (272, 272, 272)  # halo 32
+    assert choose_block_size((1000, 4000, 4000), VolumeParams()) == (336, 336, 336)
     monkeypatch.setattr(nbapp.memory, "available_bytes", lambda: 1 << 30)  # a small container
-    assert choose_block_size((1000, 4000, 4000), VolumeParams())[0] < 272
+    assert choose_block_size((1000, 4000, 4000), VolumeParams())[0] < 336
     small = choose_block_size((1000, 4000, 4000), VolumeParams(),
                               BlockParams(memory_budget=256 << 20))
-    assert small[0] < 304 and small[0] % 16 == 0
+    assert small[0] < 336 and small[0] % 16 == 0
     assert choose_block_size((40, 4000, 4000), VolumeParams(), BlockParams(block_size=(8, 64, 64))) \
         == (8, 64, 64)
-
-
-def test_default_halo_grows_with_downsampling():
-    from nbapp.params import SliceParams
-
-    halo = lambda ds: BlockParams().resolved(VolumeParams(slice=SliceParams(downsampling=ds))).halo  # noqa: E731
-    assert [halo(ds) for ds in (0.5, 1, 2, 4, 8)] == [32, 32, 32, 64, 128]
-    assert BlockParams(halo=8).resolved(VolumeParams()).halo == 8
 
 
 @pytest.mark.parametrize("kw, match", [
     ({"block_size": 4}, "block_size"),
     ({"block_size": (8, 8)}, "block_size"),
-    ({"halo": 1}, "halo"),
     ({"memory_budget": 1000}, "memory_budget"),
 ])
 def test_bad_block_params(kw, match):
@@ -814,7 +756,7 @@ def test_semantic_only_blockwise_is_the_voxel_vote(tmp_path):
 
     truth = ellipsoids((32, 48, 48), n=5, seed=2).astype(np.float32)
     params = VolumeParams(slice=SliceParams(semantic_only=True, label_divisor=0), median_size=1)
-    _, lab = blockwise(truth, tmp_path / "out.zarr", params, block=16, halo=4)
+    _, lab = blockwise(truth, tmp_path / "out.zarr", params, block=16)
     assert np.array_equal(lab, in_memory(truth, params))
     assert np.array_equal(lab, (truth > 0).astype(np.int32))
 
@@ -841,7 +783,7 @@ def test_worker_processes_give_the_threads_labels(tmp_path, tiny_volume):
 
     vol, model = tiny_volume
     params = VolumeParams(consensus=ConsensusParams(min_size=0, min_extent=0))
-    blocks = BlockParams(block_size=(40, 36, 36), halo=8)
+    blocks = BlockParams(block_size=(40, 36, 36))
     local = segment_blockwise(vol, tmp_path / "a.zarr", model, params, blocks, devices="cpu")
     procs = segment_blockwise(vol, tmp_path / "b.zarr", model, params, blocks,
                               devices="cpu,cpu", workers="processes")
@@ -860,7 +802,7 @@ def test_dask_cluster_of_two_workers_gives_the_local_labels(tmp_path, tiny_volum
     vol, model = tiny_volume
     params = VolumeParams(consensus=ConsensusParams(min_size=0, min_extent=0),
                           return_stacks=True)
-    blocks = BlockParams(block_size=(40, 36, 36), halo=8)
+    blocks = BlockParams(block_size=(40, 36, 36))
     local = segment_blockwise(vol, tmp_path / "a.zarr", model, params, blocks, devices="cpu")
     vote3 = ConsensusParams(vote_threshold=3, min_size=0, min_extent=0)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
@@ -871,14 +813,14 @@ def test_dask_cluster_of_two_workers_gives_the_local_labels(tmp_path, tiny_volum
         assert len(client.scheduler_info()["workers"]) == 2
         # the consensus again from the stored stacks, one Dask task per block
         again = consensus_blockwise(remote.stacks, tmp_path / "c.zarr", vote3,
-                                    BlockParams(block_size=(40, 36, 36), halo=8), client=client)
+                                    BlockParams(block_size=(40, 36, 36)), client=client)
     np.testing.assert_array_equal(_labels(local), _labels(remote))
     assert remote.table == local.table
     for plane in ("xy", "xz", "yz"):
         np.testing.assert_array_equal(np.asarray(local.stack(plane)[...]),
                                       np.asarray(remote.stack(plane)[...]))
     here = consensus_blockwise(local.stacks, tmp_path / "d.zarr", vote3,
-                               BlockParams(block_size=(40, 36, 36), halo=8))
+                               BlockParams(block_size=(40, 36, 36)))
     np.testing.assert_array_equal(_labels(again), _labels(here))
     assert 0 < here.objects <= local.objects
 
@@ -894,13 +836,13 @@ def test_cli_blockwise_with_table_and_resume(tmp_path, tiny_volume, capsys):
     vol, model = tiny_volume
     out = tmp_path / "out.zarr"
     args = ["segment", vol, "-o", str(out), "--mode", "3d", "--model", model,
-            "--block-size", "40,36,36", "--halo", "8", "--min-size", "0", "--min-extent", "0",
+            "--block-size", "40,36,36", "--min-size", "0", "--min-extent", "0",
             "--table", str(tmp_path / "objects.csv")]
     # an interrupted earlier run of the same job: three blocks finished
     cancel = threading.Event()
     params = VolumeParams(consensus=ConsensusParams(min_size=0, min_extent=0))
     with pytest.raises(Cancelled):
-        segment_blockwise(vol, out, model, params, BlockParams(block_size=(40, 36, 36), halo=8),
+        segment_blockwise(vol, out, model, params, BlockParams(block_size=(40, 36, 36)),
                           devices="cpu", cancel=cancel,
                           progress=lambda p: cancel.set()
                           if (p.detail or "").startswith("block 2/4 done") else None)
@@ -928,14 +870,14 @@ def test_cli_blockwise_stacks_then_consensus_out_of_core(tmp_path, tiny_volume, 
     vol, model = tiny_volume
     out = tmp_path / "out.zarr"
     assert main(["segment", vol, "-o", str(out), "--mode", "3d", "--model", model,
-                 "--block-size", "40,36,36", "--halo", "8", "--return-stacks"]) == 0
+                 "--block-size", "40,36,36", "--return-stacks"]) == 0
     err = capsys.readouterr().err
     assert "xy/xz/yz stacks (out_xy.zarr, out_xz.zarr, out_yz.zarr)" in err
     stacks = [str(tmp_path / f"out_{p}.zarr") for p in ("xy", "xz", "yz")]
     arrays = {p: np.asarray(read_image(s)[0]) for p, s in zip(("xy", "xz", "yz"), stacks)}
     ref = consensus(arrays, ConsensusParams(vote_threshold=3))
     assert main(["consensus", *stacks, "-o", str(tmp_path / "c.zarr"), "--vote", "3",
-                 "--block-size", "20,36,36", "--halo", "8"]) == 0
+                 "--block-size", "20,36,36"]) == 0
     assert "8 blocks" in capsys.readouterr().err
     got = np.asarray(read_image(tmp_path / "c.zarr")[0])
     assert f1_score(got, ref) >= 0.99 and int(ref.max()) > 0
@@ -989,7 +931,6 @@ def test_cli_runs_blockwise_by_itself_when_memory_is_short(tmp_path, tiny_volume
 @pytest.mark.parametrize("extra, message", [
     (["--block-size", "4"], "block_size"),
     (["--block-size", "a,b"], "not a block size"),
-    (["--halo", "1"], "halo"),
 ])
 def test_cli_bad_blockwise_options(tmp_path, tiny_volume, capsys, extra, message):
     from nbapp.cli import main
@@ -999,6 +940,15 @@ def test_cli_bad_blockwise_options(tmp_path, tiny_volume, capsys, extra, message
                  "--model", model, *extra])
     assert code != 0 and message in capsys.readouterr().err
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_cli_halo_is_accepted_and_said_to_be_unused(tmp_path, tiny_volume, capsys):
+    from nbapp.cli import main
+
+    vol, model = tiny_volume
+    assert main(["segment", vol, "-o", str(tmp_path / "out.zarr"), "--mode", "3d", "--model",
+                 model, "--block-size", "40,36,36", "--halo", "8"]) == 0
+    assert "--halo is no longer used" in capsys.readouterr().err
 
 
 def test_a_second_live_run_on_the_same_output_is_refused(tmp_path):
@@ -1019,7 +969,7 @@ def test_a_second_live_run_on_the_same_output_is_refused(tmp_path):
 @pytest.mark.slow
 def test_a_killed_run_resumes(tmp_path, tiny_volume):
     """kill -9 in the middle of a blockwise run: the same command again skips the finished
-    blocks (the dead run's lock is taken over) and gives the labels of an uninterrupted run."""
+    slabs (the dead run's lock is taken over) and gives the labels of an uninterrupted run."""
     import os
     import signal
     import subprocess
@@ -1029,24 +979,26 @@ def test_a_killed_run_resumes(tmp_path, tiny_volume):
     vol, model = tiny_volume
     out = tmp_path / "out.zarr"
     args = [sys.executable, "-m", "nbapp.cli", "segment", vol, "-o", str(out), "--mode", "3d",
-            "--model", model, "--block-size", "40,36,36", "--halo", "8"]
+            "--model", model, "--block-size", "40,36,36"]
     log = open(tmp_path / "killed.log", "wb")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
-    records = tmp_path / ".out.zarr.nbapp-work" / "records"
+    slabs = tmp_path / ".out.zarr.nbapp-work" / "slabs"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if records.exists() and any(records.glob("*.npz")):
+        if slabs.exists() and any(slabs.glob("*.done")):
             break
         time.sleep(0.05)
     assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     log.close()
-    done = len(list(records.glob("*.npz")))
-    assert 1 <= done < 4 and not out.exists()
+    records = [p for p in (slabs.parent / "records").glob("*.npz") if p.stem.isdigit()]
+    done = len(list(slabs.glob("*.done")))
+    assert done >= 1 and not out.exists()
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"{done} of them from an earlier run" in again.stderr
+    assert (f"{len(records)} of them from an earlier run" if records
+            else f"the network outputs of {done} of") in again.stderr
     fresh = tmp_path / "fresh.zarr"
     subprocess.run([*args[:6], str(fresh), *args[7:]], check=True, capture_output=True)
     np.testing.assert_array_equal(np.asarray(read_image(out, lazy=True)[0][...]),

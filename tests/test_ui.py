@@ -1307,7 +1307,7 @@ def test_a_volume_too_large_to_load_runs_block_by_block(volume, tmp_path, monkey
     a = make_app(volume, data_root=root)
     try:
         st = a.state
-        a.session.block_params = BlockParams(block_size=(32, 32, 32), halo=16)
+        a.session.block_params = BlockParams(block_size=(32, 32, 32))
         a.data_panel.path.value = "big.zarr"
         a.data_panel.load.click()
         assert st.status_level == "ok" and "slice by slice" in st.status
@@ -1321,8 +1321,9 @@ def test_a_volume_too_large_to_load_runs_block_by_block(volume, tmp_path, monkey
         assert str(out) in st.status and st.job_output == str(out)
         bars = a.controls3d.progress
         assert bars.rows["blocks"].layout.display is None and bars.rows["xy"].layout.display == "none"
-        # the network's slabs (xy 1, xz and yz 2 each: 64 slices in 2 slabs) and 4 blocks
-        assert bars.bars["blocks"].value == bars.bars["blocks"].max == 5 + 4
+        # the network's slabs (xy 1, xz and yz 2 each: 64 slices in 2 slabs), tracking each
+        # plane, counting and writing 4 blocks
+        assert bars.bars["blocks"].value == bars.bars["blocks"].max == 5 + 3 + 4 + 4
         assert not isinstance(st.labels3d, np.ndarray) and st.labels3d.shape == big.shape
         labels = np.asarray(st.labels3d[...])
         n = int(labels.max())

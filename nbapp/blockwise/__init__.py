@@ -12,9 +12,11 @@ The parts, in the order a job uses them:
 * :mod:`~nbapp.blockwise.network`: the network stage: per-slice labels of *whole* slices, slab
   by slab (the network never sees a piece of a slice, so its outputs do not depend on the
   tiling);
-* :mod:`~nbapp.blockwise.blocks`: the block stage: tracking and consensus block by block over
-  those labels;
-* :mod:`~nbapp.blockwise.output`: the pieces of objects cut by block faces joined
+* :mod:`~nbapp.blockwise.tracks`: the tracking stage: each plane's per-slice labels linked
+  through whole slices, a slice at a time;
+* :mod:`~nbapp.blockwise.blocks`: the block stage: the filters and the consensus decided for
+  the whole volume from tables that blocks add up, then applied block by block;
+* :mod:`~nbapp.blockwise.output`: the pieces of each object in the blocks joined
   (:func:`nbapp.stitch.join_objects`), the labels written as an OME-Zarr multiscale image;
 * :mod:`~nbapp.blockwise.workers`: where the parts run (this process, one worker process per
   device, Dask tasks);
@@ -22,15 +24,15 @@ The parts, in the order a job uses them:
   :func:`consensus_blockwise_steps`.
 
 Memory: one slab of whole slices or one block at a time per worker (sizes set by the budget)
-plus the work store's small tables; nothing the size of the volume is ever held.
+plus the work store's small tables; nothing the size of the volume is ever held. The labels
+are the in-memory job's, voxel for voxel, whatever the block size, the budget or the workers.
 """
 
 from nbapp.blockwise.identity import VolumeSource, array_digest, file_stamp, input_id
 from nbapp.blockwise.job import blockwise_steps, consensus_blockwise_steps
 from nbapp.blockwise.output import coarse_level, join_steps, pyramid_factors, write_output
-from nbapp.blockwise.plan import (DEFAULT_BLOCK_BUDGET, STITCH_DEPTH, BlockParams,
-                                  choose_block_size, default_budget, needs_blockwise,
-                                  slab_thickness)
+from nbapp.blockwise.plan import (DEFAULT_BLOCK_BUDGET, BlockParams, choose_block_size,
+                                  default_budget, needs_blockwise, slab_thickness)
 from nbapp.blockwise.progress import BlockProgress, BlockwiseResult
 from nbapp.blockwise.store import WorkStore
 
@@ -38,4 +40,4 @@ __all__ = ["BlockParams", "BlockProgress", "BlockwiseResult", "VolumeSource", "W
            "coarse_level", "consensus_blockwise_steps", "choose_block_size", "blockwise_steps",
            "needs_blockwise", "default_budget", "slab_thickness", "join_steps", "write_output",
            "pyramid_factors", "array_digest", "file_stamp", "input_id",
-           "DEFAULT_BLOCK_BUDGET", "STITCH_DEPTH"]
+           "DEFAULT_BLOCK_BUDGET"]

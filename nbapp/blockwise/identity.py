@@ -3,7 +3,7 @@ identity that decides whether a re-run resumes an earlier run's work store.
 
 Two identities: the *network's* (input, model, slice settings, median, planes, intensity
 range) decides whether the stored per-slice labels can be reused; the *job's* (that, plus the
-block grid, halo and consensus settings) whether the finished blocks can.
+block grid and consensus settings) whether the finished blocks can.
 """
 
 from __future__ import annotations
@@ -138,10 +138,10 @@ def network_identity(source_id: str, shape: tuple, dtype, model_id: dict,
             "planes": list(params.planes), "intensity": [float(v) for v in intensity[:2]]}
 
 
-def job_identity(network: dict, params: VolumeParams, halo: int) -> dict:
+def job_identity(network: dict, params: VolumeParams) -> dict:
     """What makes two runs the same job (a re-run resumes its finished blocks only then): the
-    network's identity, every parameter and the halo (the grid is added by the store)."""
-    return dict(network, params=repr(params), halo=halo)
+    network's identity and every parameter (the grid is added by the store)."""
+    return dict(network, params=repr(params))
 
 
 def what_differs(old_text: str | None, job: dict) -> str:

@@ -20,7 +20,6 @@ from typing import Generator
 
 import numpy as np
 
-from nbapp.blockwise.blocks import consensus_block, run_block
 from nbapp.blockwise.identity import (IDENTITY_VERSION, VolumeSource, file_stamp, input_id,
                                       job_identity, network_identity)
 from nbapp.blockwise.network import run_slab
@@ -28,9 +27,10 @@ from nbapp.blockwise.output import join_steps, write_output
 from nbapp.blockwise.plan import BlockParams, choose_block_size, slab_thickness
 from nbapp.blockwise.progress import BlockProgress, BlockwiseResult
 from nbapp.blockwise.store import WorkStore
-from nbapp.blockwise.workers import _ConsensusTask, _Task, parts_steps
+from nbapp.blockwise.workers import _ConsensusTask, _Task, job_stages, parts_steps, run_part
 from nbapp.errors import InputError
 from nbapp.params import PLANES, ConsensusParams, VolumeParams
+from nbapp.stitch import to_slices
 from nbapp.volume import plane_axis, thin_stack_error, volume_intensity
 
 __all__ = ["blockwise_steps", "consensus_blockwise_steps"]
@@ -73,8 +73,8 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
         In-process (default) or one worker process per engine's device (needs ``source`` and
         a file ``model``).
     keep_work : bool
-        Keep the work store: a run with other block, halo or consensus settings then reuses
-        its network outputs.
+        Keep the work store: a run with other block or consensus settings then reuses its
+        network outputs and tracked labels.
     """
     from nbapp.io import stack_paths
     from nbapp.volume import check_volume, sequential_heads
@@ -83,7 +83,6 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
     if workers not in ("threads", "processes"):
         raise InputError(f"workers must be 'threads' or 'processes', got {workers!r}")
     check_volume(volume)
-    blocks = blocks.resolved(params)
     shape = tuple(int(s) for s in volume.shape)
     engine = engines[0]
     thing_list = tuple(engine.model.config.thing_list)
@@ -121,7 +120,7 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
                                intensity)
     thickness = {p: slab_thickness(shape, p, params, blocks.memory_budget, engine)
                  for p in params.planes}
-    skipped = store.open(job_identity(network, params, blocks.halo), shape, block_size,
+    skipped = store.open(job_identity(network, params), shape, block_size,
                          tuple(outputs), resume=source_id is not None, network=network,
                          thickness=thickness)
     slabs_done = len(store.slabs_finished())
@@ -140,17 +139,16 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
                 if part[0] == "slab":
                     return run_slab(heads, volume, store, part[1], part[2], params, intensity,
                                     thing_list)
-                return _no_steps(run_block, store, store.grid[part[1]], params, blocks,
-                                 thing_list)
+                return _no_steps(run_part, store, part, params, thing_list)
 
             task = None
         else:
             local = None
             task = _Task(source, model_spec, batch_size or getattr(engine, "batch_size", 4),
-                         str(store.path), params, blocks, intensity, thing_list,
+                         str(store.path), params, intensity, thing_list,
                          model_id.get("weights"))
         timings = {}
-        yield from parts_steps(store, params.planes, local, task, client,
+        yield from parts_steps(store, job_stages(store, params), local, task, client,
                                [str(e.device) for e in engines], timings, store.note)
         semantic = params.slice.semantic_only
         tables = yield from _finish_steps(store, outputs, params.consensus, voxel_size, timings,
@@ -207,9 +205,10 @@ def consensus_blockwise_steps(stacks: dict, output: str | os.PathLike,
     memory, e.g. the ``OUT_xy.zarr`` ... of a blockwise job with ``return_stacks``), as a
     generator of :class:`BlockProgress` returning a :class:`BlockwiseResult`.
 
-    Each block reads the three stacks on its core and a halo, runs the consensus there and
-    writes its core; the pieces are joined and filtered as in a blockwise job. Re-running it on
-    the same files resumes.
+    Each block counts the label combinations of its voxels, the consensus is decided for the
+    whole volume from those counts (:func:`nbapp.consensus.consensus_of_counts`) and each block
+    writes its objects: the labels are the in-memory consensus', voxel for voxel. Re-running it
+    on the same files resumes.
 
     Parameters
     ----------
@@ -218,7 +217,7 @@ def consensus_blockwise_steps(stacks: dict, output: str | os.PathLike,
     consensus : ConsensusParams
         Vote threshold, permit one stack, Min Size / Min Box Extent (on the joined objects).
     blocks : BlockParams
-        Block size (default: from the memory budget) and halo (default 32).
+        Block size (default: from the memory budget).
     sources : {"xy", ...} -> VolumeSource, optional
         The stacks' files: needed for a Dask ``client`` (the workers read them) and to resume.
     """
@@ -238,29 +237,29 @@ def consensus_blockwise_steps(stacks: dict, output: str | os.PathLike,
         raise InputError("Dask workers read the stacks themselves: give their files "
                          "(sources={'xy': VolumeSource(path), ...})")
     shape = shapes["xy"]
-    halo = blocks.halo if blocks.halo is not None else 32
-    block_size = choose_block_size(shape, VolumeParams(), BlockParams(
-        blocks.block_size, halo, blocks.memory_budget))
+    block_size = choose_block_size(shape, VolumeParams(), blocks)
     store = WorkStore(output)
     ids = {p: input_id(stacks[p], sources[p] if sources else None) for p in PLANES}
-    job = {"version": IDENTITY_VERSION, "kind": "consensus", "halo": halo,
-           "consensus": repr(consensus),
+    job = {"version": IDENTITY_VERSION, "kind": "consensus", "consensus": repr(consensus),
            "stacks": {p: [ids[p] or "array", file_stamp(ids[p] or "array:"),
                           str(stacks[p].dtype)] for p in PLANES}}
     skipped = store.open(job, shape, block_size, resume=None not in ids.values())
     try:
         task = None
         local = None
+        params = VolumeParams(consensus=consensus)  # (ortho-plane, the three planes)
         if client is not None:
-            task = _ConsensusTask(tuple(sources[p] for p in PLANES), str(store.path), consensus,
-                                  halo)
+            task = _ConsensusTask(tuple(sources[p] for p in PLANES), str(store.path), params)
         else:
+            def read(plane, box):
+                return stacks[plane][to_slices(box)]
+
             def local(part):
-                return _no_steps(consensus_block, stacks, store, store.grid[part[1]], consensus,
-                                 halo)
+                return _no_steps(run_part, store, part, params, (1,), read)
 
         timings: dict = {}
-        yield from parts_steps(store, (), local, task, client, [], timings, store.note)
+        yield from parts_steps(store, job_stages(store, params, network=False), local, task,
+                               client, [], timings, store.note)
         rows = (yield from _finish_steps(store, {"labels": output}, consensus, voxel_size,
                                          timings))["labels"]
         if not keep_work:

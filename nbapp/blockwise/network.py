@@ -22,14 +22,7 @@ from nbapp.params import VolumeParams
 from nbapp.stitch import to_slices
 from nbapp.volume import _SLICE_DIVISOR, plane_axis, plane_stack_steps
 
-__all__ = ["slab_units", "run_slab"]
-
-
-def slab_units(store: WorkStore, planes) -> list[tuple]:
-    """``("slab", plane, k)`` of every slab of ``planes`` not written yet, plane by plane."""
-    done = store.slabs_finished()
-    return [("slab", p, k) for p in planes for k in range(len(store.slabs[p]))
-            if (p, k) not in done]
+__all__ = ["run_slab"]
 
 
 def run_slab(heads_source, volume, store: WorkStore, plane: str, k: int, params: VolumeParams,

@@ -14,27 +14,28 @@ from nbapp.blockwise.progress import BlockProgress
 from nbapp.blockwise.store import WorkStore
 from nbapp.errors import InputError
 from nbapp.params import ConsensusParams
-from nbapp.stitch import join_objects, mutual_pairs, slab_pairs, to_slices, uid_base
+from nbapp.stitch import join_objects, uid_base
 
 __all__ = ["join_steps", "write_output", "output_chunks", "pyramid_factors", "coarse_level"]
 
 
 def join_steps(store: WorkStore, consensus: ConsensusParams, layer: str = "labels"
                ) -> Generator[BlockProgress, None, tuple[dict, list]]:
-    """Pairs of pieces from every block's strips of one layer, then
-    :func:`~nbapp.stitch.join_objects`."""
-    tables, pairs = {}, []
-    labels = store.labels(layer=layer)
+    """The pieces of one layer's objects in every block joined (the blocks' pieces of one
+    object carry its id, :meth:`WorkStore.write_global`), then
+    :func:`~nbapp.stitch.join_objects` (the filters, numbering by first appearance)."""
+    tables, pieces = {}, [np.zeros((0, 2), np.int64)]
     n = len(store.grid)
     for k, block in enumerate(store.grid):
-        table, slabs = store.read_record(block.index, layer)
+        table, ids = store.read_record(block.index, layer)
         tables[block.index] = table
-        base = uid_base(block.index)
-        for box, lab in slabs:
-            mine = np.where(lab > 0, lab.astype(np.int64) + base, 0)
-            pairs.append(slab_pairs(mine, np.asarray(labels[to_slices(box)])))
+        local = table["ids"]
+        pieces.append(np.stack([ids[local], local + uid_base(block.index)], axis=1))
         yield BlockProgress("blocks", "joining", k + 1, n, f"joining the {layer} pieces")
-    pairs = mutual_pairs(np.concatenate(pairs)) if pairs else np.zeros((0, 2), np.int64)
+    pieces = np.concatenate(pieces)
+    pieces = pieces[np.lexsort((pieces[:, 1], pieces[:, 0]))]
+    same = pieces[1:, 0] == pieces[:-1, 0]
+    pairs = np.stack([pieces[:-1, 1][same], pieces[1:, 1][same]], axis=1)
     return join_objects(tables, pairs, consensus.min_size, consensus.min_extent)
 
 

@@ -16,16 +16,13 @@ from nbapp.params import VolumeParams
 from nbapp.stitch import splits
 from nbapp.volume import JOB_BYTES_PER_VOXEL, plane_axis
 
-__all__ = ["BlockParams", "DEFAULT_BLOCK_BUDGET", "STITCH_DEPTH", "MAX_SLAB", "default_budget",
+__all__ = ["BlockParams", "DEFAULT_BLOCK_BUDGET", "MAX_SLAB", "default_budget",
            "choose_block_size", "needs_blockwise", "slab_thickness", "slabs"]
 
-#: Memory a block job may use by default (its labels, tracking and consensus; the model and
-#: the interpreter come on top): with the measured 30 bytes per voxel of an ortho-plane job
-#: that is a 340-voxel cube with its margin.
+#: Memory a block may use by default (the model and the interpreter come on top): with the
+#: 30 bytes per voxel of an in-memory ortho-plane job, a conservative figure for a block's
+#: tracked labels, lookups and tables, that is a 340-voxel cube.
 DEFAULT_BLOCK_BUDGET = 1200 << 20
-#: Voxels beyond each face of a core that a block also labels; the neighbouring blocks' labels
-#: of these strips decide which pieces are one object.
-STITCH_DEPTH = 2
 #: Block sides are multiples of this unless the volume is smaller.
 _SIDE_STEP = 16
 #: Most slices of one plane that one network unit (a *slab*) infers and writes: its labels
@@ -40,22 +37,19 @@ SLAB_BYTES_PER_PIXEL = 8
 class BlockParams:
     """How a volume is cut into blocks.
 
+    The network always sees whole slices and the blocks' filters and consensus are decided for
+    the whole volume, so blocks need no margin and the labels do not depend on these settings.
+
     Parameters
     ----------
     block_size : int or (int, int, int), optional
-        Largest side of a block's core in voxels (one per axis, or one for all). Default:
-        the largest that keeps a block job within ``memory_budget``.
-    halo : int, optional
-        Margin in voxels of the per-slice labels read around each core for tracking and the
-        consensus (the network always sees whole slices); at least :data:`STITCH_DEPTH`.
-        Default (:meth:`resolved`): 32 voxels, 16 network pixels times the downsampling
-        above 2.
+        Largest side of a block in voxels (one per axis, or one for all). Default: the largest
+        that keeps a block's work within ``memory_budget``.
     memory_budget : int, optional
-        Bytes a block job or a slab of slices may use (default :data:`DEFAULT_BLOCK_BUDGET`).
+        Bytes a block or a slab of slices may use (default :data:`DEFAULT_BLOCK_BUDGET`).
     """
 
     block_size: Any = None
-    halo: int | None = None
     memory_budget: int | None = None
 
     def __post_init__(self) -> None:
@@ -69,22 +63,8 @@ class BlockParams:
                                      f"voxels, got {self.block_size!r}")
             object.__setattr__(self, "block_size",
                                int(sizes[0]) if len(sizes) == 1 else tuple(int(s) for s in sizes))
-        if self.halo is not None and (isinstance(self.halo, bool) or int(self.halo) != self.halo
-                                      or not STITCH_DEPTH <= self.halo <= 1024):
-            raise ParameterError(f"halo must be {STITCH_DEPTH}-1024 voxels, got {self.halo!r}")
         if self.memory_budget is not None and self.memory_budget < (64 << 20):
             raise ParameterError(f"memory_budget must be at least 64 MiB, got {self.memory_budget}")
-
-    def resolved(self, params: VolumeParams) -> "BlockParams":
-        """These settings with the default halo filled in for ``params``' downsampling.
-
-        >>> BlockParams().resolved(VolumeParams()).halo
-        32
-        """
-        if self.halo is not None:
-            return self
-        ds = max(1.0, float(params.slice.downsampling))
-        return BlockParams(self.block_size, int(max(32, 16 * ds)), self.memory_budget)
 
 
 def default_budget() -> int:
@@ -97,35 +77,33 @@ def default_budget() -> int:
 
 def choose_block_size(shape: tuple, params: VolumeParams, blocks: BlockParams = BlockParams()
                       ) -> tuple:
-    """The core side of each axis: ``blocks.block_size`` when given, else the largest cube
-    (a multiple of 16) whose job with its margins fits ``blocks.memory_budget`` (default
+    """The block side of each axis: ``blocks.block_size`` when given, else the largest cube
+    (a multiple of 16) whose work fits ``blocks.memory_budget`` (default
     :func:`default_budget`), at least 64; along an axis where the volume is thinner than that
     the block takes the whole axis and the other sides grow to use the budget.
 
     >>> choose_block_size((1000, 2000, 2000), VolumeParams(), BlockParams(memory_budget=1200 << 20))
-    (272, 272, 272)
+    (336, 336, 336)
     >>> choose_block_size((50, 2000, 2000), VolumeParams(), BlockParams(block_size=100))
     (50, 100, 100)
     >>> choose_block_size((165, 768, 1024), VolumeParams(), BlockParams(memory_budget=1200 << 20))
-    (165, 432, 432)
+    (165, 496, 496)
     """
-    blocks = blocks.resolved(params)
     if blocks.block_size is not None:
         sides = blocks.block_size if isinstance(blocks.block_size, tuple) \
             else (blocks.block_size,) * 3
     else:
         budget = blocks.memory_budget or default_budget()
         voxels = budget / JOB_BYTES_PER_VOXEL["ortho" if params.orthoplane else "single"]
-        sides = [_side(voxels ** (1 / 3), blocks.halo)] * 3
-        # an axis along which the volume is thinner than a block takes all of it (no halo
-        # there): its share of the budget goes to the other axes (fewer blocks, less halo)
+        sides = [_side(voxels ** (1 / 3))] * 3
+        # an axis along which the volume is thinner than a block takes all of it: its share
+        # of the budget goes to the other axes (fewer blocks)
         while True:
             whole = [a for a in range(3) if shape[a] <= sides[a]]
             rest = [a for a in range(3) if shape[a] > sides[a]]
             if not whole or not rest:
                 break
-            side = _side((voxels / np.prod([shape[a] for a in whole])) ** (1 / len(rest)),
-                         blocks.halo)
+            side = _side((voxels / np.prod([shape[a] for a in whole])) ** (1 / len(rest)))
             if side <= sides[rest[0]]:
                 break
             for a in rest:
@@ -133,9 +111,9 @@ def choose_block_size(shape: tuple, params: VolumeParams, blocks: BlockParams = 
     return tuple(int(min(s, n)) for s, n in zip(sides, shape))
 
 
-def _side(outer: float, halo: int) -> int:
-    """A core side (a multiple of 16, at least 64) whose block with its halo is ``outer``."""
-    return max(64, (int(round(outer)) - 2 * halo) // _SIDE_STEP * _SIDE_STEP)
+def _side(side: float) -> int:
+    """A block side: ``side`` down to a multiple of 16, at least 64."""
+    return max(64, int(round(side)) // _SIDE_STEP * _SIDE_STEP)
 
 
 def needs_blockwise(shape: tuple, params: VolumeParams, engine=None) -> bool:

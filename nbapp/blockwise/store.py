@@ -8,13 +8,20 @@ Layout of ``.OUT.nbapp-work/``:
 * ``raw_xy.zarr`` ...: each plane's per-slice panoptic labels (the network, the median and the
   2D post-processing of whole slices), one zarr chunk per slab along the slicing axis, and
   ``slabs/PLANE-K.done`` for each slab written;
-* ``job.json``: the block stage's identity (the network's, plus grid, halo and consensus);
+* ``fwd_xy.zarr`` ... and ``trk_xy.zarr`` ...: each plane's forward-pass and tracked labels
+  (:mod:`~nbapp.blockwise.tracks`; the forward labels are removed when the plane is done),
+  and ``tracks/PLANE.done``;
+* ``job.json``: the block stage's identity (the network's, plus the grid and the consensus
+  settings);
+* ``records/stats-BLOCK.npz``: each block's tables (:func:`~nbapp.blockwise.blocks.count_block`)
+  and ``decisions.npz``, what was decided from them;
 * ``labels.zarr`` (and ``xy.zarr`` ... for returned stacks): block-unique ids, one zarr chunk
   per block so that concurrent writers never share a chunk, and ``records/BLOCK.npz`` (one per
-  finished block: each layer's object table and strips).
+  written block: each layer's object table and the object each local id stands for).
 
 A store of another network is removed; a store of the same network with other block settings
-keeps its per-slice labels (the network is not run again) and starts the blocks over.
+keeps its per-slice and tracked labels (the network is not run again) and starts the blocks
+over.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import numpy as np
 from nbapp.blockwise.identity import what_differs
 from nbapp.blockwise.plan import slabs
 from nbapp.errors import InputError
-from nbapp.stitch import Block, block_grid, core_table, edge_slabs, to_slices, uid_base, within
+from nbapp.stitch import Block, block_grid, core_table, to_slices, uid_base
 from nbapp.volume import plane_axis
 
 __all__ = ["WorkStore", "RAW_SIDE"]
@@ -103,6 +110,10 @@ class WorkStore:
                                    for a, n in enumerate(self.shape))
                 zarr.create_array(str(self.path / f"raw_{p}.zarr"), shape=self.shape,
                                   chunks=raw_chunks, dtype="int32", fill_value=0)
+                for kind in ("fwd", "trk"):
+                    zarr.create_array(str(self.path / f"{kind}_{p}.zarr"), shape=self.shape,
+                                      chunks=raw_chunks, dtype="int64", fill_value=0)
+            (self.path / "tracks").mkdir(exist_ok=True)
             net_meta.write_text(net_text)
         (self.path / "records").mkdir(parents=True, exist_ok=True)
         for name in self.layers:
@@ -115,8 +126,9 @@ class WorkStore:
         """The block stage's files (the network stage's are kept)."""
         (self.path / "job.json").unlink(missing_ok=True)
         shutil.rmtree(self.path / "records", ignore_errors=True)
+        (self.path / "decisions.npz").unlink(missing_ok=True)
         for folder in self.path.glob("*.zarr"):
-            if not folder.name.startswith("raw_"):
+            if not folder.name.startswith(("raw_", "fwd_", "trk_")):
                 shutil.rmtree(folder, ignore_errors=True)
 
     def lock(self) -> None:
@@ -189,6 +201,25 @@ class WorkStore:
         self.raw(plane, "r+")[to_slices(self.slab_box(plane, k))] = labels
         write_small(self.path / "slabs" / f"{plane}-{k}.done", lambda f: f.write(b""))
 
+    # the tracking stage: each plane's tracked labels
+    def tracked(self, plane: str, kind: str = "tracked", mode: str = "r"):
+        """One plane's forward-pass (``kind="forward"``) or tracked labels."""
+        import zarr
+
+        name = {"forward": "fwd", "tracked": "trk"}[kind]
+        return zarr.open_array(str(self.path / f"{name}_{plane}.zarr"), mode=mode)
+
+    def mark_tracked(self, plane: str) -> None:
+        """Mark a plane's tracking finished (and drop its forward labels)."""
+        from nbapp.io import write_small
+
+        write_small(self.path / "tracks" / f"{plane}.done", lambda f: f.write(b""))
+        shutil.rmtree(self.path / f"fwd_{plane}.zarr", ignore_errors=True)
+
+    def tracks_finished(self) -> set:
+        folder = self.path / "tracks"
+        return {p.stem for p in folder.glob("*.done")} if folder.exists() else set()
+
     # the block stage
     def labels(self, mode: str = "r", layer: str = "labels"):
         """One layer's array of block-unique ids."""
@@ -198,44 +229,52 @@ class WorkStore:
 
     def finished(self) -> set:
         folder = self.path / "records"
-        return {int(p.stem) for p in folder.glob("*.npz")} if folder.exists() else set()
+        return {int(p.stem) for p in folder.glob("*.npz") if p.stem.isdigit()} \
+            if folder.exists() else set()
 
     def record_path(self, index: int) -> Path:
         return self.path / "records" / f"{index}.npz"
 
-    def write_block(self, block: Block, layers: dict, region: tuple, semantic: bool) -> None:
-        """Each layer's labels of the block's core into its array, then the block's record
-        (atomically: a block with a record is finished)."""
+    def stats_path(self, index: int) -> Path:
+        return self.path / "records" / f"stats-{index}.npz"
+
+    def stats_finished(self) -> set:
+        folder = self.path / "records"
+        return {int(p.stem.split("-")[1]) for p in folder.glob("stats-*.npz")} \
+            if folder.exists() else set()
+
+    def write_global(self, block: Block, layers: dict, semantic: bool) -> None:
+        """Each layer's labels of the block's core (ids that are one object wherever they
+        occur, or classes) into its array, then the block's record: the object table of
+        each layer and the id each of its local ids stands for (atomically)."""
         from nbapp.io import write_small
 
         arrays = {}
         for name in self.layers:
-            labels = layers[name]
-            core = np.ascontiguousarray(labels[within(block.core, region)])
+            core = np.ascontiguousarray(layers[name])
             if semantic:
                 self.labels("r+", name)[to_slices(block.core)] = core.astype(np.int64)
                 continue
+            ids, local = np.unique(core, return_inverse=True)
+            local = local.reshape(core.shape)
+            if ids.size and ids[0] != 0:
+                local += 1
+                ids = np.r_[0, ids]
             base = uid_base(block.index)
-            self.labels("r+", name)[to_slices(block.core)] = np.where(core > 0, core + base, 0)
-            for k, v in core_table(core, block.core, self.shape).items():
+            self.labels("r+", name)[to_slices(block.core)] = np.where(local > 0, local + base, 0)
+            for k, v in core_table(local, block.core, self.shape).items():
                 arrays[f"{name}.table_{k}"] = v
-            for i, (box, lab) in enumerate(edge_slabs(labels, region, block.core)):
-                arrays[f"{name}.slab{i}_box"] = np.array(box, np.int64)
-                arrays[f"{name}.slab{i}"] = lab
+            arrays[f"{name}.globals"] = ids.astype(np.int64)
         write_small(self.record_path(block.index), lambda f: np.savez_compressed(f, **arrays))
 
-    def read_record(self, index: int, layer: str = "labels") -> tuple[dict, list]:
-        """One layer's object table and strips from a finished block's record."""
+    def read_record(self, index: int, layer: str = "labels") -> tuple[dict, np.ndarray]:
+        """One layer's object table of a written block, and the id each of its local ids
+        stands for."""
         head = f"{layer}.table_"
         with np.load(self.record_path(index)) as z:
             table = {k[len(head):]: z[k] for k in z.files if k.startswith(head)}
-            slabs_ = []
-            i = 0
-            while f"{layer}.slab{i}" in z.files:
-                slabs_.append((tuple(map(tuple, z[f"{layer}.slab{i}_box"].tolist())),
-                               z[f"{layer}.slab{i}"]))
-                i += 1
-        return table, slabs_
+            ids = z[f"{layer}.globals"] if f"{layer}.globals" in z.files else np.zeros(1, np.int64)
+        return table, ids
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

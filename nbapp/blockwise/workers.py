@@ -14,14 +14,15 @@ import time
 from dataclasses import dataclass
 from typing import Generator
 
-from nbapp.blockwise.blocks import consensus_block, run_block
+from nbapp.blockwise.blocks import count_block, write_block, write_semantic_block
 from nbapp.blockwise.identity import VolumeSource
 from nbapp.blockwise.network import run_slab
-from nbapp.blockwise.plan import BlockParams
 from nbapp.blockwise.progress import BlockProgress
 from nbapp.blockwise.store import WorkStore
+from nbapp.blockwise.tracks import run_tracking
 from nbapp.errors import NbappError
-from nbapp.params import PLANES, ConsensusParams, VolumeParams
+from nbapp.params import PLANES, VolumeParams
+from nbapp.stitch import to_slices
 
 __all__ = ["parts_steps", "usable_cores"]
 
@@ -35,7 +36,6 @@ class _Task:
     batch_size: int
     store: str
     params: VolumeParams
-    blocks: BlockParams
     intensity: tuple
     thing_list: tuple
     #: sha256 of the model's weights when the job started (a worker refuses another file)
@@ -45,9 +45,8 @@ class _Task:
         """Run ``part`` in this worker: open the store (and for a slab the volume and this
         worker's engine), compute, write. Returns the part's timings."""
         store = WorkStore.attach(self.store)
-        if part[0] == "block":
-            return run_block(store, store.grid[part[1]], self.params, self.blocks,
-                             self.thing_list)
+        if part[0] != "slab":
+            return run_part(store, part, self.params, self.thing_list)
         from nbapp.cluster import worker_engine
         from nbapp.volume import sequential_heads
 
@@ -61,19 +60,37 @@ class _Task:
                                  self.params, self.intensity, self.thing_list))
 
 
+def run_part(store: WorkStore, part: tuple, params: VolumeParams, thing_list: tuple,
+             read=None) -> dict:
+    """Run one part after the network stage: ``("track", plane)``, ``("stats", block)`` or
+    ``("block", block)``. ``read(plane, box)`` gives a plane's tracked labels (default: the
+    store's)."""
+    if part[0] == "track":
+        return run_tracking(store, part[1], thing_list)
+    planes = params.planes
+    block = store.grid[part[1]]
+    if params.slice.semantic_only:
+        return write_semantic_block(store, block, planes, params.orthoplane,
+                                    params.consensus.vote_threshold, params.return_stacks)
+    read = read or (lambda plane, box: store.tracked(plane)[to_slices(box)])
+    if part[0] == "stats":
+        return count_block(read, store, block, planes, params.orthoplane)
+    return write_block(read, store, block, planes, params.orthoplane, params.return_stacks)
+
+
 @dataclass(frozen=True)
 class _ConsensusTask:
     """Everything a worker needs to run the consensus of blocks from stored stacks."""
 
     sources: tuple  # VolumeSource of the xy, xz and yz stacks
     store: str
-    consensus: ConsensusParams
-    halo: int
+    params: VolumeParams
 
     def run(self, part: tuple) -> dict:
         store = WorkStore.attach(self.store)
         stacks = {p: s.open() for p, s in zip(PLANES, self.sources)}
-        return consensus_block(stacks, store, store.grid[part[1]], self.consensus, self.halo)
+        return run_part(store, part, self.params, (1,),
+                        lambda plane, box: stacks[plane][to_slices(box)])
 
 
 #: The device of this worker process (set by its initializer; empty outside worker processes).
@@ -113,34 +130,61 @@ def _drained(gen):
 
 
 def _describe(store: WorkStore, part: tuple) -> str:
-    """What a part is, for the progress line: 'xz slices 33-64' or 'block 3/12'."""
+    """What a part is, for the progress line: 'network: xz slices 33-64', 'tracking xz',
+    'counting block 3/12' or 'block 3/12'."""
     if part[0] == "slab":
         lo, hi = store.slabs[part[1]][part[2]]
         return f"network: {part[1]} slices {lo + 1}-{hi}"
-    return f"block {part[1] + 1}/{len(store.grid)}"
+    if part[0] == "track":
+        return f"tracking {part[1]}"
+    what = f"block {part[1] + 1}/{len(store.grid)}"
+    return f"counting {what}" if part[0] == "stats" else what
 
 
-def parts_steps(store: WorkStore, planes: tuple, local, task, client, devices: list,
+def job_stages(store: WorkStore, params: VolumeParams, network: bool = True) -> list:
+    """The stages of a job in ``store``: ``(name, parts, done(part), after)`` each, ``after``
+    run here once the stage's parts are all done (or None)."""
+    from nbapp.blockwise.blocks import decide
+
+    planes = params.planes
+    blocks = [b.index for b in store.grid]
+    stages = []
+    if network:
+        slabs = store.slabs_finished()
+        stages.append(("slabs_s", [("slab", p, k) for p in planes
+                                   for k in range(len(store.slabs[p]))],
+                       lambda part: (part[1], part[2]) in slabs, None))
+    if not params.slice.semantic_only:
+        if network:
+            tracked = store.tracks_finished()
+            stages.append(("tracking_s", [("track", p) for p in planes],
+                           lambda part: part[1] in tracked, None))
+        counted = store.stats_finished()
+        stages.append(("counting_s", [("stats", i) for i in blocks],
+                       lambda part: part[1] in counted,
+                       lambda: decide(store, planes, params.consensus, params.orthoplane)))
+    written = store.finished()
+    stages.append(("blocks_s", [("block", i) for i in blocks], lambda part: part[1] in written,
+                   None))
+    return stages
+
+
+def parts_steps(store: WorkStore, stages: list, local, task, client, devices: list,
                 timings: dict, note: str | None = None) -> Generator[BlockProgress, None, None]:
-    """Run every part of the job in ``store`` not finished yet (the slabs of ``planes``, then
-    the blocks): in this process (``local(part)``, a generator of progress), else ``task`` on
-    the Dask ``client`` or in one worker process per device. The first report carries
-    ``note`` (why an earlier run was not resumed). Raises when a part did not finish."""
-    from nbapp.blockwise.network import slab_units
-
-    slabs_total = sum(len(store.slabs[p]) for p in planes)
-    stages = [slab_units(store, planes), None]  # the blocks' list is made when the slabs end
-    total = slabs_total + len(store.grid)
-    done = total - len(stages[0]) - (len(store.grid) - len(store.finished()))
+    """Run every part of ``stages`` (:func:`job_stages`) not finished yet, stage by stage: in
+    this process (``local(part)``, a generator of progress), else ``task`` on the Dask
+    ``client`` or in one worker process per device. The first report carries ``note`` (why
+    an earlier run was not resumed). Raises when a part did not finish."""
+    total = sum(len(parts) for _, parts, _, _ in stages)
+    todos = [[p for p in parts if not done(p)] for _, parts, done, _ in stages]
+    done = total - sum(len(t) for t in todos)
     skipped = done
     t_start = time.perf_counter()
     yield BlockProgress("blocks", "network", done, total,
                         note or (f"{skipped} of {total} parts already done" if skipped else None),
                         note)
-    for s, name in enumerate(("slabs_s", "blocks_s")):
+    for (name, parts, _, after), todo in zip(stages, todos):
         t0 = time.perf_counter()
-        todo = stages[s] if s == 0 else [("block", b.index) for b in store.grid
-                                         if b.index not in store.finished()]
         if todo and local is not None:
             for part in todo:
                 gen = local(part)
@@ -162,17 +206,27 @@ def parts_steps(store: WorkStore, planes: tuple, local, task, client, devices: l
                 done += 1
                 yield BlockProgress("blocks", "network", done, total,
                                     f"{_describe(store, part)} done{_rate(done - skipped, t_start)}")
+        missing = _unfinished(store, todo)
+        if missing:
+            raise NbappError(f"{len(missing)} part(s) of the job did not finish (e.g. "
+                             f"{_describe(store, missing[0])}); re-run the same command to "
+                             "resume")
+        if after is not None:
+            after()
         timings[name] = time.perf_counter() - t0
-        if s == 0:
-            missing = {(p, k) for p in planes for k in range(len(store.slabs[p]))} \
-                - store.slabs_finished()
-            if missing:
-                raise NbappError(f"{len(missing)} slab(s) of slices did not finish (e.g. "
-                                 f"{sorted(missing)[0]}); re-run the same command to resume")
-    missing = set(b.index for b in store.grid) - store.finished()
-    if missing:
-        raise NbappError(f"blocks {sorted(missing)[:5]} did not finish; re-run the same "
-                         "command to resume")
+
+
+def _unfinished(store: WorkStore, parts: list) -> list:
+    """The parts the store does not record as finished."""
+    if not parts:
+        return []
+    kind = parts[0][0]
+    if kind == "slab":
+        done = store.slabs_finished()
+        return [p for p in parts if (p[1], p[2]) not in done]
+    done = {"track": store.tracks_finished, "stats": store.stats_finished,
+            "block": store.finished}[kind]()
+    return [p for p in parts if p[1] not in done]
 
 
 def _rate(done: int, t0: float) -> str:
