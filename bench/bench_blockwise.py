@@ -21,6 +21,9 @@ F1@0.5 and the share of equal voxels between blockwise and in-memory labels, and
 against the truth; and a MitoNet_v1-architecture network with random weights (global pooling
 in its ASPP; bench_mitonet_speed.py) on a 32x192x192 crop at blocks of 64 and 48.
 
+``--part blockmem``: peak memory of counting and writing one ortho-plane block (192 and 256
+voxels a side), bytes per voxel: what sizes the default blocks.
+
 ``--part crop``: why the real network's blockwise labels differ: the share of pixels whose
 foreground probability changes by more than 0.25 when an xz slice is cropped to a block.
 
@@ -278,6 +281,41 @@ def child_invariance(case: str) -> list:
     return rows
 
 
+def child_blockmem(side: int) -> dict:
+    """Peak memory of counting and writing one ortho-plane block of ``side``^3 voxels (three
+    views of 400 synthetic ellipsoids as tracked labels), bytes per voxel above the views."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from models import ellipsoids
+
+    from nbapp.blockwise.blocks import count_block, decide, write_block
+    from nbapp.blockwise.store import WorkStore
+    from nbapp.params import PLANES, ConsensusParams
+
+    shape = (side,) * 3
+    lab = ellipsoids(shape, n=400, seed=1).astype(np.int64)
+    views = {"xy": lab, "xz": np.where(lab > 0, lab + 1000, 0), "yz": np.roll(lab, 1, axis=2)}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = WorkStore(Path(tmp) / "o.zarr")
+        store.open({"bench": 1}, shape, shape)
+
+        def read(plane, box):
+            return views[plane][tuple(slice(a, b) for a, b in box)]
+
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        count_block(read, store, store.grid[0], PLANES, True)
+        t1 = time.perf_counter()
+        peak1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        decide(store, PLANES, ConsensusParams(), True)
+        write_block(read, store, store.grid[0], PLANES, True, False)
+        t2 = time.perf_counter()
+        peak2 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"side": side, "objects": int(lab.max()),
+            "count_bytes_per_voxel": (peak1 - base) * 1024 / side ** 3,
+            "write_bytes_per_voxel": (peak2 - base) * 1024 / side ** 3,
+            "count_s": t1 - t0, "write_s": t2 - t1}
+
+
 def crop_sensitivity() -> list:
     """How much the network's output on a block differs from its output on the whole slice:
     the share of pixels whose foreground probability moves by more than 0.25, 48 pixels or
@@ -328,7 +366,8 @@ def run_child(args: list) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("scale", "fidelity", "crop", "consensus", "invariance"),
+    ap.add_argument("--part", choices=("scale", "fidelity", "crop", "consensus", "invariance",
+                                       "blockmem"),
                     default="scale")
     ap.add_argument("--sizes", default="64M,256M,1G")
     ap.add_argument("--downsampling", type=int, default=2)
@@ -347,6 +386,8 @@ def main() -> None:
             print(json.dumps(child_scale(store, mode, int(ds), out), default=str))
         elif kind == "consensus":
             print(json.dumps(child_consensus(*rest), default=str))
+        elif kind == "blockmem":
+            print(json.dumps(child_blockmem(int(rest[0]))))
         elif kind == "invariance":
             print(json.dumps(child_invariance(*rest), default=str))
         else:
@@ -384,6 +425,10 @@ def main() -> None:
                 rows.append(row)
         if a.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
+    elif a.part == "blockmem":
+        rows = [run_child(["blockmem", side]) for side in (192, 256)]
+        for r in rows:
+            print(json.dumps(r), flush=True)
     elif a.part == "invariance":
         for case in (a.cases or "lucchi2,lucchi1,mitonet").split(","):
             out = subprocess.run([sys.executable, __file__, "--child", "invariance", case],

@@ -95,7 +95,7 @@ def _add_3d_options(p: argparse.ArgumentParser) -> None:
     b = _add_blockwise_options(
         p, "volumes larger than memory (blockwise 3D: OME-Zarr output; chosen by itself when "
         "the in-memory job would not fit)", "volume",
-        "default: from a 1.2 GB budget per block, 336 for ortho-plane")
+        "default: from a 1.2 GB budget per block, 224")
     b.add_argument("--workers", choices=("threads", "processes"), default="threads",
                    help="with several --devices: one worker process per device running whole "
                         "slabs of slices, then whole blocks (processes), or all devices on one "

@@ -81,6 +81,7 @@ __all__ = [
     "MAX_DIRECT_LABEL",
     "combination_counts",
     "consensus_of_counts",
+    "compact_labels",
 ]
 
 #: Detections joined by an edge with IoU above this form one cluster (when not merging maximally).
@@ -741,6 +742,26 @@ def _overlaps(objects: Sequence[ObjectMask]) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------ the same from voxel counts alone
 
 
+def compact_labels(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted distinct values of an integer array and each element's index into them
+    (as ``np.unique(values, return_inverse=True)``), by a lookup table when the values are
+    few and small (no sort: labels of a block), else by sorting.
+
+    >>> ids, index = compact_labels(np.array([[7, 0], [7, 3]]))
+    >>> ids.tolist(), index.tolist()
+    ([0, 3, 7], [[2, 0], [2, 1]])
+    """
+    values = np.asarray(values)
+    if values.size and values.dtype.kind in "iu":
+        lo, hi = int(values.min()), int(values.max())
+        if lo >= 0 and hi <= 4 * values.size + (1 << 16):
+            present = np.bincount(values.reshape(-1), minlength=hi + 1) > 0
+            lut = np.cumsum(present) - 1
+            return np.flatnonzero(present).astype(np.int64), lut[values]
+    ids, index = np.unique(values, return_inverse=True)
+    return ids.astype(np.int64), index.reshape(values.shape)
+
+
 def combination_counts(xy: np.ndarray, xz: np.ndarray, yz: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
     """The distinct ``(xy, xz, yz)`` label combinations of the voxels that some view labels,
@@ -754,11 +775,20 @@ def combination_counts(xy: np.ndarray, xz: np.ndarray, yz: np.ndarray
     >>> keys.tolist(), counts.tolist()
     ([[1, 0, 0], [1, 3, 3], [2, 3, 3]], [1, 1, 1])
     """
-    flat = np.stack([np.asarray(v, np.int64).reshape(-1) for v in (xy, xz, yz)], axis=1)
-    flat = flat[flat.any(axis=1)]
-    if not flat.size:
+    cols = [np.asarray(v).reshape(-1) for v in (xy, xz, yz)]
+    fg = (cols[0] != 0) | (cols[1] != 0) | (cols[2] != 0)
+    if not fg.any():
         return np.zeros((0, 3), np.int64), np.zeros(0, np.int64)
-    keys, counts = np.unique(flat, axis=0, return_counts=True)
+    # each column's ids compacted, then one int64 key per voxel (a 1D sort, not a row sort)
+    ids, key = [], np.zeros(int(fg.sum()), np.int64)
+    for c in cols:
+        u, inv = compact_labels(c[fg])
+        ids.append(u)
+        key = key * u.size + inv
+    key, counts = np.unique(key, return_counts=True)
+    n1, n2 = ids[1].size, ids[2].size
+    keys = np.stack([ids[0][key // (n1 * n2)], ids[1][(key // n2) % n1], ids[2][key % n2]],
+                    axis=1)
     return keys, counts.astype(np.int64)
 
 

@@ -715,14 +715,14 @@ def test_block_size_from_the_memory_budget(monkeypatch):
     import nbapp.memory
 
     assert choose_block_size((1000, 4000, 4000), VolumeParams(),
-                             BlockParams(memory_budget=1200 << 20)) == (336, 336, 336)
+                             BlockParams(memory_budget=1200 << 20)) == (224, 224, 224)
     monkeypatch.setattr(nbapp.memory, "available_bytes", lambda: 64 << 30)
-    assert choose_block_size((1000, 4000, 4000), VolumeParams()) == (336, 336, 336)
+    assert choose_block_size((1000, 4000, 4000), VolumeParams()) == (224, 224, 224)
     monkeypatch.setattr(nbapp.memory, "available_bytes", lambda: 1 << 30)  # a small container
-    assert choose_block_size((1000, 4000, 4000), VolumeParams())[0] < 336
+    assert choose_block_size((1000, 4000, 4000), VolumeParams())[0] < 224
     small = choose_block_size((1000, 4000, 4000), VolumeParams(),
                               BlockParams(memory_budget=256 << 20))
-    assert small[0] < 336 and small[0] % 16 == 0
+    assert small[0] < 224 and small[0] % 16 == 0
     assert choose_block_size((40, 4000, 4000), VolumeParams(), BlockParams(block_size=(8, 64, 64))) \
         == (8, 64, 64)
 
@@ -1029,3 +1029,32 @@ def test_worker_processes_share_the_cores(monkeypatch, cores, devices, threads):
     out = [o for _, o in runs]
     assert sorted(o["index"] for o in out) == list(range(len(devices)))
     assert {o["threads"] for o in out} == {threads} and {o["device"] for o in out} == {"cpu"}
+
+
+@pytest.mark.parametrize("plane", ["xy", "xz", "yz"])
+def test_tracking_a_slice_at_a_time_is_track_plane_with_two_classes(tmp_path, plane):
+    """The tracking stage links whole slices one at a time, each thing class on its own: the
+    in-memory track_plane's objects, numbered alike after relabelling by first appearance."""
+    from nbapp.blockwise.tracks import run_tracking
+    from nbapp.tracking import relabel_by_first_appearance
+    from nbapp.volume import _SLICE_DIVISOR, plane_axis, track_plane
+
+    truth = ellipsoids((24, 40, 48), n=10, seed=3)
+    ax = plane_axis(plane)
+    raw = np.zeros(truth.shape, np.int32)  # per-slice ids as the network stage writes them
+    for i in range(truth.shape[ax]):
+        index = tuple(i if a == ax else slice(None) for a in range(3))
+        sl = truth[index]
+        cls = np.where(sl % 2 == 0, 2, 1)  # even objects are of the second class
+        raw[index] = np.where(sl > 0, cls * _SLICE_DIVISOR + sl + i, 0)
+    store = WorkStore(tmp_path / "out.zarr")
+    store.open({"t": 1}, truth.shape, (8, 8, 8), network={"n": 1}, thickness={plane: 7})
+    for k in range(len(store.slabs[plane])):
+        store.write_slab(plane, k, raw[tuple(slice(*b) for b in store.slab_box(plane, k))])
+    run_tracking(store, plane, (1, 2))
+    got = np.asarray(store.tracked(plane)[...])
+    assert plane in store.tracks_finished() and not (store.path / f"fwd_{plane}.zarr").exists()
+    assert got.max() < 1000  # small ids, each class after the other
+    want = track_plane(raw, plane, (1, 2))
+    assert np.array_equal(relabel_by_first_appearance(got), want)
+    assert want.max() >= 5

@@ -34,8 +34,9 @@ DECISIONS = "decisions.npz"
 
 def _objects(labels: np.ndarray, box: tuple, shape: tuple) -> dict:
     """The object table (ids, voxels, box, first voxel) of one block's labels (any int ids)."""
-    ids, local = np.unique(labels, return_inverse=True)
-    local = local.reshape(labels.shape)
+    from nbapp.consensus import compact_labels
+
+    ids, local = compact_labels(labels)
     if ids.size and ids[0] == 0:
         ids = ids[1:]
     else:
@@ -96,6 +97,11 @@ def _lookup(ids: np.ndarray, new: np.ndarray, values: np.ndarray) -> np.ndarray:
     out = np.zeros(values.shape, np.int64)
     if not ids.size:
         return out
+    top = int(ids[-1])
+    if ids[0] >= 0 and top <= 4 * values.size + (1 << 16):  # a direct table: no search
+        table = np.zeros(top + 2, np.int64)
+        table[ids] = new
+        return table[np.clip(values, -1, top + 1)]
     at = np.searchsorted(ids, values).clip(0, ids.size - 1)
     hit = ids[at] == values
     out[hit] = new[at[hit]]

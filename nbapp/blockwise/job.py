@@ -77,7 +77,7 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
         network outputs and tracked labels.
     """
     from nbapp.io import stack_paths
-    from nbapp.volume import check_volume, sequential_heads
+    from nbapp.volume import check_volume
 
     output = _check_output(output)
     if workers not in ("threads", "processes"):
@@ -128,12 +128,10 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
         if not remote:
             from nbapp.jobs import DevicePool
 
-            pool = DevicePool(engines) if len(engines) > 1 else None
+            pool = DevicePool(engines)  # (a worker thread per engine, as in memory)
 
             def heads(sub, plane, sp, intensity_):
-                if pool is not None:
-                    return pool.heads(sub, plane, sp, intensity_)
-                return sequential_heads(engine, sub, plane, sp, intensity_)
+                return pool.heads(sub, plane, sp, intensity_)
 
             def local(part):
                 if part[0] == "slab":

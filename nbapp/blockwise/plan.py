@@ -14,23 +14,28 @@ import numpy as np
 
 from nbapp.params import VolumeParams
 from nbapp.stitch import splits
-from nbapp.volume import JOB_BYTES_PER_VOXEL, plane_axis
+from nbapp.volume import plane_axis
 
 __all__ = ["BlockParams", "DEFAULT_BLOCK_BUDGET", "MAX_SLAB", "default_budget",
            "choose_block_size", "needs_blockwise", "slab_thickness", "slabs"]
 
-#: Memory a block may use by default (the model and the interpreter come on top): with the
-#: 30 bytes per voxel of an in-memory ortho-plane job, a conservative figure for a block's
-#: tracked labels, lookups and tables, that is a 340-voxel cube.
+#: Memory a block may use by default (the model and the interpreter come on top): with
+#: :data:`BLOCK_BYTES_PER_VOXEL`, a 224-voxel cube.
 DEFAULT_BLOCK_BUDGET = 1200 << 20
+#: Peak bytes per voxel of a block's work: writing an ortho-plane block (its three tracked
+#: stacks read as int64, their lookups and the objects' table) peaks 76 bytes a voxel above
+#: the stacks read, counting 20 (``python bench/bench_blockwise.py --part blockmem``: 192 and
+#: 256-voxel blocks), so 100 with the stacks.
+BLOCK_BYTES_PER_VOXEL = 100
 #: Block sides are multiples of this unless the volume is smaller.
 _SIDE_STEP = 16
 #: Most slices of one plane that one network unit (a *slab*) infers and writes: its labels
 #: are one chunk of the work store's per-slice stack along the slicing axis.
 MAX_SLAB = 32
-#: Bytes a slab holds per pixel of each of its slices: the slices read (at most 4 bytes a
-#: voxel) and their per-slice labels (int32).
-SLAB_BYTES_PER_PIXEL = 8
+#: Bytes a slab holds per pixel of each of its slices: in the network stage the slices read
+#: (at most 4 bytes a voxel) and their per-slice labels (int32); in the tracking stage the
+#: labels read (int32) and the tracked ones (int64), with a slice of temporaries.
+SLAB_BYTES_PER_PIXEL = 16
 
 
 @dataclass(frozen=True)
@@ -83,18 +88,18 @@ def choose_block_size(shape: tuple, params: VolumeParams, blocks: BlockParams = 
     the block takes the whole axis and the other sides grow to use the budget.
 
     >>> choose_block_size((1000, 2000, 2000), VolumeParams(), BlockParams(memory_budget=1200 << 20))
-    (336, 336, 336)
+    (224, 224, 224)
     >>> choose_block_size((50, 2000, 2000), VolumeParams(), BlockParams(block_size=100))
     (50, 100, 100)
     >>> choose_block_size((165, 768, 1024), VolumeParams(), BlockParams(memory_budget=1200 << 20))
-    (165, 496, 496)
+    (165, 272, 272)
     """
     if blocks.block_size is not None:
         sides = blocks.block_size if isinstance(blocks.block_size, tuple) \
             else (blocks.block_size,) * 3
     else:
         budget = blocks.memory_budget or default_budget()
-        voxels = budget / JOB_BYTES_PER_VOXEL["ortho" if params.orthoplane else "single"]
+        voxels = budget / BLOCK_BYTES_PER_VOXEL
         sides = [_side(voxels ** (1 / 3))] * 3
         # an axis along which the volume is thinner than a block takes all of it: its share
         # of the budget goes to the other axes (fewer blocks)
@@ -132,7 +137,7 @@ def slab_thickness(shape: tuple, plane: str, params: VolumeParams, budget: int |
     window of network outputs, at most :data:`MAX_SLAB`, at least 1.
 
     >>> slab_thickness((1000, 1000, 1000), "xz", VolumeParams(), 64 << 20)
-    6
+    2
     >>> slab_thickness((165, 768, 1024), "xy", VolumeParams(), 1200 << 20)
     32
     """

@@ -35,6 +35,7 @@ import numpy as np
 
 from nbapp.blockwise.identity import what_differs
 from nbapp.blockwise.plan import slabs
+from nbapp.consensus import compact_labels
 from nbapp.errors import InputError
 from nbapp.stitch import Block, block_grid, core_table, to_slices, uid_base
 from nbapp.volume import plane_axis
@@ -255,8 +256,7 @@ class WorkStore:
             if semantic:
                 self.labels("r+", name)[to_slices(block.core)] = core.astype(np.int64)
                 continue
-            ids, local = np.unique(core, return_inverse=True)
-            local = local.reshape(core.shape)
+            ids, local = compact_labels(core)
             if ids.size and ids[0] != 0:
                 local += 1
                 ids = np.r_[0, ids]

@@ -3,9 +3,10 @@ through whole slices, a slice at a time, as :func:`nbapp.volume.track_plane` lin
 memory (a forward pass, then a backward pass; :func:`nbapp.tracking.forward_step`).
 
 Only two slices per thing class are held at a time (and the slab being read or written); the
-forward labels are kept in the work store between the passes. The tracked ids are unique in
-the plane (``class index << 40 | id``); the block stage renumbers them as the in-memory job
-does (by first appearance, after the filters).
+forward labels are kept in the work store between the passes (``class index << 40 | id``).
+The tracked ids are unique in the plane (each class's after the previous classes'); the
+block stage renumbers them as the in-memory job does (by first appearance, after the
+filters).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def run_tracking(store: WorkStore, plane: str, thing_list: tuple) -> dict:
         fwd[to_slices(box)] = np.moveaxis(out, 0, ax)
     t1 = time.perf_counter()
     final = store.tracked(plane, "tracked", "r+")
+    # each class's ids follow the previous classes' (small ids: blocks count them by table)
+    offset = np.cumsum([0] + [n - 1 for n in next_label[:-1]])
     nxt: list = [None] * k
     for s in reversed(range(len(store.slabs[plane]))):
         box = store.slab_box(plane, s)
@@ -70,7 +73,7 @@ def run_tracking(store: WorkStore, plane: str, thing_list: tuple) -> dict:
                                 src & ((1 << CLASS_SHIFT) - 1), 0)
                 nxt[c] = part if nxt[c] is None else backward_step(nxt[c], part)
                 fg = nxt[c] != 0
-                flat[fg] = nxt[c][fg] | (c << CLASS_SHIFT)
+                flat[fg] = nxt[c][fg] + offset[c]
         final[to_slices(box)] = np.moveaxis(out, 0, ax)
     store.mark_tracked(plane)
     return {"forward_s": t1 - t0, "backward_s": time.perf_counter() - t1}
