@@ -1,5 +1,5 @@
 """A volume larger than the kernel's share, in the page: it stays on disk, its 3D job runs block
-by block with a progress bar of blocks, Cancel and Run again resume, and the result is shown
+by block with a progress bar of its parts, Cancel and Run again resume, and the result is shown
 (read lazily). A server of its own: the page's "large" threshold and block size are set small
 (``NBAPP_LAZY_ABOVE_MB``, ``NBAPP_BLOCK_SIZE``) so that a 4 MB volume shows it in a minute."""
 
@@ -57,7 +57,8 @@ def test_a_large_volume_runs_block_by_block_and_resumes(page_app):
     app.tab("3D inference")
     run = page.locator("button:visible").filter(has_text=re.compile(r"^\s*Run\s*$"))
     run.click()
-    app.wait_for_text("block 1/4 done", 300)  # the first block done: stop, then run again
+    # the first slab of slices through the network: stop, then run again
+    app.wait_for_text("network: xy slices 1-32 done", 300)
     page.locator("button:visible").filter(has_text=re.compile(r"^\s*Cancel\s*$")).click()
     page.wait_for_function("/job \\d+: cancelled/.test(document.body.innerText)",
                            timeout=300_000)
@@ -67,7 +68,8 @@ def test_a_large_volume_runs_block_by_block_and_resumes(page_app):
     body = page.locator(".nbapp-app").inner_text()
     assert re.search(r"job \d+: done", body), body[-2000:]
     status = app.wait_for_status("3D job done", 60)
-    assert re.search(r"\d+ objects, 4 blocks, 1 of them from an earlier run", status), status
+    assert re.search(r"\d+ objects, 4 blocks, the network outputs of \d+ of 19 slabs of slices "
+                     r"from an earlier run", status), status
     # in the visitor's own exports folder (issue 26)
     assert len(list(root.glob("nbapp-visitors/*/exports/big_3d.zarr"))) == 1
     app.wait_for_text("objects shown")  # the 3D view, from the output's coarse level
