@@ -155,13 +155,19 @@ def blockwise_steps(engines: list, volume, output: str | os.PathLike,
         if not keep_work:
             store.remove()
         rows = tables.pop("labels")
-        return BlockwiseResult(output, shape, len(rows), len(store.grid), skipped, block_size,
+        return BlockwiseResult(output, shape, len(rows), len(store.grid), skipped, _largest(store),
                                timings, rows, {p: outputs[p] for p in tables},
                                {p: len(r) for p, r in tables.items()},
                                slabs=sum(len(s) for s in store.slabs.values()),
                                slabs_skipped=slabs_done)
     finally:
         store.unlock()
+
+
+def _largest(store: WorkStore) -> tuple:
+    """The largest block of the grid actually used (its first: the others are as large or
+    shorter at the volume's end)."""
+    return tuple(hi - lo for lo, hi in store.grid[0].core)
 
 
 def _no_steps(fn, *args):
@@ -262,7 +268,7 @@ def consensus_blockwise_steps(stacks: dict, output: str | os.PathLike,
                                          timings))["labels"]
         if not keep_work:
             store.remove()
-        return BlockwiseResult(output, shape, len(rows), len(store.grid), skipped, block_size,
+        return BlockwiseResult(output, shape, len(rows), len(store.grid), skipped, _largest(store),
                                timings, rows, kind="consensus")
     finally:
         store.unlock()
