@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from nbapp.blockwise.store import WorkStore
+from nbapp.blockwise.store import WorkStore, local_ids
 from nbapp.errors import NbappError
 from nbapp.params import PLANES, ConsensusParams
 from nbapp.stitch import Block, core_table, to_slices
@@ -34,15 +34,9 @@ DECISIONS = "decisions.npz"
 
 def _objects(labels: np.ndarray, box: tuple, shape: tuple) -> dict:
     """The object table (ids, voxels, box, first voxel) of one block's labels (any int ids)."""
-    from nbapp.consensus import compact_labels
-
-    ids, local = compact_labels(labels)
-    if ids.size and ids[0] == 0:
-        ids = ids[1:]
-    else:
-        local = local + 1
+    ids, local = local_ids(labels)
     table = core_table(local, box, shape)
-    return {"ids": ids.astype(np.int64), "counts": table["counts"], "lo": table["lo"],
+    return {"ids": ids[1:], "counts": table["counts"], "lo": table["lo"],
             "hi": table["hi"], "first": table["first"]}
 
 

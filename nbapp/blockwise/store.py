@@ -40,10 +40,24 @@ from nbapp.errors import InputError
 from nbapp.stitch import Block, block_grid, core_table, to_slices, uid_base
 from nbapp.volume import plane_axis
 
-__all__ = ["WorkStore", "RAW_SIDE"]
+__all__ = ["WorkStore", "RAW_SIDE", "local_ids"]
 
 #: Chunk side of the per-slice label stacks across the slicing axis.
 RAW_SIDE = 256
+
+
+def local_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``labels`` numbered 1..m (0 stays background) and the id each local number stands
+    for (``ids[0]`` is 0).
+
+    >>> ids, local = local_ids(np.array([9, 0, 4, 9]))
+    >>> ids.tolist(), local.tolist()
+    ([0, 4, 9], [2, 0, 1, 2])
+    """
+    ids, local = compact_labels(labels)
+    if not ids.size or ids[0] != 0:
+        return np.r_[0, ids].astype(np.int64), local + 1
+    return ids, local
 
 
 class WorkStore:
@@ -256,10 +270,7 @@ class WorkStore:
             if semantic:
                 self.labels("r+", name)[to_slices(block.core)] = core.astype(np.int64)
                 continue
-            ids, local = compact_labels(core)
-            if ids.size and ids[0] != 0:
-                local += 1
-                ids = np.r_[0, ids]
+            ids, local = local_ids(core)
             base = uid_base(block.index)
             self.labels("r+", name)[to_slices(block.core)] = np.where(local > 0, local + base, 0)
             for k, v in core_table(local, block.core, self.shape).items():
