@@ -19,8 +19,10 @@ from nbapp.heads import Heads
 from nbapp.intensity import check_image_values, intensity_range, to_unit
 from nbapp.models.loader import Model, load_model
 from nbapp.params import DOWNSAMPLING_FACTORS
+from nbapp.tiled import EXACT_HALO
 
-__all__ = ["Engine", "FORWARD_BYTES_PER_PIXEL", "HEADS_BYTES_PER_PIXEL"]
+__all__ = ["Engine", "FORWARD_BYTES_PER_PIXEL", "HEADS_BYTES_PER_PIXEL", "MAX_UNTILED_PIXELS",
+           "TILED_BYTES_PER_PIXEL"]
 
 #: CPU memory one forward pass of nbapp's default model needs, per pixel of the model input:
 #: bench/bench_memory.py measures 110-142 B for 512x512 to 2048x2048 inputs, with or without
@@ -29,6 +31,11 @@ FORWARD_BYTES_PER_PIXEL = 120
 #: What each image keeps per pixel of the full-resolution image: the heads resized back
 #: (semantic, centre and two offset maps, float32) and the float input.
 HEADS_BYTES_PER_PIXEL = 20
+#: What a tiled image needs per pixel of the full-resolution image besides its tile: the
+#: semantic map (float32) and the float image before downsampling (bench/bench_tiles.py).
+TILED_BYTES_PER_PIXEL = 12
+#: On a GPU, images of more model-input pixels than this run in tiles.
+MAX_UNTILED_PIXELS = 8192 * 8192
 #: The smallest image side (after downsampling) given to a model whose padding factor is larger:
 #: such images are zero-padded (NucleoNet's factor is 512, a CEM crop is 224 px).
 MIN_SIDE = 32
@@ -57,6 +64,9 @@ class Engine:
         Device for the model when ``model`` is not already a loaded :class:`Model`.
     batch_size : int
         Images per forward pass.
+    tile : int, optional
+        None: images too large for one forward pass run in tiles (:meth:`tile_core`); 0: never
+        tile; a number: always tile, with cores of that many model-input pixels.
 
     Examples
     --------
@@ -64,11 +74,17 @@ class Engine:
     >>> heads = engine.infer(image, downsampling=2)[0]       # doctest: +SKIP
     """
 
-    def __init__(self, model="default", device=None, batch_size: int = 4):
+    def __init__(self, model="default", device=None, batch_size: int = 4, tile: int | None = None):
         self.model = model if isinstance(model, Model) and device is None else load_model(model, device)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ParameterError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
+        if tile is not None and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 0):
+            raise ParameterError(f"tile must be None (tile only what does not fit), 0 (never) or "
+                                 f"a tile side in pixels, got {tile!r}")
+        self.tile = tile
+        #: called with (tiles done, tiles in all) while an image runs in tiles
+        self.tile_progress = None
 
     @property
     def device(self) -> torch.device:
@@ -141,9 +157,44 @@ class Engine:
 
         check_fits(need, f"{what} of {shape[0]}x{shape[1]} at downsampling {downsampling}", hint)
 
+    def tile_core(self, shape: tuple, count: int = 1, downsampling=1) -> int | None:
+        """The core side (model-input pixels) of the tiles :meth:`infer` cuts ``count`` (H, W)
+        images into, or None when the whole image runs at once.
+
+        ``self.tile`` decides: 0 never tiles, a number is the core side, None (default) tiles
+        only what would not fit: on the CPU an image whose forward pass needs more than half of
+        the memory left, on a GPU one of more than :data:`MAX_UNTILED_PIXELS` model-input
+        pixels. The core is then the largest multiple of 512 whose tile with its halo needs at
+        most a quarter of the memory left (at least 512).
+        """
+        if self.tile == 0:
+            return None
+        hd, wd = self.input_shape(shape, downsampling)
+        align = max(self.model.config.padding_factor, 32)
+        if self.tile is not None:
+            return max(align, -(-int(self.tile) // align) * align)
+        from nbapp.memory import available_bytes
+
+        room = available_bytes()
+        if self.device.type == "cpu":
+            if self.memory_needed(shape, min(count, self.batch_size), downsampling) <= room / 2:
+                return None
+        elif hd * wd <= MAX_UNTILED_PIXELS:
+            return None
+        halo = 2 * EXACT_HALO
+        core = 512
+        while (core + 512 + halo) ** 2 * FORWARD_BYTES_PER_PIXEL <= room / 4 and core < 8192:
+            core += 512
+        return core
+
     def infer(self, images: np.ndarray, downsampling: int = 1, fine_boundaries: bool = False,
               intensity: tuple | None = None) -> list[Heads]:
         """Network outputs for each image of a (H, W) image or an (N, H, W) stack.
+
+        Images too large for one forward pass run in tiles (:meth:`tile_core`,
+        :mod:`nbapp.tiled`): for nbapp's own network the outputs are the whole image's up to
+        float rounding; ``meta["tiles"]`` says how many tiles ran and ``meta["tiled_exact"]``
+        whether they were exact or blended.
 
         Parameters
         ----------
@@ -161,53 +212,117 @@ class Engine:
         arr = self.check_image(images, downsampling)
         # enlarged (downsampling < 1): the coarse grid is already finer than the image
         fine = fine_boundaries and downsampling >= 1
-        self.check_memory(arr.shape[1:], arr.shape[0], downsampling,
-                          "image" if arr.shape[0] == 1 else f"{arr.shape[0]} images")
+        core = self.tile_core(arr.shape[1:], arr.shape[0], downsampling)
+        what = "image" if arr.shape[0] == 1 else f"{arr.shape[0]} images"
+        if core is None:
+            self.check_memory(arr.shape[1:], arr.shape[0], downsampling, what)
+        else:
+            self.check_tiled_memory(arr.shape[1:], core, downsampling, what)
         if intensity is None:
             intensity = intensity_range(arr)
         lo, hi = float(intensity[0]), float(intensity[1])
         note = intensity[2] if len(intensity) > 2 else f"given range {lo:g}-{hi:g}"
         out: list[Heads] = []
-        for start in range(0, arr.shape[0], self.batch_size):
+        step = self.batch_size if core is None else 1
+        for start in range(0, arr.shape[0], step):
             t0 = time.perf_counter()
-            batch = self._forward(arr[start : start + self.batch_size], lo, hi, downsampling,
-                                  fine)
+            extra: dict = {}
+            if core is None:
+                batch = self._forward(arr[start : start + step], lo, hi, downsampling, fine)
+            else:
+                batch, extra = self._forward_tiled(arr[start], lo, hi, downsampling, fine, core)
             per_image = (time.perf_counter() - t0) / len(batch)
             for sem, ctr, off in batch:
                 meta = {"intensity": note, "intensity_range": (lo, hi), "network_s": per_image,
-                        "model": self.model.config.name, "device": str(self.device)}
+                        "model": self.model.config.name, "device": str(self.device), **extra}
                 out.append(Heads(sem, ctr, off, downsampling, 1 if fine else 4, meta))
         return out
 
-    def _forward(self, batch: np.ndarray, lo: float, hi: float, ds, fine: bool) -> list:
+    def tiled_memory_needed(self, shape: tuple, core: int, downsampling=1) -> int:
+        """Bytes of CPU memory a tiled :meth:`infer` of one (H, W) image needs (0 on a GPU)."""
+        if self.device.type != "cpu":
+            return 0
+        hd, wd = self.input_shape(shape, downsampling)
+        side = core + 2 * EXACT_HALO
+        tile = min(side, hd + 64) * min(side, wd + 64) * FORWARD_BYTES_PER_PIXEL
+        return int(tile + shape[0] * shape[1] * TILED_BYTES_PER_PIXEL + hd * wd * 4)
+
+    def check_tiled_memory(self, shape: tuple, core: int, downsampling=1,
+                           what: str = "image") -> None:
+        """:meth:`check_memory` for a tiled :meth:`infer`."""
+        from nbapp.memory import check_fits
+
+        need = self.tiled_memory_needed(shape, core, downsampling)
+        if need:
+            check_fits(need, f"{what} of {shape[0]}x{shape[1]} at downsampling {downsampling} "
+                       f"in tiles of {core} px", "use more Image Downsampling or a crop")
+
+    def _model_input(self, batch: np.ndarray, lo: float, hi: float, ds) -> tuple:
+        """``(x, hd, wd)``: the normalised, zero-padded (N, 1, Hp, Wp) model input on the
+        device and the (hd, wd) of the image in it."""
         cfg = self.model.config
-        n, hgt, wid = batch.shape
-        hd, wd = self.input_shape((hgt, wid), ds)
+        hd, wd = self.input_shape(batch.shape[1:], ds)
         multiple = math.lcm(cfg.padding_factor, 4)
         hp, wp = -(-hd // multiple) * multiple, -(-wd // multiple) * multiple
         mean, std = cfg.norms
         dev = self.device
+        x = torch.from_numpy(to_unit(batch, lo, hi))[:, None]
+        x = x.to(dev) if dev.type != "mps" or ds == 1 else x
+        if ds != 1:
+            x = resize_for_model(x, ds).to(dev)
+        x = (x - mean) / std
+        return F.pad(x, (0, wp - wd, 0, hp - hd)), hd, wd
+
+    def _forward(self, batch: np.ndarray, lo: float, hi: float, ds, fine: bool) -> list:
         with torch.inference_mode():
-            x = torch.from_numpy(to_unit(batch, lo, hi))[:, None]
-            x = x.to(dev) if dev.type != "mps" or ds == 1 else x
-            if ds != 1:
-                x = resize_for_model(x, ds).to(dev)
-            x = (x - mean) / std
-            x = F.pad(x, (0, wp - wd, 0, hp - hd))
+            x, hd, wd = self._model_input(batch, lo, hi, ds)
             res = self.model(x, render_steps=2 + max(0, int(math.log2(ds))), interpolate_ins=fine)
-            logits = res["sem_logits"].float()
-            s = logits.shape[-2] // hp
-            logits = logits[..., : hd * s, : wd * s]
-            prob = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
-            if (hd * s, wd * s) != (hgt, wid):
-                if s == ds:
-                    prob = prob[..., :hgt, :wid]
-                else:
-                    prob = F.interpolate(prob, size=(hgt, wid), mode="bilinear",
-                                         antialias=hd * s > hgt, align_corners=False)
-            g = 1 if fine else 4
-            gh, gw = -(-hd // g), -(-wd // g)
-            ctr = res["ctr_hmp"][:, 0, :gh, :gw].float()
-            off = res["offsets"][:, :, :gh, :gw].float()
-            prob, ctr, off = (t.cpu().numpy() for t in (prob, ctr, off))
+            return self._outputs(res["sem_logits"], res["ctr_hmp"], res["offsets"],
+                                 batch.shape[1:], hd, wd, ds, fine)
+
+    def _forward_tiled(self, image: np.ndarray, lo: float, hi: float, ds, fine: bool,
+                       core: int) -> tuple[list, dict]:
+        from nbapp.tiled import tiled_forward
+
+        with torch.inference_mode():
+            x, hd, wd = self._model_input(image[None], lo, hi, ds)
+            x = x[0, 0].cpu().numpy()
+        tiled = tiled_forward(self.model, x, 2 + max(0, int(math.log2(ds))), fine, core,
+                              progress=self.tile_progress)
+        del x
+        with torch.inference_mode():
+            out = self._outputs(*(torch.from_numpy(a)[None] for a in
+                                  (tiled.sem_logits, tiled.ctr_hmp, tiled.offsets)),
+                                image.shape, hd, wd, ds, fine, inplace=True)
+        return out, {"tiles": tiled.tiles, "tiled_exact": tiled.exact, "tile_core": core}
+
+    def _outputs(self, logits, ctr, off, shape: tuple, hd: int, wd: int, ds, fine: bool,
+                 inplace: bool = False) -> list:
+        """Numpy (sem probabilities, centre heat-map, offsets) of each image, cropped to it;
+        ``inplace``: the logits are the caller's own buffer, the sigmoid may overwrite them."""
+        hgt, wid = shape
+        hp = -(-hd // math.lcm(self.model.config.padding_factor, 4)) * math.lcm(
+            self.model.config.padding_factor, 4)
+        logits = logits.float()
+        s = logits.shape[-2] // hp
+        logits = logits[..., : hd * s, : wd * s]
+        if logits.shape[1] == 1:
+            prob = logits.sigmoid_() if inplace else torch.sigmoid(logits)
+        else:
+            prob = torch.softmax(logits, dim=1)
+        if (hd * s, wd * s) != (hgt, wid):
+            if s == ds:
+                prob = prob[..., :hgt, :wid]
+            else:
+                prob = F.interpolate(prob, size=(hgt, wid), mode="bilinear",
+                                     antialias=hd * s > hgt, align_corners=False)
+        g = 1 if fine else 4
+        gh, gw = -(-hd // g), -(-wd // g)
+        ctr = ctr[:, 0, :gh, :gw].float()
+        off = off[:, :, :gh, :gw].float()
+        prob, ctr, off = (t.cpu().numpy() for t in (prob, ctr, off))
+        n = prob.shape[0]
+        if n == 1:  # no batch buffer to let go of: keep the arrays (a huge slice's are large)
+            return [(np.ascontiguousarray(prob[0]), np.ascontiguousarray(ctr[0]),
+                     np.ascontiguousarray(off[0]))]
         return [(np.array(prob[i]), np.array(ctr[i]), np.array(off[i])) for i in range(n)]

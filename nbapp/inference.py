@@ -52,6 +52,12 @@ class SliceSegmenter:
         ``cpu``, ``cuda:N`` or ``mps``; default: first GPU, else CPU.
     cache_size : int
         How many images' network outputs to keep (least recently used are dropped).
+    cache_bytes : int
+        At most this many bytes of network outputs are kept, the newest image's always (a
+        20,000 x 20,000 px slice's outputs alone take 8 GB).
+    tile : int, optional
+        The engine's tiling (:class:`nbapp.engine.Engine`): None tiles only images too large
+        for one forward pass.
 
     Attributes
     ----------
@@ -67,11 +73,15 @@ class SliceSegmenter:
     >>> labels = seg(image, SliceParams(seg_threshold=0.6))  # no network  # doctest: +SKIP
     """
 
-    def __init__(self, model="default", device=None, cache_size: int = 16, batch_size: int = 4):
+    def __init__(self, model="default", device=None, cache_size: int = 16, batch_size: int = 4,
+                 cache_bytes: int = 2 << 30, tile: int | None = None):
         if not isinstance(cache_size, int) or cache_size < 1:
             raise ParameterError(f"cache_size must be a positive integer, got {cache_size!r}")
-        self.engine = Engine(model, device=device, batch_size=batch_size)
+        if not isinstance(cache_bytes, int) or cache_bytes < 0:
+            raise ParameterError(f"cache_bytes must be a whole number of bytes, got {cache_bytes!r}")
+        self.engine = Engine(model, device=device, batch_size=batch_size, tile=tile)
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self._last: tuple | None = None  # (copy of the last image hashed, its digest)
@@ -109,8 +119,10 @@ class SliceSegmenter:
         with self._lock:
             self.misses += 1
             self._cache[ck] = heads
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            held = sum(h.nbytes for h in self._cache.values())
+            while len(self._cache) > self.cache_size or (held > self.cache_bytes
+                                                         and len(self._cache) > 1):
+                held -= self._cache.popitem(last=False)[1].nbytes
             self.timings = {"network_s": heads.meta["network_s"], "cached": False}
         return heads
 

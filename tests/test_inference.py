@@ -101,6 +101,27 @@ def test_cache_is_bounded_lru():
     assert seg.cache_info()["entries"] == 0
 
 
+def test_cache_is_bounded_in_bytes_and_keeps_the_newest():
+    """A huge slice's outputs take gigabytes: the cache holds at most ``cache_bytes`` of
+    them (the newest image's always, or the live sliders would re-run the network)."""
+    rec = Recorder(TinyNet())
+    one = SliceSegmenter(load_model(rec, device="cpu")).heads(np.zeros((64, 64), np.uint8)).nbytes
+    seg = SliceSegmenter(load_model(rec, device="cpu"), cache_size=8, cache_bytes=2 * one)
+    a, b, c = (np.full((64, 64), v, np.uint8) for v in (1, 2, 3))
+    for img in (a, b, c):
+        seg(img)
+    assert seg.cache_info() == {"hits": 0, "misses": 3, "entries": 2, "bytes": 2 * one}
+    seg(c)
+    seg(b)
+    assert seg.cache_info()["hits"] == 2  # b and c kept, a dropped
+    tiny = SliceSegmenter(load_model(rec, device="cpu"), cache_bytes=0)
+    tiny(a)
+    tiny(a)
+    assert tiny.cache_info()["entries"] == 1 and tiny.cache_info()["hits"] == 1
+    with pytest.raises(ParameterError, match="cache_bytes"):
+        SliceSegmenter(load_model(rec, device="cpu"), cache_bytes=-1)
+
+
 def test_info_reports_instances_and_timings(counted):
     seg, _ = counted
     labels = seg(IMG)
