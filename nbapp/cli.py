@@ -169,6 +169,10 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     seg.add_argument("--mode", choices=("2d", "batch", "3d"), default=None,
                      help="2d (default for 2D input), batch (each slice of a stack on its own), 3d")
     seg.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass")
+    seg.add_argument("--tile", type=int, default=None, metavar="N",
+                     help="2d / batch: run the network in tiles of N px (model input; 0: never). "
+                          "Default: only images too large for one forward pass. nbapp's own "
+                          "models tile exactly; other models' tiles are blended")
     seg.add_argument("--table", default=None, metavar="TABLE.csv",
                      help="also write the object table (id, voxels, bounding box, centroid, "
                           "extent; one row per object) as CSV")
@@ -456,8 +460,11 @@ def _cmd_segment(args) -> int:
     from nbapp.inference import SliceSegmenter
 
     t0 = time.perf_counter()
+    if args.tile is not None and args.tile < 0:
+        raise ParameterError(f"--tile must be 0 (never) or a tile side in pixels, got {args.tile}")
     seg = SliceSegmenter(_model(args, args.device), device=args.device, cache_size=1,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, tile=args.tile)
+    seg.engine.tile_progress = _print_tiles
     t_load = time.perf_counter() - t0
     if mode == "batch":
         labels = seg.segment_batch(image if image.ndim == 3 else image[None], params)
@@ -473,10 +480,19 @@ def _cmd_segment(args) -> int:
     from nbapp.objects import per_class_note
 
     per_class = per_class_note(labels, params.label_divisor, dict(cfg.class_names))
+    tiles = seg.info.get("tiles") if mode == "2d" else None
+    tiled = (f", network in {tiles} tiles ({'exact' if seg.info.get('tiled_exact') else 'blended'})"
+             if tiles else "")
     print(f"nbapp: wrote {out} {labels.shape} {labels.dtype}, {n} objects{per_class} "
           f"(model load {t_load:.2f} s, network {t.get('network_s', 0):.2f} s, "
-          f"post-processing {t.get('postprocess_s', 0):.2f} s)", file=sys.stderr)
+          f"post-processing {t.get('postprocess_s', 0):.2f} s{tiled})", file=sys.stderr)
     return 0
+
+
+def _print_tiles(done: int, total: int) -> None:
+    """Progress of an image that runs in tiles, on one line of stderr."""
+    end = "\n" if done == total else ""
+    print(f"\rnbapp: network tile {done}/{total}", end=end, file=sys.stderr, flush=True)
 
 
 def _segment_3d(args, sp: SliceParams, out: Path) -> int:

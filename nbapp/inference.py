@@ -156,6 +156,7 @@ class SliceSegmenter:
             "params": params,
             "intensity": heads.meta.get("intensity"),
             "instances": count_objects(labels),
+            **{k: heads.meta[k] for k in ("tiles", "tiled_exact", "tile_core") if k in heads.meta},
             **timings,
         }
         return labels

@@ -246,6 +246,26 @@ def test_2d_image_defaults_to_2d_mode(capsys, oracle, tmp_path, out):
     assert_same_objects(pred, labels[0])
 
 
+def test_a_2d_image_in_tiles_gives_the_untiled_labels(capsys, tmp_path, out):
+    """``--tile``: the default model in tiles of 64 px on a real EM crop gives the labels of
+    the whole image, says so, and shows the tiles' progress; a negative size is refused."""
+    from nbapp.samples import cem_crops
+
+    tifffile.imwrite(tmp_path / "em.tif", cem_crops()[2][1])
+    rc, _, err = run(capsys, "segment", tmp_path / "em.tif", "-o", out / "whole.tif", "--tile", 0)
+    assert rc == 0, err
+    assert "network in" not in err
+    rc, _, err = run(capsys, "segment", tmp_path / "em.tif", "-o", out / "tiled.tif", "--tile", 64)
+    assert rc == 0, err
+    assert "network in 16 tiles (exact)" in err and "network tile 32/32" in err
+    whole, tiled = (tifffile.imread(out / f) for f in ("whole.tif", "tiled.tif"))
+    assert len(np.unique(whole)) > 5
+    np.testing.assert_array_equal(tiled, whole)
+    rc, _, err = run(capsys, "segment", tmp_path / "em.tif", "-o", out / "bad.tif", "--tile", -5)
+    assert_one_line_error(rc, err, "--tile must be 0")
+    assert not (out / "bad.tif").exists()
+
+
 def test_2d_image_in_batch_mode_gives_2d_labels(capsys, oracle, tmp_path, out):
     cfg, images, labels = oracle
     np.save(tmp_path / "one.npy", np.load(images)[1])

@@ -131,7 +131,7 @@ def test_viewer_updates_the_same_artists_in_place(app):
     app.controls2d.index.value = 2
     app.controls2d.plane.value = "yz"
     assert v.figure is fig and v.image is image and v.overlay is overlay
-    assert list(v.ax.images) == [image, overlay]
+    assert list(v.ax.images) == [image, overlay, v.detail] and not v.detail.get_visible()
     assert v.draws == draws + 2
     assert overlay.get_array().shape == (SHAPE[0], SHAPE[1]) != old.shape
     np.testing.assert_array_equal(image.get_array(), app.state.result2d.image)

@@ -10,7 +10,7 @@ from matplotlib.colors import ListedColormap, hsv_to_rgb
 from matplotlib.figure import Figure
 
 __all__ = ["figure_widget", "label_cmap", "label_display", "setup_image_axes", "show_image",
-           "image_clim", "NEAREST"]
+           "place_image", "image_clim", "NEAREST"]
 
 _N_COLOURS = 255
 
@@ -89,6 +89,17 @@ def show_image(image_artist, array, clim=None) -> None:
     if old != (h, w):
         image_artist.axes.set_xlim(-0.5, w - 0.5)
         image_artist.axes.set_ylim(h - 0.5, -0.5)
+
+
+def place_image(image_artist, array, origin=(0, 0), step: int = 1, clim=None) -> None:
+    """Put ``array`` into an existing AxesImage at ``origin`` (row, column) of a larger slice,
+    each of its pixels ``step`` slice pixels a side; the axes' limits (the user's zoom) stay."""
+    h, w = array.shape[:2]
+    y0, x0 = origin
+    image_artist.set_data(array)
+    image_artist.set_extent((x0 - 0.5, x0 + w * step - 0.5, y0 + h * step - 0.5, y0 - 0.5))
+    if clim is not None:
+        image_artist.set_clim(*clim)
 
 
 def image_clim(img: np.ndarray) -> tuple:

@@ -143,7 +143,9 @@ class Session(SliceActions, VolumeActions, TuneActions):
         self._marker: JobMarker | None = None  # served app: tells the server a job runs
         self._error_2d = False  # the status line shows a 2D inference error
         self._quiet = False  # set while several state changes make one 2D request
+        self._overview_cache = None  # (slice key, overview) of the big slice shown last
         state.observe(self._params_changed, names=["slice_params", "plane", "index"])
+        state.observe(self._view_moved, names=["view"])
         state.observe(self.score_2d, names=["edited"])  # the score is of what is shown
         # a merge's first pick belongs to one slice, tool and model (issue 30 item 1)
         state.observe(self.clear_merge_pick, names=["edit_mode", "plane", "index", "data", "model"])
@@ -203,6 +205,7 @@ class Session(SliceActions, VolumeActions, TuneActions):
             st.score2d = {}
             st.score3d = {}
             st.sweep = {}
+            st.view = None
             st.result2d = None
             st.compare = []
             st.batch_labels = None

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from nbapp import region
 from nbapp.errors import NbappError
 from nbapp.intensity import intensity_range
 from nbapp.metrics import headline_scores
@@ -132,8 +133,18 @@ class SliceActions:
 
     def _params_changed(self, change) -> None:
         if change.name == "plane":
+            self.state.view = None  # another plane's slice: shown whole, no old zoom
             self.suggest_scale()
         if not self._quiet:
+            self.request_2d()
+
+    def _view_moved(self, change) -> None:
+        """The viewer zoomed or panned over a big slice: segment the region now in view."""
+        r, seg = self.state.result2d, self.segmenter
+        if change.new is None or r is None or r.region is None or seg is None:
+            return
+        if region.region_for_view(change.new, r.full_shape, r.params.downsampling,
+                                  seg.engine.min_side) != r.region:
             self.request_2d()
 
     def suggest_scale(self) -> None:
@@ -202,26 +213,51 @@ class SliceActions:
         sp = st.slice_params
         seg = self.segmenter
         data = st.data
+        view = st.view
         st.busy2d = True
 
         def work():
-            return self._compute_2d(seg, data, kind, plane, index, sp)
+            return self._compute_2d(seg, data, kind, plane, index, sp, view)
 
         def deliver(result, error):
             call_in_ui(lambda: self._apply_2d(result, error))
 
         self.runner2d.submit("slice", work, deliver)
 
-    def _compute_2d(self, seg, data, kind, plane, index, sp) -> Result2D:
+    def _compute_2d(self, seg, data, kind, plane, index, sp, view=None) -> Result2D:
         img, intensity = self.slice_image(plane, index)
-        heads = seg.heads(img, sp, key=(id(data), kind, plane, index), intensity=intensity)
+        big = {}
+        if region.is_big(img.shape, sp.downsampling):
+            # a big slice: the region in view (its centre, at most REGION_MAX_PIXELS), the
+            # rest as a coarse overview (nbapp.region)
+            box = region.region_for_view(view, img.shape, sp.downsampling,
+                                         seg.engine.min_side)
+            step = region.overview_step(img.shape)
+            big = {"region": box, "full_shape": tuple(img.shape), "overview_step": step,
+                   "overview": self._overview(data, kind, plane, index, img, step)}
+            y0, y1, x0, x1 = box
+            if intensity is None:  # the whole slice's grey range, not the region's
+                intensity = intensity_range(img)
+            img = np.ascontiguousarray(img[y0:y1, x0:x1])
+        key = (id(data), kind, plane, index, big.get("region"))
+        heads = seg.heads(img, sp, key=key, intensity=intensity)
         timing = dict(seg.timings)
         t0 = time.perf_counter()
         labels, centres = seg.postprocess(heads, sp, return_centres=True)
         post = time.perf_counter() - t0
         count = int(np.count_nonzero(np.unique(labels)))
         return Result2D(img, labels, heads, centres, count, float(timing.get("network_s", 0.0)),
-                        post, bool(timing.get("cached", False)), plane, index, sp)
+                        post, bool(timing.get("cached", False)), plane, index, sp, **big)
+
+    def _overview(self, data, kind, plane, index, img, step) -> np.ndarray:
+        """Every ``step``-th pixel of a big slice, kept for the slice shown last."""
+        key = (id(data), kind, plane, index, step)
+        cached = self._overview_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        out = np.ascontiguousarray(img[::step, ::step])
+        self._overview_cache = (key, out)
+        return out
 
     def _apply_2d(self, result, error) -> None:
         st = self.state
@@ -266,6 +302,7 @@ class SliceActions:
             st.score2d = {}
             return
         shown = st.shown_labels()
+        gt = r.crop(gt)
         st.score2d = {**headline_scores(shown, gt),
                       "of": "your edits" if shown is not r.labels else "the model's output"}
 
@@ -285,16 +322,17 @@ class SliceActions:
                    "Data tab", "warning")
             return
         seg, data, kind, sp = self.segmenter, st.data, self.effective_kind(), st.slice_params
-        plane, index = r.plane, r.index
+        plane, index, view = r.plane, r.index, st.view
 
         def work():
             rows = []
             for v in values:
                 try:
-                    res = self._compute_2d(seg, data, kind, plane, index, sp.replace(**{param: v}))
+                    res = self._compute_2d(seg, data, kind, plane, index,
+                                           sp.replace(**{param: v}), view)
                 except NbappError:
                     continue
-                rows.append((v, headline_scores(res.labels, gt)))
+                rows.append((v, headline_scores(res.labels, res.crop(gt))))
             return rows
 
         def deliver(rows, error):
@@ -329,17 +367,20 @@ class SliceActions:
         sp, seg, data = st.slice_params, self.segmenter, st.data
         factors = self.compare_factors()
         gt = self.truth_slice(plane, index)
+        view = st.view
 
         def work():
             out = []
             for ds in factors:
                 try:
-                    r = self._compute_2d(seg, data, kind, plane, index, sp.replace(downsampling=ds))
-                    f1 = None if gt is None else headline_scores(r.labels, gt)["f1"]
+                    r = self._compute_2d(seg, data, kind, plane, index,
+                                         sp.replace(downsampling=ds), view)
+                    f1 = None if gt is None else headline_scores(r.labels, r.crop(gt))["f1"]
                     out.append(CompareResult(ds, r.image, r.labels, r.count, r.network_s,
                                              r.postprocess_s, f1=f1))
                 except NbappError as exc:
                     img, _ = self.slice_image(plane, index)
+                    img = img[::region.overview_step(img.shape), ::region.overview_step(img.shape)]
                     out.append(CompareResult(ds, img, None, 0, 0.0, 0.0, str(exc)))
             return out
 

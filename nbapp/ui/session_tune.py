@@ -46,7 +46,7 @@ class TuneActions:
         d = self.state.data
         if r is None or d is None:
             return None
-        return (d.name, id(d.array), r.plane, r.index)
+        return (d.name, id(d.array), r.plane, r.index, r.region)
 
     def _editor(self) -> LabelEditor | None:
         """The editor of the visible slice (made from its current result on first use)."""

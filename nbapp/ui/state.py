@@ -58,6 +58,20 @@ class Result2D:
     plane: str
     index: int
     params: SliceParams
+    #: for a big slice (:mod:`nbapp.region`): the (y0, y1, x0, x1) segmented, the slice's
+    #: (H, W) and a coarse overview of it (every ``overview_step``-th pixel); ``image``,
+    #: ``labels`` and ``heads`` are then the region's
+    region: tuple | None = None
+    full_shape: tuple | None = None
+    overview: np.ndarray | None = None
+    overview_step: int = 1
+
+    def crop(self, array):
+        """``array`` of the whole slice cut to what this result covers (itself when whole)."""
+        if array is None or self.region is None:
+            return array
+        y0, y1, x0, x1 = self.region
+        return array[y0:y1, x0:x1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,6 +117,7 @@ class AppState(HasTraits):
     compare = List()
     batch_labels = Any(None, allow_none=True)
     box = Any(None, allow_none=True)  # (height, width) of the last drawn box, in pixels
+    view = Any(None, allow_none=True)  # the 2D viewer's visible (y0, y1, x0, x1) of a big slice
     suggestion = Dict()  # min_size, min_extent, median_size (each optional), why
     # proofreading and fine-tuning
     edit_mode = traitlets.Enum(("view", "delete", "merge", "paint", "erase"), default_value="view")

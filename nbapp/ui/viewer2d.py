@@ -6,16 +6,19 @@ updated in place: ``set_data`` / ``set_extent`` / ``draw_idle``, never rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import html
 
 import numpy as np
 import ipywidgets as W
 from matplotlib.colors import hsv_to_rgb
+from matplotlib.patches import Rectangle
 from matplotlib.widgets import RectangleSelector
 
 from nbapp.objects import per_class_note
+from nbapp.region import region_text
 from nbapp.ui.figures import (NEAREST, figure_widget, image_clim, label_cmap, label_display,
-                              setup_image_axes, show_image)
+                              place_image, setup_image_axes, show_image)
 from nbapp.ui.state import AppState
 
 __all__ = ["Viewer2D", "HeadsView", "CompareView", "viewer_inches_for"]
@@ -60,6 +63,19 @@ class Viewer2D:
         self.figure = figure_widget((state.viewer_inches + TOOLBAR_STRIP_IN, state.viewer_inches))
         self.ax = self.figure.add_axes(self._axes_box(state.viewer_inches))
         self.image, self.overlay = setup_image_axes(self.ax, opacity=state.opacity)
+        # a big slice (nbapp.region): ``image`` holds its overview, ``detail`` the segmented
+        # region at full resolution, outlined by ``frame``
+        self.detail = self.ax.imshow(np.zeros((2, 2), np.float32), cmap="gray", vmin=0, vmax=1,
+                                     visible=False, zorder=0.5, **NEAREST)
+        self.overlay.set_zorder(1)
+        self.frame = self.ax.add_patch(Rectangle((0, 0), 1, 1, fill=False, lw=1.2, ls="--",
+                                                 ec="#ffd400", visible=False, zorder=2))
+        self._last_overview = None
+        self._big_shape: tuple | None = None  # (H, W) of the big slice shown
+        self._clim = (0.0, 1.0)
+        self._placing = False  # limits set by the viewer itself, not a zoom
+        self.ax.callbacks.connect("xlim_changed", self._view_changed)
+        self.ax.callbacks.connect("ylim_changed", self._view_changed)
         self.canvas = self.figure.canvas
         self.info = W.HTML("")
         self.selector = RectangleSelector(self.ax, self._selected, useblit=False, interactive=True,
@@ -104,7 +120,7 @@ class Viewer2D:
     def _selected(self, eclick, erelease) -> None:
         x0, x1, y0, y1 = self.selector.extents
         if self.on_box is not None:
-            self.on_box(y1 - y0, x1 - x0, centre=((y0 + y1) / 2, (x0 + x1) / 2))
+            self.on_box(y1 - y0, x1 - x0, centre=self._local((y0 + y1) / 2, (x0 + x1) / 2))
 
     # -- proofreading tools (state.edit_mode)
     def _press(self, event) -> None:
@@ -115,7 +131,7 @@ class Viewer2D:
         y, x = float(event.ydata), float(event.xdata)
         if mode in ("delete", "merge"):
             if self.on_click is not None:
-                self.on_click(y, x)
+                self.on_click(*self._local(y, x))
             return
         self._stroke = [(y, x)]
         self.trail.set_data([x], [y])
@@ -136,8 +152,23 @@ class Viewer2D:
         points, self._stroke = self._stroke, None
         self.trail.set_data([], [])
         if self.on_stroke is not None:
-            self.on_stroke(points)
+            self.on_stroke([self._local(y, x) for y, x in points])
         self.canvas.draw_idle()
+
+    def _local(self, y: float, x: float) -> tuple[float, float]:
+        """Slice coordinates -> the shown result's (a big slice's region starts elsewhere)."""
+        r = self.state.result2d
+        if r is None or r.region is None:
+            return y, x
+        return y - r.region[0], x - r.region[2]
+
+    def _view_changed(self, ax=None) -> None:
+        """A zoom or pan over a big slice: ask for the region now in view."""
+        r = self.state.result2d
+        if self._placing or r is None or r.region is None:
+            return
+        (x0, x1), (y0, y1) = self.ax.get_xlim(), self.ax.get_ylim()
+        self.state.view = (y0, y1, x0, x1)
 
     def _pixel_points(self) -> float:
         """Line width (points) of one image pixel on the canvas."""
@@ -165,6 +196,8 @@ class Viewer2D:
                f"{1000 * r.postprocess_s:.0f} ms &middot; {r.plane} slice {r.index}")
         if edits:
             txt += " &middot; <b>showing your edits</b>"
+        if r.region is not None:
+            txt += " &middot; " + html.escape(region_text(r.region, r.full_shape))
         return txt + (" &middot; <i>updating ...</i>" if busy else "")
 
     def _per_class(self, labels) -> str:
@@ -180,13 +213,52 @@ class Viewer2D:
             self.info.value = self._text(None)
             return
         labels = self.state.shown_labels()
-        if r.heads is None or r.heads is not self._last_heads:  # same cached outputs: same image
-            show_image(self.image, r.image, image_clim(r.image))
-            self._last_heads = r.heads
-        show_image(self.overlay, label_display(labels))
+        if r.region is not None:
+            self._show_region(r, labels)
+        else:
+            if self._last_overview is not None:  # back from a big slice
+                self._last_overview, self._big_shape = None, None
+                self.detail.set_visible(False)
+                self.frame.set_visible(False)
+                self._last_heads = None
+            if r.heads is None or r.heads is not self._last_heads:  # same outputs: same image
+                with self._self_placing():
+                    show_image(self.image, r.image, image_clim(r.image))
+                self._last_heads = r.heads
+            with self._self_placing():
+                show_image(self.overlay, label_display(labels))
         self.info.value = self._text(r)
         self.draws += 1
         self.canvas.draw_idle()
+
+    @contextlib.contextmanager
+    def _self_placing(self):
+        """Limit changes inside are the viewer's own, not a zoom to segment."""
+        self._placing = True
+        try:
+            yield
+        finally:
+            self._placing = False
+
+    def _show_region(self, r, labels) -> None:
+        """A big slice: its overview, the region at full resolution, its labels, its frame."""
+        h, w = r.full_shape
+        y0, y1, x0, x1 = r.region
+        if r.overview is not self._last_overview:
+            self._clim = image_clim(r.overview)
+            with self._self_placing():
+                place_image(self.image, r.overview, (0, 0), r.overview_step, self._clim)
+                if self._big_shape != (h, w):  # another big slice: show all of it at first
+                    self.ax.set_xlim(-0.5, w - 0.5)
+                    self.ax.set_ylim(h - 0.5, -0.5)
+            self._last_overview, self._big_shape = r.overview, (h, w)
+        if r.heads is not self._last_heads:
+            place_image(self.detail, r.image, (y0, x0), 1, self._clim)
+            self._last_heads = r.heads
+        self.detail.set_visible(True)
+        place_image(self.overlay, label_display(labels), (y0, x0))
+        self.frame.set_bounds(x0 - 0.5, y0 - 0.5, x1 - x0, y1 - y0)
+        self.frame.set_visible(True)
 
     def _opacity(self, change) -> None:
         self.overlay.set_alpha(float(change.new))
