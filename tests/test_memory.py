@@ -309,3 +309,29 @@ def test_cli_under_a_small_ulimit_v_says_so_instead_of_aborting(tmp_path):
     assert proc.stderr.startswith("nbapp: error: out of memory: the address-space limit "
                                   "(ulimit -v) is 700 MiB")
     assert sorted(os.listdir(tmp_path)) == ["small.tif"]
+
+
+@pytest.mark.slow
+def test_cli_under_a_1_gb_limit_segments_a_slice_too_large_for_one_pass_in_tiles(tmp_path):
+    """Issue 29 item 2: one forward pass over this 2600 x 2600 slice needs 950 MB, more than
+    this 1 GB container has left beside Python, torch and the model; the engine runs it in
+    tiles instead, within the limit, and the labels are the untiled ones (computed here,
+    without a limit)."""
+    import tifffile
+
+    from nbapp.inference import SliceSegmenter
+    from nbapp.samples import cem_crops
+
+    crops = [c[1] for c in cem_crops() if c[1].shape == (224, 224)]
+    rows = [np.concatenate([crops[(i + j) % 4] for j in range(12)], axis=1) for i in range(12)]
+    image = np.ascontiguousarray(np.concatenate(rows, axis=0)[:2600, :2600])
+    tifffile.imwrite(tmp_path / "big.tif", image)
+    proc = run_capped(["segment", "big.tif", "-o", "untiled.tif", "--tile", "0"], 1 << 30,
+                      tmp_path)  # the limit binds: one forward pass would not fit
+    assert proc.returncode == 1 and "nbapp: error: out of memory: image of 2600x2600" \
+        in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+    proc = run_capped(["segment", "big.tif", "-o", "labels.tif"], 1 << 30, tmp_path)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert re.search(r"network in \d+ tiles \(exact\)", proc.stderr), proc.stderr[-2000:]
+    whole = SliceSegmenter("default", device="cpu", tile=0)(image)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "labels.tif"), whole)

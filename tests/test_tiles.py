@@ -158,6 +158,24 @@ def test_blended_tiles_of_a_local_model_equal_the_whole_image():
     np.testing.assert_allclose(b.offsets, a.offsets, atol=1e-4)
 
 
+def test_blended_tiles_of_a_zoo_contract_torchscript_file_equal_the_whole_image(tmp_path):
+    """The registry's stand-in (a TorchScript file with a zoo model's classes and padding
+    factor, as MitoNet_v1 is shipped): no nbapp network inside, so its tiles are blended;
+    with local convolutions the blend is the whole image's."""
+    from models import standin_bytes
+
+    path = tmp_path / "MitoNet_standin.pth"
+    path.write_bytes(standin_bytes(1, 16))
+    model = load_model(str(path), device="cpu")
+    image = _mosaic(2)
+    a = Engine(model, tile=0).infer(image)[0]
+    b = Engine(model, tile=96).infer(image)[0]
+    assert b.meta["tiled_exact"] is False and b.meta["tiles"] == 25
+    np.testing.assert_allclose(b.sem, a.sem, atol=1e-5)
+    np.testing.assert_allclose(b.ctr, a.ctr, atol=1e-5)
+    np.testing.assert_allclose(b.offsets, a.offsets, atol=1e-4)
+
+
 class _GlobalPoolNet(TinyNet):
     """TinyNet plus a global average of its features (as MitoNet's ASPP pools the image)."""
 
