@@ -9,6 +9,7 @@ per-slice labels of every plane around it, so all slabs finish before the first 
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 from dataclasses import dataclass
@@ -142,30 +143,27 @@ def _describe(store: WorkStore, part: tuple) -> str:
 
 
 def job_stages(store: WorkStore, params: VolumeParams, network: bool = True) -> list:
-    """The stages of a job in ``store``: ``(name, parts, done(part), after)`` each, ``after``
-    run here once the stage's parts are all done (or None)."""
+    """The stages of a job in ``store``: ``(name, parts, key, finished, after)`` each: part
+    ``p`` is done when ``key(p)`` is in ``finished()`` (read from the store each time it is
+    called); ``after`` runs here once the stage's parts are all done (or None)."""
     from nbapp.blockwise.blocks import decide
 
     planes = params.planes
     blocks = [b.index for b in store.grid]
+    second = operator.itemgetter(1)
     stages = []
     if network:
-        slabs = store.slabs_finished()
         stages.append(("slabs_s", [("slab", p, k) for p in planes
                                    for k in range(len(store.slabs[p]))],
-                       lambda part: (part[1], part[2]) in slabs, None))
+                       operator.itemgetter(1, 2), store.slabs_finished, None))
     if not params.slice.semantic_only:
         if network:
-            tracked = store.tracks_finished()
-            stages.append(("tracking_s", [("track", p) for p in planes],
-                           lambda part: part[1] in tracked, None))
-        counted = store.stats_finished()
-        stages.append(("counting_s", [("stats", i) for i in blocks],
-                       lambda part: part[1] in counted,
+            stages.append(("tracking_s", [("track", p) for p in planes], second,
+                           store.tracks_finished, None))
+        stages.append(("counting_s", [("stats", i) for i in blocks], second,
+                       store.stats_finished,
                        lambda: decide(store, planes, params.consensus, params.orthoplane)))
-    written = store.finished()
-    stages.append(("blocks_s", [("block", i) for i in blocks], lambda part: part[1] in written,
-                   None))
+    stages.append(("blocks_s", [("block", i) for i in blocks], second, store.finished, None))
     return stages
 
 
@@ -175,15 +173,20 @@ def parts_steps(store: WorkStore, stages: list, local, task, client, devices: li
     this process (``local(part)``, a generator of progress), else ``task`` on the Dask
     ``client`` or in one worker process per device. The first report carries ``note`` (why
     an earlier run was not resumed). Raises when a part did not finish."""
-    total = sum(len(parts) for _, parts, _, _ in stages)
-    todos = [[p for p in parts if not done(p)] for _, parts, done, _ in stages]
+    total = sum(len(stage[1]) for stage in stages)
+
+    def unfinished(parts, key, finished):
+        held = finished()
+        return [p for p in parts if key(p) not in held]
+
+    todos = [unfinished(parts, key, finished) for _, parts, key, finished, _ in stages]
     done = total - sum(len(t) for t in todos)
     skipped = done
     t_start = time.perf_counter()
     yield BlockProgress("blocks", "network", done, total,
                         note or (f"{skipped} of {total} parts already done" if skipped else None),
                         note)
-    for (name, parts, _, after), todo in zip(stages, todos):
+    for (name, _, key, finished, after), todo in zip(stages, todos):
         t0 = time.perf_counter()
         if todo and local is not None:
             for part in todo:
@@ -206,7 +209,7 @@ def parts_steps(store: WorkStore, stages: list, local, task, client, devices: li
                 done += 1
                 yield BlockProgress("blocks", "network", done, total,
                                     f"{_describe(store, part)} done{_rate(done - skipped, t_start)}")
-        missing = _unfinished(store, todo)
+        missing = unfinished(todo, key, finished)
         if missing:
             raise NbappError(f"{len(missing)} part(s) of the job did not finish (e.g. "
                              f"{_describe(store, missing[0])}); re-run the same command to "
@@ -214,19 +217,6 @@ def parts_steps(store: WorkStore, stages: list, local, task, client, devices: li
         if after is not None:
             after()
         timings[name] = time.perf_counter() - t0
-
-
-def _unfinished(store: WorkStore, parts: list) -> list:
-    """The parts the store does not record as finished."""
-    if not parts:
-        return []
-    kind = parts[0][0]
-    if kind == "slab":
-        done = store.slabs_finished()
-        return [p for p in parts if (p[1], p[2]) not in done]
-    done = {"track": store.tracks_finished, "stats": store.stats_finished,
-            "block": store.finished}[kind]()
-    return [p for p in parts if p[1] not in done]
 
 
 def _rate(done: int, t0: float) -> str:
