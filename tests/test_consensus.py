@@ -553,6 +553,20 @@ def test_counts_of_pieces_add_up_to_the_counts_of_the_whole():
     assert np.array_equal(np.bincount(inverse.reshape(-1), weights=c).astype(np.int64), counts)
 
 
+def test_a_voxel_shared_by_equal_objects_goes_to_the_later_one_in_both_paths():
+    """Module notes 7's tie: two 1000-voxel cubes from different views touch at one corner
+    voxel (a trivial overlap, not unioned); the object of the later cluster (xz's) keeps it,
+    in the consensus and in the consensus from counts (issue 31: this tie was untested)."""
+    a = box((20, 20, 20), (1, (0, 10), (0, 10), (0, 10)))
+    b = box((20, 20, 20), (1, (9, 19), (9, 19), (9, 19)))
+    p = ConsensusParams(vote_threshold=1, allow_one_view=True)
+    for out in (cs.orthoplane_consensus(a, b, np.zeros_like(a), p),
+                via_counts(a, b, np.zeros_like(a), p)):
+        assert int(out.max()) == 2
+        assert out[9, 9, 9] == out[18, 18, 18] != out[0, 0, 0]
+        assert (out == out[0, 0, 0]).sum() == 999 and (out == out[18, 18, 18]).sum() == 1000
+
+
 def test_consensus_of_counts_refuses_other_params():
     with pytest.raises(ParameterError, match="must be ConsensusParams"):
         cs.consensus_of_counts(np.zeros((0, 3)), np.zeros(0), VolumeParams())
