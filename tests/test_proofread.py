@@ -451,3 +451,98 @@ def test_finetune_budget_is_training_time_and_no_step_is_an_error(tmp_path, demo
     err = capsys.readouterr().err
     assert code == 2 and "no training step fitted" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cli" / "zero.yaml").exists()
+
+
+# --- issue 31: what mutmut's survivors showed the tests above did not pin down -----------------
+
+def test_brush_disks_and_stroke_lines_are_exact():
+    from nbapp.proofread import _disk, _line
+
+    assert _disk(0).tolist() == [[True]]
+    assert _disk(1).astype(int).tolist() == [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    assert _disk(2).astype(int).tolist() == [[0, 0, 1, 0, 0], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1],
+                                             [0, 1, 1, 1, 0], [0, 0, 1, 0, 0]]
+    assert _disk(1.5)[1:4, 1:4].all() and _disk(1.5).sum() == 9
+    # one point per pixel step, both ends included, from anywhere (not only the origin)
+    assert _line((2, 1), (5, 7)) == [(2, 1), (2, 2), (3, 3), (4, 4), (4, 5), (4, 6), (5, 7)]
+    assert _line((7, 3), (4, 3)) == [(7, 3), (6, 3), (5, 3), (4, 3)]
+    assert _line((3, 3), (3, 3)) == [(3, 3)]
+
+
+def test_painting_at_the_image_edges_and_from_outside_it():
+    ed = LabelEditor(np.zeros((8, 10), np.int32))
+    out = ed.paint([(0, 5)], radius=1)  # on the top edge: the disk is cut, not lost
+    assert out[0, 4:7].tolist() == [1, 1, 1] and out[1, 5] == 1 and out.sum() == 4
+    ed = LabelEditor(np.zeros((8, 10), np.int32))
+    out = ed.paint([(4, 0)], radius=1)  # on the left edge
+    assert out[3:6, 0].tolist() == [1, 1, 1] and out[4, 1] == 1 and out.sum() == 4
+    ed = LabelEditor(np.zeros((8, 10), np.int32))
+    # a stroke that starts outside the image and comes in paints the part inside
+    out = ed.paint([(4, -6), (4, 4)], radius=0, label=3)
+    assert out[4].tolist() == [3, 3, 3, 3, 3, 0, 0, 0, 0, 0] and (out > 0).sum() == 5
+    ed = LabelEditor(np.zeros((8, 10), np.int32))
+    out = ed.paint([(4, 4)], radius=1)  # an interior point: the disk, centred
+    want = np.zeros((8, 10), np.int32)
+    want[3:6, 4] = want[4, 3:6] = 1
+    np.testing.assert_array_equal(out, want)
+
+
+def test_ids_under_points_at_and_beyond_every_edge():
+    lab = np.arange(1, 13, dtype=np.int32).reshape(3, 4)
+    ed = LabelEditor(lab)
+    assert ed.id_at(0, 0) == 1 and ed.id_at(2, 3) == 12 and ed.id_at(0, 3) == 4
+    for y, x in ((-1, 0), (0, -1), (3, 0), (0, 4), (-1, 9)):
+        assert ed.id_at(y, x) == 0
+    assert LabelEditor(np.zeros((0, 3), np.int32)).new_id() == 1
+    assert LabelEditor(lab).new_id() == 13
+
+
+def test_the_editor_owns_its_labels_counts_edits_and_keeps_fifty_undos():
+    lab = np.zeros((4, 6), np.int32)
+    lab[1, 1], lab[1, 4] = 5, 7
+    ed = LabelEditor(lab)
+    lab[0, 0] = 99  # the caller's array is not the editor's
+    assert ed.labels[0, 0] == 0 and ed.labels.dtype == np.int32 and ed.stored is False
+    assert LabelEditor(lab.astype(np.uint8)).labels.dtype == np.int32
+    ed.merge((1, 1), (1, 4))
+    assert ed.labels.dtype == np.int32 and ed.edits == 1
+    ed.delete(1, 1)
+    assert ed.labels.dtype == np.int32 and ed.edits == 2
+    ed.paint([(2, 2)], radius=0)
+    assert ed.edits == 3
+    ed.undo()
+    assert ed.edits == 2
+    ed = LabelEditor(np.zeros((2, 60), np.int32))
+    for i in range(55):
+        ed.paint([(0, i)], radius=0, label=i + 1)
+    undone = 0
+    while ed._history:
+        ed.undo()
+        undone += 1
+    assert undone == 50 and ed.labels[0, :5].tolist() == [1, 2, 3, 4, 5]
+    assert ed.labels[0, 5] == 0 and ed.edits == 5
+
+
+def test_the_training_set_folder_files_and_their_contents(tmp_path):
+    import re
+
+    img = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    lab = np.zeros((3, 4), np.uint16)
+    lab[1, 1:3] = 2
+    pred = np.zeros((3, 4), np.int64)
+    pred[0, 0] = 4
+    ts = TrainingSet(tmp_path / "a" / "b" / "training")  # made with its parents
+    ts.add(img, lab, pred, data="vol", plane="xy", index=3)
+    (ts.folder / "0_broken.npz").write_bytes(b"not an npz")  # sorted first, skipped
+    (s,) = ts.slices()
+    assert s.labels.dtype == np.int32 and s.predicted.dtype == np.int32
+    np.testing.assert_array_equal(s.labels, lab)
+    np.testing.assert_array_equal(s.predicted, pred)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", s.meta["saved"])
+    ts.remove(s.path)
+    ts.remove(s.path)  # gone already: nothing to do
+    assert ts.slices() == []
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match=r"cannot create the training folder .*: Not a directory$"):
+        TrainingSet(blocker / "training").add(img, lab)
