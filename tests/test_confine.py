@@ -438,3 +438,41 @@ def test_nul_in_a_path_is_an_input_error(layout):
     root, _ = layout
     with pytest.raises(InputError, match="NUL character"):
         read_image("a\0b.tif", root=root)
+
+
+# --- issue 31: what mutmut's survivors showed the tests above did not pin down -----------------
+
+def test_confine_tree_walks_every_depth_and_names_the_link(layout):
+    root, outside = layout
+    store = root / "deep.zarr"
+    (store / "a" / "b").mkdir(parents=True)
+    (store / "a" / "b" / "0.0").write_bytes(b"chunk")
+    (store / "a" / "b" / "inner").symlink_to(store / "a")  # a link inside the root: fine
+    confine_tree(store, root)
+    confine_tree(Path("deep.zarr"), root)  # a Path, relative to the root
+    (store / "a" / "b" / "evil").symlink_to(outside)
+    with pytest.raises(OutsideRootError) as err:
+        confine_tree(store, root, "store")
+    assert str(err.value) == (f"store {os.fspath(store)!r} links 'a/b/evil' to a place outside "
+                              "the data root")
+    with pytest.raises(OutsideRootError, match="^zarr store 'deep.zarr' links"):
+        confine_tree("deep.zarr", root, "zarr store")
+    confine_tree(store, None)  # no root: nothing confined
+
+
+def test_confine_takes_path_objects_and_names_what_it_refuses(layout):
+    from nbapp.confine import DataRoot
+
+    root, _ = layout
+    assert confine(Path("x/../a.tif"), root) == Path(os.path.realpath(root)) / "a.tif"
+    with pytest.raises(InputError, match=r"^image 'a\\x00b' contains a NUL character$"):
+        confine("a\0b", root, "image")
+    (root / "v" / "you").mkdir(parents=True)
+    (root / "v" / "me").mkdir()
+    private = DataRoot(root, private=root / "v", own=root / "v" / "me")
+    with pytest.raises(OutsideRootError,
+                       match=r"^labels 'the other one' is in another visitor's folder$"):
+        confine("v/you/l.tif", private, "labels", shown="the other one")
+    with pytest.raises(OutsideRootError, match=r"^path 'v' is the folder of the page's visitors$"):
+        confine("v", private)
+    assert confine("v/me/l.tif", private).name == "l.tif"
