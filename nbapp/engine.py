@@ -185,6 +185,9 @@ class Engine:
         core = 512
         while (core + 512 + halo) ** 2 * FORWARD_BYTES_PER_PIXEL <= room / 4 and core < 8192:
             core += 512
+        if (self.device.type == "cpu" and self.tiled_memory_needed(shape, core, downsampling)
+                >= self.memory_needed(shape, 1, downsampling)):
+            return None  # a small image: tiles with their halos would need more, not less
         return core
 
     def infer(self, images: np.ndarray, downsampling: int = 1, fine_boundaries: bool = False,
@@ -253,9 +256,18 @@ class Engine:
         from nbapp.memory import check_fits
 
         need = self.tiled_memory_needed(shape, core, downsampling)
-        if need:
-            check_fits(need, f"{what} of {shape[0]}x{shape[1]} at downsampling {downsampling} "
-                       f"in tiles of {core} px", "use more Image Downsampling or a crop")
+        if not need:
+            return
+
+        def hint(allowed: float) -> str:
+            fits = [d for d in DOWNSAMPLING_FACTORS if d > downsampling
+                    and min(self.input_shape(shape, d)) >= self.min_side
+                    and min(self.tiled_memory_needed(shape, core, d),
+                            self.memory_needed(shape, 1, d)) <= allowed]
+            return f"use Image Downsampling {fits[0]}" if fits else "use a smaller image or crop"
+
+        check_fits(need, f"{what} of {shape[0]}x{shape[1]} at downsampling {downsampling} "
+                   f"in tiles of {core} px", hint)
 
     def _model_input(self, batch: np.ndarray, lo: float, hi: float, ds) -> tuple:
         """``(x, hd, wd)``: the normalised, zero-padded (N, 1, Hp, Wp) model input on the

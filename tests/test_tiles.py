@@ -231,9 +231,22 @@ def test_an_image_that_does_not_fit_even_in_tiles_says_what_to_do(monkeypatch, d
     import nbapp.memory as memory
 
     whole, _ = default_engines
+    monkeypatch.setattr(memory, "available_bytes", lambda: 500 << 20)
+    with pytest.raises(OutOfMemory, match=r"^out of memory: image of 4000x4000 at downsampling 1 "
+                                          r"in tiles of 512 px needs .* use Image Downsampling 4$"):
+        Engine(whole.model).infer(np.zeros((4000, 4000), np.uint8))
+    auto = Engine(whole.model)
+    allowed = 0.9 * (500 << 20)
+    assert auto.tiled_memory_needed((4000, 4000), 512, 4) <= allowed  # the factor named fits
+    assert auto.tiled_memory_needed((4000, 4000), 512, 2) > allowed  # and is the smallest
+    assert auto.memory_needed((4000, 4000), 1, 2) > allowed
     monkeypatch.setattr(memory, "available_bytes", lambda: 256 << 20)
-    with pytest.raises(OutOfMemory, match="in tiles of .*more Image Downsampling"):
-        Engine(whole.model).infer(np.zeros((8000, 8000), np.uint8))
+    with pytest.raises(OutOfMemory, match="in tiles of 512 px .* use a smaller image or crop$"):
+        auto.infer(np.zeros((8000, 8000), np.uint8))  # the full-size maps alone do not fit
+    # a small image is not tiled when its tiles would need more than itself: the untiled
+    # refusal, with its own hint, stands
+    monkeypatch.setattr(memory, "available_bytes", lambda: 60 << 20)
+    assert auto.tile_core((1024, 1024)) is None
 
 
 @pytest.mark.parametrize("tile", [-1, 1.5, True, "big"])
