@@ -269,13 +269,17 @@ class Engine:
         check_fits(need, f"{what} of {shape[0]}x{shape[1]} at downsampling {downsampling} "
                    f"in tiles of {core} px", hint)
 
+    def _padded(self, side: int) -> int:
+        """A model-input side padded to the padding factor (and the 1/4 grid)."""
+        multiple = math.lcm(self.model.config.padding_factor, 4)
+        return -(-side // multiple) * multiple
+
     def _model_input(self, batch: np.ndarray, lo: float, hi: float, ds) -> tuple:
         """``(x, hd, wd)``: the normalised, zero-padded (N, 1, Hp, Wp) model input on the
         device and the (hd, wd) of the image in it."""
         cfg = self.model.config
         hd, wd = self.input_shape(batch.shape[1:], ds)
-        multiple = math.lcm(cfg.padding_factor, 4)
-        hp, wp = -(-hd // multiple) * multiple, -(-wd // multiple) * multiple
+        hp, wp = self._padded(hd), self._padded(wd)
         mean, std = cfg.norms
         dev = self.device
         x = torch.from_numpy(to_unit(batch, lo, hi))[:, None]
@@ -313,10 +317,8 @@ class Engine:
         """Numpy (sem probabilities, centre heat-map, offsets) of each image, cropped to it;
         ``inplace``: the logits are the caller's own buffer, the sigmoid may overwrite them."""
         hgt, wid = shape
-        hp = -(-hd // math.lcm(self.model.config.padding_factor, 4)) * math.lcm(
-            self.model.config.padding_factor, 4)
         logits = logits.float()
-        s = logits.shape[-2] // hp
+        s = logits.shape[-2] // self._padded(hd)
         logits = logits[..., : hd * s, : wd * s]
         if logits.shape[1] == 1:
             prob = logits.sigmoid_() if inplace else torch.sigmoid(logits)

@@ -19,7 +19,6 @@ from the whole image's. ``TiledOutputs.exact`` says which one a result is.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
@@ -63,8 +62,8 @@ def exact_network(model: Model) -> NBMitoNet | None:
     for a model that is not nbapp's network."""
     module = model.module
     try:
-        net = fuse_batchnorm(copy.deepcopy(module) if isinstance(module, NBMitoNet)
-                             else from_export(module)[0])
+        # fuse_batchnorm copies: the model's own module is never changed
+        net = fuse_batchnorm(module if isinstance(module, NBMitoNet) else from_export(module)[0])
     except (ValueError, RuntimeError, AttributeError, KeyError):
         return None
     standardises = bool(getattr(module, "input_norm", False))

@@ -148,14 +148,19 @@ def test_tiles_at_the_smallest_core_the_model_allows(default_engines):
 
 # --- other models: blended ---------------------------------------------------------------------
 
-def test_blended_tiles_of_a_local_model_equal_the_whole_image():
-    model = load_model(TinyNet(), device="cpu")
+def _assert_blend_is_the_whole_image(model, tile: int, tiles: int) -> None:
+    """The model's blended tiles of a 448 px mosaic give the untiled outputs."""
     image = _mosaic(2)
     a = Engine(model, tile=0).infer(image)[0]
-    b = Engine(model, tile=64).infer(image)[0]
-    assert b.meta["tiled_exact"] is False and b.meta["tiles"] == 49
+    b = Engine(model, tile=tile).infer(image)[0]
+    assert b.meta["tiled_exact"] is False and b.meta["tiles"] == tiles
     np.testing.assert_allclose(b.sem, a.sem, atol=1e-5)
+    np.testing.assert_allclose(b.ctr, a.ctr, atol=1e-5)
     np.testing.assert_allclose(b.offsets, a.offsets, atol=1e-4)
+
+
+def test_blended_tiles_of_a_local_model_equal_the_whole_image():
+    _assert_blend_is_the_whole_image(load_model(TinyNet(), device="cpu"), 64, 49)
 
 
 def test_blended_tiles_of_a_zoo_contract_torchscript_file_equal_the_whole_image(tmp_path):
@@ -166,14 +171,7 @@ def test_blended_tiles_of_a_zoo_contract_torchscript_file_equal_the_whole_image(
 
     path = tmp_path / "MitoNet_standin.pth"
     path.write_bytes(standin_bytes(1, 16))
-    model = load_model(str(path), device="cpu")
-    image = _mosaic(2)
-    a = Engine(model, tile=0).infer(image)[0]
-    b = Engine(model, tile=96).infer(image)[0]
-    assert b.meta["tiled_exact"] is False and b.meta["tiles"] == 25
-    np.testing.assert_allclose(b.sem, a.sem, atol=1e-5)
-    np.testing.assert_allclose(b.ctr, a.ctr, atol=1e-5)
-    np.testing.assert_allclose(b.offsets, a.offsets, atol=1e-4)
+    _assert_blend_is_the_whole_image(load_model(str(path), device="cpu"), 96, 25)
 
 
 class _GlobalPoolNet(TinyNet):

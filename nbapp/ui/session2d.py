@@ -380,7 +380,8 @@ class SliceActions:
                                              r.postprocess_s, f1=f1))
                 except NbappError as exc:
                     img, _ = self.slice_image(plane, index)
-                    img = img[::region.overview_step(img.shape), ::region.overview_step(img.shape)]
+                    step = region.overview_step(img.shape)
+                    img = img[::step, ::step]
                     out.append(CompareResult(ds, img, None, 0, 0.0, 0.0, str(exc)))
             return out
 

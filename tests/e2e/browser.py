@@ -148,6 +148,16 @@ class AppPage:
         return {"dom_s": t_dom, "app_s": t_app, "model_s": time.perf_counter() - t0,
                 "error": error}
 
+    def load_path(self, name: str) -> None:
+        """Type ``name`` into the Data tab's path box and press Load."""
+        import re
+
+        page = self.page
+        self.tab("Data & model")
+        box = page.locator(".widget-text:visible", has=page.locator("label", has_text="Path"))
+        box.locator("input").fill(name)
+        page.locator("button:visible").filter(has_text=re.compile(r"^\s*Load\s*$")).click()
+
     def tab(self, title: str) -> None:
         self.page.locator(".lm-TabBar-tab, .p-TabBar-tab", has_text=title).first.click()
 

@@ -49,10 +49,7 @@ def test_a_large_volume_runs_block_by_block_and_resumes(page_app):
     needs_model(app)
     page = app.page
     page.set_viewport_size({"width": 1366, "height": 768})
-    app.tab("Data & model")
-    box = page.locator(".widget-text:visible", has=page.locator("label", has_text="Path"))
-    box.locator("input").fill("big.zarr")
-    page.locator("button:visible").filter(has_text=re.compile(r"^\s*Load\s*$")).click()
+    app.load_path("big.zarr")
     app.wait_for_status("slice by slice", 120)
     app.tab("3D inference")
     run = page.locator("button:visible").filter(has_text=re.compile(r"^\s*Run\s*$"))

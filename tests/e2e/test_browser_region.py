@@ -57,12 +57,9 @@ def test_a_big_slice_segments_the_region_in_view_as_you_zoom(page_app):
     needs_model(app)
     page = app.page
     page.set_viewport_size({"width": 1366, "height": 768})
-    app.tab("Data & model")
-    box = page.locator(".widget-text:visible", has=page.locator("label", has_text="Path"))
-    box.locator("input").fill("big.tif")
     viewer = page.locator(".jupyter-matplotlib-canvas-div canvas").first  # in the hidden 2D tab
     drawn = app.draws(viewer)
-    page.locator("button:visible").filter(has_text=re.compile(r"^\s*Load\s*$")).click()
+    app.load_path("big.tif")
     try:
         app.wait_for_status("loaded big.tif", 120)
         app.tab("2D parameter testing")
